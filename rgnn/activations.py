@@ -1,0 +1,235 @@
+"""The activation registry: elementwise functions and their Gaussian kernel maps.
+
+An infinite-width layer maps the 2x2 covariance ``(k11, k22, k12)`` of two preactivations
+``(u, v) ~ N(0, [[k11, k12], [k12, k22]])`` to two Gaussian expectations:
+
+.. math::
+
+    F(k_{11}, k_{22}, k_{12}) = \\langle \\sigma(u)\\, \\sigma(v) \\rangle, \\qquad
+    \\dot F(k_{11}, k_{22}, k_{12}) = \\langle \\sigma'(u)\\, \\sigma'(v) \\rangle .
+
+``F`` drives the NNGP recursion and ``dF`` the NTK recursion (PDLT eq. 4.118 and 9.4; THEORY.md).
+By Price's theorem :math:`\\dot F = \\partial F / \\partial k_{12}`.
+
+Closed forms (``rho = k12 / sqrt(k11 k22)``, ``theta = arccos(rho)``):
+
+* ``relu`` (arc-cosine kernel, Cho & Saul 2009):
+  ``F = sqrt(k11 k22) (sin theta + (pi - theta) cos theta) / (2 pi)``,
+  ``dF = (pi - theta) / (2 pi)``.
+* ``leaky_relu`` with slope ``a`` on the negative side, ``sigma = relu(x) - a relu(-x)``:
+  ``F = (1 + a^2) J(theta) - 2 a J(pi - theta)`` with ``J`` the relu ``F`` above written in
+  ``theta``, and ``dF = ((1 + a^2)(pi - theta) + 2 a theta) / (2 pi)``.
+* ``erf`` (arcsine kernel, Williams 1997):
+  ``F = (2/pi) arcsin(2 k12 / sqrt((1 + 2 k11)(1 + 2 k22)))``,
+  ``dF = (4/pi) / sqrt((1 + 2 k11)(1 + 2 k22) - 4 k12^2)``.
+* ``sin``: ``F = exp(-(k11 + k22)/2) sinh(k12)``, ``dF = exp(-(k11 + k22)/2) cosh(k12)``.
+* ``linear``: ``F = k12``, ``dF = 1``.
+* ``gelu`` (exact, ``x Phi(x)``): see :mod:`rgnn._gelu`.
+
+Every other activation (``tanh``, ``sigmoid``, ``softplus``, ``swish``/``silu`` and any
+JAX-traceable callable) is integrated by Gauss-Hermite quadrature (:mod:`rgnn.gaussian`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Activation", "get_activation", "KNOWN_ACTIVATIONS"]
+
+KernelMap = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """An elementwise activation and what the infinite-width recursions need of it.
+
+    Attributes:
+      name: registry name (or ``"custom:<repr>"`` for a user callable).
+      fn: the elementwise function ``sigma``.
+      nngp_map: closed form ``F(k11, k22, k12) = <sigma(u) sigma(v)>``, or ``None`` when the
+        expectation is computed by quadrature.
+      ntk_map: closed form ``dF(k11, k22, k12) = <sigma'(u) sigma'(v)>``, or ``None``.
+      scale_invariant: ``sigma(lambda x) = lambda sigma(x)`` for ``lambda > 0`` (relu, leaky relu,
+        linear); such activations form the scale-invariant universality class (PDLT ch. 5.2).
+      negative_slope: the leaky-relu slope ``a`` (0 for relu); ``None`` for the others.
+    """
+
+    name: str
+    fn: Callable[[jax.Array], jax.Array]
+    nngp_map: KernelMap | None = None
+    ntk_map: KernelMap | None = None
+    scale_invariant: bool = False
+    negative_slope: float | None = None
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether both Gaussian maps are known in closed form."""
+        return self.nngp_map is not None and self.ntk_map is not None
+
+    def derivative(self, x: jax.Array) -> jax.Array:
+        """``sigma'(x)`` elementwise (automatic differentiation of ``fn``)."""
+        return jnp.vectorize(jax.grad(self.fn))(x)
+
+
+def _safe_rho(k11, k22, k12):
+    """Correlation ``k12 / sqrt(k11 k22)`` clipped to [-1, 1]; 0 where a variance is 0."""
+    norm = jnp.sqrt(k11 * k22)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    rho = jnp.where(norm > 0, k12 / safe, 0.0)
+    return jnp.clip(rho, -1.0, 1.0), norm
+
+
+def _relu_j(norm, theta):
+    """``J(theta) = sqrt(k11 k22) (sin theta + (pi - theta) cos theta) / (2 pi)``."""
+    return norm * (jnp.sin(theta) + (jnp.pi - theta) * jnp.cos(theta)) / (2 * jnp.pi)
+
+
+def _leaky_relu_maps(slope: float) -> tuple[KernelMap, KernelMap]:
+    a = slope
+
+    def nngp(k11, k22, k12):
+        rho, norm = _safe_rho(k11, k22, k12)
+        theta = jnp.arccos(rho)
+        return (1 + a * a) * _relu_j(norm, theta) - 2 * a * _relu_j(norm, jnp.pi - theta)
+
+    def ntk(k11, k22, k12):
+        rho, _ = _safe_rho(k11, k22, k12)
+        theta = jnp.arccos(rho)
+        return ((1 + a * a) * (jnp.pi - theta) + 2 * a * theta) / (2 * jnp.pi)
+
+    return nngp, ntk
+
+
+def _erf_nngp(k11, k22, k12):
+    return (2 / jnp.pi) * jnp.arcsin(
+        jnp.clip(2 * k12 / jnp.sqrt((1 + 2 * k11) * (1 + 2 * k22)), -1.0, 1.0)
+    )
+
+
+def _erf_ntk(k11, k22, k12):
+    return (4 / jnp.pi) / jnp.sqrt((1 + 2 * k11) * (1 + 2 * k22) - 4 * k12 * k12)
+
+
+def _sin_nngp(k11, k22, k12):
+    return jnp.exp(-(k11 + k22) / 2) * jnp.sinh(k12)
+
+
+def _sin_ntk(k11, k22, k12):
+    return jnp.exp(-(k11 + k22) / 2) * jnp.cosh(k12)
+
+
+def _linear_nngp(k11, k22, k12):
+    return k12
+
+
+def _linear_ntk(k11, k22, k12):
+    return jnp.ones_like(k12)
+
+
+def _gelu(x):
+    return x * jax.scipy.stats.norm.cdf(x)
+
+
+def _softplus(x):
+    return jnp.logaddexp(x, 0.0)
+
+
+def _swish(x):
+    return x * jax.nn.sigmoid(x)
+
+
+def _relu(x):
+    return jnp.maximum(x, 0.0)
+
+
+def _make_registry() -> dict[str, Activation]:
+    from rgnn import _gelu
+
+    relu_nngp, relu_ntk = _leaky_relu_maps(0.0)
+    leaky_nngp, leaky_ntk = _leaky_relu_maps(0.01)
+    swish = Activation("swish", _swish)
+    return {
+        "relu": Activation("relu", _relu, relu_nngp, relu_ntk, True, 0.0),
+        "leaky_relu": Activation(
+            "leaky_relu",
+            lambda x: jnp.where(x > 0, x, 0.01 * x),
+            leaky_nngp,
+            leaky_ntk,
+            True,
+            0.01,
+        ),
+        "erf": Activation("erf", jax.scipy.special.erf, _erf_nngp, _erf_ntk),
+        "tanh": Activation("tanh", jnp.tanh),
+        "sin": Activation("sin", jnp.sin, _sin_nngp, _sin_ntk),
+        "gelu": Activation("gelu", _gelu, _gelu.gelu_nngp, _gelu.gelu_dnngp),
+        "swish": swish,
+        "silu": dataclasses.replace(swish, name="silu"),
+        "sigmoid": Activation("sigmoid", jax.nn.sigmoid),
+        "softplus": Activation("softplus", _softplus),
+        "linear": Activation("linear", lambda x: x, _linear_nngp, _linear_ntk, True, None),
+    }
+
+
+_REGISTRY: dict[str, Activation] | None = None
+
+KNOWN_ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "erf",
+    "tanh",
+    "sin",
+    "gelu",
+    "swish",
+    "silu",
+    "sigmoid",
+    "softplus",
+    "linear",
+)
+
+
+def leaky_relu(slope: float) -> Activation:
+    """A leaky relu ``max(x, slope * x)`` with its closed-form kernel maps, for ``0 <= slope < 1``."""
+    if not (isinstance(slope, int | float) and math.isfinite(slope) and 0 <= slope < 1):
+        raise ValueError(f"slope: expected a number in [0, 1), got {slope!r}")
+    nngp, ntk = _leaky_relu_maps(float(slope))
+    return Activation(
+        f"leaky_relu({slope:g})",
+        lambda x: jnp.where(x > 0, x, slope * x),
+        nngp,
+        ntk,
+        True,
+        float(slope),
+    )
+
+
+def get_activation(activation: str | Callable | Activation) -> Activation:
+    """Look up an activation by name, or wrap a JAX-traceable callable (integrated by quadrature).
+
+    Raises:
+      ValueError: for an unknown name (the message lists the known ones) or a non-callable.
+    """
+    global _REGISTRY
+    if isinstance(activation, Activation):
+        return activation
+    if isinstance(activation, str):
+        if _REGISTRY is None:
+            _REGISTRY = _make_registry()
+        key = activation.lower().strip()
+        if key not in _REGISTRY:
+            raise ValueError(
+                f"activation: unknown name {activation!r}; expected one of "
+                f"{', '.join(KNOWN_ACTIVATIONS)}, or a JAX-traceable callable"
+            )
+        return _REGISTRY[key]
+    if callable(activation):
+        name = getattr(activation, "__name__", repr(activation))
+        return Activation(f"custom:{name}", activation)
+    raise ValueError(
+        "activation: expected a name (one of "
+        f"{', '.join(KNOWN_ACTIVATIONS)}) or a JAX-traceable callable, got {activation!r}"
+    )
