@@ -274,6 +274,8 @@ class MLPNetwork(nnx.Module):
                 _Dense(n_in, n_out, use_bias=arch.use_bias, rngs=rngs, dtype=dtype, **kw)
             )
         self.layers = nnx.List(layers)
+        self.c_w = cw
+        self.c_b = cb
         self.activation = arch.act.fn
 
     def preactivations(self, x: jax.Array) -> list[jax.Array]:
