@@ -131,7 +131,7 @@ def _linear_ntk(k11, k22, k12):
     return jnp.ones_like(k12)
 
 
-def _gelu(x):
+def _gelu_fn(x):
     return x * jax.scipy.stats.norm.cdf(x)
 
 
@@ -166,7 +166,7 @@ def _make_registry() -> dict[str, Activation]:
         "erf": Activation("erf", jax.scipy.special.erf, _erf_nngp, _erf_ntk),
         "tanh": Activation("tanh", jnp.tanh),
         "sin": Activation("sin", jnp.sin, _sin_nngp, _sin_ntk),
-        "gelu": Activation("gelu", _gelu, _gelu.gelu_nngp, _gelu.gelu_dnngp),
+        "gelu": Activation("gelu", _gelu_fn, _gelu.gelu_nngp, _gelu.gelu_dnngp),
         "swish": swish,
         "silu": dataclasses.replace(swish, name="silu"),
         "sigmoid": Activation("sigmoid", jax.nn.sigmoid),

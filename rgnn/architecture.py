@@ -174,7 +174,7 @@ class MLP:
         return Recursion(self.act, self.weight_var, cb, lam_b, lam_w)
 
     # ------------------------------------------------------------------ view 1: stax
-    def stax_layers(self, *, quadrature_order: int = 64) -> list:
+    def stax_layers(self, *, quadrature_order: int = 96) -> list:
         """The neural-tangents layers ``[Dense, act, Dense, act, ..., Dense]`` (2L + 1 of them).
 
         Activations without a neural-tangents closed form use ``stax.ElementwiseNumerical``
@@ -210,7 +210,7 @@ class MLP:
             layers += [act_layer, dense(n)]
         return layers
 
-    def stax(self, *, layer: int | None = None, quadrature_order: int = 64):
+    def stax(self, *, layer: int | None = None, quadrature_order: int = 96):
         """The neural-tangents ``(init_fn, apply_fn, kernel_fn)`` of the network.
 
         Args:
@@ -270,9 +270,7 @@ class MLPNetwork(nnx.Module):
                 kw = dict(w_var=1.0, b_var=1.0, a_w=math.sqrt(cw / n_in), a_b=math.sqrt(cb))
             else:
                 kw = dict(w_var=cw / n_in, b_var=cb, a_w=1.0, a_b=1.0)
-            layers.append(
-                _Dense(n_in, n_out, use_bias=arch.use_bias, rngs=rngs, dtype=dtype, **kw)
-            )
+            layers.append(_Dense(n_in, n_out, use_bias=arch.use_bias, rngs=rngs, dtype=dtype, **kw))
         self.layers = nnx.List(layers)
         self.c_w = cw
         self.c_b = cb

@@ -109,8 +109,9 @@ def _dispatch(model, x1, x2, kind, option):
             f"model: expected an rgnn.MLPNetwork or rgnn.Ensemble, got {type(model).__name__}"
         )
     if x1.shape[1] != n0:
-        raise ValueError(f"x1: expected {n0} features (the network's input dimension), got "
-                         f"{x1.shape[1]}")
+        raise ValueError(
+            f"x1: expected {n0} features (the network's input dimension), got {x1.shape[1]}"
+        )
     x2 = x1 if x2 is None else x2
     return _apply(graphdef, state, x1, x2, kind=kind, option=option, batched=batched)
 

@@ -48,7 +48,7 @@ class FixedPoint:
       nngp_diag2: ``[L+1, N2]`` the variances ``K^{(l)}(x2_b, x2_b)`` (equal to ``nngp_diag1``
         when ``x2`` is ``None``).
       backend: which backend computed it.
-      quadrature_order: Gauss-Hermite nodes per dimension (``0`` when closed forms were used).
+      quadrature_order: quadrature nodes per dimension (``0`` when closed forms were used).
     """
 
     nngp: jax.Array
@@ -64,22 +64,22 @@ class FixedPoint:
         return self.nngp.shape[0]
 
 
-def pair_maps(rec_or_act, k11, k22, k12, *, order: int = 64):
+def pair_maps(rec_or_act, k11, k22, k12, *, order: int = 96, rule: str = "trapezoid"):
     """``(<sigma sigma>, <sigma' sigma'>)`` under ``N(0, [[k11, k12], [k12, k22]])``, elementwise.
 
-    Uses the activation's closed forms when it has them, else Gauss-Hermite quadrature of
-    ``order`` nodes per dimension.
+    Uses the activation's closed forms when it has them, else quadrature with ``order`` nodes
+    per dimension (:mod:`rgnn.gaussian`).
     """
     act = rec_or_act.activation if isinstance(rec_or_act, Recursion) else rec_or_act
     if act.closed_form:
         return act.nngp_map(k11, k22, k12), act.ntk_map(k11, k22, k12)
     return gaussian.expect_pairs(
-        [(act.fn, act.fn), (act.derivative, act.derivative)], k11, k22, k12, order=order
+        [(act.fn, act.fn), (act.derivative, act.derivative)], k11, k22, k12, order=order, rule=rule
     )
 
 
-@partial(jax.jit, static_argnames=("rec", "order", "same"))
-def _native(rec: Recursion, x1, x2, *, order: int, same: bool):
+@partial(jax.jit, static_argnames=("rec", "order", "rule", "same"))
+def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool):
     n0 = x1.shape[1]
     cw, cb = rec.weight_var, rec.bias_var
     lam_b = jnp.asarray(rec.lambda_b, x1.dtype)
@@ -95,9 +95,14 @@ def _native(rec: Recursion, x1, x2, *, order: int, same: bool):
     def layer(carry, lams):
         k12, k11, k22, theta = carry
         lb, lw = lams
-        f, df = pair_maps(rec, k11[:, None], k22[None, :], k12, order=order)
-        f11, _ = pair_maps(rec, k11, k11, k11, order=order)
-        f22 = f11 if same else pair_maps(rec, k22, k22, k22, order=order)[0]
+        if same:
+            # K_aa enters both as a diagonal entry and as a variance; make them the same number
+            # so that rho = 1 exactly there (arccos and sqrt(1 - rho^2) amplify roundoff).
+            k12 = jnp.fill_diagonal(k12, k11, inplace=False)
+        kw = dict(order=order, rule=rule)
+        f, df = pair_maps(rec, k11[:, None], k22[None, :], k12, **kw)
+        f11, _ = pair_maps(rec, k11, k11, k11, **kw)
+        f22 = f11 if same else pair_maps(rec, k22, k22, k22, **kw)[0]
         new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lb + lw * f + cw * df * theta)
         return new, new
 
@@ -109,15 +114,28 @@ def _native(rec: Recursion, x1, x2, *, order: int, same: bool):
 
 
 def _neural_tangents(arch: MLP, x1, x2, *, order: int):
-    nngp, ntk, d1, d2 = [], [], [], []
-    for layer in range(1, arch.n_layers + 1):
-        kernel_fn = jax.jit(arch.stax(layer=layer, quadrature_order=order)[2], static_argnums=2)
-        k = kernel_fn(x1, x2, None)
-        nngp.append(k.nngp)
-        ntk.append(k.ntk)
-        d1.append(k.cov1)
-        d2.append(k.cov1 if x2 is None else k.cov2)
-    return tuple(jnp.stack(a) for a in (nngp, ntk, d1, d2))
+    """All layers in one pass: ``Dense, FanOut(2), parallel(Identity, rest)`` at every layer,
+    so the kernel function returns the nested tuple ``(K1, (K2, (..., K_{L+1})))``."""
+    from rgnn._compat import import_neural_tangents
+
+    stax = import_neural_tangents().stax
+    layers = arch.stax_layers(quadrature_order=order)
+    net = layers[-1]
+    for i in range(len(layers) - 3, -1, -2):  # Dense layers below the output, top down
+        dense, act = layers[i], layers[i + 1]
+        net = stax.serial(
+            dense, stax.FanOut(2), stax.parallel(stax.Identity(), stax.serial(act, net))
+        )
+    out, kernels = net[2](x1, x2, None), []
+    while isinstance(out, tuple | list):
+        kernels.append(out[0])
+        out = out[1]
+    kernels.append(out)
+    nngp = jnp.stack([k.nngp for k in kernels])
+    ntk = jnp.stack([k.ntk for k in kernels])
+    d1 = jnp.stack([k.cov1 for k in kernels])
+    d2 = d1 if x2 is None else jnp.stack([k.cov2 for k in kernels])
+    return nngp, ntk, d1, d2
 
 
 def fixed_point(
@@ -126,7 +144,8 @@ def fixed_point(
     x2=None,
     *,
     backend: str = "native",
-    quadrature_order: int = 64,
+    quadrature_order: int = 96,
+    quadrature_rule: str = "trapezoid",
 ) -> FixedPoint:
     """Per-layer infinite-width NNGP and NTK of ``arch`` on ``x1`` (and ``x2``).
 
@@ -135,8 +154,13 @@ def fixed_point(
       x1: ``[N1, n_0]`` inputs.
       x2: ``[N2, n_0]`` inputs, or ``None`` for ``x2 = x1``.
       backend: ``"native"`` (rgnn's jitted recursion) or ``"neural_tangents"``.
-      quadrature_order: Gauss-Hermite nodes per dimension for activations without a closed
-        form (both backends use the same rule; the cost is ``order**2`` per entry and layer).
+      quadrature_order: nodes per dimension for activations without a closed form (the cost
+        is ``order**2`` per kernel entry and layer).
+      quadrature_rule: ``"trapezoid"`` (default; exponentially convergent for analytic
+        activations, see :mod:`rgnn.gaussian`) or ``"hermite"``, for the native backend. The
+        ``neural_tangents`` backend always uses its own Gauss-Hermite rule
+        (``stax.ElementwiseNumerical(deg=quadrature_order)``), which converges more slowly:
+        give it a higher order for the same accuracy.
 
     Returns:
       A :class:`FixedPoint` with ``nngp`` and ``ntk`` of shape ``[L+1, N1, N2]``. The dtype
@@ -156,12 +180,18 @@ def fixed_point(
         raise ValueError(f"quadrature_order: expected an integer >= 1, got {quadrature_order!r}")
     if quadrature_order < 1:
         raise ValueError(f"quadrature_order: expected an integer >= 1, got {quadrature_order!r}")
+    from rgnn.gaussian import RULES
+
+    if quadrature_rule not in RULES:
+        raise ValueError(f"quadrature_rule: expected one of {RULES}, got {quadrature_rule!r}")
     x1, x2 = check_pair(x1, x2)
     order = 0 if arch.act.closed_form else quadrature_order
     if backend == "native":
         rec = arch.recursion(x1.shape[1])
         same = x2 is None
-        nngp, ntk, d1, d2 = _native(rec, x1, x1 if same else x2, order=order, same=same)
+        nngp, ntk, d1, d2 = _native(
+            rec, x1, x1 if same else x2, order=order, rule=quadrature_rule, same=same
+        )
     else:
         nngp, ntk, d1, d2 = _neural_tangents(arch, x1, x2, order=quadrature_order)
     return FixedPoint(nngp, ntk, d1, d2, backend=backend, quadrature_order=order)
