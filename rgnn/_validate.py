@@ -43,8 +43,7 @@ def check_pair(x1, x2, names=("x1", "x2")) -> tuple[jax.Array, jax.Array | None]
     x2 = check_inputs(x2, names[1])
     if x1.shape[1] != x2.shape[1]:
         raise ValueError(
-            f"{names[1]}: expected {x1.shape[1]} features to match {names[0]}, "
-            f"got {x2.shape[1]}"
+            f"{names[1]}: expected {x1.shape[1]} features to match {names[0]}, got {x2.shape[1]}"
         )
     dtype = jnp.promote_types(x1.dtype, x2.dtype)
     return x1.astype(dtype), x2.astype(dtype)

@@ -249,7 +249,8 @@ class _Dense(nnx.Module):
     def __call__(self, x):
         z = self.a_w * (x @ self.w[...])
         if self.b is not None:
-            z = z + self.a_b * self.b[...]
+            b = self.b[...]
+            z = z + self.a_b * b.reshape((1,) * (z.ndim - 1) + b.shape)
         return z
 
 
