@@ -4,6 +4,7 @@ The Gaussian fixed point (infinite-width NNGP/NTK, layer by layer), the perturba
 flow, and finite networks measured against both.
 """
 
+from rgnn import data
 from rgnn._compat import import_neural_tangents
 from rgnn.activations import Activation
 from rgnn.activations import KNOWN_ACTIVATIONS
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "data",
     "Ensemble",
     "FixedPoint",
     "KNOWN_ACTIVATIONS",

@@ -150,3 +150,11 @@ def gelu_second(k: jax.typing.ArrayLike):
     s = jnp.sqrt(2.0 * k + 1.0)
     t = jnp.arctan2(s, -k)
     return (k * t + 2.0 * k * k / ((k + 1.0) * s)) / _TWO_PI
+
+
+def gelu_maps(k11: jax.typing.ArrayLike, k22: jax.typing.ArrayLike, k12: jax.typing.ArrayLike):
+    """``(gelu_nngp, gelu_dnngp)`` sharing one evaluation of the common terms."""
+    c, p, d, sqrt_d, det, s = _lifted(k11, k22, k12)
+    nngp = (c * s + (det * d + c * c) / (p * sqrt_d)) / _TWO_PI
+    dnngp = (s + c * (c * c + (2.0 - det) * d) / (p * d * sqrt_d)) / _TWO_PI
+    return nngp, dnngp

@@ -18,7 +18,10 @@ Closed forms (``rho = k12 / sqrt(k11 k22)``, ``theta = arccos(rho)``):
   ``dF = (pi - theta) / (2 pi)``.
 * ``leaky_relu`` with slope ``a`` on the negative side, ``sigma = relu(x) - a relu(-x)``:
   ``F = (1 + a^2) J(theta) - 2 a J(pi - theta)`` with ``J`` the relu ``F`` above written in
-  ``theta``, and ``dF = ((1 + a^2)(pi - theta) + 2 a theta) / (2 pi)``.
+  ``theta``, and ``dF = ((1 + a^2)(pi - theta) + 2 a theta) / (2 pi)``. With
+  ``sqrt(k11 k22) sin theta = sqrt(det)``, ``det = k11 k22 - k12^2``, this is
+  ``F = (1 - a)^2 sqrt(det) / (2 pi) + dF k12`` and ``theta = atan2(sqrt(det), k12)``: two
+  square roots and one arctangent per entry, and ``theta = 0`` exactly when ``k12 = k11 = k22``.
 * ``erf`` (arcsine kernel, Williams 1997):
   ``F = (2/pi) arcsin(2 k12 / sqrt((1 + 2 k11)(1 + 2 k22)))``,
   ``dF = (4/pi) / sqrt((1 + 2 k11)(1 + 2 k22) - 4 k12^2)``.
@@ -54,6 +57,7 @@ class Activation:
       nngp_map: closed form ``F(k11, k22, k12) = <sigma(u) sigma(v)>``, or ``None`` when the
         expectation is computed by quadrature.
       ntk_map: closed form ``dF(k11, k22, k12) = <sigma'(u) sigma'(v)>``, or ``None``.
+      joint_map: optional ``(k11, k22, k12) -> (F, dF)`` sharing work between the two.
       scale_invariant: ``sigma(lambda x) = lambda sigma(x)`` for ``lambda > 0`` (relu, leaky relu,
         linear); such activations form the scale-invariant universality class (PDLT ch. 5.2).
       negative_slope: the leaky-relu slope ``a`` (0 for relu); ``None`` for the others.
@@ -65,6 +69,13 @@ class Activation:
     ntk_map: KernelMap | None = None
     scale_invariant: bool = False
     negative_slope: float | None = None
+    joint_map: Callable | None = None
+
+    def maps(self, k11, k22, k12):
+        """``(F, dF)`` from the closed forms (the activation must have them)."""
+        if self.joint_map is not None:
+            return self.joint_map(k11, k22, k12)
+        return self.nngp_map(k11, k22, k12), self.ntk_map(k11, k22, k12)
 
     @property
     def closed_form(self) -> bool:
@@ -76,33 +87,21 @@ class Activation:
         return jnp.vectorize(jax.grad(self.fn))(x)
 
 
-def _safe_rho(k11, k22, k12):
-    """Correlation ``k12 / sqrt(k11 k22)`` clipped to [-1, 1]; 0 where a variance is 0."""
-    norm = jnp.sqrt(k11 * k22)
-    safe = jnp.where(norm > 0, norm, 1.0)
-    rho = jnp.where(norm > 0, k12 / safe, 0.0)
-    return jnp.clip(rho, -1.0, 1.0), norm
-
-
-def _relu_j(norm, theta):
-    """``J(theta) = sqrt(k11 k22) (sin theta + (pi - theta) cos theta) / (2 pi)``."""
-    return norm * (jnp.sin(theta) + (jnp.pi - theta) * jnp.cos(theta)) / (2 * jnp.pi)
-
-
-def _leaky_relu_maps(slope: float) -> tuple[KernelMap, KernelMap]:
+def _leaky_relu_maps(slope: float) -> tuple[KernelMap, KernelMap, Callable]:
     a = slope
 
-    def nngp(k11, k22, k12):
-        rho, norm = _safe_rho(k11, k22, k12)
-        theta = jnp.arccos(rho)
-        return (1 + a * a) * _relu_j(norm, theta) - 2 * a * _relu_j(norm, jnp.pi - theta)
+    def joint(k11, k22, k12):
+        k11, k22, k12 = jnp.broadcast_arrays(k11, k22, k12)
+        # sqrt(det) as sqrt(k11 k22) sqrt((1 - rho)(1 + rho)): exactly 0 when k12 = k11 = k22
+        # (k11 k22 - k12^2 is not, once the compiler fuses it into an FMA).
+        norm = jnp.sqrt(k11 * k22)
+        rho = jnp.clip(k12 / jnp.where(norm > 0, norm, 1.0), -1.0, 1.0)
+        root = norm * jnp.sqrt((1 - rho) * (1 + rho))
+        theta = jnp.arctan2(root, k12)
+        dF = ((1 + a * a) * (jnp.pi - theta) + 2 * a * theta) / (2 * jnp.pi)
+        return (1 - a) ** 2 * root / (2 * jnp.pi) + dF * k12, dF
 
-    def ntk(k11, k22, k12):
-        rho, _ = _safe_rho(k11, k22, k12)
-        theta = jnp.arccos(rho)
-        return ((1 + a * a) * (jnp.pi - theta) + 2 * a * theta) / (2 * jnp.pi)
-
-    return nngp, ntk
+    return (lambda *k: joint(*k)[0]), (lambda *k: joint(*k)[1]), joint
 
 
 def _erf_nngp(k11, k22, k12):
@@ -150,11 +149,11 @@ def _relu(x):
 def _make_registry() -> dict[str, Activation]:
     from rgnn import _gelu
 
-    relu_nngp, relu_ntk = _leaky_relu_maps(0.0)
-    leaky_nngp, leaky_ntk = _leaky_relu_maps(0.01)
+    relu_nngp, relu_ntk, relu_joint = _leaky_relu_maps(0.0)
+    leaky_nngp, leaky_ntk, leaky_joint = _leaky_relu_maps(0.01)
     swish = Activation("swish", _swish)
     return {
-        "relu": Activation("relu", _relu, relu_nngp, relu_ntk, True, 0.0),
+        "relu": Activation("relu", _relu, relu_nngp, relu_ntk, True, 0.0, relu_joint),
         "leaky_relu": Activation(
             "leaky_relu",
             lambda x: jnp.where(x > 0, x, 0.01 * x),
@@ -162,11 +161,14 @@ def _make_registry() -> dict[str, Activation]:
             leaky_ntk,
             True,
             0.01,
+            leaky_joint,
         ),
         "erf": Activation("erf", jax.scipy.special.erf, _erf_nngp, _erf_ntk),
         "tanh": Activation("tanh", jnp.tanh),
         "sin": Activation("sin", jnp.sin, _sin_nngp, _sin_ntk),
-        "gelu": Activation("gelu", _gelu_fn, _gelu.gelu_nngp, _gelu.gelu_dnngp),
+        "gelu": Activation(
+            "gelu", _gelu_fn, _gelu.gelu_nngp, _gelu.gelu_dnngp, joint_map=_gelu.gelu_maps
+        ),
         "swish": swish,
         "silu": dataclasses.replace(swish, name="silu"),
         "sigmoid": Activation("sigmoid", jax.nn.sigmoid),
@@ -196,7 +198,7 @@ def leaky_relu(slope: float) -> Activation:
     """A leaky relu ``max(x, slope * x)`` with its closed-form kernel maps, for ``0 <= slope < 1``."""
     if not (isinstance(slope, int | float) and math.isfinite(slope) and 0 <= slope < 1):
         raise ValueError(f"slope: expected a number in [0, 1), got {slope!r}")
-    nngp, ntk = _leaky_relu_maps(float(slope))
+    nngp, ntk, joint = _leaky_relu_maps(float(slope))
     return Activation(
         f"leaky_relu({slope:g})",
         lambda x: jnp.where(x > 0, x, slope * x),
@@ -204,6 +206,7 @@ def leaky_relu(slope: float) -> Activation:
         ntk,
         True,
         float(slope),
+        joint,
     )
 
 

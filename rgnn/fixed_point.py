@@ -72,7 +72,7 @@ def pair_maps(rec_or_act, k11, k22, k12, *, order: int = 96, rule: str = "trapez
     """
     act = rec_or_act.activation if isinstance(rec_or_act, Recursion) else rec_or_act
     if act.closed_form:
-        return act.nngp_map(k11, k22, k12), act.ntk_map(k11, k22, k12)
+        return act.maps(k11, k22, k12)
     return gaussian.expect_pairs(
         [(act.fn, act.fn), (act.derivative, act.derivative)], k11, k22, k12, order=order, rule=rule
     )

@@ -187,7 +187,9 @@ def test_relu_critical_preserves_norm(x64):
     # the NTK grows linearly with depth at criticality (PDLT eq. 9.76 with lambda = C = 2):
     # Theta^(l)_aa = l * K_aa for the diagonal
     layers = np.arange(1, 10)[:, None]
-    np.testing.assert_allclose(np.diagonal(fp.ntk, axis1=1, axis2=2), layers * np.asarray(diag[0])[None, :], rtol=1e-12)
+    np.testing.assert_allclose(
+        np.diagonal(fp.ntk, axis1=1, axis2=2), layers * np.asarray(diag[0])[None, :], rtol=1e-12
+    )
 
 
 def test_float32_in_float32_out():
