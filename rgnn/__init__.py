@@ -12,6 +12,10 @@ from rgnn.activations import get_activation
 from rgnn.activations import leaky_relu
 from rgnn.architecture import MLP
 from rgnn.architecture import MLPNetwork
+from rgnn.criticality import UNIVERSALITY_CLASSES
+from rgnn.criticality import Criticality
+from rgnn.criticality import critical_point
+from rgnn.criticality import criticality
 from rgnn.empirical import empirical_nngp
 from rgnn.empirical import empirical_ntk
 from rgnn.fixed_point import FixedPoint
@@ -23,12 +27,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "Criticality",
     "data",
     "Ensemble",
     "FixedPoint",
     "KNOWN_ACTIVATIONS",
     "MLP",
     "MLPNetwork",
+    "UNIVERSALITY_CLASSES",
+    "critical_point",
+    "criticality",
     "empirical_nngp",
     "empirical_ntk",
     "ensemble",

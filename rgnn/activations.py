@@ -91,12 +91,18 @@ def _leaky_relu_maps(slope: float) -> tuple[KernelMap, KernelMap, Callable]:
     a = slope
 
     def joint(k11, k22, k12):
-        k11, k22, k12 = jnp.broadcast_arrays(k11, k22, k12)
-        # sqrt(det) as sqrt(k11 k22) sqrt((1 - rho)(1 + rho)): exactly 0 when k12 = k11 = k22
-        # (k11 k22 - k12^2 is not, once the compiler fuses it into an FMA).
-        norm = jnp.sqrt(k11 * k22)
-        rho = jnp.clip(k12 / jnp.where(norm > 0, norm, 1.0), -1.0, 1.0)
-        root = norm * jnp.sqrt((1 - rho) * (1 + rho))
+        # sqrt(det) = sqrt(k11) sqrt(k22) sqrt((1 - rho)(1 + rho)), with the square roots of
+        # the variances taken before broadcasting (N, not N^2, of them). rho within 4 ulps of
+        # +-1 is snapped to +-1: such a difference is below the roundoff of the inputs, and
+        # sqrt would amplify it to sqrt(eps) in theta.
+        k11, k22, k12 = (jnp.asarray(k) for k in (k11, k22, k12))
+        s1, s2 = jnp.sqrt(k11), jnp.sqrt(k22)
+        i1 = jnp.where(s1 > 0, 1 / jnp.where(s1 > 0, s1, 1.0), 0.0)
+        i2 = jnp.where(s2 > 0, 1 / jnp.where(s2 > 0, s2, 1.0), 0.0)
+        rho = jnp.clip(k12 * i1 * i2, -1.0, 1.0)
+        snap = 1 - 4 * jnp.finfo(rho.dtype).eps
+        rho = jnp.where(jnp.abs(rho) >= snap, jnp.sign(rho), rho)
+        root = (s1 * s2) * jnp.sqrt((1 - rho) * (1 + rho))
         theta = jnp.arctan2(root, k12)
         dF = ((1 + a * a) * (jnp.pi - theta) + 2 * a * theta) / (2 * jnp.pi)
         return (1 - a) ** 2 * root / (2 * jnp.pi) + dF * k12, dF

@@ -1,7 +1,7 @@
 r"""Criticality of the infinite-width kernel recursion: susceptibilities, phases, universality.
 
 PDLT ch. 5. For one input, the infinite-width kernel obeys (standard parameterization,
-``W ~ N(0, C_W / n)``, ``b ~ N(0, C_b)``; PDLT eq. 5.2)
+``W ~ N(0, C_W / n)``, ``b ~ N(0, C_b)``; PDLT sec. 5.1)
 
 .. math::
 
@@ -9,7 +9,7 @@ PDLT ch. 5. For one input, the infinite-width kernel obeys (standard parameteriz
     g(K) = \langle \sigma(z)^2 \rangle_K ,
 
 with :math:`\langle \cdot \rangle_K` the average over :math:`z \sim N(0, K)`. At a fixed point
-:math:`K^\star = f(K^\star)` two susceptibilities govern how deviations flow (PDLT eq. 5.50-5.53):
+:math:`K^\star = f(K^\star)` two susceptibilities govern how deviations flow (PDLT sec. 5.1):
 
 .. math::
 
@@ -19,7 +19,7 @@ with :math:`\langle \cdot \rangle_K` the average over :math:`z \sim N(0, K)`. At
 
 ``chi_parallel = f'(K*)`` controls the variance (``K - K*`` shrinks by ``chi_parallel`` per
 layer) and ``chi_perp`` the angle between two nearby inputs (it is also the NTK's per-layer
-factor, PDLT eq. 9.4). Heat-equation form (Gaussian integration by parts twice):
+factor of the NTK recursion, THEORY.md). Heat-equation form (Gaussian integration by parts twice):
 ``dg/dK = <(sigma^2)''>_K / 2 = <sigma'^2 + sigma sigma''>_K``, so
 
 .. math::
@@ -31,27 +31,48 @@ kernel neither explodes nor vanishes exponentially and nearby inputs neither mer
 exponentially. Phases at a fixed point: *ordered* (``chi_perp < 1``, inputs merge), *chaotic*
 (``chi_perp > 1``, inputs decorrelate).
 
-Universality classes (a property of the activation, PDLT sec. 5.3):
+Universality classes (a property of the activation, PDLT sec. 5.2-5.3; equation numbers are
+left out here because they differ between the arXiv and print editions):
 
 * ``"scale-invariant"`` (relu, leaky relu, linear): ``sigma(x) = a_+ x`` for ``x > 0`` and
   ``a_- x`` for ``x < 0``. Then ``g(K) = A_2 K`` and ``<sigma'^2>_K = A_2`` with
   ``A_2 = (a_+^2 + a_-^2) / 2``, so ``chi_parallel = chi_perp = C_W A_2`` for every ``K``
-  (PDLT eq. 5.64-5.66). Critical at ``C_b = 0``, ``C_W = 1 / A_2``, where *every* ``K`` is a
+  (PDLT sec. 5.2). Critical at ``C_b = 0``, ``C_W = 1 / A_2``, where *every* ``K`` is a
   fixed point (relu: ``C_W = 2``; leaky relu of slope ``a``: ``2 / (1 + a^2)``; linear: 1).
 * ``"K*=0"`` (tanh, erf, sin): ``sigma(0) = 0``, ``sigma'(0) != 0`` and
-  ``a_1 = sigma'''(0)/sigma'(0) + (3/4) (sigma''(0)/sigma'(0))^2 < 0`` (PDLT eq. 5.83-5.92). At
+  ``a_1 = sigma'''(0)/sigma'(0) + (3/4) (sigma''(0)/sigma'(0))^2 < 0`` (PDLT sec. 5.3.3). At
   ``C_b = 0``, ``C_W = 1 / sigma'(0)^2`` the recursion is ``K' = K + a_1 K^2 + O(K^3)``: the
   fixed point ``K* = 0`` is approached as a power law ``K ~ 1 / (-a_1 l)``. tanh and erf have
   ``a_1 = -2``, sin ``a_1 = -1``; critical ``C_W``: tanh 1, erf ``pi/4``, sin 1.
 * ``"other"``: a non-trivial critical point ``K* > 0``. From the identity above, criticality
   needs ``<sigma sigma''>_{K*} = 0``; then ``C_W = 1 / <sigma'^2>_{K*}`` and
   ``C_b = K* - C_W <sigma^2>_{K*}``, which must be ``>= 0``. GELU and SWISH have
-  ``sigma(0) = 0`` and ``sigma'(0) = 1/2`` but ``a_1 > 0`` (GELU ``3/pi``, SWISH ``3/4``), so
+  ``sigma(0) = 0`` and ``sigma'(0) = 1/2`` but ``a_1 > 0`` (GELU ``6/pi``, SWISH ``3/4``), so
   ``K* = 0`` repels and they belong here. For the exact GELU ``x Phi(x)`` the closed form
   (:mod:`rgnn._gelu`) gives ``<sigma sigma''>_K`` proportional to ``2 + 3K - K^2``, hence
   ``K* = (3 + sqrt(17)) / 2 = 3.5615528...``.
 * ``"none"``: no critical point with ``C_b >= 0`` (sigmoid: ``sigma(0) != 0`` and
   ``<sigma sigma''>_K < 0`` for all ``K > 0``; softplus: ``sigma sigma'' > 0`` everywhere).
+
+Reference values (float64, this module; ``chi - 1`` below 1e-15 at each):
+
+=======  ==========================  ==================  ==================
+         ``K*``                      ``C_W``             ``C_b``
+=======  ==========================  ==================  ==================
+GELU     3.56155281281 (exact)       1.98305825744       0.172922390756
+SWISH    14.3201736180               1.98800467827       0.555143170722
+=======  ==========================  ==================  ==================
+
+PDLT sec. 5.3 quotes GELU ``K* ~ 3.92, C_b ~ 0.17292, C_W ~ 1.98305`` and SWISH
+``K* ~ 14.58, C_b ~ 0.5550, C_W ~ 1.988``: the ``C_W, C_b`` agree to every quoted digit, the
+``K*`` do not, and the book's ``K*`` violate ``chi_perp = 1`` at its own ``C_W`` (by 3e-3 and
+4e-4). ``K*`` is badly conditioned by the recursion itself: ``f(K) - K`` touches zero at
+``K*`` with tiny curvature (GELU ``f'' = -2.9e-4``), so iterating the recursion approaches the
+half-stable ``K*`` only as ``~ 1 / (|f''| l)`` (still ~0.35 away after ~2e4 layers for GELU),
+and rounding ``C_W, C_b`` to the quoted digits moves or removes the touching root (at the
+book's rounded values the only fixed points are ``K ~ 2.94`` and ``K ~ 12.06``). At the exact
+critical ``C_W, C_b`` there is a second fixed point: GELU ``K = 3.03498`` (below, stable; ``K*``
+attracts only from above), SWISH ``K = 14.59310`` (above; ``K*`` attracts only from below).
 
 Numerics. Expectations use the activation's closed form on the diagonal ``k11 = k22 = k12 = K``
 (:mod:`rgnn.activations`) when it has one, with ``dg/dK`` by ``jax.grad`` of it; otherwise the
@@ -85,8 +106,19 @@ __all__ = ["Criticality", "criticality", "critical_point", "UNIVERSALITY_CLASSES
 
 UNIVERSALITY_CLASSES = ("scale-invariant", "K*=0", "other", "none")
 
-# Fixed points are looked for on 0 and 1e-6 <= K <= 1e8 (20 points per decade, refined by brentq).
-_FIXED_GRID = np.concatenate([[0.0], np.logspace(-6.0, 8.0, 281)])
+# Fixed points are looked for on 0 <= K <= 1e8: 20 points per decade, 400 per decade (0.6%
+# spacing) on 1e-3 <= K <= 1e4 where touching roots next to other extrema of f(K) - K occur
+# (SWISH: 1.3% apart), refined by brentq.
+_FIXED_GRID = np.unique(
+    np.concatenate(
+        [
+            [0.0],
+            np.logspace(-6.0, -3.0, 61),
+            np.logspace(-3.0, 4.0, 2801),
+            np.logspace(4.0, 8.0, 81),
+        ]
+    )
+)
 # Non-trivial critical points are looked for on 1e-4 <= K <= 1e3.
 _CRIT_GRID = np.logspace(-4.0, 3.0, 141)
 _CRIT_RANGE = "1e-4 <= K <= 1e3"
@@ -310,15 +342,16 @@ def _nontrivial(diag: _Diag) -> tuple[tuple[tuple[float, float, float], ...], st
     g, dg, h = diag.grid(k)
     d = dg - h
     eps = float(jnp.finfo(diag.dtype).eps)
+
+    def gap(t):
+        _, dgt, ht = diag.at(t)
+        return dgt - ht
+
     found = []
     for i in range(len(k) - 1):
         if not (np.isfinite(d[i]) and np.isfinite(d[i + 1])) or d[i] * d[i + 1] > 0:
             continue
-        ks = (
-            float(k[i])
-            if d[i] == 0
-            else _brentq(lambda t: (lambda m: m[1] - m[2])(diag.at(t)), k[i], k[i + 1])
-        )
+        ks = float(k[i]) if d[i] == 0 else _brentq(gap, k[i], k[i + 1])
         gs, _, hs = diag.at(ks)
         if not hs > 0:
             continue
@@ -354,7 +387,9 @@ def _classify(act: Activation, order: int, dtype) -> _Class:
     if abs(s0) <= 1e3 * eps * max(1.0, abs(s1)) and abs(s1) > 1e3 * eps:
         a1 = s3 / s1 + 0.75 * (s2 / s1) ** 2
         if a1 < 0:
-            return _Class("K*=0", f"sigma(0) = 0, sigma'(0) = {s1:.6g}, a_1 = {a1:.6g} < 0", sigma1=s1)
+            return _Class(
+                "K*=0", f"sigma(0) = 0, sigma'(0) = {s1:.6g}, a_1 = {a1:.6g} < 0", sigma1=s1
+            )
     cands, reason = _nontrivial(_Diag(act, order))
     if cands:
         return _Class("other", "<sigma sigma''>_K* = 0 at K* > 0", candidates=cands)
@@ -372,10 +407,12 @@ def _classify(act: Activation, order: int, dtype) -> _Class:
 
 
 def _find_fixed_points(diag: _Diag, cw: float, cb: float):
-    """Roots of ``F(K) = C_b + C_W g(K) - K`` on ``0 <= K <= 1e8``, and ``F`` on the grid.
+    """Roots of ``F(K) = C_b + C_W g(K) - K`` on ``0 <= K <= 1e8``, and ``F`` as a function.
 
-    Simple roots from sign changes of ``F``; touching (double) roots from the zeros of
-    ``F' = chi_parallel - 1`` where ``|F| <= 1e3 eps max(1, K)``.
+    Simple roots from sign changes of ``F`` on ``_FIXED_GRID``; touching (double) roots from the
+    sign changes of ``F' = chi_parallel - 1`` where ``|F| <= 1e3 eps max(1, K)``. A touching
+    root within one grid step (0.6% in ``1e-3 <= K <= 1e4``) of another extremum of ``F`` can
+    be missed.
     """
     eps = float(jnp.finfo(diag.dtype).eps)
 
@@ -431,9 +468,7 @@ def _select(roots: tuple[float, ...], f, k_init: float | None, eps: float) -> fl
 
 
 def _labels(chi_par: float, chi_perp: float, tol: float) -> tuple[str, str]:
-    stability = (
-        "stable" if chi_par < 1 - tol else ("unstable" if chi_par > 1 + tol else "marginal")
-    )
+    stability = "stable" if chi_par < 1 - tol else ("unstable" if chi_par > 1 + tol else "marginal")
     phase = "ordered" if chi_perp < 1 - tol else ("chaotic" if chi_perp > 1 + tol else "critical")
     return stability, phase
 
@@ -532,7 +567,7 @@ def criticality(
 ) -> Criticality:
     r"""Fixed point, susceptibilities, phase and universality class at ``(C_W, C_b)``.
 
-    Standard parameterization, ``W ~ N(0, C_W / n)``, ``b ~ N(0, C_b)`` (PDLT eq. 2.19). With
+    Standard parameterization, ``W ~ N(0, C_W / n)``, ``b ~ N(0, C_b)``. With
     ``g(K) = <sigma(z)^2>_K``:
 
     .. math::
@@ -542,7 +577,7 @@ def criticality(
             \langle \sigma^2 (z^2 - K^\star) \rangle_{K^\star}, \quad
         \chi_\perp = C_W \langle \sigma'^2 \rangle_{K^\star}
 
-    (PDLT eq. 5.2, 5.50-5.53). ``K*`` is the fixed point reached by iterating the recursion from
+    (PDLT sec. 5.1). ``K*`` is the fixed point reached by iterating the recursion from
     ``k_init`` (default: from ``K -> 0+``, i.e. from any ``K^(1)`` below the smallest attracting
     fixed point); every fixed point found is listed in ``fixed_points``. For the
     scale-invariant class everything is exact (``g = A_2 K``), see the module docstring.
@@ -600,8 +635,8 @@ def critical_point(
     (PDLT sec. 5.2-5.3) by universality class:
 
     * scale-invariant: ``C_b = 0``, ``C_W = 1 / A_2``, ``A_2 = (a_+^2 + a_-^2) / 2`` (PDLT
-      eq. 5.66); every ``K`` is then a fixed point (``every_k_fixed``, ``fixed_point = nan``).
-    * ``K*=0``: ``C_b = 0``, ``C_W = 1 / sigma'(0)^2``, ``K* = 0`` (PDLT eq. 5.86-5.90).
+      sec. 5.2); every ``K`` is then a fixed point (``every_k_fixed``, ``fixed_point = nan``).
+    * ``K*=0``: ``C_b = 0``, ``C_W = 1 / sigma'(0)^2``, ``K* = 0`` (PDLT sec. 5.3.3).
     * other: since ``chi_parallel - chi_perp = C_W <sigma sigma''>_K``, the three conditions
       reduce to one equation in one unknown, ``<sigma sigma''>_{K*} = 0``, solved with
       :func:`scipy.optimize.brentq` after a scan of ``1e-4 <= K <= 1e3``; then
@@ -633,12 +668,14 @@ def critical_point(
     if not any(abs(r - kstar) <= 1e-9 * max(1.0, kstar) for r in roots):
         roots = tuple(sorted(roots + (kstar,)))
     others = [r for r in roots if abs(r - kstar) > 1e-9 * max(1.0, kstar)]
+    # f(K) - K has a double zero at K* (chi_parallel = 1): its sign on both sides says from
+    # which side the recursion is attracted (PDLT calls such fixed points half-stable).
+    delta = 1e-3 * kstar
+    side = "above" if f(kstar + delta) < 0 and f(kstar - delta) < 0 else "below"
     note = (
-        f"half-stable: f(K) - K has a double zero at K* (chi_parallel = 1) and "
-        f"{'is <= 0' if f(0.5 * (kstar + (others[-1] if others else 0.0))) <= 0 else 'changes'}"
-        " nearby"
+        "critical point from <sigma sigma''>_K* = 0; f(K) - K touches zero at K*, which is "
+        f"half-stable (approached only from {side}, as a power law)"
     )
-    note = "critical point from <sigma sigma''>_K* = 0; f(K) - K touches zero at K* (half-stable)"
     if others:
         note += "; other fixed points at these C_W, C_b: " + ", ".join(f"{r:.10g}" for r in others)
     if len(cls.candidates) > 1:

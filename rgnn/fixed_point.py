@@ -95,10 +95,6 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool):
     def layer(carry, lams):
         k12, k11, k22, theta = carry
         lb, lw = lams
-        if same:
-            # K_aa enters both as a diagonal entry and as a variance; make them the same number
-            # so that rho = 1 exactly there (arccos and sqrt(1 - rho^2) amplify roundoff).
-            k12 = jnp.fill_diagonal(k12, k11, inplace=False)
         kw = dict(order=order, rule=rule)
         f, df = pair_maps(rec, k11[:, None], k22[None, :], k12, **kw)
         f11, _ = pair_maps(rec, k11, k11, k11, **kw)
