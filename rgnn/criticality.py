@@ -83,8 +83,9 @@ are harmless). At ``K = 0`` the exact limits ``dg/dK = sigma'(0)^2 + sigma(0) si
 the registry to ~1e-13 up to ``K ~ 10^3`` (trapezoid spacing ``18 / order`` in units of
 ``sqrt(K)``; see :mod:`rgnn.gaussian`). Roots are found with :func:`scipy.optimize.brentq`
 (bracketing, superlinear, guaranteed to converge on a sign change) after a scan on a logarithmic
-grid of ``K``. Computations follow JAX's default float: enable ``jax.enable_x64`` for the ~1e-12
-accuracy quoted here; in float32 expect ~1e-6. Results are plain Python floats.
+grid of ``K``. These are scalar computations, always done in float64 (whatever JAX's default
+float is): near a critical point ``f(K) - K`` has a double zero, and in float32 its roundoff
+creates spurious fixed points. Results are plain Python floats.
 """
 
 from __future__ import annotations
@@ -588,8 +589,7 @@ def criticality(
       weight_var: ``C_W >= 0``.
       bias_var: ``C_b >= 0``.
       order: trapezoid nodes for activations without a closed form (:mod:`rgnn.gaussian`).
-      tol: tolerance of ``|chi - 1|`` for ``is_critical``, phase and stability (default 1e-8
-        in float64, 1e-4 in float32).
+      tol: tolerance of ``|chi - 1|`` for ``is_critical``, phase and stability (default 1e-8).
       k_init: optional starting kernel ``K^(1) >= 0`` that selects which fixed point is
         reported when there are several.
 
@@ -602,10 +602,14 @@ def criticality(
 
     Example::
 
-        >>> with jax.enable_x64(True):
-        ...     print(rgnn.criticality("tanh", 1.5, 0.0).phase)
+        >>> print(rgnn.criticality("tanh", 1.5, 0.0).phase)
         chaotic
     """
+    with jax.enable_x64(True):
+        return _criticality(activation, weight_var, bias_var, order, tol, k_init)
+
+
+def _criticality(activation, weight_var, bias_var, order, tol, k_init):
     act = get_activation(activation)
     cw = _check_variance(weight_var, "weight_var")
     cb = _check_variance(bias_var, "bias_var")
@@ -649,6 +653,11 @@ def critical_point(
       ValueError: ``"activation: <name> has no critical point (<reason>)"`` for the class
         ``"none"`` (e.g. sigmoid, softplus); also for bad ``order``/``tol`` or an unknown name.
     """
+    with jax.enable_x64(True):
+        return _critical_point(activation, order, tol)
+
+
+def _critical_point(activation, order, tol):
     act = get_activation(activation)
     order = _check_order(order)
     dtype = jnp.result_type(float)

@@ -299,10 +299,15 @@ def test_fast_after_compile(x64):
     assert time.perf_counter() - start < 1.0
 
 
-def test_float32_default():
-    """Without x64 the computation runs in float32 with the float32 tolerance."""
-    c = critical_point("tanh")
-    assert c.tol == 1e-4 and c.is_critical and c.weight_var == pytest.approx(1.0)
+def test_float64_regardless_of_default():
+    """Without x64 the scalar analysis still runs in float64 (no spurious fixed points from
+    float32 roundoff near the double zero of f(K) - K), and leaves the setting as it was."""
+    assert not jax.config.jax_enable_x64
+    c = critical_point("gelu")
+    assert c.tol == 1e-8 and c.is_critical
+    assert c.fixed_point == pytest.approx((3 + np.sqrt(17)) / 2, rel=1e-10)
+    assert len(c.fixed_points) == 2
+    assert not jax.config.jax_enable_x64
 
 
 @pytest.mark.parametrize(
