@@ -17,11 +17,15 @@ from rgnn.criticality import Criticality
 from rgnn.criticality import critical_point
 from rgnn.criticality import criticality
 from rgnn.empirical import empirical_nngp
+from rgnn.empirical import Measurement
 from rgnn.empirical import empirical_ntk
+from rgnn.empirical import measure
 from rgnn.fixed_point import FixedPoint
 from rgnn.fixed_point import fixed_point
 from rgnn.networks import Ensemble
 from rgnn.networks import ensemble
+from rgnn.perturbative import Perturbative
+from rgnn.perturbative import perturbative
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,8 @@ __all__ = [
     "KNOWN_ACTIVATIONS",
     "MLP",
     "MLPNetwork",
+    "Measurement",
+    "Perturbative",
     "UNIVERSALITY_CLASSES",
     "critical_point",
     "criticality",
@@ -44,4 +50,6 @@ __all__ = [
     "get_activation",
     "import_neural_tangents",
     "leaky_relu",
+    "measure",
+    "perturbative",
 ]

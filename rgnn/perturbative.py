@@ -1,0 +1,394 @@
+"""The perturbative flow: order-1/n statistics of the preactivations, layer by layer.
+
+Derivation (PDLT ch. 4, in the language of the stochastic metric). Conditioned on layer
+``l``, the preactivations of layer ``l+1`` are exactly Gaussian with covariance the stochastic
+metric
+
+.. math::
+
+    G^{(l+1)}_{ab} = C_b + \\frac{C_W}{n_l} \\sum_{j=1}^{n_l} \\sigma(z^{(l)}_{ja})
+        \\sigma(z^{(l)}_{jb}),
+
+an average of ``n_l`` neurons that are independent given ``G^{(l)}``. Write
+``phi_{ab}(G) = <sigma(z_a) sigma(z_b)>_G`` for the Gaussian expectation of one neuron. Two
+sources make ``G^{(l+1)}`` fluctuate: the finite average over neurons (variance
+``C_W^2 Cov4 / n_l``, with ``Cov4_{(ab)(cd)} = <s_a s_b s_c s_d> - <s_a s_b><s_c s_d>``), and the
+fluctuation of ``G^{(l)}`` itself, propagated through ``phi``. To first order in 1/n (the delta
+method), with ``V^{(l)} / n_{l-1} = Cov(G^{(l)}, G^{(l)})`` and ``Delta^{(l)} = E G^{(l)} - K^{(l)}``:
+
+.. math::
+
+    V^{(l+1)} &= C_W^2\\, \\mathrm{Cov4}_{K^{(l)}}
+        + \\frac{n_l}{n_{l-1}}\\, J^{(l)} V^{(l)} J^{(l)\\top},
+        \\qquad J^{(l)}_{(ab),(cd)} = C_W \\frac{\\partial \\phi_{ab}}{\\partial K_{cd}}
+        \\Big|_{K^{(l)}},\\\\
+    \\Delta^{(l+1)} &= J^{(l)} \\Delta^{(l)} + \\frac{1}{2 n_{l-1}}\\, H^{(l)} : V^{(l)},
+        \\qquad H^{(l)}_{(ab),(cd),(ef)} = C_W \\frac{\\partial^2 \\phi_{ab}}
+        {\\partial K_{cd}\\, \\partial K_{ef}},
+
+with ``V^{(1)} = 0`` and ``Delta^{(1)} = 0`` (the first layer's metric is deterministic). The
+derivatives are over the distinct entries ``K_cd`` (``c <= d``) of the symmetric kernel. By the
+Gaussian identity ``d<f>/dK_cd = (1 / (1 + delta_cd)) <d_c d_d f>`` this is PDLT's recursion for
+the four-point vertex (eq. 4.90, written with derivatives instead of inverse kernels; THEORY.md)
+and for the subleading metric ``K^{{1}}`` (PDLT sec. 4.3, ``Delta = K^{{1}} / n``); for a single
+input it reduces to ``V' = C_W^2 (<s^4> - <s^2>^2) + chi_par^2 (n_l / n_{l-1}) V`` (PDLT eq. 5.109).
+
+Observables (THEORY.md):
+
+* ``nngp_correction = Delta^{(l)}``: ``K + nngp_correction`` predicts ``E[z_a z_b]``;
+* ``nngp_variance = V^{(l)}_{(ab)(ab)} / n_{l-1}``: the variance of one entry of ``G^{(l)}``;
+* ``kurtosis = 3 V^{(l)}_{(aa)(aa)} / (n_{l-1} K_aa^2)``: the excess kurtosis of ``z^{(l)}_a``;
+* ``coupling``: ``V_{(aa)(aa)} / (n_{l-1} K_aa^2)`` averaged over inputs, the dimensionless
+  quartic coupling, which grows roughly like depth / width.
+
+Components on pairs. Every quantity on two inputs ``(a, b)`` needs ``V`` only on the three
+entries ``(aa), (ab), (bb)``, so all-pairs quantities cost ``O(N^2 L)``: each pair carries a 3x3
+``V``, a 3-vector ``Delta`` and the 3x3 (x3) Jacobian (Hessian) of its kernel map, vmapped over
+the ``N (N - 1) / 2`` pairs; single inputs carry 1x1 versions.
+
+Gaussian expectations: the two-point map ``phi`` uses the activation's closed form when it has
+one (its derivatives by automatic differentiation), else the 2-D quadrature of
+:mod:`rgnn.gaussian`; the four-point moments ``<s_a^i s_b^j>`` (``i + j = 4``) use the same
+quadrature, except for the scale-invariant activations (relu, leaky relu, linear), whose moments
+are integrated exactly in polar coordinates (the radial integral in closed form, the angular one
+by Gauss-Legendre on the arcs between the kinks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rgnn import gaussian
+from rgnn._validate import check_inputs
+from rgnn.activations import Activation
+from rgnn.architecture import MLP
+from rgnn.fixed_point import fixed_point
+
+__all__ = ["Perturbative", "perturbative", "TRUST_DEPTH_OVER_WIDTH"]
+
+TRUST_DEPTH_OVER_WIDTH = 0.25
+"""Above this ``sum_l 1/n_l`` (depth / width for equal widths) the O(1/n) truncation is not
+trusted and :func:`perturbative` warns. ``L / n`` is the expansion parameter (PDLT sec. 5.4):
+the O(1/n^2) terms neglected here are smaller than the O(1/n) ones by a further factor of about
+``L / n`` times an O(1) constant (for relu at criticality the constant is 5, the growth rate of
+``V / K^2`` per layer), so at ``L / n = 0.25`` they may already shift predictions by tens of
+percent."""
+
+_MEMORY_LIMIT_BYTES = 8 * 2**30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Perturbative:
+    """The O(1/n) statistics of an MLP's preactivations at initialization, layer axis first.
+
+    ``N`` inputs; layer ``l`` (1-based) at index ``l - 1``; ``n_{l-1}`` is the width feeding
+    layer ``l``. Pair components are ordered ``(aa, ab, bb)``.
+
+    Attributes:
+      nngp: ``[L+1, N, N]`` the leading-order kernel ``K^{(l)}``.
+      nngp_correction: ``[L+1, N, N]`` ``E[z_a z_b] - K``, the O(1/n) shift of the mean kernel
+        (already divided by the width).
+      nngp_variance: ``[L+1, N, N]`` the variance of ``G^{(l)}_{ab}`` over initializations,
+        ``V_{(ab)(ab)} / n_{l-1}``.
+      kurtosis: ``[L+1, N]`` the excess kurtosis of ``z^{(l)}_a``, ``3 V_{(aa)(aa)} / (n K_aa^2)``.
+      vertex: ``[L+1, N, N, 3, 3]`` the four-point vertex ``V^{(l)}`` on the pair ``(a, b)``:
+        ``vertex[l, a, b, P, Q] = V_{P Q}`` with ``P, Q`` in ``(aa, ab, bb)`` (not divided by
+        the width). For ``a == b`` every component is ``V_{(aa)(aa)}``.
+      coupling: ``[L+1]`` the dimensionless quartic coupling ``V_{(aa)(aa)} / (n K_aa^2)``
+        averaged over inputs.
+      widths: ``[L+1]`` ``n_{l-1}``, the width that normalizes each layer's vertex.
+      quadrature_order: nodes per dimension used for quadrature (static).
+      quadrature_error: estimated relative error of ``nngp_variance``, ``nngp_correction`` and
+        ``kurtosis`` from quadrature, ``max |q(order) - q(2 order)| / max |q(2 order)|`` on up to
+        four inputs (0 when everything is exact).
+    """
+
+    nngp: jax.Array
+    nngp_correction: jax.Array
+    nngp_variance: jax.Array
+    kurtosis: jax.Array
+    vertex: jax.Array
+    coupling: jax.Array
+    widths: jax.Array
+    quadrature_order: int = dataclasses.field(default=0, metadata=dict(static=True))
+    quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+
+# ----------------------------------------------------------------------------- expectations
+def _homogeneous_moment(slope: float, s1, c, s2, i: int, j: int, nodes: int = 24):
+    """``E[sigma(u)^i sigma(v)^j]`` for ``sigma(x) = x (x > 0), slope x (x < 0)`` and
+    ``u = s1 xi_1``, ``v = c xi_1 + s2 xi_2``, exactly: with ``xi = r (cos t, sin t)`` the
+    integrand is ``r^(i+j)`` times a piecewise-trigonometric function of ``t``; the radial
+    integral is ``E|xi|^p`` over ``2 pi``; the angular one is split at the kinks
+    ``cos t = 0`` and ``c cos t + s2 sin t = 0`` and integrated by Gauss-Legendre on each arc."""
+    p = i + j
+    radial = 2 ** (p / 2) * math.gamma(p / 2 + 1)  # int_0^inf r^(p+1) exp(-r^2/2) dr
+    t0 = jnp.arctan2(-c, s2)  # where c cos t + s2 sin t = 0 (mod pi)
+    cuts = jnp.sort(
+        jnp.stack(
+            [jnp.pi / 2, 3 * jnp.pi / 2, jnp.mod(t0, 2 * jnp.pi), jnp.mod(t0 + jnp.pi, 2 * jnp.pi)]
+        )
+    )
+    edges = jnp.concatenate([jnp.zeros((1,), cuts.dtype), cuts, jnp.full((1,), 2 * jnp.pi)])
+    gx, gw = np.polynomial.legendre.leggauss(nodes)
+    gx, gw = jnp.asarray(gx, cuts.dtype), jnp.asarray(gw, cuts.dtype)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    t = 0.5 * (hi - lo) * gx[None, :] + 0.5 * (hi + lo)
+    w = 0.5 * (hi - lo) * gw[None, :]
+    u = s1 * jnp.cos(t)
+    v = c * jnp.cos(t) + s2 * jnp.sin(t)
+
+    def sig(x):
+        return jnp.where(x > 0, x, slope * x)
+
+    return radial * jnp.sum(w * sig(u) ** i * sig(v) ** j) / (2 * jnp.pi)
+
+
+def _cholesky2(kaa, kab, kbb):
+    s1 = jnp.sqrt(kaa)
+    c = kab / s1
+    s2 = jnp.sqrt(jnp.maximum(kbb - c * c, 0.0))
+    return s1, c, s2
+
+
+def _pair_moments(act: Activation, kaa, kab, kbb, order: int):
+    """``(m40, m31, m22, m13, m04, m20, m11, m02)``, ``m_ij = <sigma(z_a)^i sigma(z_b)^j>``."""
+    s1, c, s2 = _cholesky2(kaa, kab, kbb)
+    powers = [(4, 0), (3, 1), (2, 2), (1, 3), (0, 4), (2, 0), (1, 1), (0, 2)]
+    if act.scale_invariant:
+        slope = 1.0 if act.negative_slope is None else act.negative_slope
+        return tuple(_homogeneous_moment(slope, s1, c, s2, i, j) for i, j in powers)
+    x, w = gaussian.hermite_rule(order, jnp.result_type(kaa))
+    u = s1 * x[:, None]
+    v = c * x[:, None] + s2 * x[None, :]
+    su, sv = act.fn(u), act.fn(v)
+    ww = w[:, None] * w[None, :]
+    return tuple(jnp.sum(ww * su**i * sv**j) for i, j in powers)
+
+
+def _phi_pair(act: Activation, order: int):
+    """``k = (kaa, kab, kbb) -> (<s_a^2>, <s_a s_b>, <s_b^2>)`` as a differentiable function."""
+
+    def phi(k):
+        kaa, kab, kbb = k[0], k[1], k[2]
+        if act.closed_form:
+            f = act.maps(kaa, kbb, kab)[0]
+            gaa = act.maps(kaa, kaa, kaa)[0] if not act.scale_invariant else _a2(act) * kaa
+            gbb = act.maps(kbb, kbb, kbb)[0] if not act.scale_invariant else _a2(act) * kbb
+        else:
+            f = gaussian.expect_pair(act.fn, act.fn, kaa, kbb, kab, order=order)
+            gaa = gaussian.expect(lambda z: act.fn(z) ** 2, kaa, order=order)
+            gbb = gaussian.expect(lambda z: act.fn(z) ** 2, kbb, order=order)
+        return jnp.stack([gaa, f, gbb])
+
+    return phi
+
+
+def _a2(act: Activation) -> float:
+    a = 1.0 if act.negative_slope is None else act.negative_slope
+    return (1 + a * a) / 2
+
+
+def _single_stats(act: Activation, order: int):
+    """``k -> (g, g', g'', <s^4> - g^2)`` with ``g(k) = <sigma(z)^2>_k``."""
+    if act.scale_invariant:
+        a = 1.0 if act.negative_slope is None else act.negative_slope
+        a2, a4 = (1 + a**2) / 2, (1 + a**4) / 2
+
+        def stats(k):
+            return a2 * k, a2 * jnp.ones_like(k), jnp.zeros_like(k), (3 * a4 - a2**2) * k * k
+
+        return stats
+
+    def g(k):
+        if act.closed_form:
+            return act.maps(k, k, k)[0]
+        return gaussian.expect(lambda z: act.fn(z) ** 2, k, order=order)
+
+    def stats(k):
+        g1 = jax.grad(g)
+        m4 = gaussian.expect(lambda z: act.fn(z) ** 4, k, order=order)
+        gk = g(k)
+        return gk, g1(k), jax.grad(g1)(k), m4 - gk * gk
+
+    return stats
+
+
+# ----------------------------------------------------------------------------- recursions
+@partial(jax.jit, static_argnames=("act", "order"))
+def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
+    """Pair recursion over layers for ``P`` pairs.
+
+    Args:
+      ks: ``[L+1, P]`` leading-order ``K_ab`` per layer; ``kd_a, kd_b``: ``[L+1, P]`` ``K_aa, K_bb``.
+      ratios: ``[L]`` ``n_l / n_{l-1}`` for the step l -> l+1 (l = 1..L).
+      inv_prev: ``[L]`` ``1 / n_{l-1}`` for the step l -> l+1.
+    Returns:
+      ``V [L+1, P, 3, 3]`` and ``Delta [L+1, P, 3]``.
+    """
+    phi = _phi_pair(act, order)
+    jac = jax.jacfwd(phi)
+    hess = jax.jacfwd(jax.jacfwd(phi))
+
+    def stats(k):
+        m40, m31, m22, m13, m04, m20, m11, m02 = _pair_moments(act, k[0], k[1], k[2], order)
+        cov4 = jnp.array(
+            [
+                [m40 - m20 * m20, m31 - m20 * m11, m22 - m20 * m02],
+                [m31 - m20 * m11, m22 - m11 * m11, m13 - m11 * m02],
+                [m22 - m20 * m02, m13 - m11 * m02, m04 - m02 * m02],
+            ]
+        )
+        return cw * jac(k), cw * hess(k), cw * cw * cov4
+
+    stats = jax.vmap(stats)
+    p = ks.shape[1]
+    dtype = ks.dtype
+
+    def step(carry, inp):
+        v, delta = carry
+        kvec, ratio, inv = inp
+        j, h, cov4 = stats(kvec)
+        v_new = cov4 + ratio * jnp.einsum("pik,pkl,pjl->pij", j, v, j)
+        d_new = jnp.einsum("pik,pk->pi", j, delta) + 0.5 * inv * jnp.einsum("pikl,pkl->pi", h, v)
+        return (v_new, d_new), (v_new, d_new)
+
+    kvecs = jnp.stack([kd_a, ks, kd_b], axis=-1)[:-1]  # the kernel entering each step
+    v0 = jnp.zeros((p, 3, 3), dtype)
+    d0 = jnp.zeros((p, 3), dtype)
+    _, (vs, ds) = jax.lax.scan(step, (v0, d0), (kvecs, ratios, inv_prev))
+    return jnp.concatenate([v0[None], vs]), jnp.concatenate([d0[None], ds])
+
+
+@partial(jax.jit, static_argnames=("act", "order"))
+def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
+    """Single-input recursion: ``V [L+1, N]`` and ``Delta [L+1, N]`` of ``(aa)``."""
+    stats = jax.vmap(_single_stats(act, order))
+
+    def step(carry, inp):
+        v, delta = carry
+        k, ratio, inv = inp
+        _, g1, g2, cov4 = stats(k)
+        v_new = cw * cw * cov4 + ratio * (cw * g1) ** 2 * v
+        d_new = cw * g1 * delta + 0.5 * inv * cw * g2 * v
+        return (v_new, d_new), (v_new, d_new)
+
+    zero = jnp.zeros(kd.shape[1], kd.dtype)
+    _, (vs, ds) = jax.lax.scan(step, (zero, zero), (kd[:-1], ratios, inv_prev))
+    return jnp.concatenate([zero[None], vs]), jnp.concatenate([zero[None], ds])
+
+
+def _run(arch: MLP, x, order: int):
+    fp = fixed_point(arch, x, quadrature_order=order)
+    k = fp.nngp
+    kd = fp.nngp_diag1
+    n = x.shape[0]
+    dims = np.asarray(arch.layer_dims(x.shape[1]), dtype=float)  # n_0 .. n_{L+1}
+    prev = dims[: arch.n_layers]  # n_{l-1} for l = 1..L+1
+    ratios = jnp.asarray(prev[1:] / prev[:-1], k.dtype)  # n_l / n_{l-1}, steps l = 1..L
+    inv_prev = jnp.asarray(1 / prev[:-1], k.dtype)  # 1 / n_{l-1}
+    act = arch.act
+    cw = arch.weight_var
+    v1, d1 = _flow_single(act, cw, kd, ratios, inv_prev, order=order)
+    rows, cols = np.triu_indices(n, k=1)
+    if rows.size:
+        vp, dp = _flow(
+            act, cw, k[:, rows, cols], kd[:, rows], kd[:, cols], ratios, inv_prev, order=order
+        )
+    else:
+        vp = jnp.zeros((arch.n_layers, 0, 3, 3), k.dtype)
+        dp = jnp.zeros((arch.n_layers, 0, 3), k.dtype)
+    inv_n = jnp.asarray(1 / prev, k.dtype)[:, None, None]
+    # assemble [L+1, N, N, ...]
+    vertex = jnp.zeros((arch.n_layers, n, n, 3, 3), k.dtype)
+    diag = jnp.arange(n)
+    vertex = vertex.at[:, diag, diag].set(
+        jnp.broadcast_to(v1[:, :, None, None], (arch.n_layers, n, 3, 3))
+    )
+    swap = jnp.array([2, 1, 0])
+    vertex = vertex.at[:, rows, cols].set(vp)
+    vertex = vertex.at[:, cols, rows].set(vp[:, :, swap][:, :, :, swap])
+    corr = jnp.zeros((arch.n_layers, n, n), k.dtype)
+    corr = corr.at[:, diag, diag].set(d1)
+    corr = corr.at[:, rows, cols].set(dp[:, :, 1]).at[:, cols, rows].set(dp[:, :, 1])
+    variance = vertex[:, :, :, 1, 1] * inv_n
+    variance = variance.at[:, diag, diag].set(v1 * inv_n[:, :, 0])
+    kurt = 3 * v1 * inv_n[:, :, 0] / kd**2
+    coupling = jnp.mean(v1 * inv_n[:, :, 0] / kd**2, axis=1)
+    return Perturbative(
+        nngp=k,
+        nngp_correction=corr,
+        nngp_variance=variance,
+        kurtosis=kurt,
+        vertex=vertex,
+        coupling=coupling,
+        widths=jnp.asarray(prev, k.dtype),
+        quadrature_order=0 if act.scale_invariant or act.closed_form else order,
+    )
+
+
+def _check_memory(n: int, n_layers: int, itemsize: int) -> None:
+    pairs = n * (n - 1) // 2
+    need = itemsize * n_layers * (n * n * 9 + pairs * 40)
+    if need > _MEMORY_LIMIT_BYTES:
+        raise ValueError(
+            f"x: {n} inputs over {n_layers} layers need about {need / 2**30:.1f} GiB for the "
+            f"all-pairs vertex (limit {_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB); pass fewer inputs "
+            "or compute on subsets"
+        )
+
+
+def perturbative(arch: MLP, x, *, quadrature_order: int = 64, warn: bool = True) -> Perturbative:
+    """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
+
+    Args:
+      arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed).
+      x: ``[N, n_0]`` inputs.
+      quadrature_order: nodes per dimension for expectations without a closed form.
+      warn: warn when depth / width is too large for O(1/n) to be trusted
+        (:data:`TRUST_DEPTH_OVER_WIDTH`).
+
+    Returns:
+      A :class:`Perturbative`; see its fields. The dtype follows ``x``.
+    """
+    if not isinstance(arch, MLP):
+        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    if (
+        isinstance(quadrature_order, bool)
+        or not isinstance(quadrature_order, int)
+        or quadrature_order < 2
+    ):
+        raise ValueError(f"quadrature_order: expected an integer >= 2, got {quadrature_order!r}")
+    x = check_inputs(x, "x")
+    _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize)
+    result = _run(arch, x, quadrature_order)
+    if result.quadrature_order:
+        sub = x[: min(4, x.shape[0])]
+        lo, hi = _run(arch, sub, quadrature_order), _run(arch, sub, 2 * quadrature_order)
+        err = 0.0
+        for name in ("nngp_variance", "nngp_correction", "kurtosis"):
+            a, b = np.asarray(getattr(lo, name)), np.asarray(getattr(hi, name))
+            scale = np.max(np.abs(b))
+            if scale > 0:
+                err = max(err, float(np.max(np.abs(a - b)) / scale))
+        result = dataclasses.replace(result, quadrature_error=err)
+    if warn:
+        depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
+        if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
+            worst = float(jnp.max(result.coupling))
+            warnings.warn(
+                f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > "
+                f"{TRUST_DEPTH_OVER_WIDTH}: the O(1/n) description is not trustworthy here "
+                f"(largest quartic coupling V/(n K^2) = {worst:.3g}); O(1/n^2) terms are "
+                "comparable",
+                stacklevel=2,
+            )
+    return result

@@ -1,0 +1,153 @@
+"""The perturbative flow: exact textbook results, and 1/n coefficients against Monte Carlo."""
+
+import functools
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import rgnn
+from tests.tolerances import MC_SIGMAS
+
+
+def _inputs(n=3, dim=6, seed=0):
+    x = np.random.RandomState(seed).randn(n, dim)
+    return x / np.sqrt(np.mean(x**2, axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 0.5])
+def test_scale_invariant_vertex_is_exact(x64, slope):
+    """At criticality (C_W = 1/A_2, C_b = 0), V^(l)_(aa)(aa) = (3 A_4 / A_2^2 - 1)(l - 1) K^2
+    exactly (PDLT sec. 5.4), the kurtosis is 3 V / (n K^2), and the single-input mean kernel
+    has no 1/n correction."""
+    a2, a4 = (1 + slope**2) / 2, (1 + slope**4) / 2
+    arch = rgnn.MLP(7, 200, rgnn.leaky_relu(slope), weight_var=1 / a2)
+    p = rgnn.perturbative(arch, _inputs())
+    k = np.asarray(
+        p.nngp_diagonal if hasattr(p, "nngp_diagonal") else np.diagonal(p.nngp, axis1=1, axis2=2)
+    )
+    layers = np.arange(1, 9)[:, None]
+    expected = (3 * a4 / a2**2 - 1) * (layers - 1) * k**2
+    v = np.diagonal(np.asarray(p.vertex[..., 0, 0]), axis1=1, axis2=2)
+    np.testing.assert_allclose(v, expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(p.kurtosis, 3 * expected / (200 * k**2), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.diagonal(p.nngp_correction, axis1=1, axis2=2), 0, atol=1e-14)
+
+
+def test_deep_linear_network_is_exact(x64):
+    """Deep linear network (C_W = 1, C_b = 0): K^(l) = K stays fixed and
+    V^(l)_(ab)(cd) = (l - 1)(K_ac K_bd + K_ad K_bc) on every pair of inputs, with no mean
+    correction (the kernel map is linear)."""
+    x = _inputs(4)
+    arch = rgnn.MLP(5, 50, "linear")
+    p = rgnn.perturbative(arch, x)
+    k = np.asarray(p.nngp[0])
+    for a in range(4):
+        for b in range(4):
+            idx = [(a, a), (a, b), (b, b)]
+            for i, (p1, p2) in enumerate(idx):
+                for j, (q1, q2) in enumerate(idx):
+                    want = k[p1, q1] * k[p2, q2] + k[p1, q2] * k[p2, q1]
+                    np.testing.assert_allclose(
+                        p.vertex[:, a, b, i, j], np.arange(6) * want, rtol=1e-12, atol=1e-14
+                    )
+    np.testing.assert_allclose(p.nngp_correction, 0, atol=1e-14)
+
+
+def test_mixed_widths(x64):
+    """Mixed widths: each step carries V^(l) with the factor n_l / n_{l-1}, and every observable
+    is normalized by the width that feeds its layer. For relu at criticality:
+    V^(l+1) = 5 K^2 + (n_l / n_{l-1}) V^(l), so V^(3) / n_2 = 5 K^2 (1 / n_2 + 1 / n_1)."""
+    widths = (40, 80, 20)
+    p = rgnn.perturbative(rgnn.MLP(3, widths, "relu", weight_var=2.0), _inputs(2), warn=False)
+    k = float(p.nngp[0, 0, 0])
+    var = np.asarray(p.nngp_variance[:, 0, 0])
+    assert var[0] == 0  # layer 1 is deterministic
+    np.testing.assert_allclose(var[1], 5 * k**2 / 40, rtol=1e-12)  # layer 2, fed by n_1
+    np.testing.assert_allclose(var[2], 5 * k**2 * (1 / 80 + 1 / 40), rtol=1e-12)
+    np.testing.assert_allclose(var[3], 5 * k**2 * (1 / 20 + 1 / 80 + 1 / 40), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(p.widths), [6, 40, 80, 20])
+
+
+def test_warns_when_depth_over_width_is_large(x64):
+    with pytest.warns(UserWarning, match="depth/width"):
+        rgnn.perturbative(rgnn.MLP(8, 16, "tanh"), _inputs(2))
+
+
+def test_memory_guard_before_allocation():
+    with pytest.raises(ValueError, match="x: 100000 inputs"):
+        rgnn.perturbative(rgnn.MLP(2, 64, "relu"), np.ones((100_000, 3)), warn=False)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="x: expected finite"):
+        rgnn.perturbative(rgnn.MLP(2, 64, "relu"), np.full((2, 3), np.nan))
+    with pytest.raises(ValueError, match="quadrature_order"):
+        rgnn.perturbative(rgnn.MLP(2, 64, "relu"), np.ones((2, 3)), quadrature_order=1)
+    with pytest.raises(ValueError, match="arch"):
+        rgnn.perturbative(None, np.ones((2, 3)))
+    with pytest.raises(ValueError, match="n_networks"):
+        rgnn.measure(rgnn.MLP(2, 8, "relu"), np.ones((2, 3)), n_networks=1, key=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- Monte Carlo
+WIDTHS = (32, 64, 128, 256)
+N_NETWORKS = 1500
+CASES = {
+    "relu-critical": dict(activation="relu", weight_var=2.0, bias_var=0.0, depth=3),
+    "tanh-critical": dict(activation="tanh", weight_var=1.0, bias_var=0.0, depth=3),
+    "erf-chaotic": dict(activation="erf", weight_var=2.5, bias_var=0.2, depth=2),
+    "gelu-ordered": dict(activation="gelu", weight_var=1.5, bias_var=0.1, depth=3),
+}
+
+
+@functools.cache
+def _runs(name):
+    cfg = dict(CASES[name])
+    depth = cfg.pop("depth")
+    x = _inputs(2)
+    out = []
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for i, n in enumerate(WIDTHS):
+            arch = rgnn.MLP(depth, n, **cfg)
+            pred = rgnn.perturbative(arch, x)
+            meas = rgnn.measure(
+                arch, x, n_networks=N_NETWORKS, key=jax.random.key(100 + i), ntk=False
+            )
+            out.append((n, pred, meas))
+    return out
+
+
+def _intercept(widths, y, se):
+    """Weighted fit y = a + b / n; returns a and its standard error."""
+    w = 1 / np.asarray(se) ** 2
+    design = np.stack([np.ones(len(widths)), 1 / np.asarray(widths, float)], axis=1)
+    cov = np.linalg.inv(design.T @ (w[:, None] * design))
+    a = (cov @ design.T @ (w * np.asarray(y)))[0]
+    return a, np.sqrt(cov[0, 0])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("field", ["nngp_variance", "kurtosis"])
+def test_one_over_n_coefficient_matches_monte_carlo(name, field):
+    """n times the measured field, extrapolated to infinite width by a weighted fit
+    a + b/n over 4 widths, equals n times the prediction (the 1/n coefficient) within
+    MC_SIGMAS standard errors of the fit plus the quadrature error; on the output layer for the
+    metric variance (same and distinct inputs), the last hidden layer for the kurtosis."""
+    runs = _runs(name)
+    if field == "nngp_variance":
+        entries = [(-1, 0, 0), (-1, 0, 1)]
+    else:
+        entries = [(-2, 0), (-2, 1)]
+    for entry in entries:
+        ns = np.array([n for n, _, _ in runs], float)
+        pred = np.array([float(getattr(p, field)[entry]) * n for n, p, _ in runs])
+        y = np.array([float(getattr(m, field)[entry]) * n for n, _, m in runs])
+        se = np.array([float(getattr(m, field + "_se")[entry]) * n for n, _, m in runs])
+        np.testing.assert_allclose(pred, pred[0], rtol=1e-10)  # a pure 1/n prediction
+        a, a_se = _intercept(ns, y, se)
+        qerr = max(p.quadrature_error for _, p, _ in runs) * abs(pred[0])
+        assert abs(a - pred[0]) <= MC_SIGMAS * a_se + qerr, (entry, a, a_se, pred[0])
+        assert a_se < 0.35 * abs(pred[0]), (entry, a_se, pred[0])  # the check has power
