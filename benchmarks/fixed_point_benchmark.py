@@ -35,6 +35,40 @@ def _time(fn, repeats):
     return statistics.median(times), min(times)
 
 
+def _run_case(arch, x, repeats):
+    """Time and check one architecture; returns the case's entry for the results JSON."""
+    native = jax.jit(lambda a: rgnn.fixed_point(arch, a))
+    t_native, _ = _time(lambda: native(x), repeats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = jax.jit(lambda a: arch.stax()[2](a, None, ("nngp", "ntk")))
+        t_nt_out, _ = _time(lambda: full(x), repeats)
+        prefixes = [
+            jax.jit(lambda a, l=l: arch.stax(layer=l)[2](a, None, ("nngp", "ntk")))
+            for l in range(1, arch.n_layers + 1)
+        ]
+        t_nt_all, _ = _time(lambda: [p(x) for p in prefixes], repeats)
+    # accuracy of both against a float64 native reference
+    with jax.enable_x64(True):
+        ref = np.asarray(rgnn.fixed_point(arch, x.astype(np.float64)).ntk[-1])
+
+    def rel_err(k):
+        return float(np.max(np.abs(np.asarray(k, np.float64) - ref)) / np.max(np.abs(ref)))
+
+    err_native, err_nt = rel_err(native(x).ntk[-1]), rel_err(full(x).ntk)
+    return dict(
+        activation=arch.activation,
+        native_all_layers_s=t_native,
+        nt_output_layer_s=t_nt_out,
+        nt_all_layers_s=t_nt_all,
+        ratio_output_layer=t_nt_out / t_native,
+        ratio_all_layers=t_nt_all / t_native,
+        goal_all_layers=arch.depth / 2,
+        native_max_rel_err_vs_float64=err_native,
+        nt_max_rel_err_vs_float64=err_nt,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -62,43 +96,18 @@ def main():
     )
     for activation, cw in (("relu", 2.0), ("gelu", 1.8)):
         arch = rgnn.MLP(args.depth, 512, activation, weight_var=cw, bias_var=0.05)
-        native = jax.jit(lambda a: rgnn.fixed_point(arch, a))
-        t_native, _ = _time(lambda: native(x), args.repeats)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            full = jax.jit(lambda a: arch.stax()[2](a, None, ("nngp", "ntk")))
-            t_nt_out, _ = _time(lambda: full(x), args.repeats)
-            prefixes = [
-                jax.jit(lambda a, l=l: arch.stax(layer=l)[2](a, None, ("nngp", "ntk")))
-                for l in range(1, arch.n_layers + 1)
-            ]
-            t_nt_all, _ = _time(lambda: [p(x) for p in prefixes], args.repeats)
-        # accuracy of both against a float64 native reference
-        with jax.enable_x64(True):
-            ref = np.asarray(rgnn.fixed_point(arch, x.astype(np.float64)).ntk[-1])
-
-        def rel_err(k):
-            return float(np.max(np.abs(np.asarray(k, np.float64) - ref)) / np.max(np.abs(ref)))
-
-        err_native, err_nt = rel_err(native(x).ntk[-1]), rel_err(full(x).ntk)
-        case = dict(
-            activation=activation,
-            native_all_layers_s=t_native,
-            nt_output_layer_s=t_nt_out,
-            nt_all_layers_s=t_nt_all,
-            ratio_output_layer=t_nt_out / t_native,
-            ratio_all_layers=t_nt_all / t_native,
-            goal_all_layers=arch.depth / 2,
-            native_max_rel_err_vs_float64=err_native,
-            nt_max_rel_err_vs_float64=err_nt,
-        )
+        case = _run_case(arch, x, args.repeats)
         results["cases"].append(case)
         print(
-            f"{activation:5s} N={args.n} depth={args.depth} {x.dtype}: native {t_native * 1e3:8.1f} ms | "
-            f"(a) NT output layer {t_nt_out * 1e3:8.1f} ms, ratio {case['ratio_output_layer']:5.2f} | "
-            f"(b) NT all layers {t_nt_all * 1e3:8.1f} ms, ratio {case['ratio_all_layers']:5.2f} "
-            f"(goal >= {arch.depth / 2:g}) | output NTK error vs float64: native {err_native:.1e}, "
-            f"NT {err_nt:.1e}",
+            f"{activation:5s} N={args.n} depth={args.depth} {x.dtype}: "
+            f"native {case['native_all_layers_s'] * 1e3:8.1f} ms | "
+            f"(a) NT output layer {case['nt_output_layer_s'] * 1e3:8.1f} ms, "
+            f"ratio {case['ratio_output_layer']:5.2f} | "
+            f"(b) NT all layers {case['nt_all_layers_s'] * 1e3:8.1f} ms, "
+            f"ratio {case['ratio_all_layers']:5.2f} "
+            f"(goal >= {arch.depth / 2:g}) | output NTK error vs float64: "
+            f"native {case['native_max_rel_err_vs_float64']:.1e}, "
+            f"NT {case['nt_max_rel_err_vs_float64']:.1e}",
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,10 @@ KNOWN_ACTIVATIONS = (
 
 
 def leaky_relu(slope: float) -> Activation:
-    """A leaky relu ``max(x, slope * x)`` with its closed-form kernel maps, for ``0 <= slope < 1``."""
+    """A leaky relu ``max(x, slope * x)`` with its closed-form kernel maps.
+
+    ``slope`` must satisfy ``0 <= slope < 1``.
+    """
     if not (isinstance(slope, int | float) and math.isfinite(slope) and 0 <= slope < 1):
         raise ValueError(f"slope: expected a number in [0, 1), got {slope!r}")
     nngp, ntk, joint = _leaky_relu_maps(float(slope))

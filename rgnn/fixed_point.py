@@ -3,7 +3,8 @@
 .. math::
 
     K^{(1)}_{ab} &= C_b + C_W \\frac{1}{n_0} \\sum_j x_{ja} x_{jb}, \\qquad
-    \\Theta^{(1)}_{ab} = \\lambda_b^{(1)} + \\lambda_W^{(1)} \\frac{1}{n_0} \\sum_j x_{ja} x_{jb},\\\\
+    \\Theta^{(1)}_{ab} = \\lambda_b^{(1)}
+        + \\lambda_W^{(1)} \\frac{1}{n_0} \\sum_j x_{ja} x_{jb},\\\\
     K^{(l+1)}_{ab} &= C_b + C_W \\langle \\sigma(z_a) \\sigma(z_b) \\rangle_{K^{(l)}},\\\\
     \\Theta^{(l+1)}_{ab} &= \\lambda_b^{(l+1)} + \\lambda_W^{(l+1)}
         \\langle \\sigma(z_a) \\sigma(z_b) \\rangle_{K^{(l)}}

@@ -21,8 +21,8 @@ Two rules:
   ``K = 3``, 2e-8 at ``K = 5``, 5e-6 at ``K = 10`` -- raise ``order`` for large kernels.
 * ``"hermite"``: the probabilists' Gauss-Hermite rule, exact for polynomials of degree
   ``2 order - 1`` but converging only like ``exp(-c d sqrt(order))`` for functions with poles
-  near the real axis (the same case with 96 nodes: 4e-7 at ``K = 2``, 8e-6 at ``K = 3``). neural-tangents'
-  ``ElementwiseNumerical`` uses this rule.
+  near the real axis (the same case with 96 nodes: 4e-7 at ``K = 2``, 8e-6 at ``K = 3``).
+  neural-tangents' ``ElementwiseNumerical`` uses this rule.
 
 Both converge only algebraically for kinks (relu), which is why relu-like activations use
 closed forms (:mod:`rgnn.activations`).

@@ -161,7 +161,9 @@ def test_relu_closed_form_matches_quadrature(x64, slope):
     k11, k22 = jnp.array([0.7, 1.3, 2.0]), jnp.array([1.1, 1.3, 0.4])
     k12 = jnp.array([0.3, 1.3, -0.5])
     exact = act.nngp_map(k11, k22, k12), act.ntk_map(k11, k22, k12)
-    for got, (f, g) in zip(exact, [(act.fn, act.fn), (act.derivative, act.derivative)]):
+    for got, (f, g) in zip(
+        exact, [(act.fn, act.fn), (act.derivative, act.derivative)], strict=True
+    ):
         hi = gaussian.expect_pair(f, g, k11, k22, k12, order=512)
         err = gaussian.quadrature_error(f, g, k11, k22, k12, order=256)
         assert np.all(np.abs(got - hi) <= 4 * err + 1e-12), (got, hi, err)
