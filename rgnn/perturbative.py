@@ -222,6 +222,75 @@ def _single_stats(act: Activation, order: int):
     return stats
 
 
+def _derivatives(fn, order: int):
+    """``[sigma, sigma', ..., sigma^(order)]`` as elementwise functions (autodiff)."""
+    out = [fn]
+    for _ in range(order):
+        f = out[-1]
+        out.append(jnp.vectorize(jax.grad(lambda x, f=f: f(x))))
+    return out
+
+
+def _pair_stats_quadrature(act: Activation, k, order: int):
+    """``(phi, J, H, moments)`` of one pair from one quadrature grid, for activations without a
+    closed form. Derivatives of Gaussian expectations come from the Gaussian identities
+    ``d<f>/dK_cd = (1 / (1 + delta_cd)) <d_c d_d f>`` (Price's theorem), so only the first four
+    derivatives of sigma are evaluated on the nodes, and nothing is differentiated through the
+    quadrature (whose Cholesky factor is singular for parallel inputs):
+
+    * ``J[ab] = (<s2_a s_b> / 2, <s1_a s1_b>, <s_a s2_b> / 2)``, ``J[aa, aa] = <s1^2 + s s2>_a``
+      (``sk`` the k-th derivative);
+    * ``H[ab]`` holds ``<sk_a sj_b>`` (``k + j = 4``) with weights 1/4, 1/2, 1 for two, one, zero
+      diagonal derivatives; ``H[aa, aa, aa] = <s s4 + 4 s1 s3 + 3 s2^2>_a / 2``.
+    """
+    kaa, kab, kbb = k[0], k[1], k[2]
+    s1, c, s2 = _cholesky2(kaa, kab, kbb)
+    x, w = gaussian.hermite_rule(order, jnp.result_type(kaa))
+    ds = _derivatives(act.fn, 4)
+    u = s1 * x  # [Q]
+    v = c * x[:, None] + s2 * x[None, :]  # [Q, Q]
+    ub = jnp.sqrt(kbb) * x  # the marginal of z_b, for its own diagonal
+    uu = jnp.stack([d(u) for d in ds])  # [5, Q]
+    vv = jnp.stack([d(v) for d in ds])  # [5, Q, Q]
+    bb = jnp.stack([d(ub) for d in ds])  # [5, Q]
+    vbar = jnp.einsum("kxy,y->kx", vv, w)  # [5, Q]
+    e = jnp.einsum("x,ix,jx->ij", w, uu, vbar)  # e[i, j] = <s^(i)_a s^(j)_b>
+
+    def diag(t):
+        f0, f1, f2, f3, f4 = t
+        g = jnp.sum(w * f0 * f0)
+        g1 = jnp.sum(w * (f1 * f1 + f0 * f2))
+        g2 = 0.5 * jnp.sum(w * (f0 * f4 + 4 * f1 * f3 + 3 * f2 * f2))
+        return g, g1, g2
+
+    ga, ga1, ga2 = diag(uu)
+    gb, gb1, gb2 = diag(bb)
+    zero = jnp.zeros((), e.dtype)
+    phi = jnp.stack([ga, e[0, 0], gb])
+    jac = jnp.stack(
+        [
+            jnp.stack([ga1, zero, zero]),
+            jnp.stack([e[2, 0] / 2, e[1, 1], e[0, 2] / 2]),
+            jnp.stack([zero, zero, gb1]),
+        ]
+    )
+    h_ab = jnp.stack(
+        [
+            jnp.stack([e[4, 0] / 4, e[3, 1] / 2, e[2, 2] / 4]),
+            jnp.stack([e[3, 1] / 2, e[2, 2], e[1, 3] / 2]),
+            jnp.stack([e[2, 2] / 4, e[1, 3] / 2, e[0, 4] / 4]),
+        ]
+    )
+    h_aa = jnp.zeros((3, 3), e.dtype).at[0, 0].set(ga2)
+    h_bb = jnp.zeros((3, 3), e.dtype).at[2, 2].set(gb2)
+    hess = jnp.stack([h_aa, h_ab, h_bb])
+    vpow = jnp.einsum("jxy,y->jx", jnp.stack([vv[0] ** j for j in range(5)]), w)
+    upow = jnp.stack([uu[0] ** i for i in range(5)])
+    m = jnp.einsum("x,ix,jx->ij", w, upow, vpow)  # m[i, j] = <s_a^i s_b^j>
+    moments = (m[4, 0], m[3, 1], m[2, 2], m[1, 3], m[0, 4], m[2, 0], m[1, 1], m[0, 2])
+    return phi, jac, hess, moments
+
+
 # ----------------------------------------------------------------------------- recursions
 @partial(jax.jit, static_argnames=("act", "order"))
 def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
@@ -239,7 +308,12 @@ def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
     hess = jax.jacfwd(jax.jacfwd(phi))
 
     def stats(k):
-        m40, m31, m22, m13, m04, m20, m11, m02 = _pair_moments(act, k[0], k[1], k[2], order)
+        if act.closed_form:
+            j, h = jac(k), hess(k)
+            m40, m31, m22, m13, m04, m20, m11, m02 = _pair_moments(act, k[0], k[1], k[2], order)
+        else:
+            _, j, h, moments = _pair_stats_quadrature(act, k, order)
+            m40, m31, m22, m13, m04, m20, m11, m02 = moments
         cov4 = jnp.array(
             [
                 [m40 - m20 * m20, m31 - m20 * m11, m22 - m20 * m02],
@@ -247,7 +321,7 @@ def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
                 [m22 - m20 * m02, m13 - m11 * m02, m04 - m02 * m02],
             ]
         )
-        return cw * jac(k), cw * hess(k), cw * cw * cov4
+        return cw * j, cw * h, cw * cw * cov4
 
     stats = jax.vmap(stats)
     p = ks.shape[1]
@@ -297,7 +371,8 @@ def _run(arch: MLP, x, order: int):
     inv_prev = jnp.asarray(1 / prev[:-1], k.dtype)  # 1 / n_{l-1}
     act = arch.act
     cw = arch.weight_var
-    v1, d1 = _flow_single(act, cw, kd, ratios, inv_prev, order=order)
+    # single inputs cost O(N): integrate them with 4x the nodes
+    v1, d1 = _flow_single(act, cw, kd, ratios, inv_prev, order=4 * order)
     rows, cols = np.triu_indices(n, k=1)
     if rows.size:
         vp, dp = _flow(
@@ -346,7 +421,7 @@ def _check_memory(n: int, n_layers: int, itemsize: int) -> None:
         )
 
 
-def perturbative(arch: MLP, x, *, quadrature_order: int = 64, warn: bool = True) -> Perturbative:
+def perturbative(arch: MLP, x, *, quadrature_order: int = 48, warn: bool = True) -> Perturbative:
     """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
 
     Args:
