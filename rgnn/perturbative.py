@@ -14,7 +14,8 @@ an average of ``n_l`` neurons that are independent given ``G^{(l)}``. Write
 sources make ``G^{(l+1)}`` fluctuate: the finite average over neurons (variance
 ``C_W^2 Cov4 / n_l``, with ``Cov4_{(ab)(cd)} = <s_a s_b s_c s_d> - <s_a s_b><s_c s_d>``), and the
 fluctuation of ``G^{(l)}`` itself, propagated through ``phi``. To first order in 1/n (the delta
-method), with ``V^{(l)} / n_{l-1} = Cov(G^{(l)}, G^{(l)})`` and ``Delta^{(l)} = E G^{(l)} - K^{(l)}``:
+method), with ``V^{(l)} / n_{l-1} = Cov(G^{(l)}, G^{(l)})`` and
+``Delta^{(l)} = E G^{(l)} - K^{(l)}``:
 
 .. math::
 
@@ -174,19 +175,15 @@ def _pair_moments(act: Activation, kaa, kab, kbb, order: int):
     return tuple(jnp.sum(ww * su**i * sv**j) for i, j in powers)
 
 
-def _phi_pair(act: Activation, order: int):
-    """``k = (kaa, kab, kbb) -> (<s_a^2>, <s_a s_b>, <s_b^2>)`` as a differentiable function."""
+def _phi_pair(act: Activation):
+    """``k = (kaa, kab, kbb) -> (<s_a^2>, <s_a s_b>, <s_b^2>)`` from the activation's closed form,
+    differentiated by autodiff (the diagonal of a scale-invariant activation is ``A_2 k``)."""
 
     def phi(k):
         kaa, kab, kbb = k[0], k[1], k[2]
-        if act.closed_form:
-            f = act.maps(kaa, kbb, kab)[0]
-            gaa = act.maps(kaa, kaa, kaa)[0] if not act.scale_invariant else _a2(act) * kaa
-            gbb = act.maps(kbb, kbb, kbb)[0] if not act.scale_invariant else _a2(act) * kbb
-        else:
-            f = gaussian.expect_pair(act.fn, act.fn, kaa, kbb, kab, order=order)
-            gaa = gaussian.expect(lambda z: act.fn(z) ** 2, kaa, order=order)
-            gbb = gaussian.expect(lambda z: act.fn(z) ** 2, kbb, order=order)
+        f = act.maps(kaa, kbb, kab)[0]
+        gaa = act.maps(kaa, kaa, kaa)[0] if not act.scale_invariant else _a2(act) * kaa
+        gbb = act.maps(kbb, kbb, kbb)[0] if not act.scale_invariant else _a2(act) * kbb
         return jnp.stack([gaa, f, gbb])
 
     return phi
@@ -297,13 +294,14 @@ def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
     """Pair recursion over layers for ``P`` pairs.
 
     Args:
-      ks: ``[L+1, P]`` leading-order ``K_ab`` per layer; ``kd_a, kd_b``: ``[L+1, P]`` ``K_aa, K_bb``.
+      ks: ``[L+1, P]`` leading-order ``K_ab`` per layer.
+      kd_a, kd_b: ``[L+1, P]`` ``K_aa`` and ``K_bb``.
       ratios: ``[L]`` ``n_l / n_{l-1}`` for the step l -> l+1 (l = 1..L).
       inv_prev: ``[L]`` ``1 / n_{l-1}`` for the step l -> l+1.
     Returns:
       ``V [L+1, P, 3, 3]`` and ``Delta [L+1, P, 3]``.
     """
-    phi = _phi_pair(act, order)
+    phi = _phi_pair(act)
     jac = jax.jacfwd(phi)
     hess = jax.jacfwd(jax.jacfwd(phi))
 
