@@ -404,7 +404,8 @@ def _run(arch: MLP, x, order: int):
         vertex=vertex,
         coupling=coupling,
         widths=jnp.asarray(prev, k.dtype),
-        quadrature_order=0 if act.scale_invariant or act.closed_form else order,
+        # everything but the scale-invariant class integrates its 4-point moments numerically
+        quadrature_order=0 if act.scale_invariant else order,
     )
 
 
@@ -453,6 +454,15 @@ def perturbative(arch: MLP, x, *, quadrature_order: int = 48, warn: bool = True)
             if scale > 0:
                 err = max(err, float(np.max(np.abs(a - b)) / scale))
         result = dataclasses.replace(result, quadrature_error=err)
+    bad = np.isnan(np.asarray(result.vertex)).any(axis=(0, 3, 4))
+    if bad.any():
+        n_bad = int(np.triu(bad, 1).sum())
+        warnings.warn(
+            f"{n_bad} pair(s) of inputs are exactly parallel on some layer (correlation 1): for "
+            f"{arch.act.name} the second derivative of the kernel map is singular there and their "
+            "pair components are NaN; remove duplicate inputs (single-input fields are unaffected)",
+            stacklevel=2,
+        )
     if warn:
         depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
         if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
