@@ -151,3 +151,36 @@ def test_one_over_n_coefficient_matches_monte_carlo(name, field):
         qerr = max(p.quadrature_error for _, p, _ in runs) * abs(pred[0])
         assert abs(a - pred[0]) <= MC_SIGMAS * a_se + qerr, (entry, a, a_se, pred[0])
         assert a_se < 0.35 * abs(pred[0]), (entry, a_se, pred[0])  # the check has power
+
+
+NARROW = (8, 12, 16, 24, 32)
+CORRECTION_CASES = {
+    # (config, entry): the entries with the largest predicted shift relative to its noise
+    "relu-critical-pair": (dict(activation="relu", weight_var=2.0), (-1, 0, 1)),
+    "tanh-diagonal": (dict(activation="tanh", weight_var=1.5, bias_var=0.1), (-1, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRECTION_CASES))
+def test_mean_kernel_correction_matches_monte_carlo(name):
+    """The 1/n shift of the mean kernel: its standard error, n sqrt(V / (n M)), grows like
+    sqrt(n), so it is measured on narrow networks (widths 8..32) with 30000 networks each and
+    extrapolated by the weighted fit n * shift = a + b / n; the intercept equals n * the
+    prediction within MC_SIGMAS standard errors of the fit (power: fit SE < 50% of the value)."""
+    cfg, entry = CORRECTION_CASES[name]
+    x = _inputs(2)
+    pred, y, se = [], [], []
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for i, n in enumerate(NARROW):
+            arch = rgnn.MLP(3, n, **cfg)
+            pred.append(float(rgnn.perturbative(arch, x).nngp_correction[entry]) * n)
+            m = rgnn.measure(
+                arch, x, n_networks=30000, key=jax.random.key(7 + i), ntk=False, batch_size=10000
+            )
+            y.append(float(m.nngp_correction[entry]) * n)
+            se.append(float(m.nngp_correction_se[entry]) * n)
+    np.testing.assert_allclose(pred, pred[0], rtol=1e-10)
+    a, a_se = _intercept(np.array(NARROW, float), y, se)
+    assert abs(a - pred[0]) <= MC_SIGMAS * a_se, (a, a_se, pred[0])
+    assert a_se < 0.5 * abs(pred[0]), (a_se, pred[0])
