@@ -4,11 +4,11 @@ The upstream tests are the measure of the compatibility layer. Extract them from
 neural-tangents repository at tag ``v0.6.5`` (the version ``rgnn._compat`` supports) into a
 scratch folder outside this repository, for example::
 
-    git --git-dir=<neural-tangents.git> archive v0.6.5 tests | tar -x -C /tmp/nt_upstream
+    git --git-dir=<neural-tangents.git> archive v0.6.5 tests | tar -x -C "$SCRATCH"/nt_upstream
 
 then run::
 
-    python tools/run_nt_upstream_tests.py /tmp/nt_upstream/tests -- -q -n 2 stax/linear_test.py
+    python tools/run_nt_upstream_tests.py "$SCRATCH"/nt_upstream/tests -- -q -n 2 stax/linear_test.py
 
 (``-n`` needs pytest-xdist.) With ``--legacy-prng`` the tests see the random stream they were
 written for: since JAX 0.5 ``jax_threefry_partitionable`` defaults to true, so, for example,
