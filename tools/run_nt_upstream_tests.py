@@ -8,7 +8,7 @@ scratch folder outside this repository, for example::
 
 then run::
 
-    python tools/run_nt_upstream_tests.py "$SCRATCH"/nt_upstream/tests -- -q -n 2 stax/linear_test.py
+    python tools/run_nt_upstream_tests.py "$SCRATCH"/nt_upstream/tests -- -q stax/linear_test.py
 
 (``-n`` needs pytest-xdist.) With ``--legacy-prng`` the tests see the random stream they were
 written for: since JAX 0.5 ``jax_threefry_partitionable`` defaults to true, so, for example,
