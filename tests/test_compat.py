@@ -44,12 +44,6 @@ def assert_close(actual, expected):
     np.testing.assert_allclose(actual, expected, **TOLERANCES[actual.dtype])
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _inputs(seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
     x1 = jax.random.normal(k1, (N1, WIDTH_IN), jnp.float64)
