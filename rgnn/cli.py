@@ -159,6 +159,329 @@ def _run_fixed_point(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- sweep, classify
+def _int_list(text):
+    return _typed_list(text, _positive_int)
+
+
+def _seed_list(text):
+    def seed(t):
+        try:
+            v = int(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers, got {t!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"expected non-negative seeds, got {v}")
+        return v
+
+    return _typed_list(text, seed)
+
+
+def _float_list(text):
+    def num(t):
+        try:
+            v = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {t!r}") from None
+        if not v > 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected positive numbers, got {t!r}")
+        return v
+
+    return _typed_list(text, num)
+
+
+def _str_list(text):
+    return _typed_list(text, str)
+
+
+def _typed_list(text, kind):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return [kind(t) for t in items]
+
+
+def _one_line_errors(p):
+    """Make argparse report a bad argument as one line (no usage block), exit status 2."""
+
+    def error(message):
+        p.exit(2, f"{p.prog}: error: {message} (see {p.prog} --help)\n")
+
+    p.error = error
+
+
+def _add_network_options(p, *, width):
+    g = p.add_argument_group("network and training")
+    g.add_argument("--depth", type=_positive_int, default=2, help="hidden layers L (default 2)")
+    if width:
+        g.add_argument("--width", type=_positive_int, required=True, help="hidden width")
+    g.add_argument("--activation", default="relu", help="activation (default relu)")
+    g.add_argument("--weight-var", type=float, default=2.0, help="C_W (default 2: relu critical)")
+    g.add_argument("--bias-var", type=float, default=0.0, help="C_b (default 0)")
+    g.add_argument("--parameterization", default="ntk", help="ntk, standard or mup (default ntk)")
+    g.add_argument("--data", default="digits", choices=["digits", "teacher-student"])
+    g.add_argument("--n", type=_positive_int, default=32, help="training inputs (default 32)")
+    g.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    g.add_argument("--n-networks", type=_positive_int, default=8, help="ensemble size (8)")
+    g.add_argument("--optimizer", default="gd", help="gd, sgd or adam (default gd)")
+    g.add_argument("--loss", default="mse", help="training loss (default mse)")
+
+
+def _sweep_parser(sub):
+    p = sub.add_parser(
+        "sweep",
+        help="width sweep of a trained MLP family, scaling exponents and the regime",
+        description="Train ensembles of an MLP family across widths and seeds, measure how far "
+        "they sit from the Gaussian fixed point, fit each measure's exponent against width and "
+        "say which regime the family is in. Finished points are saved as they finish in "
+        "OUT/points.jsonl; rerunning the same command resumes. The default is rgnn's main "
+        "job: a depth-2 ReLU MLP in NTK parameterization, trained by gradient descent on 32 "
+        "digits (regression onto the parity of the digit), widths 64 to 1024, 2 seeds.",
+    )
+    p.add_argument(
+        "--widths",
+        type=_int_list,
+        default=[64, 128, 256, 512, 1024],
+        help="comma-separated hidden widths (default 64,128,256,512,1024)",
+    )
+    p.add_argument("--seeds", type=_seed_list, default=[0, 1], help="ensemble seeds (0,1)")
+    p.add_argument("--depths", type=_int_list, help="sweep depths too (comma-separated)")
+    p.add_argument("--activations", type=_str_list, help="sweep activations too")
+    p.add_argument("--parameterizations", type=_str_list, help="sweep parameterizations too")
+    p.add_argument(
+        "--learning-rates", type=_float_list, default=[0.5], help="learning rates (default 0.5)"
+    )
+    _add_network_options(p, width=False)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_common(p)
+    _one_line_errors(p)
+    p.set_defaults(run=_run_sweep)
+
+
+def _classify_parser(sub):
+    p = sub.add_parser(
+        "classify",
+        help="gaussian / perturbative / non-perturbative verdict, with the evidence",
+        description="Classify the sweep saved in --out DIR (by `rgnn sweep`), or, with "
+        "--width, train and classify one configuration. Prints each measure, its threshold, "
+        "its fitted exponent and the verdict; writes OUT/regime.json.",
+    )
+    p.add_argument("--tolerance", type=float, help="one threshold for every measure")
+    p.add_argument(
+        "--width",
+        type=_positive_int,
+        help="classify one configuration of this width (trained now) instead of a saved sweep",
+    )
+    g = p.add_argument_group("one configuration (with --width)")
+    g.add_argument("--depth", type=_positive_int, default=2)
+    g.add_argument("--activation", default="relu")
+    g.add_argument("--weight-var", type=float, default=2.0)
+    g.add_argument("--bias-var", type=float, default=0.0)
+    g.add_argument("--parameterization", default="ntk")
+    g.add_argument("--data", default="digits", choices=["digits", "teacher-student"])
+    g.add_argument("--n", type=_positive_int, default=32)
+    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--n-networks", type=_positive_int, default=8)
+    g.add_argument("--optimizer", default="gd")
+    g.add_argument("--loss", default="mse")
+    g.add_argument("--learning-rate", type=float, default=0.5)
+    g.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    _one_line_errors(p)
+    p.set_defaults(run=_run_classify)
+
+
+def _task(args):
+    import numpy as np
+
+    from rgnn import data
+
+    if args.data == "digits":
+        if args.n > 1797:
+            raise _Fail(f"n: expected at most 1797 digits, got {args.n}")
+        x, labels = data.digits(args.n)
+        y = np.where(labels % 2 == 0, 1.0, -1.0)[:, None]  # parity of the digit
+    else:
+        x, y = data.teacher_student(args.n)
+    return x, y
+
+
+def _base_arch(args, width):
+    import rgnn
+
+    try:
+        return rgnn.MLP(
+            args.depth,
+            width,
+            args.activation,
+            weight_var=args.weight_var,
+            bias_var=args.bias_var,
+            parameterization=args.parameterization,
+        )
+    except ValueError as err:
+        raise _Fail(str(err)) from None
+
+
+def _print_sweep(result, regimes, stream=sys.stdout):
+    from rgnn.sweep import GROUP_FIELDS
+
+    rows = result.table()
+    names = list(result.measures)
+    groups = result.groups
+    varying = [f for f in GROUP_FIELDS if len({g[f] for g in groups}) > 1]
+    head = [*varying, "width", "seeds", "depth/width"] + names
+    print("  ".join(f"{h:>14}" for h in head), file=stream)
+    for r in rows:
+        cells = [f"{r[f]!s:>14}" for f in varying]
+        cells += [f"{r['width']:>14d}", f"{r['n_seeds']:>14d}", f"{r['depth_over_width']:>14.4g}"]
+        for name in names:
+            if name in r:
+                se = r.get(name + "_se")
+                cell = f"{r[name]:.3g}" + (f"+-{se:.1g}" if se == se and se is not None else "")
+            else:
+                cell = "-"
+            cells.append(f"{cell:>14}")
+        print("  ".join(cells), file=stream)
+    print(file=stream)
+    print("fits against width (v = c n^p; v(inf) from v = v_inf + b n^expected):", file=stream)
+    for f in result.fits:
+        g = ", ".join(f"{k}={v}" for k, v in f.group if k in varying)
+        print(
+            f"  {f.measure:<22} {g:<24} p = {f.exponent:6.2f} +- {f.exponent_se:.2f} "
+            f"[{f.exponent_low:.2f}, {f.exponent_high:.2f}]  expected {f.expected:g}  "
+            f"v(inf) = {f.infinite_width:.3g} +- {f.infinite_width_se:.2g}",
+            file=stream,
+        )
+    print(file=stream)
+    for reg in regimes:
+        print(reg, file=stream)
+        print(file=stream)
+
+
+def _regimes(result, tolerance):
+    from rgnn.regime import classify
+
+    return [classify(result, group=g, tolerance=tolerance) for g in result.groups]
+
+
+def _run_sweep(args):
+    import jax
+
+    import rgnn
+
+    base = _base_arch(args, args.widths[0])
+    x, y = _task(args)
+    if args.steps < 0:
+        raise _Fail(f"steps: expected a non-negative integer, got {args.steps}")
+    start = time.perf_counter()
+    try:
+        with jax.enable_x64(False):
+            result = rgnn.sweep(
+                base,
+                x,
+                y,
+                widths=args.widths,
+                seeds=args.seeds,
+                depths=args.depths,
+                activations=args.activations,
+                parameterizations=args.parameterizations,
+                learning_rates=args.learning_rates,
+                steps=args.steps,
+                n_networks=args.n_networks,
+                optimizer=args.optimizer,
+                loss=args.loss,
+                out=args.out,
+                plots=not args.no_plots,
+            )
+    except KeyboardInterrupt:
+        points = args.out / "points.jsonl"
+        done = len(points.read_text().splitlines()) if points.exists() else 0
+        print(
+            f"rgnn sweep: {done} finished point(s) saved in {points}; run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        raise
+    except (ValueError, RuntimeError) as err:
+        raise _Fail(str(err)) from None
+    seconds = time.perf_counter() - start
+    regimes = _regimes(result, None)
+    _write_regimes(args.out, regimes)
+    if args.json:
+        doc = json.loads((args.out / "table.json").read_text())
+        doc.update(
+            config=result.config,
+            regimes=[r.as_dict() for r in regimes],
+            seconds=seconds,
+            out=str(args.out),
+        )
+        print(json.dumps(doc, indent=2))
+    else:
+        print(
+            f"width sweep: {len(result.records)} points ({len(result.groups)} group(s)) in "
+            f"{seconds:.1f} s; results in {args.out}/"
+        )
+        _print_sweep(result, regimes)
+        pngs = sorted(p.name for p in args.out.glob("*.png"))
+        print(
+            f"wrote {args.out}/table.csv, table.json, regime.json, points.jsonl; plots: "
+            + ", ".join(pngs)
+        )
+    return 0
+
+
+def _write_regimes(out, regimes):
+    from rgnn.sweep import _atomic_write
+
+    doc = [r.as_dict() for r in regimes]
+    _atomic_write(Path(out) / "regime.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _run_classify(args):
+    import jax
+
+    from rgnn.regime import classify
+    from rgnn.sweep import load_sweep
+
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise _Fail(f"tolerance: expected a positive number, got {args.tolerance}")
+    try:
+        if args.width is None:
+            result = load_sweep(args.out)
+            if not result.records:
+                raise _Fail(f"out: the sweep in {args.out} has no finished points yet")
+            regimes = _regimes(result, args.tolerance)
+        else:
+            arch = _base_arch(args, args.width)
+            x, y = _task(args)
+            with jax.enable_x64(False):
+                regimes = [
+                    classify(
+                        arch,
+                        x,
+                        y,
+                        tolerance=args.tolerance,
+                        seed=args.seed,
+                        steps=args.steps,
+                        learning_rate=args.learning_rate,
+                        optimizer=args.optimizer,
+                        loss=args.loss,
+                        n_networks=args.n_networks,
+                    )
+                ]
+            args.out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, RuntimeError) as err:
+        raise _Fail(str(err)) from None
+    _write_regimes(args.out, regimes)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in regimes], indent=2))
+    else:
+        for r in regimes:
+            print(r)
+            print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rgnn",
@@ -167,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _fixed_point_parser(sub)
+    _sweep_parser(sub)
+    _classify_parser(sub)
     return parser
 
 

@@ -1,0 +1,833 @@
+"""Width sweeps: train ensembles across widths and seeds, measure, fit scaling exponents.
+
+A sweep is the grid ``depths x activations x parameterizations x learning_rates x widths x
+seeds`` around one base :class:`~rgnn.MLP`. Each *point* trains an ensemble of ``n_networks``
+networks (:func:`rgnn.train`), compares it with the Gaussian fixed point
+(:func:`rgnn.compare`) and adds the perturbative predictions (:func:`rgnn.perturbative`),
+reduced to one number per *measure* (:data:`MEASURES`) with its standard error. A *group* is
+one setting of everything but width and seed; within a group each measure is fitted against
+width.
+
+**Scaling fit.** Seeds are pooled at each width (mean, and the standard error of the mean over
+seeds, never below the one propagated from the points' own standard errors). The exponent
+``p`` of ``v(n) = c n^p`` is the weighted least-squares slope of ``log v`` against ``log n``
+with weights ``1 / sigma_log^2``, ``sigma_log = se / v`` (the delta method). Its standard error
+is from the weighted normal equations, ``(X^T W X)^{-1}``, inflated by ``sqrt(chi^2 / dof)``
+when the points scatter more than their errors say (the Birge ratio), so it reflects both the
+standard errors and the residuals; the confidence interval uses Student's ``t`` with
+``K - 2`` degrees of freedom (``K`` widths; the normal quantile when ``K = 2``). The
+infinite-width value is the intercept ``v_inf`` of the weighted linear fit
+``v(n) = v_inf + b n^e`` with ``e`` the measure's *expected* exponent (``-1`` for O(1/n)
+effects, ``-1/2`` for single-network fluctuations, PDLT ch. 4 and 8), with its standard error
+from the same normal equations.
+
+**Results store.** ``out/sweep.json`` holds the sweep's configuration and its hash;
+``out/points.jsonl`` one JSON record per finished point, each keyed by the SHA-256 of its full
+configuration. The file is rewritten as a whole into a temporary file in the same directory,
+flushed to disk and moved over the old one with ``os.replace`` (atomic on POSIX), once per
+finished point: an interrupted run (Ctrl-C, ``kill -9``) loses at most the point in flight, and
+running the same sweep again skips every point already in the file. A directory holding a
+different sweep is refused. ``table.csv``, ``table.json`` and the PNG plots are written when
+the sweep finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rgnn.architecture import MLP, PARAMETERIZATIONS
+
+__all__ = [
+    "MEASURES",
+    "Measure",
+    "ScalingFit",
+    "Sweep",
+    "fit_scaling",
+    "load_sweep",
+    "run_point",
+    "sweep",
+]
+
+GROUP_FIELDS = ("depth", "activation", "parameterization", "learning_rate")
+"""The sweep axes besides width and seed; one setting of them is a group."""
+
+STORE_VERSION = 1
+CONFIDENCE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """A number each point reports.
+
+    Attributes:
+      name: the key in a point's ``measures``.
+      expected_exponent: how the measure should fall with width if the network is
+        perturbative (``-1``: an O(1/n) effect; ``-0.5``: a single network's O(1/sqrt(n))
+        fluctuation).
+      description: one line, with the formula.
+      threshold: below this the fixed point describes the network "within tolerance"
+        (:func:`rgnn.classify`); relative quantities, so dimensionless.
+      predicted: whether points carry a perturbative prediction of the measure.
+    """
+
+    name: str
+    expected_exponent: float
+    description: str
+    threshold: float = 0.05
+    predicted: bool = False
+
+
+MEASURES: dict[str, Measure] = {}
+"""The measures a sweep point reports, by name (filled in below)."""
+
+
+def _register(*measures: Measure) -> None:
+    for m in measures:
+        MEASURES[m.name] = m
+
+
+# ----------------------------------------------------------------------------- scaling fits
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScalingFit:
+    """The fit of one measure against width within one group.
+
+    Attributes:
+      widths: ``[K]`` the widths fitted.
+      values: ``[K]`` the measure at each width (mean over seeds).
+      ses: ``[K]`` its standard errors.
+      exponent: the fitted ``p`` of ``v = prefactor * n^p``.
+      exponent_se: its standard error.
+      exponent_low, exponent_high: the :data:`CONFIDENCE` interval of ``p``.
+      prefactor: ``c`` of ``v = c n^p``.
+      infinite_width: ``v_inf`` of ``v = v_inf + b n^expected``, the extrapolation to
+        infinite width.
+      infinite_width_se: its standard error.
+      chi2_dof: reduced chi-square of the log-log fit (``nan`` with two widths).
+      expected: the expected exponent used for the extrapolation (static).
+      measure: the measure's name (static).
+      group: the group, as ``((field, value), ...)`` (static).
+    """
+
+    widths: np.ndarray
+    values: np.ndarray
+    ses: np.ndarray
+    exponent: float
+    exponent_se: float
+    exponent_low: float
+    exponent_high: float
+    prefactor: float
+    infinite_width: float
+    infinite_width_se: float
+    chi2_dof: float
+    expected: float = dataclasses.field(default=-1.0, metadata=dict(static=True))
+    measure: str = dataclasses.field(default="", metadata=dict(static=True))
+    group: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+
+    def as_dict(self) -> dict:
+        """JSON-ready."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k in ("widths", "values", "ses"):
+            d[k] = [float(v) for v in d[k]]
+        d["group"] = dict(self.group)
+        return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in d.items()}
+
+
+def _weighted_line(t, v, w):
+    """Weighted least squares ``v = a + b t``: ``(a, b, cov, chi2, dof)``; ``cov`` is the
+    inverse of the weighted normal matrix, not yet scaled by the residuals."""
+    x = np.stack([np.ones_like(t), t], axis=1)
+    normal = x.T @ (w[:, None] * x)
+    cov = np.linalg.inv(normal)
+    coef = cov @ (x.T @ (w * v))
+    r = v - x @ coef
+    return coef[0], coef[1], cov, float(np.sum(w * r * r)), len(t) - 2
+
+
+def _quantile(dof: int) -> float:
+    from scipy import stats
+
+    q = 0.5 + CONFIDENCE / 2
+    return float(stats.t.ppf(q, dof)) if dof >= 1 else float(stats.norm.ppf(q))
+
+
+def fit_scaling(widths, values, ses=None, *, expected: float = -1.0, measure="", group=()):
+    """Fit ``v = c n^p`` (weighted log-log least squares) and ``v = v_inf + b n^expected``.
+
+    Args:
+      widths: ``[K]`` widths (``K >= 2`` distinct, positive).
+      values: ``[K]`` the measure (only positive values enter the log-log fit).
+      ses: ``[K]`` standard errors; ``None`` (or any non-positive) fits unweighted, and the
+        standard errors then come from the residuals alone.
+      expected: the exponent used for the infinite-width extrapolation (``< 0``).
+
+    Returns:
+      A :class:`ScalingFit` (see the module docstring for the statistics). Quantities that
+      cannot be estimated (fewer than two positive values) are ``nan``.
+    """
+    n = np.asarray(widths, float)
+    v = np.asarray(values, float)
+    if n.ndim != 1 or v.shape != n.shape or len(n) < 2:
+        raise ValueError(
+            f"widths: expected matching 1-D arrays of at least 2 widths and values, got "
+            f"{n.shape} and {v.shape}"
+        )
+    if np.any(n <= 0) or len(np.unique(n)) < 2:
+        raise ValueError(f"widths: expected at least 2 distinct positive widths, got {n}")
+    if not expected < 0:
+        raise ValueError(f"expected: expected a negative exponent, got {expected!r}")
+    s = np.full_like(v, np.nan) if ses is None else np.asarray(ses, float)
+    weighted = bool(np.all(np.isfinite(s)) and np.all(s > 0))
+    nan = float("nan")
+    keep = np.isfinite(v) & (v > 0)
+    p = p_se = lo = hi = c = chi2_dof = nan
+    if np.unique(n[keep]).size >= 2:
+        t, y = np.log(n[keep]), np.log(v[keep])
+        w = (v[keep] / s[keep]) ** 2 if weighted else np.ones_like(t)
+        a, b, cov, chi2, dof = _weighted_line(t, y, w)
+        chi2_dof = chi2 / dof if dof > 0 else nan
+        if weighted:
+            scale = max(1.0, chi2_dof) if dof > 0 else 1.0
+        else:
+            scale = chi2_dof
+        p, c = float(b), float(np.exp(a))
+        p_se = float(np.sqrt(cov[1, 1] * scale))
+        q = _quantile(dof)
+        lo, hi = p - q * p_se, p + q * p_se
+    fin = np.isfinite(v)
+    v_inf = v_inf_se = nan
+    if np.unique(n[fin]).size >= 2:
+        w = 1 / s[fin] ** 2 if weighted else np.ones(int(fin.sum()))
+        a, _, cov, chi2, dof = _weighted_line(n[fin] ** expected, v[fin], w)
+        if weighted:
+            scale = max(1.0, chi2 / dof) if dof > 0 else 1.0
+        else:
+            scale = chi2 / dof if dof > 0 else nan
+        v_inf, v_inf_se = float(a), float(np.sqrt(cov[0, 0] * scale))
+    return ScalingFit(
+        widths=n,
+        values=v,
+        ses=s,
+        exponent=p,
+        exponent_se=p_se,
+        exponent_low=lo,
+        exponent_high=hi,
+        prefactor=c,
+        infinite_width=v_inf,
+        infinite_width_se=v_inf_se,
+        chi2_dof=chi2_dof,
+        expected=float(expected),
+        measure=measure,
+        group=tuple(group),
+    )
+
+
+def pool_seeds(values, ses=None) -> tuple[float, float]:
+    """Mean over seeds and its standard error: the spread over seeds (``std / sqrt(k)``),
+    never below ``sqrt(sum se_i^2) / k`` propagated from the points' own errors; with one seed,
+    that point's error."""
+    v = np.asarray(values, float)
+    s = np.zeros_like(v) if ses is None else np.nan_to_num(np.asarray(ses, float), nan=0.0)
+    k = len(v)
+    mean = float(np.mean(v))
+    propagated = float(np.sqrt(np.sum(s**2)) / k)
+    if k == 1:
+        return mean, propagated if propagated > 0 else float("nan")
+    return mean, max(float(np.std(v, ddof=1) / np.sqrt(k)), propagated)
+
+
+# ----------------------------------------------------------------------------- the store
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:20]
+
+
+def _data_hash(x, y) -> str:
+    h = hashlib.sha256()
+    for a in (x, y):
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Store:
+    """``out/sweep.json`` (configuration) and ``out/points.jsonl`` (finished points)."""
+
+    def __init__(self, out, config: dict):
+        self.dir = Path(out)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"out: expected a directory, got the file {str(self.dir)!r}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+        self.key = _hash(config)
+        meta = self.dir / "sweep.json"
+        if meta.exists():
+            try:
+                old = json.loads(meta.read_text())
+            except json.JSONDecodeError:
+                raise ValueError(f"out: {str(meta)!r} is not a sweep configuration") from None
+            if old.get("key") != self.key:
+                raise ValueError(
+                    f"out: {str(self.dir)!r} holds a different sweep (configuration "
+                    f"{old.get('key')}, this one {self.key}); choose another --out or remove it"
+                )
+        else:
+            doc = dict(rgnn_sweep=STORE_VERSION, key=self.key, config=config)
+            _atomic_write(meta, json.dumps(doc, indent=2) + "\n")
+        self.points = self.dir / "points.jsonl"
+        self.records: dict[str, dict] = {}
+        if self.points.exists():
+            for line in self.points.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.records[rec["key"]] = rec
+
+    def add(self, record: dict) -> None:
+        self.records[record["key"]] = record
+        text = "".join(_canonical(r) + "\n" for r in self.records.values())
+        _atomic_write(self.points, text)
+
+
+# ----------------------------------------------------------------------------- one point
+def _finite(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def run_point(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
+    """Train an ensemble of ``arch`` on ``(x, y)``, compare it with the fixed point and add the
+    perturbative predictions: one sweep point.
+
+    Args:
+      arch: the architecture at this point.
+      x, y: inputs and targets.
+      seed: the ensemble's seed (``jax.random.key(seed)``).
+      settings: ``steps``, ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``,
+        ``n_predict`` (inputs for the perturbative predictions).
+
+    Returns:
+      ``dict(measures={name: dict(value, se, predicted)}, couplings=[L+1] or None,
+      layers={name: [L+1 values]})``.
+    """
+    return _adapter(arch, x, y, seed=seed, settings=settings)
+
+
+def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
+    """The one place that calls the comparator (:func:`rgnn.train`, :func:`rgnn.compare`)."""
+    import rgnn
+
+    if not hasattr(rgnn, "train") or not hasattr(rgnn, "compare"):
+        raise RuntimeError("rgnn.train and rgnn.compare are not available in this version")
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- the sweep
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A finished (or resumed) sweep.
+
+    Not a pytree: it is a table of heterogeneous JSON records read from and written to disk;
+    its numbers are in :attr:`fits` (pytrees) and :meth:`table`.
+
+    Attributes:
+      config: the sweep's configuration (what its hash covers).
+      records: one dict per finished point, in grid order: ``key``, ``point`` (depth, width,
+        activation, parameterization, learning_rate, seed), ``measures`` (name ->
+        ``{value, se, predicted}``), ``layers`` (name -> per-layer values), ``couplings``
+        (``[L+1]`` perturbative quartic coupling, or ``None``), ``depth_over_width``,
+        ``seconds``.
+      fits: one :class:`ScalingFit` per group and measure.
+      out: the results directory, or ``None``.
+    """
+
+    config: dict
+    records: tuple
+    fits: tuple
+    out: str | None = None
+
+    @property
+    def groups(self) -> tuple[dict, ...]:
+        """The distinct groups (settings of :data:`GROUP_FIELDS`), in grid order."""
+        seen = {}
+        for r in self.records:
+            g = tuple((f, r["point"][f]) for f in GROUP_FIELDS)
+            seen.setdefault(g, None)
+        return tuple(dict(g) for g in seen)
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """Names of the measures the points report."""
+        names = {}
+        for r in self.records:
+            for k in r["measures"]:
+                names.setdefault(k, None)
+        return tuple(names)
+
+    def records_of(self, group: dict) -> list[dict]:
+        """The records of one group."""
+        return [r for r in self.records if all(r["point"][f] == group[f] for f in GROUP_FIELDS)]
+
+    def fits_of(self, group: dict) -> dict[str, ScalingFit]:
+        """``{measure: ScalingFit}`` of one group."""
+        key = tuple((f, group[f]) for f in GROUP_FIELDS)
+        return {f.measure: f for f in self.fits if f.group == key}
+
+    def table(self) -> list[dict]:
+        """One row per group and width: the group, ``width``, ``n_seeds``,
+        ``depth_over_width``, and for each measure its seed mean, standard error and (where
+        there is one) the perturbative prediction."""
+        rows = []
+        for g in self.groups:
+            recs = self.records_of(g)
+            for width in sorted({r["point"]["width"] for r in recs}):
+                at = [r for r in recs if r["point"]["width"] == width]
+                row = dict(g, width=width, n_seeds=len(at))
+                row["depth_over_width"] = at[0]["depth_over_width"]
+                for name in self.measures:
+                    have = [r["measures"][name] for r in at if name in r["measures"]]
+                    vals = [m["value"] for m in have if m["value"] is not None]
+                    if not vals:
+                        continue
+                    ses = [m["se"] if m["se"] is not None else float("nan") for m in have]
+                    mean, se = pool_seeds(vals, ses[: len(vals)])
+                    row[name] = mean
+                    row[name + "_se"] = se
+                    preds = [m.get("predicted") for m in have if m.get("predicted") is not None]
+                    if preds:
+                        row[name + "_predicted"] = float(np.mean(preds))
+                rows.append(row)
+        return rows
+
+
+def _grid(widths, seeds, depths, activations, parameterizations, learning_rates):
+    for depth, act, par, lr, width, seed in itertools.product(
+        depths, activations, parameterizations, learning_rates, widths, seeds
+    ):
+        yield dict(
+            depth=depth,
+            activation=act,
+            parameterization=par,
+            learning_rate=lr,
+            width=width,
+            seed=seed,
+        )
+
+
+def _check_list(name, values, kind, *, positive=False):
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name}: expected a non-empty list, got {values!r}")
+    out = []
+    for v in values:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
+            raise ValueError(f"{name}: expected integers, got {v!r}")
+        if kind is float:
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected numbers, got {v!r}") from None
+            if not math.isfinite(v):
+                raise ValueError(f"{name}: expected finite numbers, got {v!r}")
+        if positive and not v > 0:
+            raise ValueError(f"{name}: expected positive values, got {v!r}")
+        out.append(kind(v) if kind is not str else v)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: expected distinct values, got {list(values)}")
+    return out
+
+
+def _arch_at(base: MLP, p: dict) -> MLP:
+    return dataclasses.replace(
+        base,
+        depth=p["depth"],
+        width=p["width"],
+        activation=p["activation"],
+        parameterization=p["parameterization"],
+    )
+
+
+def _fits(config, records) -> tuple:
+    fits = []
+    partial = Sweep(config, tuple(records), ())
+    for g in partial.groups:
+        rows = [r for r in partial.table() if all(r[f] == g[f] for f in GROUP_FIELDS)]
+        for name in partial.measures:
+            pts = [(r["width"], r[name], r[name + "_se"]) for r in rows if name in r]
+            if len({w for w, _, _ in pts}) < 2:
+                continue
+            w, v, s = map(np.asarray, zip(*pts, strict=True))
+            expected = MEASURES[name].expected_exponent if name in MEASURES else -1.0
+            group = tuple((f, g[f]) for f in GROUP_FIELDS)
+            fits.append(fit_scaling(w, v, s, expected=expected, measure=name, group=group))
+    return tuple(fits)
+
+
+def sweep(
+    arch: MLP,
+    x,
+    y,
+    *,
+    widths: Sequence[int],
+    seeds: Sequence[int] = (0, 1),
+    depths: Sequence[int] | None = None,
+    activations: Sequence[str] | None = None,
+    parameterizations: Sequence[str] | None = None,
+    learning_rates: Sequence[float] = (0.1,),
+    steps: int = 100,
+    n_networks: int = 8,
+    optimizer: str = "gd",
+    loss: str = "mse",
+    n_predict: int = 8,
+    out: str | os.PathLike | None = None,
+    plots: bool = True,
+    progress: bool | None = None,
+    point: Callable | None = None,
+) -> Sweep:
+    """Sweep ``arch`` over widths (and optionally depths, activations, parameterizations and
+    learning rates) and seeds; fit each measure against width.
+
+    Args:
+      arch: the base architecture; its depth, activation and parameterization are used when
+        the corresponding list is ``None``, and its width is replaced by each of ``widths``.
+      x, y: ``[N, n_0]`` inputs and ``[N, out_dim]`` (or ``[N]``) targets.
+      widths: at least two hidden widths (four or more for a trustworthy exponent).
+      seeds: ensemble seeds; each point trains ``n_networks`` networks from
+        ``jax.random.key(seed)``.
+      depths, activations, parameterizations: further sweep axes.
+      learning_rates: the learning-rate axis.
+      steps, n_networks, optimizer, loss: training settings (:func:`rgnn.train`).
+      n_predict: how many inputs (the first ones) the perturbative predictions use.
+      out: the results directory (see the module docstring), or ``None`` to keep nothing.
+      plots: write PNG plots into ``out``.
+      progress: report progress on stderr (``None``: only when stderr is a terminal).
+      point: the per-point function ``point(arch, x, y, *, seed, settings) -> dict``
+        (default :func:`run_point`).
+
+    Returns:
+      A :class:`Sweep`. ``KeyboardInterrupt`` propagates after the finished points are saved.
+    """
+    if not isinstance(arch, MLP):
+        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    from rgnn._validate import check_inputs
+
+    xa = check_inputs(x, "x")
+    ya = np.asarray(y)
+    if ya.ndim == 1:
+        ya = ya[:, None]
+    if ya.ndim != 2 or ya.shape[0] != xa.shape[0]:
+        raise ValueError(
+            f"y: expected [{xa.shape[0]}, out_dim] targets to match x, got shape {ya.shape}"
+        )
+    widths = sorted(_check_list("widths", widths, int, positive=True))
+    if len(widths) < 2:
+        raise ValueError(f"widths: expected at least 2 widths, got {widths}")
+    seeds = _check_list("seeds", seeds, int)
+    depths = _check_list("depths", [arch.depth] if depths is None else depths, int, positive=True)
+    activations = _check_list(
+        "activations", [arch.act.name] if activations is None else activations, str
+    )
+    parameterizations = _check_list(
+        "parameterizations",
+        [arch.parameterization] if parameterizations is None else parameterizations,
+        str,
+    )
+    for par in parameterizations:
+        if par not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterizations: expected some of {PARAMETERIZATIONS}, got {par!r}"
+            )
+    learning_rates = _check_list("learning_rates", learning_rates, float, positive=True)
+    for name, v in (("steps", steps), ("n_networks", n_networks), ("n_predict", n_predict)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+            what = "non-negative" if name == "steps" else "positive"
+            raise ValueError(f"{name}: expected a {what} integer, got {v!r}")
+    for a in activations:  # fail before any work on an unknown name
+        _arch_at(
+            arch,
+            dict(
+                depth=depths[0],
+                width=widths[0],
+                activation=a,
+                parameterization=parameterizations[0],
+            ),
+        )
+
+    settings = dict(
+        steps=steps,
+        n_networks=n_networks,
+        optimizer=optimizer,
+        loss=loss,
+        n_predict=min(n_predict, xa.shape[0]),
+    )
+    config = dict(
+        base=dict(
+            weight_var=arch.weight_var,
+            bias_var=arch.bias_var,
+            out_dim=arch.out_dim,
+            use_bias=arch.use_bias,
+        ),
+        data=dict(hash=_data_hash(np.asarray(xa), ya), n=int(xa.shape[0]), dtype=str(xa.dtype)),
+        widths=widths,
+        seeds=seeds,
+        depths=depths,
+        activations=activations,
+        parameterizations=parameterizations,
+        learning_rates=learning_rates,
+        settings=settings,
+    )
+    store = _Store(out, config) if out is not None else None
+    point_fn = run_point if point is None else point
+    grid = list(_grid(widths, seeds, depths, activations, parameterizations, learning_rates))
+
+    def key_of(p):
+        return _hash(dict(point=p, base=config["base"], data=config["data"], settings=settings))
+
+    from rgnn.progress import Progress
+
+    stream = sys.stderr
+    if progress is None:
+        progress = bool(getattr(stream, "isatty", lambda: False)())
+    bar = Progress(len(grid), label="sweep", stream=stream if progress else open(os.devnull, "w"))
+    records = []
+    try:
+        for p in grid:
+            k = key_of(p)
+            note = " ".join(f"{f}={p[f]}" for f in ("width", "seed"))
+            if store is not None and k in store.records:
+                records.append(store.records[k])
+                bar.skip(1, note)
+                continue
+            bar.start_item(note)
+            a = _arch_at(arch, p)
+            start = time.perf_counter()
+            settings_p = dict(settings, learning_rate=p["learning_rate"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                result = point_fn(a, xa, ya, seed=p["seed"], settings=settings_p)
+            seconds = time.perf_counter() - start
+            record = dict(
+                key=k,
+                point=p,
+                measures=result["measures"],
+                layers=result.get("layers", {}),
+                couplings=result.get("couplings"),
+                depth_over_width=float(np.sum(1.0 / np.asarray(a.widths, float))),
+                seconds=seconds,
+            )
+            if store is not None:
+                store.add(record)
+            records.append(record)
+            bar.advance(seconds, note)
+    finally:
+        bar.close()
+    result = Sweep(config, tuple(records), _fits(config, records), str(out) if out else None)
+    if store is not None:
+        write_outputs(result, plots=plots)
+    return result
+
+
+def load_sweep(out) -> Sweep:
+    """Read a sweep's results directory (finished points only) back into a :class:`Sweep`."""
+    path = Path(out)
+    meta = path / "sweep.json"
+    if not meta.exists():
+        raise ValueError(f"out: {str(path)!r} holds no sweep (no sweep.json)")
+    config = json.loads(meta.read_text())["config"]
+    points = path / "points.jsonl"
+    recs = []
+    if points.exists():
+        recs = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
+    order = {_canonical(p): i for i, p in enumerate(_grid_from_config(config))}
+    recs.sort(key=lambda r: order.get(_canonical(r["point"]), len(order)))
+    return Sweep(config, tuple(recs), _fits(config, recs), str(path))
+
+
+def _grid_from_config(config):
+    return _grid(
+        config["widths"],
+        config["seeds"],
+        config["depths"],
+        config["activations"],
+        config["parameterizations"],
+        config["learning_rates"],
+    )
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_outputs(result: Sweep, *, plots: bool = True) -> list[Path]:
+    """Write ``table.csv``, ``table.json`` (rows and fits) and, with ``plots``, one PNG per
+    measure and ``couplings.png`` into ``result.out``. Returns the paths written."""
+    out = Path(result.out)
+    rows = result.table()
+    cols = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    written = [out / "table.csv", out / "table.json"]
+    _atomic_write(written[0], buf.getvalue())
+    doc = dict(rows=rows, fits=[f.as_dict() for f in result.fits])
+    _atomic_write(written[1], json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    if plots:
+        written += plot_sweep(result, out)
+    return written
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(type(v).__name__)
+
+
+# ----------------------------------------------------------------------------- plots
+def _group_label(g: dict, varying: list[str]) -> str:
+    return ", ".join(f"{f}={g[f]}" for f in varying) or "all"
+
+
+def plot_sweep(result: Sweep, out) -> list[Path]:
+    """One log-log PNG per measure against width (``<measure>.png``; every group, the fitted
+    ``c n^p`` with its slope, and the perturbative prediction: the measured O(1/n) prediction
+    where the points carry one, else a line of the expected slope through the widest point),
+    ``sweep.png`` with all measures side by side, and ``couplings.png``
+    (:func:`rgnn.plotting.plot_couplings` for the sweep's activations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    groups = result.groups
+    varying = [f for f in GROUP_FIELDS if len({g[f] for g in groups}) > 1]
+    rows = result.table()
+    names = list(result.measures)
+    written = []
+    ncol = min(3, max(1, len(names)))
+    nrow = max(1, math.ceil(len(names) / ncol))
+    big, big_axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.7 * nrow), squeeze=False)
+    for idx, name in enumerate(names):
+        fig, ax = plt.subplots(figsize=(5.6, 4.2))
+        for target in (ax, big_axes[idx // ncol, idx % ncol]):
+            _plot_measure(target, result, rows, name, groups, varying)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    for j in range(len(names), nrow * ncol):
+        big_axes[j // ncol, j % ncol].set_visible(False)
+    desc = ", ".join(f"{k}={v}" for k, v in result.config["base"].items())
+    big.suptitle(f"width sweep ({desc}); dashed: perturbative 1/n prediction", fontsize=10)
+    big.tight_layout()
+    path = out / "sweep.png"
+    big.savefig(path, dpi=90)
+    plt.close(big)
+    written.append(path)
+    from rgnn import plotting
+
+    acts = tuple(result.config["activations"])
+    try:
+        plotting.plot_couplings(
+            out / "couplings.png",
+            activations=acts,
+            depth=max(max(result.config["depths"]), 2),
+            width=min(result.config["widths"]),
+        )
+        written.append(out / "couplings.png")
+    except ValueError as err:  # an activation without a critical point
+        warnings.warn(f"couplings.png not written: {err}", stacklevel=2)
+    return written
+
+
+def _plot_measure(ax, result, rows, name, groups, varying):
+    import matplotlib
+    import matplotlib.ticker
+
+    fits = {f.group: f for f in result.fits if f.measure == name}
+    meta = MEASURES.get(name)
+    for i, g in enumerate(groups):
+        color = f"C{i}"
+        pts = [r for r in rows if all(r[f] == g[f] for f in GROUP_FIELDS) and name in r]
+        if not pts:
+            continue
+        w = np.array([r["width"] for r in pts], float)
+        v = np.array([r[name] for r in pts], float)
+        s = np.array([r[name + "_se"] for r in pts], float)
+        pos = v > 0
+        lab = _group_label(g, varying)
+        ax.errorbar(
+            w[pos], v[pos], yerr=np.nan_to_num(s[pos]), fmt="o", color=color, ms=4, capsize=2
+        )
+        fit = fits.get(tuple((f, g[f]) for f in GROUP_FIELDS))
+        grid = np.geomspace(w.min(), w.max(), 50)
+        if fit is not None and np.isfinite(fit.exponent):
+            ax.plot(
+                grid,
+                fit.prefactor * grid**fit.exponent,
+                "-",
+                color=color,
+                label=f"{lab}: slope {fit.exponent:.2f} +- {fit.exponent_se:.2f}",
+            )
+        pred = np.array([r.get(name + "_predicted", np.nan) for r in pts], float)
+        if np.any(np.isfinite(pred) & (pred > 0)):
+            ok = np.isfinite(pred) & (pred > 0)
+            ax.plot(
+                w[ok], pred[ok], "--", color=color, alpha=0.8, label=f"{lab}: O(1/n) prediction"
+            )
+        elif np.any(pos):
+            e = meta.expected_exponent if meta else -1.0
+            anchor = np.flatnonzero(pos)[-1]
+            ax.plot(
+                grid,
+                v[anchor] * (grid / w[anchor]) ** e,
+                "--",
+                color=color,
+                alpha=0.6,
+                label=f"{lab}: n^{e:g} (perturbative)",
+            )
+    if meta is not None:
+        ax.axhline(meta.threshold, color="0.6", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    widths = sorted({r["width"] for r in rows})
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("width n")
+    ax.set_ylabel(name)
+    ax.set_title(meta.description if meta else name, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
