@@ -4,7 +4,7 @@ The Gaussian fixed point (infinite-width NNGP/NTK, layer by layer), the perturba
 flow, and finite networks measured against both.
 """
 
-from rgnn import data
+from rgnn import data, sharding
 from rgnn._compat import import_neural_tangents
 from rgnn.activations import KNOWN_ACTIVATIONS, Activation, get_activation, leaky_relu
 from rgnn.architecture import MLP, MLPNetwork
@@ -13,6 +13,8 @@ from rgnn.empirical import Measurement, empirical_nngp, empirical_ntk, measure
 from rgnn.fixed_point import FixedPoint, fixed_point
 from rgnn.networks import Ensemble, ensemble
 from rgnn.perturbative import Perturbative, perturbative
+from rgnn.regime import Regime, classify
+from rgnn.sweep import ScalingFit, Sweep, sweep
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,11 @@ __all__ = [
     "MLPNetwork",
     "Measurement",
     "Perturbative",
+    "Regime",
+    "ScalingFit",
+    "Sweep",
     "UNIVERSALITY_CLASSES",
+    "classify",
     "critical_point",
     "criticality",
     "empirical_nngp",
@@ -39,4 +45,6 @@ __all__ = [
     "leaky_relu",
     "measure",
     "perturbative",
+    "sharding",
+    "sweep",
 ]

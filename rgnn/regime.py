@@ -17,7 +17,7 @@ expects, ``-1`` for O(1/n) effects and ``-1/2`` for single-network fluctuations;
      (the relative slack covers the neglected O(1/n^2) terms, which are ``depth/width`` times
      the O(1/n) ones times an O(1) constant);
    * with a sweep (two or more widths), for ``v > t``: *non-perturbative* if it does not fall
-     with width (``p + q se_p >= 0``, the upper end of the confidence interval), or its
+     with width (``p + q se_p >= 0``, the upper end of the fit's 95% confidence interval), or its
      infinite-width extrapolation stays above the threshold (``v_inf - z se_inf > t``: the
      network converges to something other than the fixed point, as feature learning does), or
      it falls at a rate other than the expected one (``|p - e| > q se_p + exponent_tolerance``);
@@ -291,8 +291,6 @@ def _verdict(evidence, depth_over_width, trust, group, widths) -> Regime:
 
 
 def _classify_group(result: Sweep, group: dict, **kw) -> Regime:
-    from scipy import stats
-
     recs = result.records_of(group)
     widths = sorted({r["point"]["width"] for r in recs})
     widest = [r for r in recs if r["point"]["width"] == widths[-1]]
@@ -304,8 +302,9 @@ def _classify_group(result: Sweep, group: dict, **kw) -> Regime:
         if name not in top:
             continue
         fit = fits.get(name)
-        dof = len(fit.widths) - 2 if fit is not None else 0
-        q = float(stats.t.ppf(0.975, dof)) if dof >= 1 else 1.959963984540054
+        q = float("nan")
+        if fit is not None and fit.exponent_se > 0:
+            q = (fit.exponent_high - fit.exponent) / fit.exponent_se  # the fit's own quantile
         evidence.append(
             _judge(
                 name,

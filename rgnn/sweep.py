@@ -13,9 +13,12 @@ seeds, never below the one propagated from the points' own standard errors). The
 ``p`` of ``v(n) = c n^p`` is the weighted least-squares slope of ``log v`` against ``log n``
 with weights ``1 / sigma_log^2``, ``sigma_log = se / v`` (the delta method). Its standard error
 is from the weighted normal equations, ``(X^T W X)^{-1}``, inflated by ``sqrt(chi^2 / dof)``
-when the points scatter more than their errors say (the Birge ratio), so it reflects both the
-standard errors and the residuals; the confidence interval uses Student's ``t`` with
-``K - 2`` degrees of freedom (``K`` widths; the normal quantile when ``K = 2``). The
+when the points scatter more than their errors say (the Birge ratio, the Particle Data Group's
+scale factor; never deflated), so it reflects both the standard errors and the residuals; the
+confidence interval is ``p +- 1.96 se`` (normal quantile; the scale factor makes it slightly
+conservative). Without standard errors the fit is unweighted, its error comes from the
+residuals alone and the interval uses Student's ``t`` with ``K - 2`` degrees of freedom
+(``K`` widths). The
 infinite-width value is the intercept ``v_inf`` of the weighted linear fit
 ``v(n) = v_inf + b n^e`` with ``e`` the measure's *expected* exponent (``-1`` for O(1/n)
 effects, ``-1/2`` for single-network fluctuations, PDLT ch. 4 and 8), with its standard error
@@ -160,6 +163,8 @@ def _weighted_line(t, v, w):
 
 
 def _quantile(dof: int) -> float:
+    """The two-sided :data:`CONFIDENCE` quantile: Student's ``t`` with ``dof`` degrees of
+    freedom, the normal one for ``dof = 0`` (known standard errors)."""
     from scipy import stats
 
     q = 0.5 + CONFIDENCE / 2
@@ -207,7 +212,7 @@ def fit_scaling(widths, values, ses=None, *, expected: float = -1.0, measure="",
             scale = chi2_dof
         p, c = float(b), float(np.exp(a))
         p_se = float(np.sqrt(cov[1, 1] * scale))
-        q = _quantile(dof)
+        q = _quantile(dof if not weighted else 0)
         lo, hi = p - q * p_se, p + q * p_se
     fin = np.isfinite(v)
     v_inf = v_inf_se = nan
@@ -616,7 +621,7 @@ def sweep(
     stream = sys.stderr
     if progress is None:
         progress = bool(getattr(stream, "isatty", lambda: False)())
-    bar = Progress(len(grid), label="sweep", stream=stream if progress else open(os.devnull, "w"))
+    bar = Progress(len(grid), label="sweep", stream=stream if progress else io.StringIO())
     records = []
     try:
         for p in grid:
