@@ -31,3 +31,94 @@ def test_bad_argument_is_one_line_and_nonzero(tmp_path, capsys):
 def test_coupling_plot(tmp_path):
     path = plotting.plot_couplings(tmp_path / "c.png", activations=("relu", "tanh"), depth=3)
     assert path.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- sweep, classify
+def _fake_point(interrupt_at=None):
+    """A stand-in for training and comparing: ``a = 2/n`` with seeded noise."""
+    import numpy as np
+
+    calls = []
+
+    def point(arch, x, y, *, seed, settings):
+        calls.append(arch.width)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        rng = np.random.RandomState(seed + arch.width)
+        a = 2.0 / arch.width * (1 + 0.03 * rng.randn())
+        return dict(measures=dict(a=dict(value=a, se=0.03 * a, predicted=None)))
+
+    point.calls = calls
+    return point
+
+
+SWEEP_ARGS = ["sweep", "--widths", "8,16,64", "--seeds", "0,1", "--n", "10", "--no-plots"]
+
+
+def test_sweep_json_then_classify_reads_the_saved_sweep(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", _fake_point())
+    rc = main([*SWEEP_ARGS, "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["width"] for r in out["rows"]] == [8, 16, 64]
+    (fit,) = out["fits"]
+    assert fit["measure"] == "a" and abs(fit["exponent"] + 1) < 0.2
+    (regime,) = out["regimes"]
+    assert regime["label"] == "gaussian"  # 2/64 < 0.05 at the widest width
+    assert json.loads((tmp_path / "regime.json").read_text()) == out["regimes"]
+    rc = main(["classify", "--out", str(tmp_path), "--json", "--tolerance", "0.01"])
+    assert rc == 0
+    (strict,) = json.loads(capsys.readouterr().out)
+    # held to 1%, a = 2/n is above it but falls as 1/n towards 0: perturbative
+    assert strict["label"] == "perturbative"
+    assert strict["evidence"][0]["threshold"] == 0.01
+    rc = main(["classify", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert rc == 0 and text.startswith("regime: GAUSSIAN") and "exponent" in text
+
+
+def test_sweep_ctrl_c_saves_finished_points_and_exits_130(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    fake = _fake_point(interrupt_at=3)
+    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", fake)
+    rc = main([*SWEEP_ARGS, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "2 finished point(s) saved" in err
+    assert len((tmp_path / "points.jsonl").read_text().splitlines()) == 2
+    resumed = _fake_point()
+    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", resumed)
+    assert main([*SWEEP_ARGS, "--out", str(tmp_path)]) == 0
+    assert resumed.calls == [16, 16, 64, 64]
+
+
+def test_sweep_and_classify_bad_arguments_are_one_line(tmp_path, capsys):
+    cases = [
+        (["sweep", "--widths", "8,x"], "argument --widths: expected an integer, got 'x'"),
+        (["sweep", "--widths", "8", "--out", str(tmp_path)], "widths: expected at least 2"),
+        (["sweep", "--activation", "nope", "--out", str(tmp_path)], "activation: unknown name"),
+        (["classify", "--out", str(tmp_path / "none")], "holds no sweep"),
+        (["classify", "--tolerance", "-1", "--out", str(tmp_path)], "tolerance: expected a"),
+    ]
+    for argv, message in cases:
+        try:
+            rc = main(argv)
+        except SystemExit as exit_info:  # argparse's own errors
+            rc = exit_info.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_help_for_sweep_and_classify_also_through_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "rgnn", "sweep", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--out" in proc.stdout and "--json" in proc.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", "--help"])
+    assert exit_info.value.code == 0 and "--tolerance" in capsys.readouterr().out
