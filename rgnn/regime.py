@@ -232,28 +232,26 @@ def _judge(
             "would test its exponent)",
         )
     p, p_se = fit.exponent, fit.exponent_se
-    if not p + q * p_se < 0:
-        return Evidence(
-            **ev,
-            verdict="non-perturbative",
-            reason=f"does not fall with width: exponent {p:.2f} +- {p_se:.2f} (upper confidence "
-            f"limit {p + q * p_se:.2f} >= 0)",
-        )
     v_inf, v_inf_se = fit.infinite_width, fit.infinite_width_se
-    if v_inf - sigmas * v_inf_se > threshold:
-        return Evidence(
-            **ev,
-            verdict="non-perturbative",
-            reason=f"extrapolates to {v_inf:.3g} +- {v_inf_se:.2g} > threshold {threshold:g} at "
-            "infinite width",
+    failed = []
+    if not p + q * p_se < 0:
+        failed.append(
+            f"does not fall with width: exponent {p:.2f} +- {p_se:.2f} (upper confidence "
+            f"limit {p + q * p_se:.2f} >= 0)"
         )
-    if abs(p - expected) > q * p_se + exponent_tolerance:
-        return Evidence(
-            **ev,
-            verdict="non-perturbative",
-            reason=f"falls as n^{p:.2f} +- {p_se:.2f}, not as the expected n^{expected:g} "
-            f"(tolerance {q:.2g} se + {exponent_tolerance:g})",
-        )
+    else:
+        if abs(p - expected) > q * p_se + exponent_tolerance:
+            failed.append(
+                f"falls as n^{p:.2f} +- {p_se:.2f}, not as the expected n^{expected:g} "
+                f"(tolerance {q:.2g} se + {exponent_tolerance:g})"
+            )
+        if v_inf - sigmas * v_inf_se > threshold:
+            failed.append(
+                f"extrapolates to {v_inf:.3g} +- {v_inf_se:.2g} > threshold {threshold:g} at "
+                "infinite width"
+            )
+    if failed:
+        return Evidence(**ev, verdict="non-perturbative", reason="; ".join(failed))
     return Evidence(
         **ev,
         verdict="perturbative",
