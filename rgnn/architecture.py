@@ -28,6 +28,53 @@ eq. 9.4), ``ntk`` has ``lambda_b = C_b, lambda_W = C_W`` and ``standard`` has
 ``s=(1, 1)``; the NTK grows with width, which is why standard-parameterized training scales its
 learning rate by 1/width). ``use_bias=False`` removes the biases (``lambda_b = 0`` and the
 ``C_b`` term), matching ``b_std=None`` in neural-tangents.
+
+**muP** (``parameterization="mup"``, the maximal-update parameterization of Yang & Hu 2021,
+"Feature learning in infinite-width neural networks", arXiv 2011.14522, Table 3). In their
+abc-form a weight is ``W = n^{-a} w`` with ``w ~ N(0, n^{-2b})`` trained by SGD with learning
+rate ``eta n^{-c}``; muP is ``a = -1/2`` for the input weights and all biases, ``a = 0`` for
+hidden weights, ``a = 1/2`` for the output weights, ``b = 1/2`` and ``c = 0`` everywhere. rgnn
+uses exactly this form, with PDLT's constants ``C_W, C_b`` and each layer's own width for ``n``
+(``n_l`` is the width of layer ``l``; the input dimension ``n_0`` is not a width):
+
+=================  =========================  ===============  ===============  ===============
+group              multiplier ``a_W, a_b``    init var of w    SGD/GD factor    Adam factor
+=================  =========================  ===============  ===============  ===============
+input weights      ``sqrt(C_W n_1 / n_0)``    ``1 / n_1``      1                ``n_1^{-1/2}``
+hidden weights l   ``sqrt(C_W)``              ``1 / n_{l-1}``  1                ``1 / n_{l-1}``
+output weights     ``sqrt(C_W / n_L)``        ``1 / n_L``      1                ``n_L^{-1/2}``
+hidden biases l    ``sqrt(C_b n_l)``          ``1 / n_l``      1                ``n_l^{-1/2}``
+output bias        ``sqrt(C_b)``              ``1``            1                1
+=================  =========================  ===============  ===============  ===============
+
+The factors multiply the user's learning rate per group. With ``c = 0`` every SGD factor is 1:
+the width scalings sit in the multipliers, so one global rate trains every layer, and the
+empirical NTK of the parameters as they are (:func:`rgnn.empirical_ntk`) is exactly the kernel of
+gradient descent. Adam's factors: with ``W = n^{-a} w``, SGD moves ``W`` by
+``eta n^{-2a-c} dL/dW`` but Adam, whose step ignores the gradient's scale, by ``eta n^{-a-c}``
+times an O(1) direction; so the abc-symmetry ``(a, b) -> (a + theta, b - theta)`` that needs
+``c -> c - 2 theta`` for SGD needs ``c -> c - theta`` for Adam. Applied to the fan-in form of
+Yang et al. 2022 ("Tensor Programs V", arXiv 2203.03466, Table 3: Adam rates ``eta`` for input
+weights and biases, ``eta / fan_in`` for hidden and output weights, output initial variance
+``1 / fan_in^2``) it gives the last column. The output bias is not width-scaled (its fan-out is
+``out_dim``; TP V's bias rate ``eta * fan_out``). Forward, muP is the NTK parameterization with
+the output multiplier divided by ``sqrt(n_L)``: the same hidden preactivations and an output of
+variance ``C_b + C_W <sigma sigma> / n_L``, which vanishes with width apart from the bias. By
+the symmetry with ``theta = 1/2`` it is the NTK parameterization with that output multiplier
+and every learning rate (but the output bias's) ``n`` times larger; every Jacobian of the
+output is ``1/sqrt(n)`` smaller, so for equal widths the output NTK at initialization equals
+NTK's exactly, while the NTK of a hidden unit is ``n`` times NTK's.
+
+*What the fixed point means for muP.* muP has no width-independent kernel limit: the output NNGP
+tends to ``C_b`` and the NTK of a hidden unit grows like the width, because hidden features
+move by O(1) in training (feature learning: the dichotomy theorem of Yang & Hu 2021, sec. 3,
+puts muP outside the kernel regime), so no infinite-width NTK dynamics describes it.
+:meth:`MLP.recursion` and :meth:`MLP.stax` therefore raise a ``ValueError`` for ``"mup"`` (and so
+does :func:`rgnn.fixed_point`). The leading-order Gaussian kernels of a muP network *of the
+given widths* at initialization follow from :meth:`MLP.scales` (per layer
+``C_W^{(l)} = a_W^2 s_W^2 n_{l-1}``, ``C_b^{(l)} = a_b^2 s_b^2``,
+``lambda_W^{(l)} = a_W^2 n_{l-1}``, ``lambda_b^{(l)} = a_b^2``), which :func:`rgnn.compare`
+uses as its reference for muP.
 """
 
 from __future__ import annotations
@@ -42,9 +89,9 @@ from flax import nnx
 
 from rgnn.activations import Activation, get_activation
 
-__all__ = ["MLP", "MLPNetwork", "Recursion", "PARAMETERIZATIONS"]
+__all__ = ["MLP", "MLPNetwork", "Recursion", "Scales", "PARAMETERIZATIONS"]
 
-PARAMETERIZATIONS = ("ntk", "standard")
+PARAMETERIZATIONS = ("ntk", "standard", "mup")
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -83,6 +130,38 @@ class Recursion:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scales:
+    """Per-layer scalings of a parameterization; every field is a tuple of ``L + 1`` floats.
+
+    Layer ``l`` (1-based) at index ``l - 1``; ``W = weight_multiplier * w`` with
+    ``w ~ N(0, weight_init_var)`` (biases alike); the learning rate of a group is the user's
+    rate times ``*_lr`` (SGD and full-batch gradient descent) or ``*_lr_adam`` (Adam).
+
+    Attributes:
+      weight_multiplier, weight_init_var, bias_multiplier, bias_init_var: the forward view.
+      weight_lr, bias_lr, weight_lr_adam, bias_lr_adam: learning-rate factors.
+      weight_var: ``C_W^{(l)} = a_W^2 s_W^2 n_{l-1}``, the forward weight variance times fan-in.
+      bias_var: ``C_b^{(l)} = a_b^2 s_b^2`` (0 without biases).
+      lambda_w: ``lambda_W^{(l)} = weight_lr * a_W^2 n_{l-1}``, the NTK weight scaling of
+        gradient descent with these learning-rate factors.
+      lambda_b: ``lambda_b^{(l)} = bias_lr * a_b^2`` (0 without biases).
+    """
+
+    weight_multiplier: tuple[float, ...]
+    weight_init_var: tuple[float, ...]
+    bias_multiplier: tuple[float, ...]
+    bias_init_var: tuple[float, ...]
+    weight_lr: tuple[float, ...]
+    bias_lr: tuple[float, ...]
+    weight_lr_adam: tuple[float, ...]
+    bias_lr_adam: tuple[float, ...]
+    weight_var: tuple[float, ...]
+    bias_var: tuple[float, ...]
+    lambda_w: tuple[float, ...]
+    lambda_b: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class MLP:
     """A fully connected network: ``depth`` hidden layers of ``width`` units.
 
@@ -94,7 +173,7 @@ class MLP:
         :class:`~rgnn.activations.Activation`, or any JAX-traceable elementwise callable.
       weight_var: ``C_W``, the weight variance times fan-in (> 0).
       bias_var: ``C_b``, the bias variance (>= 0).
-      parameterization: ``"ntk"`` or ``"standard"`` (see the module docstring).
+      parameterization: ``"ntk"``, ``"standard"`` or ``"mup"`` (see the module docstring).
       out_dim: width of the output layer ``n_{L+1}``.
       use_bias: whether layers have biases.
     """
@@ -161,8 +240,74 @@ class MLP:
         return (_check_positive_int("in_dim", in_dim), *self.widths, self.out_dim)
 
     # ------------------------------------------------------------------ view 3: recursions
+    def scales(self, in_dim: int) -> Scales:
+        """The per-layer multipliers, initial variances and learning-rate factors (module
+        docstring) for inputs of dimension ``in_dim``."""
+        dims = self.layer_dims(in_dim)
+        cw, cb = self.weight_var, self.effective_bias_var
+        n_layers = self.n_layers
+        a_w, s_w, a_b, s_b = [], [], [], []
+        lr_w_adam, lr_b_adam = [1.0] * n_layers, [1.0] * n_layers
+        for k, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            if self.parameterization == "ntk":
+                a_w.append(math.sqrt(cw / n_in))
+                s_w.append(1.0)
+                a_b.append(math.sqrt(cb))
+                s_b.append(1.0)
+            elif self.parameterization == "standard":
+                a_w.append(1.0)
+                s_w.append(cw / n_in)
+                a_b.append(1.0)
+                s_b.append(cb)
+            elif k == 0:  # muP input weights: a = -1/2, b = 1/2 in the width n_1
+                a_w.append(math.sqrt(cw * n_out / n_in))
+                s_w.append(1.0 / n_out)
+                a_b.append(math.sqrt(cb * n_out))
+                s_b.append(1.0 / n_out)
+                lr_w_adam[k] = lr_b_adam[k] = 1.0 / math.sqrt(n_out)
+            elif k < n_layers - 1:  # muP hidden weights: a = 0, b = 1/2 in the fan-in
+                a_w.append(math.sqrt(cw))
+                s_w.append(1.0 / n_in)
+                a_b.append(math.sqrt(cb * n_out))
+                s_b.append(1.0 / n_out)
+                lr_w_adam[k] = 1.0 / n_in
+                lr_b_adam[k] = 1.0 / math.sqrt(n_out)
+            else:  # muP output weights: a = 1/2, b = 1/2; output bias not width-scaled
+                a_w.append(math.sqrt(cw / n_in))
+                s_w.append(1.0 / n_in)
+                a_b.append(math.sqrt(cb))
+                s_b.append(1.0)
+                lr_w_adam[k] = 1.0 / math.sqrt(n_in)
+        ones = (1.0,) * n_layers
+        has_b = 1.0 if self.use_bias else 0.0
+        return Scales(
+            weight_multiplier=tuple(a_w),
+            weight_init_var=tuple(s_w),
+            bias_multiplier=tuple(a_b),
+            bias_init_var=tuple(s_b),
+            weight_lr=ones,
+            bias_lr=ones,
+            weight_lr_adam=tuple(lr_w_adam),
+            bias_lr_adam=tuple(lr_b_adam),
+            weight_var=tuple(a * a * s * n for a, s, n in zip(a_w, s_w, dims[:-1], strict=True)),
+            bias_var=tuple(has_b * a * a * s for a, s in zip(a_b, s_b, strict=True)),
+            lambda_w=tuple(a * a * n for a, n in zip(a_w, dims[:-1], strict=True)),
+            lambda_b=tuple(has_b * a * a for a in a_b),  # times the SGD factors, all 1
+        )
+
     def recursion(self, in_dim: int) -> Recursion:
-        """The constants of the native recursions for inputs of dimension ``in_dim``."""
+        """The constants of the native recursions for inputs of dimension ``in_dim``.
+
+        Raises a ``ValueError`` for ``"mup"``, which has no width-independent kernel limit
+        (module docstring); :meth:`scales` gives its per-layer constants at finite width.
+        """
+        if self.parameterization == "mup":
+            raise ValueError(
+                "parameterization: 'mup' has no infinite-width kernel limit (its output NNGP "
+                "vanishes like 1/width and its hidden-layer NTKs grow like the width: feature "
+                "learning); use parameterization='ntk' for the NNGP of its hidden layers, which "
+                "muP shares, or rgnn.compare, which builds muP's finite-width Gaussian reference"
+            )
         dims = self.layer_dims(in_dim)
         cb = self.effective_bias_var
         if self.parameterization == "ntk":
@@ -180,6 +325,11 @@ class MLP:
         Activations without a neural-tangents closed form use ``stax.ElementwiseNumerical``
         with ``deg=quadrature_order``.
         """
+        if self.parameterization == "mup":
+            raise ValueError(
+                "parameterization: neural-tangents has no 'mup' layers and muP has no "
+                "infinite-width kernel limit; expected 'ntk' or 'standard' for the stax view"
+            )
         from rgnn._compat import import_neural_tangents
 
         stax = import_neural_tangents().stax
@@ -266,11 +416,14 @@ class MLPNetwork(nnx.Module):
         dims = arch.layer_dims(in_dim)
         cw, cb = arch.weight_var, arch.effective_bias_var
         layers = []
-        for n_in, n_out in zip(dims[:-1], dims[1:], strict=True):
-            if arch.parameterization == "ntk":
-                kw = dict(w_var=1.0, b_var=1.0, a_w=math.sqrt(cw / n_in), a_b=math.sqrt(cb))
-            else:
-                kw = dict(w_var=cw / n_in, b_var=cb, a_w=1.0, a_b=1.0)
+        sc = arch.scales(in_dim)
+        for k, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            kw = dict(
+                w_var=sc.weight_init_var[k],
+                b_var=sc.bias_init_var[k],
+                a_w=sc.weight_multiplier[k],
+                a_b=sc.bias_multiplier[k],
+            )
             layers.append(_Dense(n_in, n_out, use_bias=arch.use_bias, rngs=rngs, dtype=dtype, **kw))
         self.layers = nnx.List(layers)
         self.c_w = cw
