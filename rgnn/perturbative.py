@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import gaussian
+from rgnn import _ntk_flow, gaussian
 from rgnn._validate import check_inputs
 from rgnn.activations import Activation
 from rgnn.architecture import MLP
@@ -106,6 +106,20 @@ class Perturbative:
       coupling: ``[L+1]`` the dimensionless quartic coupling ``V_{(aa)(aa)} / (n K_aa^2)``
         averaged over inputs.
       widths: ``[L+1]`` ``n_{l-1}``, the width that normalizes each layer's vertex.
+      ntk: ``[L+1, N, N]`` the leading-order NTK ``Theta^{(l)}`` (the fixed point's).
+      ntk_correction: ``[L+1, N, N]`` ``E[H_{ii;ab}] - Theta``, the O(1/n) shift of the mean
+        NTK of one unit (already divided by the width).
+      ntk_variance: ``[L+1, N, N]`` the variance over initializations of one entry of the
+        empirical NTK of one unit, ``(A_{(ab)(ab)} + B_{aabb} + B_{abba}) / n_{l-1}``.
+      ntk_vertex: ``[L+1, N, N, 3, 3]`` PDLT's ``A`` on the pair ``(a, b)``: ``n_{l-1}`` times
+        the covariance of the NTK metric ``H~`` (the neuron average in the NTK recursion) on
+        the components ``(aa, ab, bb)``, laid out like ``vertex``.
+      mixed_vertex: ``[L+1, N, N, 3, 3]`` PDLT's ``D``: ``mixed_vertex[l, a, b, P, Q]`` is
+        ``n_{l-1} Cov(G_P, H~_Q)``, the NNGP-NTK cross covariance.
+      ntk_b: ``[L+1, N, N, 2]`` PDLT's ``B`` on the pair: ``(B_aabb, B_abba)``, with
+        ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
+      (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
+      recursions: :mod:`rgnn._ntk_flow`.)
       quadrature_order: nodes per dimension used for quadrature (static).
       quadrature_error: estimated relative error of ``nngp_variance``, ``nngp_correction`` and
         ``kurtosis`` from quadrature, ``max |q(order) - q(2 order)| / max |q(2 order)|`` on up to
@@ -119,6 +133,12 @@ class Perturbative:
     vertex: jax.Array
     coupling: jax.Array
     widths: jax.Array
+    ntk: jax.Array | None = None
+    ntk_correction: jax.Array | None = None
+    ntk_variance: jax.Array | None = None
+    ntk_vertex: jax.Array | None = None
+    mixed_vertex: jax.Array | None = None
+    ntk_b: jax.Array | None = None
     quadrature_order: int = dataclasses.field(default=0, metadata=dict(static=True))
     quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
@@ -358,7 +378,7 @@ def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
     return jnp.concatenate([zero[None], vs]), jnp.concatenate([zero[None], ds])
 
 
-def _run(arch: MLP, x, order: int):
+def _run(arch: MLP, x, order: int, ntk: bool = True):
     fp = fixed_point(arch, x, quadrature_order=order)
     k = fp.nngp
     kd = fp.nngp_diag1
@@ -396,6 +416,9 @@ def _run(arch: MLP, x, order: int):
     variance = variance.at[:, diag, diag].set(v1 * inv_n[:, :, 0])
     kurt = 3 * v1 * inv_n[:, :, 0] / kd**2
     coupling = jnp.mean(v1 * inv_n[:, :, 0] / kd**2, axis=1)
+    ntk_fields = {}
+    if ntk:
+        ntk_fields = _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols)
     return Perturbative(
         nngp=k,
         nngp_correction=corr,
@@ -404,8 +427,64 @@ def _run(arch: MLP, x, order: int):
         vertex=vertex,
         coupling=coupling,
         widths=jnp.asarray(prev, k.dtype),
+        **ntk_fields,
         # everything but the scale-invariant class integrates its 4-point moments numerically
         quadrature_order=0 if act.scale_invariant else order,
+    )
+
+
+def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
+    """The NTK fields of :class:`Perturbative` (recursions in :mod:`rgnn._ntk_flow`)."""
+    k, t = fp.nngp, fp.ntk
+    kd = fp.nngp_diag1
+    td = jnp.diagonal(t, axis1=1, axis2=2)
+    n = x.shape[0]
+    n_layers = arch.n_layers
+    rec = arch.recursion(x.shape[1])
+    lam_w = jnp.asarray(rec.lambda_w[1:], k.dtype)
+    act, cw = arch.act, arch.weight_var
+    dims = np.asarray(arch.layer_dims(x.shape[1]), dtype=float)
+    inv_n = jnp.asarray(1 / dims[:n_layers], k.dtype)
+    vgh1, vhh1, dh1, b1, _ = _ntk_flow.ntk_single_flow(
+        act, cw, lam_w, kd, td, v1, d1, ratios, inv_prev, order=4 * order
+    )
+    diag = jnp.arange(n)
+    swap = jnp.array([2, 1, 0])
+    a_full = jnp.zeros((n_layers, n, n, 3, 3), k.dtype)
+    a_full = a_full.at[:, diag, diag].set(
+        jnp.broadcast_to(vhh1[:, :, None, None], (n_layers, n, 3, 3))
+    )
+    d_full = (
+        jnp.zeros_like(a_full)
+        .at[:, diag, diag]
+        .set(jnp.broadcast_to(vgh1[:, :, None, None], (n_layers, n, 3, 3)))
+    )
+    b_full = jnp.zeros((n_layers, n, n, 2), k.dtype)
+    b_full = b_full.at[:, diag, diag].set(jnp.broadcast_to(b1[:, :, None], (n_layers, n, 2)))
+    corr = jnp.zeros((n_layers, n, n), k.dtype).at[:, diag, diag].set(dh1)
+    var = jnp.zeros((n_layers, n, n), k.dtype)
+    var = var.at[:, diag, diag].set((vhh1 + 2 * b1) * inv_n[:, None])
+    if rows.size:
+        ks = jnp.stack([kd[:, rows], k[:, rows, cols], kd[:, cols]], axis=-1)
+        ts = jnp.stack([td[:, rows], t[:, rows, cols], td[:, cols]], axis=-1)
+        vgh, vhh, dh, b, _ = _ntk_flow.ntk_pair_flow(
+            act, cw, lam_w, ks, ts, vp, dp, ratios, inv_prev, order=order
+        )
+        a_full = a_full.at[:, rows, cols].set(vhh)
+        a_full = a_full.at[:, cols, rows].set(vhh[:, :, swap][:, :, :, swap])
+        d_full = d_full.at[:, rows, cols].set(vgh)
+        d_full = d_full.at[:, cols, rows].set(vgh[:, :, swap][:, :, :, swap])
+        b_full = b_full.at[:, rows, cols].set(b).at[:, cols, rows].set(b)
+        corr = corr.at[:, rows, cols].set(dh[:, :, 1]).at[:, cols, rows].set(dh[:, :, 1])
+        off = (vhh[:, :, 1, 1] + b[:, :, 0] + b[:, :, 1]) * inv_n[:, None]
+        var = var.at[:, rows, cols].set(off).at[:, cols, rows].set(off)
+    return dict(
+        ntk=t,
+        ntk_correction=corr,
+        ntk_variance=var,
+        ntk_vertex=a_full,
+        mixed_vertex=d_full,
+        ntk_b=b_full,
     )
 
 
