@@ -8,6 +8,7 @@ from rgnn import data, sharding
 from rgnn._compat import import_neural_tangents
 from rgnn.activations import KNOWN_ACTIVATIONS, Activation, get_activation, leaky_relu
 from rgnn.architecture import MLP, MLPNetwork
+from rgnn.compare import Comparison, cka, compare, gaussian_reference, linearized_prediction
 from rgnn.criticality import UNIVERSALITY_CLASSES, Criticality, critical_point, criticality
 from rgnn.empirical import Measurement, empirical_nngp, empirical_ntk, measure
 from rgnn.fixed_point import FixedPoint, fixed_point
@@ -15,11 +16,13 @@ from rgnn.networks import Ensemble, ensemble
 from rgnn.perturbative import Perturbative, perturbative
 from rgnn.regime import Regime, classify
 from rgnn.sweep import ScalingFit, Sweep, sweep
+from rgnn.training import Training, batch_indices, ensemble_kernels, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "Comparison",
     "Criticality",
     "data",
     "Ensemble",
@@ -32,19 +35,27 @@ __all__ = [
     "Regime",
     "ScalingFit",
     "Sweep",
+    "Training",
     "UNIVERSALITY_CLASSES",
+    "batch_indices",
+    "cka",
     "classify",
+    "compare",
     "critical_point",
     "criticality",
     "empirical_nngp",
     "empirical_ntk",
     "ensemble",
+    "ensemble_kernels",
     "fixed_point",
+    "gaussian_reference",
     "get_activation",
     "import_neural_tangents",
     "leaky_relu",
+    "linearized_prediction",
     "measure",
     "perturbative",
     "sharding",
     "sweep",
+    "train",
 ]

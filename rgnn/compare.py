@@ -1,0 +1,633 @@
+"""How far training carries finite networks from the Gaussian fixed point, layer by layer.
+
+:func:`compare` takes an architecture, its inputs and a :class:`~rgnn.Training` (or a bare
+:class:`~rgnn.Ensemble`, which is step 0 only) and measures, per recorded step ``t`` and layer
+``l``, the quantities below. ``G`` is a network's empirical NNGP (the stochastic metric),
+``Theta`` its empirical NTK (:func:`rgnn.ensemble_kernels`), ``K`` and ``Theta^inf`` the
+reference kernels (:func:`rgnn.fixed_point`; for muP the width-``n`` Gaussian kernels, see
+:func:`gaussian_reference`), ``||.||`` the Frobenius norm over the ``N x N`` inputs, and
+``<.>`` the mean over the ``M`` networks.
+
+**Per-network measures** (each network's value, then ``<.>`` with standard error
+``std / sqrt(M)``):
+
+* ``nngp_distance = ||G_t - K|| / ||K||``, ``ntk_distance = ||Theta_t - Theta^inf|| /
+  ||Theta^inf||``;
+* ``nngp_cka``, ``ntk_cka``: centered kernel alignment (Cortes, Mohri & Rostamizadeh 2012,
+  eq. 1; Kornblith et al. 2019, eq. 3 with Gram matrices)
+  ``CKA(A, B) = <HAH, HBH> / (||HAH|| ||HBH||)``, ``H = I - 11^T / N``: 1 when the two kernels
+  agree up to scale and a constant shift, blind to the overall scale;
+* ``ntk_movement = ||Theta_t - Theta_0|| / ||Theta_0||`` (Lee et al. 2019, Fig. 1);
+* ``gap = rms(f_t - f^lin_t)``: the root mean square over the ``N x C`` outputs of the
+  difference between the trained network and the *infinite-width* linearized prediction from
+  the same initial outputs (:func:`linearized_prediction` with the reference output NTK
+  ``Theta^inf``), and ``test_gap`` the same on the test inputs.
+
+**Ensemble-mean measures** (``mean_*``): the same norms of ensemble averages,
+``mean_nngp_distance = ||<G_t> - K|| / ||K||``, ``mean_ntk_distance``,
+``mean_ntk_movement = ||<Theta_t - Theta_0>|| / ||<Theta_0>||`` and
+``mean_gap = rms(<f_t - f^lin_t>)``. A norm of a noisy average is biased upwards by the noise
+(``E||<X>||^2 = ||E X||^2 + tr Cov X / M``); these use the delete-one jackknife over networks
+for the bias-corrected value and its standard error (``_se``), so they estimate the norm of the
+*expectation*, which may come out below zero when the noise dominates.
+
+**Which scale with which power of the width** (NTK or standard parameterization, fixed
+learning rate and training time; PDLT ch. 8-11, Lee et al. 2019; measured in
+``tests/test_compare.py``). At initialization the empirical kernels of one network fluctuate
+around the fixed point by ``O(n^{-1/2})`` (their variance is ``V / n``), while their means shift
+by ``O(1/n)``: so ``nngp_distance``, ``ntk_distance`` and ``gap`` (which inherits the NTK's
+fluctuation through ``f_0``'s linear evolution) fall like ``n^{-1/2}``, and
+``mean_nngp_distance``, ``mean_ntk_distance`` and ``mean_gap`` like ``n^{-1}``. The NTK moves
+through the dNTK: ``Theta_t - Theta_0 = -eta sum_s dH (f_s - y) + ...`` (PDLT eq. 11.9). The
+dNTK of a network is a sum over neurons of terms ``O(n^{-3/2})`` each with a sign set by the
+random downstream weights (its mean vanishes: it is odd under flipping the output weights), so
+it is ``O(1/n)`` per network; its correlation with ``f`` has a nonzero mean, also ``O(1/n)``
+(PDLT eq. 11.46): ``ntk_movement`` *and* ``mean_ntk_movement`` both fall like ``n^{-1}``. Under
+muP neither the movement nor the gap falls with width: features learn.
+
+**Prediction vs measurement at initialization.** ``kurtosis`` (the excess kurtosis of
+``z^{(l)}_a``, Rao-Blackwellized through ``G`` as in :func:`rgnn.measure`) and
+``nngp_variance`` (the variance of ``G^{(l)}_{ab}`` over networks) of the initial ensemble,
+with standard errors, beside ``kurtosis_predicted`` and ``nngp_variance_predicted`` from
+:func:`rgnn.perturbative` (for muP, from its NTK-parameterized twin, which has the same hidden
+layers, with the output layer rescaled by ``C_W^{(L+1)} / C_W``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rgnn._validate import check_pair
+from rgnn.architecture import MLP
+from rgnn.fixed_point import fixed_point, pair_maps
+from rgnn.networks import Ensemble
+from rgnn.training import LOSSES, Training, batch_indices, ensemble_kernels
+
+__all__ = [
+    "Comparison",
+    "compare",
+    "cka",
+    "gaussian_reference",
+    "linearized_prediction",
+]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Distances of finite networks from the Gaussian fixed point (module docstring).
+
+    ``T`` recorded steps, ``L + 1`` layers (layer ``l`` at index ``l - 1``), ``N`` inputs,
+    ``M`` networks; ``<field>_se`` is the standard error of ``<field>`` (NaN for ``M = 1``).
+
+    Attributes:
+      steps: ``[T]`` the recorded steps.
+      nngp_distance, ntk_distance: ``[T, L+1]`` mean over networks of the relative Frobenius
+        distance of each network's kernel from the reference.
+      nngp_cka, ntk_cka: ``[T, L+1]`` mean over networks of the CKA with the reference.
+      ntk_movement: ``[T, L+1]`` mean over networks of ``||Theta_t - Theta_0|| / ||Theta_0||``.
+      mean_nngp_distance, mean_ntk_distance, mean_ntk_movement: ``[T, L+1]`` the same
+        distances of the ensemble-mean kernels (jackknife bias-corrected).
+      gap: ``[T]`` mean over networks of ``rms(f_t - f^lin_t)`` on the training inputs.
+      mean_gap: ``[T]`` ``rms(<f_t - f^lin_t>)`` (jackknife bias-corrected).
+      test_gap, mean_test_gap: ``[T]`` the same on the test inputs, or ``None``.
+      linearized: ``[T, M, N, C]`` the infinite-width linearized prediction ``f^lin_t`` of each
+        network, or ``None`` when the training has no kernel description (Adam).
+      kurtosis: ``[L+1, N]`` measured excess kurtosis of ``z^{(l)}_a`` at initialization.
+      kurtosis_predicted: ``[L+1, N]`` its O(1/n) prediction (NaN if not computed).
+      nngp_variance: ``[L+1, N, N]`` measured variance of ``G^{(l)}_{ab}`` at initialization.
+      nngp_variance_predicted: ``[L+1, N, N]`` its O(1/n) prediction.
+      reference_nngp, reference_ntk: ``[L+1, N, N]`` the reference kernels ``K``,
+        ``Theta^inf``.
+      n_networks: ``M`` (static).
+    """
+
+    steps: jax.Array
+    nngp_distance: jax.Array
+    nngp_distance_se: jax.Array
+    ntk_distance: jax.Array
+    ntk_distance_se: jax.Array
+    nngp_cka: jax.Array
+    nngp_cka_se: jax.Array
+    ntk_cka: jax.Array
+    ntk_cka_se: jax.Array
+    ntk_movement: jax.Array
+    ntk_movement_se: jax.Array
+    mean_nngp_distance: jax.Array
+    mean_nngp_distance_se: jax.Array
+    mean_ntk_distance: jax.Array
+    mean_ntk_distance_se: jax.Array
+    mean_ntk_movement: jax.Array
+    mean_ntk_movement_se: jax.Array
+    gap: jax.Array
+    gap_se: jax.Array
+    mean_gap: jax.Array
+    mean_gap_se: jax.Array
+    test_gap: jax.Array | None
+    test_gap_se: jax.Array | None
+    mean_test_gap: jax.Array | None
+    mean_test_gap_se: jax.Array | None
+    linearized: jax.Array | None
+    kurtosis: jax.Array
+    kurtosis_se: jax.Array
+    kurtosis_predicted: jax.Array
+    nngp_variance: jax.Array
+    nngp_variance_se: jax.Array
+    nngp_variance_predicted: jax.Array
+    reference_nngp: jax.Array
+    reference_ntk: jax.Array
+    n_networks: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+
+# ----------------------------------------------------------------------------- kernels
+def gaussian_reference(arch: MLP, x1, x2=None, *, quadrature_order: int = 96):
+    """Leading-order (Gaussian) per-layer NNGP and NTK of ``arch`` at its finite widths.
+
+    The fixed-point recursion with per-layer constants from :meth:`rgnn.MLP.scales`:
+
+    .. math::
+
+        K^{(1)} = C_b^{(1)} + C_W^{(1)} \\frac{x \\cdot x'}{n_0},\\quad
+        \\Theta^{(1)} = \\lambda_b^{(1)} + \\lambda_W^{(1)} \\frac{x \\cdot x'}{n_0},\\\\
+        K^{(l+1)} = C_b^{(l+1)} + C_W^{(l+1)} \\langle\\sigma\\sigma\\rangle_{K^{(l)}},\\quad
+        \\Theta^{(l+1)} = \\lambda_b^{(l+1)} + \\lambda_W^{(l+1)}
+            \\langle\\sigma\\sigma\\rangle_{K^{(l)}}
+            + C_W^{(l+1)} \\langle\\sigma'\\sigma'\\rangle_{K^{(l)}} \\Theta^{(l)} .
+
+    For ``"ntk"`` and ``"standard"`` the constants do not depend on the width beyond
+    ``lambda_W = n_{l-1}`` (standard) and this is :func:`rgnn.fixed_point`; for ``"mup"`` the
+    output layer has ``C_W^{(L+1)} = C_W / n_L`` and the hidden NTKs carry ``lambda``'s growing
+    with the width (:mod:`rgnn.architecture`), so these are the kernels of the muP network *of
+    these widths* at initialization, to leading order in ``1/n``.
+
+    Returns:
+      ``(nngp, ntk)``, each ``[L+1, N1, N2]``.
+    """
+    if not isinstance(arch, MLP):
+        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    x1, x2 = check_pair(x1, x2)
+    same = x2 is None
+    x2 = x1 if same else x2
+    n0 = x1.shape[1]
+    sc = arch.scales(n0)
+    act = arch.act
+    order = 0 if act.closed_form else quadrature_order
+    cw, cb, lw, lb = sc.weight_var, sc.bias_var, sc.lambda_w, sc.lambda_b
+    dot = x1 @ x2.T / n0
+    d1 = jnp.sum(x1 * x1, axis=1) / n0
+    d2 = jnp.sum(x2 * x2, axis=1) / n0
+    k12, k11, k22 = cb[0] + cw[0] * dot, cb[0] + cw[0] * d1, cb[0] + cw[0] * d2
+    theta = lb[0] + lw[0] * dot
+    nngps, ntks = [k12], [theta]
+    for layer in range(1, arch.n_layers):
+        f, df = pair_maps(act, k11[:, None], k22[None, :], k12, order=order)
+        f11 = pair_maps(act, k11, k11, k11, order=order)[0]
+        f22 = f11 if same else pair_maps(act, k22, k22, k22, order=order)[0]
+        c_w, c_b = cw[layer], cb[layer]
+        theta = lb[layer] + lw[layer] * f + c_w * df * theta
+        k12, k11, k22 = c_b + c_w * f, c_b + c_w * f11, c_b + c_w * f22
+        nngps.append(k12)
+        ntks.append(theta)
+    return jnp.stack(nngps), jnp.stack(ntks)
+
+
+def _reference(arch: MLP, x, x_test, order: int):
+    """``(K [L+1,N,N], Theta [L+1,N,N], Theta_out(x_test, x) [N*,N] or None)``."""
+    if arch.parameterization == "mup":
+        k, t = gaussian_reference(arch, x, quadrature_order=order)
+        t_test = None
+        if x_test is not None:
+            t_test = gaussian_reference(arch, x_test, x, quadrature_order=order)[1][-1]
+        return k, t, t_test
+    fp = fixed_point(arch, x, quadrature_order=order)
+    t_test = (
+        None if x_test is None else fixed_point(arch, x_test, x, quadrature_order=order).ntk[-1]
+    )
+    return fp.nngp, fp.ntk, t_test
+
+
+def cka(a, b) -> jax.Array:
+    """Centered kernel alignment of Gram matrices ``a, b`` (``[..., N, N]``, batched):
+    ``<HaH, HbH>_F / (||HaH||_F ||HbH||_F)`` with ``H = I - 11^T / N``."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+
+    def center(k):
+        k = k - k.mean(axis=-1, keepdims=True)
+        return k - k.mean(axis=-2, keepdims=True)
+
+    ca, cb = center(a), center(b)
+    num = jnp.sum(ca * cb, axis=(-2, -1))
+    return num / jnp.sqrt(jnp.sum(ca * ca, axis=(-2, -1)) * jnp.sum(cb * cb, axis=(-2, -1)))
+
+
+def _fro(a):
+    return jnp.sqrt(jnp.sum(a * a, axis=(-2, -1)))
+
+
+# ----------------------------------------------------------------------------- statistics
+def _mean_se(samples):
+    """Mean over axis 0 and its standard error (NaN for one sample)."""
+    m = samples.shape[0]
+    mean = samples.mean(0)
+    if m < 2:
+        return mean, jnp.full_like(mean, jnp.nan)
+    return mean, samples.std(0, ddof=1) / math.sqrt(m)
+
+
+def _jackknife(samples, stat):
+    """Delete-one jackknife of ``stat(mean over axis 0)``: bias-corrected value and its SE.
+
+    ``stat`` maps an average ``[...]`` to an array; with one sample the plain value and NaN.
+    """
+    m = samples.shape[0]
+    mean = samples.mean(0)
+    full = stat(mean)
+    if m < 2:
+        return full, jnp.full_like(full, jnp.nan)
+    loo = (m * mean[None] - samples) / (m - 1)  # the M leave-one-out means
+    vals = jax.vmap(stat)(loo)
+    vbar = vals.mean(0)
+    value = m * full - (m - 1) * vbar
+    se = jnp.sqrt((m - 1) / m * jnp.sum((vals - vbar) ** 2, axis=0))
+    return value, se
+
+
+def _var_se(samples):
+    """Unbiased variance over axis 0 and its standard error
+    ``sqrt((mu4 - var^2 (M - 3) / (M - 1)) / M)``."""
+    m = samples.shape[0]
+    c = samples - samples.mean(0)
+    var = jnp.sum(c**2, axis=0) / (m - 1)
+    mu4 = jnp.mean(c**4, axis=0)
+    return var, jnp.sqrt(jnp.maximum(mu4 - var**2 * (m - 3) / (m - 1), 0.0) / m)
+
+
+def _kurtosis_se(g):
+    """Excess kurtosis ``3 <G_aa^2> / <G_aa>^2 - 3`` from metrics ``g [M, L+1, N, N]`` and its
+    delta-method standard error (as in :func:`rgnn.measure`)."""
+    m2 = jnp.diagonal(g, axis1=-2, axis2=-1)
+    m4 = m2**2
+    a, b = m4.mean(0), m2.mean(0)
+    infl = 3 * (m4 / b**2 - 2 * a * m2 / b**3)
+    return 3 * a / b**2 - 3, infl.std(0, ddof=1) / math.sqrt(g.shape[0])
+
+
+# ----------------------------------------------------------------------------- linearized
+def _targets_and_grad(y, loss: str, n_out: int, dtype):
+    if loss == "mse":
+        y = jnp.asarray(y, dtype)
+        y = y[:, None] if y.ndim == 1 else y
+
+        def dloss(f, idx):  # d(0.5 mean (f - y)^2)/df times the batch size: (f - y) / C
+            return (f - y[idx]) / n_out
+
+        return y, dloss
+    labels = jnp.asarray(y, jnp.int32)
+    onehot = jax.nn.one_hot(labels, n_out, dtype=dtype)
+
+    def dloss(f, idx):  # d(mean CE)/df times the batch size
+        return jax.nn.softmax(f, axis=-1) - onehot[idx]
+
+    return labels, dloss
+
+
+def linearized_prediction(
+    ntk,
+    y,
+    f0,
+    steps,
+    *,
+    learning_rate: float,
+    loss: str = "mse",
+    ntk_test=None,
+    f0_test=None,
+    continuous: bool = False,
+    batch_size: int | None = None,
+    batch_key=None,
+):
+    """Outputs of the network linearized around initialization, trained with kernel ``ntk``.
+
+    Linearizing ``f`` in the parameters turns gradient descent on the loss of
+    :mod:`rgnn.training` into kernel gradient descent in function space (Jacot et al. 2018;
+    Lee et al. 2019, eq. 8); with the infinite-width NTK ``Theta`` (block-diagonal in the ``C``
+    outputs) and learning rate ``eta``, one step on the batch ``B`` is
+
+    .. math::
+
+        f_{s+1}(x) = f_s(x) - \\frac{\\eta}{|B|} \\sum_{a \\in B} \\Theta(x, x_a)
+            \\frac{\\partial \\ell}{\\partial f}(f_s(x_a), y_a),
+        \\qquad \\frac{\\partial \\ell}{\\partial f} = \\frac{f - y}{C}\\ \\text{(mse)},\\quad
+        \\mathrm{softmax}(f) - e_y\\ \\text{(cross-entropy)} .
+
+    For the mean squared error on the full batch it is solved in closed form with
+    ``Theta = U diag(lambda) U^T`` and ``r = eta lambda / (N C)``:
+
+    .. math::
+
+        f_t - y = U (1 - r)^t U^T (f_0 - y), \\qquad
+        f_t(x_*) = f_0(x_*) - \\Theta(x_*, X) U \\,\\mathrm{diag}\\Big(
+            \\frac{1 - (1 - r)^t}{\\lambda}\\Big) U^T (f_0 - y),
+
+    and ``(1 - r)^t -> exp(-r t)`` for gradient flow (``continuous=True``, neural-tangents'
+    ``predict.gradient_descent_mse`` with the same ``learning_rate``). Otherwise (cross-entropy,
+    minibatches drawn as :func:`rgnn.batch_indices` does) the step above is iterated.
+
+    Args:
+      ntk: ``[N, N]`` the NTK on the training inputs.
+      y: ``[N, C]`` targets (mse; ``[N]`` for ``C = 1``) or ``[N]`` integer labels.
+      f0: ``[..., N, C]`` initial outputs (any leading batch axes, e.g. networks).
+      steps: ``[T]`` non-negative steps (or times, with ``continuous``) to report.
+      learning_rate: ``eta``.
+      loss: ``"mse"`` or ``"cross_entropy"``.
+      ntk_test: ``[N*, N]`` the NTK between test and training inputs, with ``f0_test``
+        ``[..., N*, C]``.
+      continuous: gradient flow instead of discrete steps (mse, full batch only).
+      batch_size, batch_key: minibatches of SGD (iterated; ``None`` is full batch).
+
+    Returns:
+      ``(f [T, ..., N, C], f_test [T, ..., N*, C] or None)``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    ntk = jnp.asarray(ntk)
+    if ntk.ndim != 2 or ntk.shape[0] != ntk.shape[1]:
+        raise ValueError(f"ntk: expected a square [N, N] kernel, got shape {ntk.shape}")
+    n = ntk.shape[0]
+    f0 = jnp.asarray(f0, ntk.dtype)
+    if f0.ndim < 2 or f0.shape[-2] != n:
+        raise ValueError(f"f0: expected shape [..., {n}, C], got {f0.shape}")
+    n_out = f0.shape[-1]
+    steps_arr = np.atleast_1d(np.asarray(steps))
+    if steps_arr.ndim != 1 or np.any(steps_arr < 0):
+        raise ValueError(f"steps: expected non-negative steps, got {steps!r}")
+    if (ntk_test is None) != (f0_test is None):
+        raise ValueError("ntk_test: expected ntk_test and f0_test together")
+    if ntk_test is not None:
+        ntk_test = jnp.asarray(ntk_test, ntk.dtype)
+        f0_test = jnp.asarray(f0_test, ntk.dtype)
+        if ntk_test.ndim != 2 or ntk_test.shape[1] != n or f0_test.shape[-2] != ntk_test.shape[0]:
+            raise ValueError(
+                f"ntk_test: expected [N*, {n}] with f0_test [..., N*, C], got "
+                f"{ntk_test.shape} and {f0_test.shape}"
+            )
+    yv, dloss = _targets_and_grad(y, loss, n_out, ntk.dtype)
+    if yv.shape[0] != n or (loss == "mse" and yv.shape[1] != n_out):
+        raise ValueError(f"y: expected {n} targets with {n_out} outputs, got shape {yv.shape}")
+    eta = float(learning_rate)
+    if loss == "mse" and batch_size is None:
+        return _mse_closed_form(ntk, yv, f0, steps_arr, eta, ntk_test, f0_test, continuous)
+    if continuous:
+        raise ValueError("continuous: gradient flow is available for full-batch mse only")
+    return _iterate(ntk, dloss, f0, steps_arr, eta, ntk_test, f0_test, batch_size, batch_key)
+
+
+def _mse_closed_form(ntk, y, f0, steps, eta, ntk_test, f0_test, continuous):
+    n, n_out = y.shape
+    lam, u = jnp.linalg.eigh(ntk)
+    lam = jnp.maximum(lam, 0.0)
+    t = jnp.asarray(steps, ntk.dtype)[:, None]
+    rate = eta * lam / (n * n_out)
+    decay = jnp.exp(-rate * t) if continuous else (1.0 - rate) ** t  # [T, N]
+    coef = jnp.einsum("ae,...ac->...ec", u, f0 - y)  # eigen-components of f0 - y
+    fshape = (-1,) + (1,) * (f0.ndim - 2) + (n, 1)
+    f = y + jnp.einsum("ae,t...ec->t...ac", u, decay.reshape(fshape) * coef)
+    if ntk_test is None:
+        return f, None
+    tiny = jnp.finfo(ntk.dtype).eps * jnp.max(lam) * n
+    safe = jnp.where(lam > tiny, lam, 1.0)
+    g = jnp.where(lam > tiny, (1.0 - decay) / safe, t * eta / (n * n_out))
+    proj = jnp.einsum("ba,ae->be", ntk_test, u)
+    df = jnp.einsum("be,t...ec->t...bc", proj, g.reshape(fshape) * coef)
+    return f, f0_test - df
+
+
+def _iterate(ntk, dloss, f0, steps, eta, ntk_test, f0_test, batch_size, batch_key):
+    n = ntk.shape[0]
+    has_test = ntk_test is not None
+
+    @jax.jit
+    def advance(carry, start, stop):
+        def body(s, carry):
+            f, ft = carry
+            if batch_size is None:
+                idx = jnp.arange(n)
+            else:
+                idx = batch_indices(batch_key, s, n, batch_size)
+            g = dloss(f[..., idx, :], idx)  # [..., B, C]
+            scale = eta / idx.shape[0]
+            f = f - scale * jnp.einsum("ab,...bc->...ac", ntk[:, idx], g)
+            if has_test:
+                ft = ft - scale * jnp.einsum("ab,...bc->...ac", ntk_test[:, idx], g)
+            return f, ft
+
+        return jax.lax.fori_loop(start, stop, body, carry)
+
+    carry = (f0, f0_test if has_test else jnp.zeros(()))
+    out, out_test, last = [], [], 0
+    order = np.argsort(steps, kind="stable")
+    results = [None] * len(steps)
+    for i in order:
+        s = int(steps[i])
+        if s > last:
+            carry = advance(carry, last, s)
+            last = s
+        results[i] = carry
+    out = jnp.stack([r[0] for r in results])
+    out_test = jnp.stack([r[1] for r in results]) if has_test else None
+    return out, out_test
+
+
+# ----------------------------------------------------------------------------- compare
+def _perturbative_predictions(arch: MLP, x, order: int):
+    from rgnn.perturbative import perturbative
+
+    twin = (
+        dataclasses.replace(arch, parameterization="ntk")
+        if arch.parameterization == "mup"
+        else arch
+    )
+    p = perturbative(twin, x, quadrature_order=order, warn=False)
+    kurt, var = p.kurtosis, p.nngp_variance
+    if arch.parameterization == "mup":
+        sc = arch.scales(x.shape[1])
+        ratio = sc.weight_var[-1] / arch.weight_var
+        cb = arch.effective_bias_var
+        k_out = cb + (jnp.diagonal(p.nngp[-1]) - cb) * ratio
+        var = var.at[-1].multiply(ratio**2)
+        kurt = kurt.at[-1].set(3 * jnp.diagonal(var[-1]) / k_out**2)
+    return kurt, var
+
+
+def compare(
+    arch: MLP,
+    x,
+    training,
+    *,
+    y=None,
+    x_test=None,
+    perturbative: bool = True,
+    quadrature_order: int = 96,
+    perturbative_order: int = 48,
+) -> Comparison:
+    """Measure a trained ensemble (or a bare ensemble) against the Gaussian fixed point.
+
+    Args:
+      arch: the :class:`~rgnn.MLP` the networks were drawn from.
+      x: ``[N, n_0]`` the training inputs the record was taken on.
+      training: a :class:`~rgnn.Training`, or an :class:`~rgnn.Ensemble` (step 0 only).
+      y: targets (default: those stored in the training); needed for the gap of a bare
+        ensemble only in the sense that its gap at step 0 is zero.
+      x_test: test inputs (default: those stored in the training).
+      perturbative: compute the O(1/n) predictions at initialization (:func:`rgnn.perturbative`,
+        which costs ``O(N^2 L)`` quadratures); ``False`` leaves them NaN.
+      quadrature_order: for the reference kernels of activations without a closed form.
+      perturbative_order: quadrature order of :func:`rgnn.perturbative`.
+
+    Returns:
+      A :class:`Comparison` (formulas in the module docstring).
+    """
+    if not isinstance(arch, MLP):
+        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    x, _ = check_pair(x, None, ("x", "x2"))
+    if isinstance(training, Ensemble):
+        ens = training
+        if ens.arch != arch:
+            raise ValueError("training: expected an ensemble of arch, got another architecture")
+        if x.shape[1] != ens.in_dim:
+            raise ValueError(f"x: expected {ens.in_dim} features, got {x.shape[1]}")
+        x = x.astype(jax.tree_util.tree_leaves(ens.state)[0].dtype)
+        nngp, ntk = ensemble_kernels(ens, x)
+        nngp, ntk = nngp[None], ntk[None]
+        steps = jnp.zeros((1,), jnp.int32)
+        outputs = jax.vmap(lambda s: _apply(ens, s, x))(ens.state)[None]
+        test_outputs, optimizer, loss_kind = None, "gd", "mse"
+        eta, batch_size, batch_key, targets = 0.0, None, None, None
+    elif isinstance(training, Training):
+        if training.initial.arch != arch:
+            raise ValueError("training: expected a training record of arch, got another one")
+        n_rec = training.outputs.shape[2]
+        if x.shape != (n_rec, training.initial.in_dim):
+            raise ValueError(
+                f"x: expected the training inputs, shape ({n_rec}, {training.initial.in_dim}), "
+                f"got {x.shape}"
+            )
+        x = x.astype(training.outputs.dtype)
+        nngp, ntk, steps = training.nngp, training.ntk, training.steps
+        outputs, test_outputs = training.outputs, training.test_outputs
+        optimizer, loss_kind = training.optimizer, training.loss_kind
+        eta, batch_size, batch_key = training.learning_rate, training.batch_size, training.batch_key
+        targets = training.targets if y is None else y
+        if x_test is None:
+            x_test = training.test_inputs
+        elif test_outputs is None:
+            raise ValueError("x_test: the training recorded no test outputs to compare")
+    else:
+        raise ValueError(
+            f"training: expected an rgnn.Training or rgnn.Ensemble, got {type(training).__name__}"
+        )
+    if x_test is not None:
+        x, x_test = check_pair(x, x_test, ("x", "x_test"))
+    k_ref, t_ref, t_test = _reference(arch, x, x_test, quadrature_order)
+    n_t, m = nngp.shape[:2]
+
+    def rel(a, ref):  # a [T, M, L+1, N, N] -> [T, M, L+1]
+        return _fro(a - ref) / _fro(ref)
+
+    per_net = {
+        "nngp_distance": rel(nngp, k_ref),
+        "ntk_distance": rel(ntk, t_ref),
+        "nngp_cka": cka(nngp, jnp.broadcast_to(k_ref, nngp.shape)),
+        "ntk_cka": cka(ntk, jnp.broadcast_to(t_ref, ntk.shape)),
+        "ntk_movement": _fro(ntk - ntk[:1]) / _fro(ntk[:1]),
+    }
+    fields = {}
+    for name, val in per_net.items():
+        mean, se = _mean_se(jnp.moveaxis(val, 1, 0))
+        fields[name], fields[name + "_se"] = mean, se
+
+    def over_networks(a):  # [T, M, ...] -> [M, T, ...] for the jackknife
+        return jnp.moveaxis(a, 1, 0)
+
+    for name, kern, ref in (("nngp", nngp, k_ref), ("ntk", ntk, t_ref)):
+        v, se = _jackknife(over_networks(kern), lambda avg, r=ref: _fro(avg - r) / _fro(r))
+        fields[f"mean_{name}_distance"], fields[f"mean_{name}_distance_se"] = v, se
+    v, se = _jackknife(
+        over_networks(jnp.concatenate([ntk - ntk[:1], jnp.broadcast_to(ntk[:1], ntk.shape)], 2)),
+        lambda avg: _fro(avg[:, : arch.n_layers]) / _fro(avg[:, arch.n_layers :]),
+    )
+    fields["mean_ntk_movement"], fields["mean_ntk_movement_se"] = v, se
+
+    # function-space gap to the infinite-width linearized prediction
+    nan_t = jnp.full((n_t,), jnp.nan, x.dtype)
+    linearized = lin_test = None
+    if optimizer != "adam" and (targets is not None or eta == 0.0):
+        if targets is None:
+            linearized = outputs  # a bare ensemble: step 0, f^lin_0 = f_0
+        else:
+            linearized, lin_test = linearized_prediction(
+                t_ref[-1],
+                targets,
+                outputs[0],
+                np.asarray(steps),
+                learning_rate=eta,
+                loss=loss_kind,
+                ntk_test=t_test,
+                f0_test=None if t_test is None else test_outputs[0],
+                batch_size=batch_size,
+                batch_key=batch_key,
+            )
+    gaps = {}
+    for name, out, lin in (("gap", outputs, linearized), ("test_gap", test_outputs, lin_test)):
+        if out is None:
+            gaps[name] = gaps[name + "_se"] = gaps["mean_" + name] = None
+            gaps["mean_" + name + "_se"] = None
+            continue
+        if lin is None:
+            for key in (name, name + "_se", "mean_" + name, "mean_" + name + "_se"):
+                gaps[key] = nan_t
+            continue
+        diff = out - lin  # [T, M, N, C]
+        rms = jnp.sqrt(jnp.mean(diff**2, axis=(-2, -1)))
+        gaps[name], gaps[name + "_se"] = _mean_se(jnp.moveaxis(rms, 1, 0))
+        gaps["mean_" + name], gaps["mean_" + name + "_se"] = _jackknife(
+            over_networks(diff), lambda avg: jnp.sqrt(jnp.mean(avg**2, axis=(-2, -1)))
+        )
+
+    # initialization statistics beside the perturbative prediction
+    g0 = nngp[0]
+    if m >= 2:
+        kurt, kurt_se = _kurtosis_se(g0)
+        var, var_se = _var_se(g0)
+    else:
+        kurt = kurt_se = jnp.full(g0.shape[1:3], jnp.nan, x.dtype)
+        var = var_se = jnp.full(g0.shape[1:], jnp.nan, x.dtype)
+    if perturbative:
+        kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order)
+    else:
+        kurt_p, var_p = jnp.full_like(kurt, jnp.nan), jnp.full_like(var, jnp.nan)
+    return Comparison(
+        steps=steps,
+        **fields,
+        **gaps,
+        linearized=linearized,
+        kurtosis=kurt,
+        kurtosis_se=kurt_se,
+        kurtosis_predicted=kurt_p,
+        nngp_variance=var,
+        nngp_variance_se=var_se,
+        nngp_variance_predicted=var_p,
+        reference_nngp=k_ref,
+        reference_ntk=t_ref,
+        n_networks=int(m),
+    )
+
+
+def _apply(ens: Ensemble, state, x):
+    from flax import nnx
+
+    return nnx.merge(ens.graphdef, state)(x)
