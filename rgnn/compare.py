@@ -95,6 +95,10 @@ class Comparison:
         distances of the ensemble-mean kernels (jackknife bias-corrected).
       gap: ``[T]`` mean over networks of ``rms(f_t - f^lin_t)`` on the training inputs.
       mean_gap: ``[T]`` ``rms(<f_t - f^lin_t>)`` (jackknife bias-corrected).
+      linearization_gap: ``[T]`` mean over networks of ``rms(f_t - f^emp_t)``, the gap to each
+        network's *own* linearization (its empirical NTK at initialization): the part of the
+        gap that the NTK's evolution makes.
+      mean_linearization_gap: ``[T]`` ``rms(<f_t - f^emp_t>)`` (jackknife bias-corrected).
       test_gap, mean_test_gap: ``[T]`` the same on the test inputs, or ``None``.
       linearized: ``[T, M, N, C]`` the infinite-width linearized prediction ``f^lin_t`` of each
         network, or ``None`` when the training has no kernel description (Adam).
@@ -128,6 +132,10 @@ class Comparison:
     gap_se: jax.Array
     mean_gap: jax.Array
     mean_gap_se: jax.Array
+    linearization_gap: jax.Array
+    linearization_gap_se: jax.Array
+    mean_linearization_gap: jax.Array
+    mean_linearization_gap_se: jax.Array
     test_gap: jax.Array | None
     test_gap_se: jax.Array | None
     mean_test_gap: jax.Array | None
@@ -355,11 +363,14 @@ def linearized_prediction(
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
     ntk = jnp.asarray(ntk)
-    if ntk.ndim != 2 or ntk.shape[0] != ntk.shape[1]:
-        raise ValueError(f"ntk: expected a square [N, N] kernel, got shape {ntk.shape}")
+    full = ntk.ndim == 4
+    if not (ntk.ndim == 2 and ntk.shape[0] == ntk.shape[1]) and not (
+        full and ntk.shape[:2] == ntk.shape[2:]
+    ):
+        raise ValueError(f"ntk: expected a [N, N] or [N, C, N, C] kernel, got shape {ntk.shape}")
     n = ntk.shape[0]
     f0 = jnp.asarray(f0, ntk.dtype)
-    if f0.ndim < 2 or f0.shape[-2] != n:
+    if f0.ndim < 2 or f0.shape[-2] != n or (full and f0.shape[-1] != ntk.shape[1]):
         raise ValueError(f"f0: expected shape [..., {n}, C], got {f0.shape}")
     n_out = f0.shape[-1]
     steps_arr = np.atleast_1d(np.asarray(steps))
@@ -367,6 +378,8 @@ def linearized_prediction(
         raise ValueError(f"steps: expected non-negative steps, got {steps!r}")
     if (ntk_test is None) != (f0_test is None):
         raise ValueError("ntk_test: expected ntk_test and f0_test together")
+    if ntk_test is not None and full:
+        raise ValueError("ntk_test: test predictions take a [N, N] training kernel")
     if ntk_test is not None:
         ntk_test = jnp.asarray(ntk_test, ntk.dtype)
         f0_test = jnp.asarray(f0_test, ntk.dtype)
@@ -379,6 +392,24 @@ def linearized_prediction(
     if yv.shape[0] != n or (loss == "mse" and yv.shape[1] != n_out):
         raise ValueError(f"y: expected {n} targets with {n_out} outputs, got shape {yv.shape}")
     eta = float(learning_rate)
+    if full:  # the kernel of one network, with its cross-output blocks
+        if loss == "mse" and batch_size is None:
+            shape = f0.shape
+            flat = ntk.reshape(n * n_out, n * n_out)
+            f, _ = _mse_closed_form(
+                flat,
+                yv.reshape(n * n_out, 1),
+                f0.reshape(*shape[:-2], n * n_out, 1),
+                steps_arr,
+                eta,  # flattened: N C entries with one output each, the same 1 / (N C)
+                None,
+                None,
+                continuous,
+            )
+            return f.reshape(len(steps_arr), *shape), None
+        if continuous:
+            raise ValueError("continuous: gradient flow is available for full-batch mse only")
+        return _iterate(ntk, dloss, f0, steps_arr, eta, None, None, batch_size, batch_key)
     if loss == "mse" and batch_size is None:
         return _mse_closed_form(ntk, yv, f0, steps_arr, eta, ntk_test, f0_test, continuous)
     if continuous:
@@ -420,7 +451,10 @@ def _iterate(ntk, dloss, f0, steps, eta, ntk_test, f0_test, batch_size, batch_ke
                 idx = batch_indices(batch_key, s, n, batch_size)
             g = dloss(f[..., idx, :], idx)  # [..., B, C]
             scale = eta / idx.shape[0]
-            f = f - scale * jnp.einsum("ab,...bc->...ac", ntk[:, idx], g)
+            if ntk.ndim == 4:
+                f = f - scale * jnp.einsum("aibj,...bj->...ai", ntk[:, :, idx], g)
+            else:
+                f = f - scale * jnp.einsum("ab,...bc->...ac", ntk[:, idx], g)
             if has_test:
                 ft = ft - scale * jnp.einsum("ab,...bc->...ac", ntk_test[:, idx], g)
             return f, ft
@@ -598,6 +632,32 @@ def compare(
             over_networks(diff), lambda avg: jnp.sqrt(jnp.mean(avg**2, axis=(-2, -1)))
         )
 
+    # gap to each network's own linearization (its empirical output NTK at step 0)
+    if optimizer != "adam" and targets is not None:
+        own = _output_ntk(training if isinstance(training, Ensemble) else training.initial, x, ntk)
+
+        def lin_one(kernel, f0):
+            return linearized_prediction(
+                kernel,
+                targets,
+                f0,
+                np.asarray(steps),
+                learning_rate=eta,
+                loss=loss_kind,
+                batch_size=batch_size,
+                batch_key=batch_key,
+            )[0]
+
+        diff = outputs - jnp.moveaxis(jax.vmap(lin_one)(own, outputs[0]), 0, 1)
+        rms = jnp.sqrt(jnp.mean(diff**2, axis=(-2, -1)))
+        gaps["linearization_gap"], gaps["linearization_gap_se"] = _mean_se(jnp.moveaxis(rms, 1, 0))
+        gaps["mean_linearization_gap"], gaps["mean_linearization_gap_se"] = _jackknife(
+            over_networks(diff), lambda avg: jnp.sqrt(jnp.mean(avg**2, axis=(-2, -1)))
+        )
+    else:
+        for key in ("linearization_gap", "mean_linearization_gap"):
+            gaps[key] = gaps[key + "_se"] = nan_t
+
     # initialization statistics beside the perturbative prediction
     g0 = nngp[0]
     if m >= 2:
@@ -625,6 +685,28 @@ def compare(
         reference_ntk=t_ref,
         n_networks=int(m),
     )
+
+
+def _output_ntk(ens: Ensemble, x, ntk) -> jax.Array:
+    """Each network's empirical NTK of the outputs at initialization, ``[M, N, C, N, C]``.
+
+    With one output it is the recorded output-layer NTK; with ``C > 1`` the cross-output blocks
+    are needed too (they are ``O(n^{-1/2})`` at finite width), from the Jacobian of the outputs
+    with respect to all parameters, ``J J^T`` (gradient-descent learning-rate factors are 1),
+    one network at a time.
+    """
+    from flax import nnx
+
+    m, n = ntk.shape[1], x.shape[0]
+    if ens.arch.out_dim == 1:
+        return ntk[0, :, -1].reshape(m, n, 1, n, 1)
+
+    def one(state):
+        jac = jax.jacrev(lambda s: nnx.merge(ens.graphdef, s)(x))(state)
+        blocks = [j.reshape(n, ens.arch.out_dim, -1) for j in jax.tree_util.tree_leaves(jac)]
+        return sum(jnp.einsum("aip,bjp->aibj", j, j) for j in blocks)
+
+    return jax.lax.map(one, ens.state)
 
 
 def _apply(ens: Ensemble, state, x):
