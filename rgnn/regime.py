@@ -2,9 +2,11 @@
 
 Criteria (``v``: a measure at the widest width, the seed mean, with standard error ``se``;
 ``t``: its threshold, :attr:`rgnn.sweep.Measure.threshold` unless ``tolerance`` overrides it;
-``p +- se_p``: its fitted exponent against width; ``e``: the exponent perturbation theory
-expects, ``-1`` for O(1/n) effects and ``-1/2`` for single-network fluctuations;
-``v_inf +- se_inf``: the extrapolation to infinite width; ``z``: ``sigmas``):
+``p +- se_p``: its fitted exponent against width, ``q`` the 95% quantile of its interval;
+``[e_fast, e]``: the exponents perturbation theory allows, ``[-1, -1]`` for an O(1/n) mean effect
+and ``[-1, -1/2]`` for a single network's measure, which is an O(1/n) mean shift plus an
+O(1/sqrt(n)) fluctuation (:class:`rgnn.sweep.Measure`); ``v_inf +- se_inf``: the extrapolation
+to infinite width, ``v = v_inf + b n^e``; ``z``: ``sigmas``):
 
 1. **Trust** (PDLT sec. 5.4, :data:`rgnn.perturbative.TRUST_DEPTH_OVER_WIDTH`). If
    ``depth/width = sum_l 1/n_l`` at the widest width exceeds the trust bound, the O(1/n)
@@ -20,8 +22,8 @@ expects, ``-1`` for O(1/n) effects and ``-1/2`` for single-network fluctuations;
      with width (``p + q se_p >= 0``, the upper end of the fit's 95% confidence interval), or its
      infinite-width extrapolation stays above the threshold (``v_inf - z se_inf > t``: the
      network converges to something other than the fixed point, as feature learning does), or
-     it falls at a rate other than the expected one (``|p - e| > q se_p + exponent_tolerance``);
-     otherwise *perturbative*;
+     it falls at a rate outside the allowed ones (``p`` outside
+     ``[e_fast - s, e + s]``, ``s = q se_p + exponent_tolerance``); otherwise *perturbative*;
    * at a single width, for ``v > t``: *non-perturbative* if ``v > strong`` (a relative
      deviation of order one is not a small correction), otherwise *perturbative*.
 3. The label: **non-perturbative** if the trust bound fails or any measure is non-perturbative;
@@ -61,7 +63,8 @@ class Evidence:
       value, se: the measure at the widest width (mean over seeds) and its standard error.
       threshold: the tolerance it is held to.
       exponent, exponent_se: fitted exponent against width (``nan`` at one width).
-      expected: the exponent perturbation theory expects.
+      expected, fastest: the range of exponents perturbation theory allows (``expected`` the
+        slowest, ``fastest`` the fastest; equal for an O(1/n) mean).
       infinite_width, infinite_width_se: extrapolation to infinite width (``nan`` at one
         width).
       predicted: the perturbative prediction at the widest width (``nan`` if none).
@@ -76,6 +79,7 @@ class Evidence:
     exponent: float
     exponent_se: float
     expected: float
+    fastest: float
     infinite_width: float
     infinite_width_se: float
     predicted: float
@@ -161,7 +165,9 @@ class Regime:
                     f"{e.se:.2g}",
                     f"{e.threshold:.3g}",
                     exp,
-                    f"{e.expected:g}",
+                    f"{e.fastest:g}"
+                    if e.fastest == e.expected
+                    else f"{e.fastest:g}..{e.expected:g}",
                     inf,
                     e.verdict,
                 )
@@ -191,6 +197,7 @@ def _judge(
 ):
     meta = MEASURES.get(name)
     expected = fit.expected if fit is not None else (meta.expected_exponent if meta else -1.0)
+    fastest = min(meta.fastest_exponent if meta else -1.0, expected)
     ev = dict(
         value=value,
         se=se,
@@ -198,6 +205,7 @@ def _judge(
         exponent=fit.exponent if fit is not None else float("nan"),
         exponent_se=fit.exponent_se if fit is not None else float("nan"),
         expected=expected,
+        fastest=fastest,
         infinite_width=fit.infinite_width if fit is not None else float("nan"),
         infinite_width_se=fit.infinite_width_se if fit is not None else float("nan"),
         predicted=predicted,
@@ -240,9 +248,10 @@ def _judge(
             f"limit {p + q * p_se:.2f} >= 0)"
         )
     else:
-        if abs(p - expected) > q * p_se + exponent_tolerance:
+        slack = q * p_se + exponent_tolerance
+        if not fastest - slack <= p <= expected + slack:
             failed.append(
-                f"falls as n^{p:.2f} +- {p_se:.2f}, not as the expected n^{expected:g} "
+                f"falls as n^{p:.2f} +- {p_se:.2f}, not as the expected {_rate(fastest, expected)} "
                 f"(tolerance {q:.2g} se + {exponent_tolerance:g})"
             )
         if v_inf - sigmas * v_inf_se > threshold:
@@ -256,8 +265,12 @@ def _judge(
         **ev,
         verdict="perturbative",
         reason=f"{value:.4g} > {threshold:g} but falls as n^{p:.2f} +- {p_se:.2f} (expected "
-        f"{expected:g}) towards {v_inf:.3g} +- {v_inf_se:.2g}",
+        f"{_rate(fastest, expected)}) towards {v_inf:.3g} +- {v_inf_se:.2g}",
     )
+
+
+def _rate(fastest, slowest):
+    return f"n^{slowest:g}" if fastest == slowest else f"n^{fastest:g} to n^{slowest:g}"
 
 
 def _verdict(evidence, depth_over_width, trust, group, widths) -> Regime:
@@ -371,7 +384,7 @@ def classify(
         ``Path``), one point's record (a ``dict`` from ``Sweep.records``), or an
         :class:`~rgnn.MLP`, which is then trained on ``(x, y)`` and compared as one sweep
         point (:func:`rgnn.sweep.run_point` with ``seed`` and ``settings``: ``steps``,
-        ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``, ``n_predict``).
+        ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``, ``predict``).
       group: for a sweep with several groups (depths, activations, ...), which one, as a dict
         of :data:`rgnn.sweep.GROUP_FIELDS` values (``Sweep.groups`` lists them).
       tolerance: one threshold for every measure instead of each measure's own.
@@ -403,9 +416,7 @@ def classify(
 
         if x is None or y is None:
             raise ValueError("x, y: expected inputs and targets to train the architecture on")
-        defaults = dict(
-            steps=100, learning_rate=0.1, optimizer="gd", loss="mse", n_networks=8, n_predict=8
-        )
+        defaults = dict(steps=100, learning_rate=0.1, optimizer="gd", loss="mse", n_networks=8)
         unknown = set(settings) - set(defaults)
         if unknown:
             raise ValueError(f"settings: unknown {sorted(unknown)}; expected {sorted(defaults)}")

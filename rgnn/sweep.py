@@ -77,15 +77,22 @@ CONFIDENCE = 0.95
 class Measure:
     """A number each point reports.
 
+    Perturbation theory makes every deviation from the fixed point a sum of an O(1/n) mean
+    shift and, for a quantity of a single network, an O(1/sqrt(n)) fluctuation around it
+    (PDLT ch. 4 and 8: the metric and NTK have variances ``~ 1/n`` and mean shifts ``~ 1/n``).
+    A per-network measure therefore falls with an exponent between ``-1`` (mean shift
+    dominates, small widths) and ``-1/2`` (fluctuation dominates, large widths); an
+    ensemble-mean measure falls as ``n^{-1}``.
+
     Attributes:
       name: the key in a point's ``measures``.
-      expected_exponent: how the measure should fall with width if the network is
-        perturbative (``-1``: an O(1/n) effect; ``-0.5``: a single network's O(1/sqrt(n))
-        fluctuation).
+      expected_exponent: the slowest perturbative rate (``-1/2`` for a per-network measure,
+        ``-1`` for a mean): the asymptotic exponent, used to extrapolate to infinite width.
       description: one line, with the formula.
       threshold: below this the fixed point describes the network "within tolerance"
         (:func:`rgnn.classify`); relative quantities, so dimensionless.
       predicted: whether points carry a perturbative prediction of the measure.
+      fastest_exponent: the fastest perturbative rate (``-1``).
     """
 
     name: str
@@ -93,6 +100,7 @@ class Measure:
     description: str
     threshold: float = 0.05
     predicted: bool = False
+    fastest_exponent: float = -1.0
 
 
 MEASURES: dict[str, Measure] = {}
@@ -337,8 +345,8 @@ def run_point(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
       arch: the architecture at this point.
       x, y: inputs and targets.
       seed: the ensemble's seed (``jax.random.key(seed)``).
-      settings: ``steps``, ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``,
-        ``n_predict`` (inputs for the perturbative predictions).
+      settings: ``steps`` (``0``: compare the freshly drawn ensemble, no training),
+        ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``, ``predict``.
 
     Returns:
       ``dict(measures={name: dict(value, se, predicted)}, couplings=[L+1] or None,
@@ -348,12 +356,109 @@ def run_point(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
 
 
 def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
-    """The one place that calls the comparator (:func:`rgnn.train`, :func:`rgnn.compare`)."""
-    import rgnn
+    """The one place that calls the comparator: :func:`rgnn.train` then :func:`rgnn.compare`
+    (or, with ``steps = 0``, :func:`rgnn.compare` on the freshly drawn ensemble), reduced to
+    the scalars of :data:`MEASURES` at the last recorded step."""
+    from rgnn._validate import check_inputs
+    from rgnn.compare import compare
+    from rgnn.networks import ensemble
+    from rgnn.training import train
 
-    if not hasattr(rgnn, "train") or not hasattr(rgnn, "compare"):
-        raise RuntimeError("rgnn.train and rgnn.compare are not available in this version")
-    raise NotImplementedError
+    x = check_inputs(x, "x")
+    key = jax.random.key(seed)
+    steps = settings["steps"]
+    if steps == 0:
+        record = ensemble(
+            arch, x.shape[1], n_networks=settings["n_networks"], key=key, dtype=x.dtype
+        )
+        y = None
+    else:
+        with warnings.catch_warnings():  # a divergence becomes the ValueError below
+            warnings.filterwarnings("ignore", "training diverged", RuntimeWarning)
+            record = train(
+                arch,
+                x,
+                y,
+                steps=steps,
+                learning_rate=settings["learning_rate"],
+                optimizer=settings["optimizer"],
+                loss=settings["loss"],
+                n_networks=settings["n_networks"],
+                key=key,
+                record_steps=[steps],
+            )
+        if record.diverged_at >= 0:
+            raise ValueError(
+                f"learning_rate: training diverged at step {record.diverged_at} with "
+                f"learning_rate={settings['learning_rate']} ({arch.parameterization}, width "
+                f"{max(arch.widths)}); choose a smaller learning rate"
+            )
+    predict = settings.get("predict", True) and settings["n_networks"] >= 4
+    cmp = compare(arch, x, record, perturbative=predict)
+    return _summarize(cmp, y, trained=steps > 0)
+
+
+def _summarize(cmp, y, *, trained: bool) -> dict:
+    """Scalars of :data:`MEASURES` from a :class:`rgnn.compare.Comparison`: the last recorded
+    step, the output layer ``L+1`` (kernel measures), averaged over inputs (kurtosis)."""
+
+    def arr(a):
+        return np.asarray(a, float)
+
+    measures, layers = {}, {}
+    for name in ("nngp_distance", "ntk_distance") + (("ntk_movement",) if trained else ()):
+        v, s = arr(getattr(cmp, name))[-1], arr(getattr(cmp, name + "_se"))[-1]
+        measures[name] = dict(value=_finite(v[-1]), se=_finite(s[-1]), predicted=None)
+        layers[name] = [_finite(a) for a in v]
+    if trained and y is not None:
+        scale = float(np.sqrt(np.mean(np.asarray(y, float) ** 2))) or 1.0
+        g, gs = arr(cmp.gap)[-1], arr(cmp.gap_se)[-1]
+        measures["function_gap"] = dict(
+            value=_finite(g / scale), se=_finite(gs / scale), predicted=None
+        )
+    k, ks, kp = arr(cmp.kurtosis), arr(cmp.kurtosis_se), arr(cmp.kurtosis_predicted)
+    # the mean over inputs; its standard error bounded by the mean of the per-input ones
+    # (perfectly correlated inputs), since the inputs share the same networks
+    measures["kurtosis"] = dict(
+        value=_finite(k[-1].mean()),
+        se=_finite(ks[-1].mean()),
+        predicted=_finite(kp[-1].mean()),
+    )
+    layers["kurtosis"] = [_finite(a) for a in k.mean(1)]
+    layers["kurtosis_predicted"] = [_finite(a) for a in kp.mean(1)]
+    couplings = [_finite(a / 3) for a in kp.mean(1)]  # V_aaaa / (n K_aa^2), input-averaged
+    return dict(measures=measures, layers=layers, couplings=couplings)
+
+
+_register(
+    Measure(
+        "ntk_movement",
+        -0.5,
+        "NTK movement ||Theta_t - Theta_0|| / ||Theta_0||, output layer, mean over networks",
+    ),
+    Measure(
+        "function_gap",
+        -0.5,
+        "rms(f_t - f_lin_t) / rms(y): gap to the infinite-width linearized prediction",
+    ),
+    Measure(
+        "ntk_distance",
+        -0.5,
+        "||Theta_t - Theta_inf|| / ||Theta_inf||, output layer, mean over networks",
+    ),
+    Measure(
+        "nngp_distance",
+        -0.5,
+        "||G_t - K|| / ||K||, output layer, mean over networks",
+    ),
+    Measure(
+        "kurtosis",
+        -1.0,
+        "excess kurtosis of the output at init, mean over inputs (vs O(1/n) prediction)",
+        threshold=0.15,
+        predicted=True,
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -511,7 +616,7 @@ def sweep(
     n_networks: int = 8,
     optimizer: str = "gd",
     loss: str = "mse",
-    n_predict: int = 8,
+    predict: bool = True,
     out: str | os.PathLike | None = None,
     plots: bool = True,
     progress: bool | None = None,
@@ -529,8 +634,10 @@ def sweep(
         ``jax.random.key(seed)``.
       depths, activations, parameterizations: further sweep axes.
       learning_rates: the learning-rate axis.
-      steps, n_networks, optimizer, loss: training settings (:func:`rgnn.train`).
-      n_predict: how many inputs (the first ones) the perturbative predictions use.
+      steps, n_networks, optimizer, loss: training settings (:func:`rgnn.train`); ``steps = 0``
+        measures the networks at initialization.
+      predict: compute the O(1/n) predictions at initialization (:func:`rgnn.perturbative`,
+        ``O(N^2 L)`` quadratures; needs ``n_networks >= 4`` for the measured side).
       out: the results directory (see the module docstring), or ``None`` to keep nothing.
       plots: write PNG plots into ``out``.
       progress: report progress on stderr (``None``: only when stderr is a terminal).
@@ -571,7 +678,7 @@ def sweep(
                 f"parameterizations: expected some of {PARAMETERIZATIONS}, got {par!r}"
             )
     learning_rates = _check_list("learning_rates", learning_rates, float, positive=True)
-    for name, v in (("steps", steps), ("n_networks", n_networks), ("n_predict", n_predict)):
+    for name, v in (("steps", steps), ("n_networks", n_networks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
             what = "non-negative" if name == "steps" else "positive"
             raise ValueError(f"{name}: expected a {what} integer, got {v!r}")
@@ -591,7 +698,7 @@ def sweep(
         n_networks=n_networks,
         optimizer=optimizer,
         loss=loss,
-        n_predict=min(n_predict, xa.shape[0]),
+        predict=bool(predict),
     )
     config = dict(
         base=dict(
@@ -635,9 +742,7 @@ def sweep(
             a = _arch_at(arch, p)
             start = time.perf_counter()
             settings_p = dict(settings, learning_rate=p["learning_rate"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                result = point_fn(a, xa, ya, seed=p["seed"], settings=settings_p)
+            result = point_fn(a, xa, ya, seed=p["seed"], settings=settings_p)
             seconds = time.perf_counter() - start
             record = dict(
                 key=k,
