@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -514,8 +515,7 @@ def compare(
       arch: the :class:`~rgnn.MLP` the networks were drawn from.
       x: ``[N, n_0]`` the training inputs the record was taken on.
       training: a :class:`~rgnn.Training`, or an :class:`~rgnn.Ensemble` (step 0 only).
-      y: targets (default: those stored in the training); needed for the gap of a bare
-        ensemble only in the sense that its gap at step 0 is zero.
+      y: targets (default: those stored in the training). A bare ensemble has no gaps (NaN).
       x_test: test inputs (default: those stored in the training).
       perturbative: compute the O(1/n) predictions at initialization (:func:`rgnn.perturbative`,
         which costs ``O(N^2 L)`` quadratures); ``False`` leaves them NaN.
@@ -567,9 +567,63 @@ def compare(
     if x_test is not None:
         x, x_test = check_pair(x, x_test, ("x", "x_test"))
     k_ref, t_ref, t_test = _reference(arch, x, x_test, quadrature_order)
-    n_t, m = nngp.shape[:2]
+    fields = _kernel_measures(nngp, ntk, k_ref, t_ref)
+    n_t = nngp.shape[0]
+    nan_t = jnp.full((n_t,), jnp.nan, x.dtype)
+    gaps, linearized = {}, None
+    if optimizer == "adam" or targets is None:
+        # Adam has no kernel description; a bare ensemble without targets sits at f_0
+        for name in _GAP_NAMES:
+            gaps[name] = gaps[name + "_se"] = nan_t
+        for name in ("test_gap", "mean_test_gap"):
+            value = None if test_outputs is None else nan_t
+            gaps[name] = gaps[name + "_se"] = value
+    else:
+        own = _output_ntk(training if isinstance(training, Ensemble) else training.initial, x, ntk)
+        gaps, linearized = _gap_measures(
+            outputs,
+            test_outputs,
+            targets,
+            t_ref[-1],
+            t_test,
+            own,
+            batch_key,
+            steps=tuple(int(s) for s in np.asarray(steps)),
+            eta=float(eta),
+            loss_kind=loss_kind,
+            batch_size=batch_size,
+        )
+    if perturbative and nngp.shape[1] >= 2:
+        kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order)
+    else:
+        kurt_p = jnp.full_like(fields["kurtosis"], jnp.nan)
+        var_p = jnp.full_like(fields["nngp_variance"], jnp.nan)
+    return Comparison(
+        steps=steps,
+        **fields,
+        **gaps,
+        linearized=linearized,
+        kurtosis_predicted=kurt_p,
+        nngp_variance_predicted=var_p,
+        reference_nngp=k_ref,
+        reference_ntk=t_ref,
+        n_networks=int(nngp.shape[1]),
+    )
 
-    def rel(a, ref):  # a [T, M, L+1, N, N] -> [T, M, L+1]
+
+_GAP_NAMES = ("gap", "mean_gap", "linearization_gap", "mean_linearization_gap")
+
+
+def _rms(a):
+    return jnp.sqrt(jnp.mean(a**2, axis=(-2, -1)))
+
+
+@jax.jit
+def _kernel_measures(nngp, ntk, k_ref, t_ref):
+    """The kernel fields of :class:`Comparison` from ``[T, M, L+1, N, N]`` records."""
+    n_layers = nngp.shape[2]
+
+    def rel(a, ref):  # [T, M, L+1, N, N] -> [T, M, L+1]
         return _fro(a - ref) / _fro(ref)
 
     per_net = {
@@ -581,110 +635,72 @@ def compare(
     }
     fields = {}
     for name, val in per_net.items():
-        mean, se = _mean_se(jnp.moveaxis(val, 1, 0))
-        fields[name], fields[name + "_se"] = mean, se
-
-    def over_networks(a):  # [T, M, ...] -> [M, T, ...] for the jackknife
-        return jnp.moveaxis(a, 1, 0)
-
+        fields[name], fields[name + "_se"] = _mean_se(jnp.moveaxis(val, 1, 0))
     for name, kern, ref in (("nngp", nngp, k_ref), ("ntk", ntk, t_ref)):
-        v, se = _jackknife(over_networks(kern), lambda avg, r=ref: _fro(avg - r) / _fro(r))
+        v, se = _jackknife(jnp.moveaxis(kern, 1, 0), lambda avg, r=ref: _fro(avg - r) / _fro(r))
         fields[f"mean_{name}_distance"], fields[f"mean_{name}_distance_se"] = v, se
+    both = jnp.concatenate([ntk - ntk[:1], jnp.broadcast_to(ntk[:1], ntk.shape)], axis=2)
     v, se = _jackknife(
-        over_networks(jnp.concatenate([ntk - ntk[:1], jnp.broadcast_to(ntk[:1], ntk.shape)], 2)),
-        lambda avg: _fro(avg[:, : arch.n_layers]) / _fro(avg[:, arch.n_layers :]),
+        jnp.moveaxis(both, 1, 0),
+        lambda avg: _fro(avg[:, :n_layers]) / _fro(avg[:, n_layers:]),
     )
     fields["mean_ntk_movement"], fields["mean_ntk_movement_se"] = v, se
-
-    # function-space gap to the infinite-width linearized prediction
-    nan_t = jnp.full((n_t,), jnp.nan, x.dtype)
-    linearized = lin_test = None
-    if optimizer != "adam" and (targets is not None or eta == 0.0):
-        if targets is None:
-            linearized = outputs  # a bare ensemble: step 0, f^lin_0 = f_0
-        else:
-            linearized, lin_test = linearized_prediction(
-                t_ref[-1],
-                targets,
-                outputs[0],
-                np.asarray(steps),
-                learning_rate=eta,
-                loss=loss_kind,
-                ntk_test=t_test,
-                f0_test=None if t_test is None else test_outputs[0],
-                batch_size=batch_size,
-                batch_key=batch_key,
-            )
-    gaps = {}
-    for name, out, lin in (("gap", outputs, linearized), ("test_gap", test_outputs, lin_test)):
-        if out is None:
-            gaps[name] = gaps[name + "_se"] = gaps["mean_" + name] = None
-            gaps["mean_" + name + "_se"] = None
-            continue
-        if lin is None:
-            for key in (name, name + "_se", "mean_" + name, "mean_" + name + "_se"):
-                gaps[key] = nan_t
-            continue
-        diff = out - lin  # [T, M, N, C]
-        rms = jnp.sqrt(jnp.mean(diff**2, axis=(-2, -1)))
-        gaps[name], gaps[name + "_se"] = _mean_se(jnp.moveaxis(rms, 1, 0))
-        gaps["mean_" + name], gaps["mean_" + name + "_se"] = _jackknife(
-            over_networks(diff), lambda avg: jnp.sqrt(jnp.mean(avg**2, axis=(-2, -1)))
-        )
-
-    # gap to each network's own linearization (its empirical output NTK at step 0)
-    if optimizer != "adam" and targets is not None:
-        own = _output_ntk(training if isinstance(training, Ensemble) else training.initial, x, ntk)
-
-        def lin_one(kernel, f0):
-            return linearized_prediction(
-                kernel,
-                targets,
-                f0,
-                np.asarray(steps),
-                learning_rate=eta,
-                loss=loss_kind,
-                batch_size=batch_size,
-                batch_key=batch_key,
-            )[0]
-
-        diff = outputs - jnp.moveaxis(jax.vmap(lin_one)(own, outputs[0]), 0, 1)
-        rms = jnp.sqrt(jnp.mean(diff**2, axis=(-2, -1)))
-        gaps["linearization_gap"], gaps["linearization_gap_se"] = _mean_se(jnp.moveaxis(rms, 1, 0))
-        gaps["mean_linearization_gap"], gaps["mean_linearization_gap_se"] = _jackknife(
-            over_networks(diff), lambda avg: jnp.sqrt(jnp.mean(avg**2, axis=(-2, -1)))
-        )
-    else:
-        for key in ("linearization_gap", "mean_linearization_gap"):
-            gaps[key] = gaps[key + "_se"] = nan_t
-
-    # initialization statistics beside the perturbative prediction
     g0 = nngp[0]
-    if m >= 2:
-        kurt, kurt_se = _kurtosis_se(g0)
-        var, var_se = _var_se(g0)
+    if g0.shape[0] >= 2:
+        fields["kurtosis"], fields["kurtosis_se"] = _kurtosis_se(g0)
+        fields["nngp_variance"], fields["nngp_variance_se"] = _var_se(g0)
     else:
-        kurt = kurt_se = jnp.full(g0.shape[1:3], jnp.nan, x.dtype)
-        var = var_se = jnp.full(g0.shape[1:], jnp.nan, x.dtype)
-    if perturbative:
-        kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order)
-    else:
-        kurt_p, var_p = jnp.full_like(kurt, jnp.nan), jnp.full_like(var, jnp.nan)
-    return Comparison(
-        steps=steps,
-        **fields,
-        **gaps,
-        linearized=linearized,
-        kurtosis=kurt,
-        kurtosis_se=kurt_se,
-        kurtosis_predicted=kurt_p,
-        nngp_variance=var,
-        nngp_variance_se=var_se,
-        nngp_variance_predicted=var_p,
-        reference_nngp=k_ref,
-        reference_ntk=t_ref,
-        n_networks=int(m),
+        nan = jnp.full(g0.shape[1:3], jnp.nan, g0.dtype)
+        fields["kurtosis"] = fields["kurtosis_se"] = nan
+        fields["nngp_variance"] = fields["nngp_variance_se"] = jnp.full_like(g0[0], jnp.nan)
+    return fields
+
+
+@partial(jax.jit, static_argnames=("steps", "eta", "loss_kind", "batch_size"))
+def _gap_measures(
+    outputs,
+    test_outputs,
+    targets,
+    t_out,
+    t_test,
+    own,
+    batch_key,
+    *,
+    steps,
+    eta,
+    loss_kind,
+    batch_size,
+):
+    """The function-space gaps of :class:`Comparison` and the linearized predictions."""
+    kw = dict(learning_rate=eta, loss=loss_kind, batch_size=batch_size, batch_key=batch_key)
+    lin, lin_test = linearized_prediction(
+        t_out,
+        targets,
+        outputs[0],
+        np.asarray(steps),
+        ntk_test=t_test,
+        f0_test=None if t_test is None else test_outputs[0],
+        **kw,
     )
+
+    def own_one(kernel, f0):
+        return linearized_prediction(kernel, targets, f0, np.asarray(steps), **kw)[0]
+
+    lin_own = jnp.moveaxis(jax.vmap(own_one)(own, outputs[0]), 0, 1)
+    gaps = {}
+    pairs = [("gap", outputs, lin), ("linearization_gap", outputs, lin_own)]
+    if test_outputs is not None:
+        pairs.append(("test_gap", test_outputs, lin_test))
+    else:
+        gaps["test_gap"] = gaps["test_gap_se"] = None
+        gaps["mean_test_gap"] = gaps["mean_test_gap_se"] = None
+    for name, out, pred in pairs:
+        diff = out - pred  # [T, M, N, C]
+        gaps[name], gaps[name + "_se"] = _mean_se(jnp.moveaxis(_rms(diff), 1, 0))
+        gaps["mean_" + name], gaps["mean_" + name + "_se"] = _jackknife(
+            jnp.moveaxis(diff, 1, 0), _rms
+        )
+    return gaps, lin
 
 
 def _output_ntk(ens: Ensemble, x, ntk) -> jax.Array:

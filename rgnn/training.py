@@ -243,6 +243,80 @@ def _check_record_steps(record_steps, steps: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], arr.astype(int)]))
 
 
+def _transform(optimizer: str):
+    return optax.scale_by_adam(**ADAM) if optimizer == "adam" else optax.identity()
+
+
+@partial(jax.jit, static_argnames=("optimizer",))
+def _opt_init(state, *, optimizer):
+    return jax.vmap(_transform(optimizer).init)(state)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "loss_kind", "optimizer", "batch_size"))
+def _advance(
+    state,
+    opt_state,
+    x,
+    y,
+    factors,
+    eta,
+    batch_key,
+    start,
+    stop,
+    *,
+    graphdef,
+    loss_kind,
+    optimizer,
+    batch_size,
+):
+    """Steps ``start..stop-1`` of every member (vmapped); stops before a step whose loss is
+    not finite and returns that step (else -1)."""
+    loss_one = _loss_fn(loss_kind)
+    tx = _transform(optimizer)
+    n = x.shape[0]
+
+    def net_loss(s, xb, yb):
+        return loss_one(nnx.merge(graphdef, s)(xb), yb)
+
+    def cond(carry):
+        i, _, _, bad = carry
+        return (i < stop) & (bad < 0)
+
+    def body(carry):
+        i, state, opt_state, _ = carry
+        if batch_size is None:
+            xb, yb = x, y
+        else:
+            idx = batch_indices(batch_key, i, n, batch_size)
+            xb, yb = x[idx], y[idx]
+        losses, grads = jax.vmap(jax.value_and_grad(net_loss), in_axes=(0, None, None))(
+            state, xb, yb
+        )
+        updates, new_opt = jax.vmap(tx.update)(grads, opt_state, state)
+        updates = jax.tree_util.tree_map(lambda u, f: -eta * f * u, updates, factors)
+        new_state = jax.tree_util.tree_map(lambda p, u: p + u, state, updates)
+        finite = jnp.all(jnp.isfinite(losses))
+        keep = partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+        bad = jnp.where(finite, -1, i)
+        return i + 1, keep(new_state, state), keep(new_opt, opt_state), bad
+
+    init = (jnp.asarray(start), state, opt_state, jnp.asarray(-1))
+    _, state, opt_state, bad = jax.lax.while_loop(cond, body, init)
+    return state, opt_state, bad
+
+
+@partial(jax.jit, static_argnames=("graphdef", "loss_kind"))
+def _observe(state, x, y, x_test, *, graphdef, loss_kind):
+    loss_one = _loss_fn(loss_kind)
+
+    def one(s):
+        net = nnx.merge(graphdef, s)
+        out = net(x)
+        return loss_one(out, y), out, None if x_test is None else net(x_test)
+
+    return jax.vmap(one)(state)
+
+
 def train(
     arch: MLP,
     x,
@@ -335,59 +409,18 @@ def train(
     graphdef = ens0.graphdef
     one_state = jax.tree_util.tree_map(lambda a: a[0], ens0.state)
     factors = _factor_tree(arch, in_dim, one_state, optimizer)
-    base = optax.scale_by_adam(**ADAM) if optimizer == "adam" else optax.identity()
-    tx = optax.chain(
-        base,
-        optax.GradientTransformation(
-            lambda p: optax.EmptyState(),
-            lambda u, s, p=None: (jax.tree_util.tree_map(lambda g, f: -eta * f * g, u, factors), s),
-        ),
-    )
-    loss_one = _loss_fn(loss)
+    static = dict(graphdef=graphdef, loss_kind=loss, optimizer=optimizer, batch_size=batch_size)
+    eta_arr = jnp.asarray(eta, dtype)
 
-    def net_loss(state, xb, yb):
-        return loss_one(nnx.merge(graphdef, state)(xb), yb)
-
-    @jax.jit
     def advance(state, opt_state, start, stop):
-        """Steps ``start..stop-1``; stops early before a step whose loss is not finite."""
+        return _advance(
+            state, opt_state, x, targets, factors, eta_arr, batch_key, start, stop, **static
+        )
 
-        def cond(carry):
-            i, _, _, bad = carry
-            return (i < stop) & (bad < 0)
-
-        def body(carry):
-            i, state, opt_state, _ = carry
-            if batch_size is None:
-                xb, yb = x, targets
-            else:
-                idx = batch_indices(batch_key, i, n, batch_size)
-                xb, yb = x[idx], targets[idx]
-            losses, grads = jax.vmap(jax.value_and_grad(net_loss), in_axes=(0, None, None))(
-                state, xb, yb
-            )
-            updates, new_opt = jax.vmap(tx.update)(grads, opt_state, state)
-            new_state = jax.vmap(optax.apply_updates)(state, updates)
-            finite = jnp.all(jnp.isfinite(losses))
-            keep = partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
-            bad = jnp.where(finite, -1, i)
-            return i + 1, keep(new_state, state), keep(new_opt, opt_state), bad
-
-        init = (jnp.asarray(start), state, opt_state, jnp.asarray(-1))
-        i, state, opt_state, bad = jax.lax.while_loop(cond, body, init)
-        return state, opt_state, bad
-
-    @jax.jit
     def observe(state):
-        def one(s):
-            net = nnx.merge(graphdef, s)
-            out = net(x)
-            test = None if x_test is None else net(x_test)
-            return loss_one(out, targets), out, test
+        return _observe(state, x, targets, x_test, graphdef=graphdef, loss_kind=loss)
 
-        return jax.vmap(one)(state)
-
-    state, opt_state = ens0.state, jax.jit(jax.vmap(tx.init))(ens0.state)
+    state, opt_state = ens0.state, _opt_init(ens0.state, optimizer=optimizer)
     rec = dict(loss=[], outputs=[], test_outputs=[], nngp=[], ntk=[])
     done, last, diverged = [], 0, -1
     for r in records:
