@@ -17,6 +17,16 @@ from rgnn.perturbative import Perturbative, perturbative
 from rgnn.regime import Regime, classify
 from rgnn.sweep import ScalingFit, Sweep, sweep
 from rgnn.training import Training, batch_indices, ensemble_kernels, train
+from rgnn.wilsonian import (
+    ScaleResolved,
+    Wilsonian,
+    rbf_kernel,
+    rbf_running_ridge,
+    rbf_spectrum,
+    scale_resolved,
+    wilsonian,
+    wilsonian_fixed_point,
+)
 
 __version__ = "0.1.0"
 
@@ -33,10 +43,12 @@ __all__ = [
     "Measurement",
     "Perturbative",
     "Regime",
+    "ScaleResolved",
     "ScalingFit",
     "Sweep",
     "Training",
     "UNIVERSALITY_CLASSES",
+    "Wilsonian",
     "batch_indices",
     "cka",
     "classify",
@@ -55,7 +67,13 @@ __all__ = [
     "linearized_prediction",
     "measure",
     "perturbative",
+    "rbf_kernel",
+    "rbf_running_ridge",
+    "rbf_spectrum",
+    "scale_resolved",
     "sharding",
     "sweep",
     "train",
+    "wilsonian",
+    "wilsonian_fixed_point",
 ]
