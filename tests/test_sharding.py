@@ -28,22 +28,22 @@ _SCRIPT = textwrap.dedent(
     from rgnn import sharding
 
     out = sys.argv[1]
-    x, _ = rgnn.data.digits(13)
+    x, _ = rgnn.data.digits(16)
     arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
     ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
     ens = rgnn.Ensemble(jax.tree.map(lambda a: a[:6], ens8.state), ens8.graphdef, arch, 64)
     mesh = sharding.device_mesh()
     res, info = {}, {"devices": jax.device_count(), "mesh": mesh.size}
-    res["nngp"] = sharding.sharded_empirical(ens, x, kind="nngp", mesh=mesh)
+    res["nngp"] = sharding.sharded_empirical(ens, x, kind="nngp", mesh=mesh)  # 6 -> 8, padded
     res["ntk"] = sharding.sharded_empirical(ens, x, kind="ntk", mesh=mesh)
-    fp = sharding.sharded_fixed_point(arch, x, mesh=mesh)
-    res["fp_nngp"], res["fp_ntk"] = fp.nngp, fp.ntk
     g8 = sharding.sharded_empirical(sharding.shard_ensemble(ens8, mesh), x, mesh=mesh)
     res["nngp8"] = g8
     info["nngp8_devices"] = len(g8.sharding.device_set)
-    info["nngp8_spec"] = str(g8.sharding.spec)
-    info["fp_ntk_devices"] = len(sharding.sharded_fixed_point(arch, x[:8]).ntk.sharding.device_set)
-    res["tiled_ntk"] = sharding.tiled_fixed_point(arch, x, tile=5, kind="ntk", mesh=mesh)
+    info["nngp8_spec"] = list(g8.sharding.spec)
+    fp = sharding.sharded_fixed_point(arch, x, mesh=mesh)  # 16 rows, 2 per device
+    res["fp_nngp"], res["fp_ntk"] = fp.nngp, fp.ntk
+    info["fp_ntk_devices"] = len(fp.ntk.sharding.device_set)
+    info["fp_ntk_spec"] = list(fp.ntk.sharding.spec)
     try:
         sharding.shard_ensemble(ens, mesh)
         info["indivisible_error"] = ""
@@ -74,21 +74,28 @@ def test_main_process_keeps_one_device():
     assert jax.device_count() == 1
 
 
-def test_sharded_results_equal_single_device(eight_devices, x64):
+@pytest.fixture(scope="module")
+def single_device():
+    """The subprocess's data, architecture and ensemble, on this process's one device."""
+    with jax.enable_x64(True):
+        x, _ = rgnn.data.digits(16)
+        arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
+        ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
+    return x, arch, ens8
+
+
+def test_sharded_results_equal_single_device(eight_devices, single_device, x64):
     res, info = eight_devices
     assert info["devices"] == 8 and info["mesh"] == 8
-    x, _ = rgnn.data.digits(13)
-    arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
-    ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
+    x, arch, ens8 = single_device
     fp = rgnn.fixed_point(arch, x)
     nngp8 = np.asarray(rgnn.empirical_nngp(ens8, x))
     single = {
         "nngp": nngp8[:6],
         "ntk": np.asarray(rgnn.empirical_ntk(ens8, x))[:6],
+        "nngp8": nngp8,
         "fp_nngp": fp.nngp,
         "fp_ntk": fp.ntk,
-        "nngp8": nngp8,
-        "tiled_ntk": fp.ntk,
     }
     for name, ref in single.items():
         assert res[name].dtype == np.float64, name
@@ -98,15 +105,15 @@ def test_sharded_results_equal_single_device(eight_devices, x64):
 
 def test_sharded_layouts_span_all_devices(eight_devices):
     _, info = eight_devices
-    # the kernels of a placed ensemble stay split over the network axis on all 8 devices
-    assert info["nngp8_devices"] == 8 and "shard" in info["nngp8_spec"]
-    assert info["fp_ntk_devices"] == 8
+    # the network axis of the ensemble and the row axis of the kernel stay split over 8 devices
+    assert info["nngp8_devices"] == 8 and info["nngp8_spec"] == ["shard"]
+    assert info["fp_ntk_devices"] == 8 and info["fp_ntk_spec"] == [None, "shard"]
     assert "divisible by the 8 devices, got 6" in info["indivisible_error"]
 
 
-def test_tiles_assemble_the_full_kernel(tmp_path, x64):
-    x, _ = rgnn.data.digits(11)
-    arch = rgnn.MLP(2, 8, "relu", weight_var=2.0)
+def test_tiles_assemble_the_full_kernel(single_device, tmp_path, x64):
+    x, arch, ens8 = single_device
+    x = x[:11]
     fp = rgnn.fixed_point(arch, x)
     np.testing.assert_allclose(
         sharding.tiled_fixed_point(arch, x, tile=4), fp.nngp, **tol(EXACT, np.float64)
@@ -119,10 +126,9 @@ def test_tiles_assemble_the_full_kernel(tmp_path, x64):
     np.testing.assert_allclose(
         np.load(tmp_path / "k.npy"), rgnn.fixed_point(arch, x, x2).ntk, **tol(EXACT, np.float64)
     )
-    ens = rgnn.ensemble(arch, 64, n_networks=3, key=jax.random.key(2))
     np.testing.assert_allclose(
-        sharding.tiled_empirical(ens, x, tile=3, kind="ntk"),
-        rgnn.empirical_ntk(ens, x),
+        sharding.tiled_empirical(ens8, x, tile=4, kind="ntk"),
+        rgnn.empirical_ntk(ens8, x),
         **tol(EXACT, np.float64),
     )
 
