@@ -19,11 +19,13 @@ to infinite width, ``v = v_inf + b n^e``; ``z``: ``sigmas``):
      (the relative slack covers the neglected O(1/n^2) terms, which are ``depth/width`` times
      the O(1/n) ones times an O(1) constant);
    * with a sweep (two or more widths), for ``v > t``: *non-perturbative* if it does not fall
-     with width (``p + q se_p >= 0``, the upper end of the fit's 95% confidence interval), or its
-     infinite-width extrapolation stays above the threshold (``v_inf - z se_inf > t``: the
-     network converges to something other than the fixed point, as feature learning does), or
-     it falls at a rate outside the allowed ones (``p`` outside
-     ``[e_fast - s, e + s]``, ``s = q se_p + exponent_tolerance``); otherwise *perturbative*;
+     with width, or falls significantly more slowly than the slowest perturbative rate
+     (``p - q se_p - exponent_tolerance > e``), or its infinite-width extrapolation stays above
+     the threshold (``v_inf - z se_inf > t``: the network converges to something other than
+     the fixed point, as feature learning does); otherwise *perturbative*. A fall faster than
+     ``n^{e_fast}`` still ends at the fixed point (a vanishing O(1/n) coefficient), so it is
+     not held against the measure; a noisy exponent that cannot be told from the allowed range
+     is not either (the verdict then rests on the values and the extrapolation);
    * at a single width, for ``v > t``: *non-perturbative* if ``v > strong`` (a relative
      deviation of order one is not a small correction), otherwise *perturbative*.
 3. The label: **non-perturbative** if the trust bound fails or any measure is non-perturbative;
@@ -242,23 +244,18 @@ def _judge(
     p, p_se = fit.exponent, fit.exponent_se
     v_inf, v_inf_se = fit.infinite_width, fit.infinite_width_se
     failed = []
-    if not p + q * p_se < 0:
+    slack = q * p_se + exponent_tolerance
+    if p - slack > expected:  # significantly slower than the slowest perturbative rate
+        what = "does not fall with width" if p >= 0 else "falls too slowly"
         failed.append(
-            f"does not fall with width: exponent {p:.2f} +- {p_se:.2f} (upper confidence "
-            f"limit {p + q * p_se:.2f} >= 0)"
+            f"{what}: exponent {p:.2f} +- {p_se:.2f}, slower than the slowest perturbative "
+            f"rate n^{expected:g} by more than {q:.2g} se + {exponent_tolerance:g}"
         )
-    else:
-        slack = q * p_se + exponent_tolerance
-        if not fastest - slack <= p <= expected + slack:
-            failed.append(
-                f"falls as n^{p:.2f} +- {p_se:.2f}, not as the expected {_rate(fastest, expected)} "
-                f"(tolerance {q:.2g} se + {exponent_tolerance:g})"
-            )
-        if v_inf - sigmas * v_inf_se > threshold:
-            failed.append(
-                f"extrapolates to {v_inf:.3g} +- {v_inf_se:.2g} > threshold {threshold:g} at "
-                "infinite width"
-            )
+    if v_inf - sigmas * v_inf_se > threshold:
+        failed.append(
+            f"extrapolates to {v_inf:.3g} +- {v_inf_se:.2g} > threshold {threshold:g} at "
+            "infinite width"
+        )
     if failed:
         return Evidence(**ev, verdict="non-perturbative", reason="; ".join(failed))
     return Evidence(
@@ -416,7 +413,9 @@ def classify(
 
         if x is None or y is None:
             raise ValueError("x, y: expected inputs and targets to train the architecture on")
-        defaults = dict(steps=100, learning_rate=0.1, optimizer="gd", loss="mse", n_networks=8)
+        defaults = dict(
+            steps=100, learning_rate=0.1, optimizer="gd", loss="mse", n_networks=8, predict=True
+        )
         unknown = set(settings) - set(defaults)
         if unknown:
             raise ValueError(f"settings: unknown {sorted(unknown)}; expected {sorted(defaults)}")
