@@ -235,21 +235,22 @@ def _sweep_parser(sub):
         "they sit from the Gaussian fixed point, fit each measure's exponent against width and "
         "say which regime the family is in. Finished points are saved as they finish in "
         "OUT/points.jsonl; rerunning the same command resumes. The default is rgnn's main "
-        "job: a depth-2 ReLU MLP in NTK parameterization, trained by gradient descent on 32 "
-        "digits (regression onto the parity of the digit), widths 64 to 1024, 2 seeds.",
+        "job: a depth-2 ReLU MLP at criticality in NTK parameterization, 8 networks per width "
+        "trained for 200 steps of full-batch gradient descent (learning rate 0.25) on 32 digits "
+        "(regression onto the parity of the digit), widths 32 to 512.",
     )
     p.add_argument(
         "--widths",
         type=_int_list,
-        default=[64, 128, 256, 512, 1024],
-        help="comma-separated hidden widths (default 64,128,256,512,1024)",
+        default=[32, 64, 128, 256, 512],
+        help="comma-separated hidden widths (default 32,64,128,256,512)",
     )
-    p.add_argument("--seeds", type=_seed_list, default=[0, 1], help="ensemble seeds (0,1)")
+    p.add_argument("--seeds", type=_seed_list, default=[0], help="ensemble seeds (default 0)")
     p.add_argument("--depths", type=_int_list, help="sweep depths too (comma-separated)")
     p.add_argument("--activations", type=_str_list, help="sweep activations too")
     p.add_argument("--parameterizations", type=_str_list, help="sweep parameterizations too")
     p.add_argument(
-        "--learning-rates", type=_float_list, default=[0.5], help="learning rates (default 0.5)"
+        "--learning-rates", type=_float_list, default=[0.25], help="learning rates (default 0.25)"
     )
     _add_network_options(p, width=False)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -284,7 +285,7 @@ def _classify_parser(sub):
     g.add_argument("--n-networks", type=_positive_int, default=8)
     g.add_argument("--optimizer", default="gd")
     g.add_argument("--loss", default="mse")
-    g.add_argument("--learning-rate", type=float, default=0.5)
+    g.add_argument("--learning-rate", type=float, default=0.25)
     g.add_argument("--seed", type=int, default=0)
     _add_common(p)
     _one_line_errors(p)
@@ -323,13 +324,16 @@ def _base_arch(args, width):
 
 
 def _print_sweep(result, regimes, stream=sys.stdout):
-    from rgnn.sweep import GROUP_FIELDS
+    from rgnn.sweep import GROUP_FIELDS, MEASURES
 
     rows = result.table()
     names = list(result.measures)
     groups = result.groups
     varying = [f for f in GROUP_FIELDS if len({g[f] for g in groups}) > 1]
-    head = [*varying, "width", "seeds", "depth/width"] + names
+    predicted = [n for n in names if any(n + "_predicted" in r for r in rows)]
+    head = [*varying, "width", "seeds", "depth/width"]
+    for name in names:
+        head += [name] + ([f"{name} O(1/n)"] if name in predicted else [])
     print("  ".join(f"{h:>14}" for h in head), file=stream)
     for r in rows:
         cells = [f"{r[f]!s:>14}" for f in varying]
@@ -341,14 +345,25 @@ def _print_sweep(result, regimes, stream=sys.stdout):
             else:
                 cell = "-"
             cells.append(f"{cell:>14}")
+            if name in predicted:
+                pred = r.get(name + "_predicted")
+                cells.append(f"{'-' if pred is None else format(pred, '.3g'):>14}")
         print("  ".join(cells), file=stream)
     print(file=stream)
-    print("fits against width (v = c n^p; v(inf) from v = v_inf + b n^expected):", file=stream)
+    print(
+        "fits against width: v = c n^p (95% interval of p), and v(inf) from "
+        "v = v_inf + b n^(slowest perturbative exponent):",
+        file=stream,
+    )
     for f in result.fits:
         g = ", ".join(f"{k}={v}" for k, v in f.group if k in varying)
+        g = f"{g:<24} " if varying else ""
+        meta = MEASURES.get(f.measure)
+        fast = meta.fastest_exponent if meta else f.expected
+        allowed = f"{f.expected:g}" if fast == f.expected else f"{fast:g}..{f.expected:g}"
         print(
-            f"  {f.measure:<22} {g:<24} p = {f.exponent:6.2f} +- {f.exponent_se:.2f} "
-            f"[{f.exponent_low:.2f}, {f.exponent_high:.2f}]  expected {f.expected:g}  "
+            f"  {f.measure:<15} {g}p = {f.exponent:6.2f} +- {f.exponent_se:.2f} "
+            f"[{f.exponent_low:5.2f}, {f.exponent_high:5.2f}]  perturbative {allowed:<9} "
             f"v(inf) = {f.infinite_width:.3g} +- {f.infinite_width_se:.2g}",
             file=stream,
         )

@@ -139,43 +139,38 @@ class Regime:
             f"  widths {list(self.widths)}; depth/width = {self.depth_over_width:.3g} at the "
             f"widest (trusted up to {self.trust:g})",
         ]
-        lines += [f"  - {r}" for r in self.reasons]
-        fmt = "  {:<22} {:>10} {:>9} {:>10} {:>16} {:>8} {:>16}  {}"
-        lines.append(
-            fmt.format(
-                "measure",
-                "value",
-                "+- se",
-                "threshold",
-                "exponent",
-                "expect",
-                "v(inf) +- se",
-                "verdict",
-            )
-        )
+        fmt = "  {:<15} {:>9} {:>8} {:>10} {:>9} {:>13} {:>8} {:>17}  {}"
+        cols = ("measure", "value", "+- se", "predicted", "threshold", "exponent", "allowed")
+        lines.append(fmt.format(*cols, "v(inf) +- se", "verdict"))
+
+        def num(v, spec):
+            return "-" if math.isnan(v) else format(v, spec)
+
         for e in self.evidence:
-            exp = "-" if math.isnan(e.exponent) else f"{e.exponent:.2f} +- {e.exponent_se:.2f}"
+            exp = "-" if math.isnan(e.exponent) else f"{e.exponent:.2f}+-{e.exponent_se:.2f}"
             inf = (
                 "-"
                 if math.isnan(e.infinite_width)
-                else f"{e.infinite_width:.3g} +- {e.infinite_width_se:.2g}"
+                else f"{e.infinite_width:.3g}+-{e.infinite_width_se:.2g}"
+            )
+            allowed = (
+                f"{e.fastest:g}" if e.fastest == e.expected else f"{e.fastest:g}..{e.expected:g}"
             )
             lines.append(
                 fmt.format(
                     e.measure,
                     f"{e.value:.4g}",
-                    f"{e.se:.2g}",
+                    num(e.se, ".2g"),
+                    num(e.predicted, ".4g"),
                     f"{e.threshold:.3g}",
                     exp,
-                    f"{e.fastest:g}"
-                    if e.fastest == e.expected
-                    else f"{e.fastest:g}..{e.expected:g}",
+                    allowed,
                     inf,
                     e.verdict,
                 )
             )
-            pred = "" if math.isnan(e.predicted) else f" (predicted {e.predicted:.4g})"
-            lines.append(f"      {e.reason}{pred}")
+        lines.append("  why:")
+        lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
 
 

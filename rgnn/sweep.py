@@ -501,7 +501,8 @@ class Sweep:
         for r in self.records:
             for k in r["measures"]:
                 names.setdefault(k, None)
-        return tuple(names)
+        known = list(MEASURES)
+        return tuple(sorted(names, key=lambda k: known.index(k) if k in known else len(known)))
 
     def records_of(self, group: dict) -> list[dict]:
         """The records of one group."""
