@@ -434,27 +434,27 @@ _register(
     Measure(
         "ntk_movement",
         -0.5,
-        "NTK movement ||Theta_t - Theta_0|| / ||Theta_0||, output layer, mean over networks",
+        "||Theta_t - Theta_0|| / ||Theta_0||, output layer",
     ),
     Measure(
         "function_gap",
         -0.5,
-        "rms(f_t - f_lin_t) / rms(y): gap to the infinite-width linearized prediction",
+        "rms(f_t - f_lin,t) / rms(y), f_lin: infinite-width NTK",
     ),
     Measure(
         "ntk_distance",
         -0.5,
-        "||Theta_t - Theta_inf|| / ||Theta_inf||, output layer, mean over networks",
+        "||Theta_t - Theta_inf|| / ||Theta_inf||, output layer",
     ),
     Measure(
         "nngp_distance",
         -0.5,
-        "||G_t - K|| / ||K||, output layer, mean over networks",
+        "||G_t - K|| / ||K||, output layer",
     ),
     Measure(
         "kurtosis",
         -1.0,
-        "excess kurtosis of the output at init, mean over inputs (vs O(1/n) prediction)",
+        "excess kurtosis of the output at init",
         threshold=0.15,
         predicted=True,
     ),
@@ -859,10 +859,18 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    for j in range(len(names), nrow * ncol):
+    free = list(range(len(names), nrow * ncol))
+    if free and any(r.get("couplings") for r in result.records):
+        _plot_layer_couplings(big_axes[free[0] // ncol, free[0] % ncol], result)
+        free = free[1:]
+    for j in free:
         big_axes[j // ncol, j % ncol].set_visible(False)
     desc = ", ".join(f"{k}={v}" for k, v in result.config["base"].items())
-    big.suptitle(f"width sweep ({desc}); dashed: perturbative 1/n prediction", fontsize=10)
+    big.suptitle(
+        f"width sweep ({desc}): means over networks (points), fitted n^p (solid), perturbative "
+        "rates or O(1/n) prediction (dashed), threshold (grey dotted)",
+        fontsize=9,
+    )
     big.tight_layout()
     path = out / "sweep.png"
     big.savefig(path, dpi=90)
@@ -920,16 +928,16 @@ def _plot_measure(ax, result, rows, name, groups, varying):
                 w[ok], pred[ok], "--", color=color, alpha=0.8, label=f"{lab}: O(1/n) prediction"
             )
         elif np.any(pos):
-            e = meta.expected_exponent if meta else -1.0
+            # the perturbative rates through the widest point: n^-1 (a mean shift) to n^-1/2
+            # (a single network's fluctuation)
+            slow = meta.expected_exponent if meta else -1.0
+            fast = meta.fastest_exponent if meta else slow
             anchor = np.flatnonzero(pos)[-1]
-            ax.plot(
-                grid,
-                v[anchor] * (grid / w[anchor]) ** e,
-                "--",
-                color=color,
-                alpha=0.6,
-                label=f"{lab}: n^{e:g} (perturbative)",
-            )
+            lines = [v[anchor] * (grid / w[anchor]) ** e for e in (fast, slow)]
+            ax.plot(grid, lines[0], "--", color=color, alpha=0.7, label=f"{lab}: n^{fast:g}")
+            if slow != fast:
+                ax.plot(grid, lines[1], ":", color=color, alpha=0.7, label=f"{lab}: n^{slow:g}")
+                ax.fill_between(grid, lines[0], lines[1], color=color, alpha=0.08, lw=0)
     if meta is not None:
         ax.axhline(meta.threshold, color="0.6", lw=0.8, ls=":")
     ax.set_xscale("log")
@@ -939,6 +947,35 @@ def _plot_measure(ax, result, rows, name, groups, varying):
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("width n")
     ax.set_ylabel(name)
-    ax.set_title(meta.description if meta else name, fontsize=8)
+    ax.set_title(f"{name}: {meta.description}" if meta else name, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
+
+
+def _plot_layer_couplings(ax, result):
+    """The quartic coupling ``V / (n K^2)`` (input-averaged) against the layer ``l >= 2``, one
+    curve per width of the first group: the O(1/n) prediction (lines) and the measured
+    kurtosis / 3 at initialization (points)."""
+    g = result.groups[0]
+    recs = [r for r in result.records_of(g) if r.get("couplings")]
+    widths = sorted({r["point"]["width"] for r in recs})
+    for i, width in enumerate(widths):
+        at = [r for r in recs if r["point"]["width"] == width]
+        # layer 1 is exactly Gaussian (its metric is deterministic): from layer 2 on
+        pred = np.array([[np.nan if c is None else c for c in r["couplings"]] for r in at])[:, 1:]
+        layers = np.arange(2, pred.shape[1] + 2)
+        color = f"C{i}"
+        ax.plot(layers, np.nanmean(pred, 0), "-", color=color, label=f"n={width}")
+        meas = [r["layers"].get("kurtosis") for r in at if r.get("layers")]
+        meas = [[np.nan if c is None else c / 3 for c in m[1:]] for m in meas if m]
+        if meas:
+            ax.plot(layers, np.nanmean(meas, 0), "o", color=color, ms=3)
+    ax.set_yscale("log")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("coupling V / (n K^2)")
+    ax.set_title(
+        "quartic coupling by layer: O(1/n) (lines), kurtosis/3 at init (points)", fontsize=8
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
