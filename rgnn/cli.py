@@ -497,6 +497,326 @@ def _run_classify(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- wilsonian
+def _wilsonian_parser(sub):
+    p = sub.add_parser(
+        "wilsonian",
+        help="Wilsonian RG of the fixed-point kernel: the running ridge, and where trained "
+        "networks depart from the fixed point",
+        description="Explicit renormalization on built-in data (rgnn.wilsonian; Howard, "
+        "Jefferson, Maiti & Ringel 2024). (1) GP regression with the fixed-point kernel: "
+        "integrate out the kernel eigenmodes below each cutoff, print the running ridge and how "
+        "close the effective theory (and plain truncation) stays to the full GP posterior "
+        "mean. (2) Train an NTK-parameterized ensemble with a small learning rate at each of "
+        "--widths and a muP ensemble (on digits 0 and 1, or the teacher), and resolve each "
+        "output NTK's departure from the fixed "
+        "point over the fixed point's eigenvalue bands (rgnn.scale_resolved). Writes "
+        "OUT/wilsonian.json, OUT/wilsonian.png and OUT/scale_resolved.png.",
+    )
+    g = p.add_argument_group("the flow")
+    g.add_argument("--data", default="digits", choices=["digits", "teacher-student"])
+    g.add_argument("--n", type=_positive_int, default=100, help="training inputs (default 100)")
+    g.add_argument("--n-test", type=_positive_int, default=300, help="test inputs (default 300)")
+    g.add_argument("--kernel", default="nngp", choices=["nngp", "ntk"])
+    g.add_argument("--ridge", type=float, default=0.01, help="bare ridge sigma^2 (default 0.01)")
+    g.add_argument("--cutoffs", type=_positive_int, default=12, help="log-spaced cutoffs (12)")
+    g.add_argument("--depth", type=_positive_int, default=2, help="hidden layers L (default 2)")
+    g.add_argument("--activation", default="relu", help="activation (default relu)")
+    g.add_argument("--weight-var", type=float, default=2.0, help="C_W (default 2)")
+    g.add_argument("--bias-var", type=float, default=0.0, help="C_b (default 0)")
+    g = p.add_argument_group("trained networks (scale-resolved comparison)")
+    g.add_argument(
+        "--widths",
+        type=_int_list,
+        default=[64, 128, 256, 512],
+        help="NTK-parameterization widths (default 64,128,256,512)",
+    )
+    g.add_argument("--mup-width", type=_positive_int, help="muP width (default: 2nd of --widths)")
+    g.add_argument("--n-scale", type=_positive_int, default=24, help="training inputs (24)")
+    g.add_argument("--steps", type=_positive_int, default=20, help="NTK steps (default 20)")
+    g.add_argument("--lr", type=float, default=0.05, help="NTK learning rate (default 0.05)")
+    g.add_argument("--mup-steps", type=_positive_int, default=60, help="muP steps (default 60)")
+    g.add_argument("--mup-lr", type=float, default=0.3, help="muP learning rate (default 0.3)")
+    g.add_argument("--n-networks", type=_positive_int, default=8, help="ensemble size (8)")
+    g.add_argument("--bands", type=_positive_int, default=3, help="eigenvalue bands (3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data split and networks")
+    g.add_argument("--no-networks", action="store_true", help="skip the trained networks")
+    _add_common(p)
+    _one_line_errors(p)
+    p.set_defaults(run=_run_wilsonian)
+
+
+def _wilsonian_task(args, n):
+    """``n`` inputs of the task in random order (digits come sorted by label) and targets:
+    the parity of the digit (+-1) or the teacher's output."""
+    import numpy as np
+
+    from rgnn import data
+
+    if args.data == "digits":
+        if n > 1797:
+            raise _Fail(f"n: expected at most 1797 digits in all, got {n}")
+        x, labels = data.digits(n, seed=args.seed)
+        y = np.where(labels % 2 == 0, 1.0, -1.0)[:, None]
+    else:
+        x, y = data.teacher_student(n, seed=args.seed)
+    perm = np.random.RandomState(args.seed).permutation(n)
+    return x[perm], y[perm]
+
+
+def _scale_task(args):
+    """The trained networks' task: digits 0 and 1 (targets -1, +1), whose target lies almost
+    entirely in the fixed point's top modes, or the teacher-student task."""
+    import numpy as np
+
+    from rgnn import data
+
+    if args.data == "digits":
+        if args.n_scale > 360:
+            raise _Fail(f"n-scale: expected at most 360 digits 0 and 1, got {args.n_scale}")
+        x, labels = data.digits(args.n_scale, seed=args.seed, classes=(0, 1))
+        return x, np.where(labels == 0, -1.0, 1.0)[:, None]
+    return data.teacher_student(args.n_scale, seed=args.seed)
+
+
+def _mean_se(values):
+    import numpy as np
+
+    v = np.asarray(values, dtype=float).reshape(-1)
+    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+    return float(v.mean()), se
+
+
+def _slope(widths, totals):
+    """Weighted least-squares slope of log(mean total) on log(width), with its standard error
+    (weights from each width's standard error over networks)."""
+    import numpy as np
+
+    mean = np.array([np.mean(t) for t in totals])
+    se = np.array([np.std(t, ddof=1) / np.sqrt(len(t)) for t in totals]) / mean
+    a = np.stack([np.ones(len(widths)), np.log(widths)], 1) / se[:, None]
+    cov = np.linalg.inv(a.T @ a)
+    coef = cov @ a.T @ (np.log(mean) / se)
+    return float(coef[1]), float(np.sqrt(cov[1, 1]))
+
+
+def _scale_summary(s):
+    """Means over the ensemble with standard errors, and the per-network values."""
+    import numpy as np
+
+    fields = dict(
+        total=s.total,
+        alignment=s.alignment,
+        top_fraction=s.top_fraction,
+        top_band_alignment=s.band_alignment[:, 0],
+    )
+    summary = {}
+    for name, values in fields.items():
+        summary[name], summary[f"{name}_se"] = _mean_se(values)
+    summary["per_network"] = {
+        name: [float(v) for v in np.asarray(values)] for name, values in fields.items()
+    }
+    summary["band_alignment"] = [float(v) for v in np.nanmean(np.asarray(s.band_alignment), 0)]
+    summary["departure"] = [float(v) for v in np.asarray(s.departure).mean(0)]
+    summary["relative_departure"] = [float(v) for v in np.asarray(s.relative_departure).mean(0)]
+    return summary
+
+
+def _run_wilsonian(args):
+    import jax
+    import numpy as np
+
+    import rgnn
+    from rgnn import plotting
+
+    if not (args.ridge > 0 and np.isfinite(args.ridge)):
+        raise _Fail(f"ridge: expected a finite number > 0, got {args.ridge}")
+    for name in ("lr", "mup_lr"):
+        if not (getattr(args, name) > 0 and np.isfinite(getattr(args, name))):
+            raise _Fail(f"{name.replace('_', '-')}: expected a finite number > 0")
+    start = time.perf_counter()
+    result = dict(data=args.data, kernel=args.kernel, ridge=args.ridge)
+    with jax.enable_x64(True):
+        try:
+            arch = rgnn.MLP(
+                args.depth,
+                max(args.widths),
+                args.activation,
+                weight_var=args.weight_var,
+                bias_var=args.bias_var,
+            )
+        except ValueError as err:
+            raise _Fail(str(err)) from None
+        x, y = _wilsonian_task(args, args.n + args.n_test)
+        fp = rgnn.fixed_point(arch, x)
+        w = rgnn.wilsonian_fixed_point(
+            fp,
+            y[: args.n],
+            n_train=args.n,
+            ridge=args.ridge,
+            kernel=args.kernel,
+            cutoffs=args.cutoffs,
+        )
+        errors = {k: np.asarray(w.test_error(k)) for k in ("effective", "truncated", "exact")}
+        rows = [
+            dict(
+                cutoff=float(w.cutoffs[i]),
+                modes=int(w.n_modes[i]),
+                running_ridge=float(w.running_ridge[i]),
+                spectral_ridge=float(w.ridge + w.integrated_sum[i]),
+                error_effective=float(errors["effective"][i]),
+                error_truncated=float(errors["truncated"][i]),
+                error_exact=float(errors["exact"][i]),
+                valid=bool(w.valid[i]),
+            )
+            for i in range(w.cutoffs.shape[0])
+        ]
+        result["flow"] = rows
+        args.out.mkdir(parents=True, exist_ok=True)
+        result["plot_flow"] = str(
+            plotting.plot_wilsonian(
+                w,
+                args.out / "wilsonian.png",
+                title=f"Wilsonian flow: {args.kernel.upper()} of a depth-{args.depth} "
+                f"{arch.act.name} MLP, {args.data}, N = {args.n}, sigma^2 = {args.ridge:g}",
+            )
+        )
+        if not args.no_networks:
+            result["scale_resolved"] = _scale_contrast(args)
+    result["seconds"] = time.perf_counter() - start
+    (args.out / "wilsonian.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_wilsonian(args, result)
+    return 0
+
+
+def _scale_contrast(args):
+    """NTK-parameterized ensembles (small learning rate) at each width and one muP ensemble,
+    their output NTKs resolved over the fixed point's eigenvalue bands."""
+    import jax
+    import numpy as np
+
+    import rgnn
+    from rgnn import plotting
+
+    x, y = _scale_task(args)
+    mup_width = args.mup_width or args.widths[min(1, len(args.widths) - 1)]
+
+    def arch(width, par):
+        return rgnn.MLP(
+            args.depth,
+            width,
+            args.activation,
+            weight_var=args.weight_var,
+            bias_var=args.bias_var,
+            parameterization=par,
+        )
+
+    try:
+        fp = rgnn.fixed_point(arch(mup_width, "ntk"), x)
+        key = jax.random.key(args.seed)
+        kw = dict(n_networks=args.n_networks, key=key)
+        lazy = {}
+        for width in args.widths:
+            run = rgnn.train(
+                arch(width, "ntk"),
+                x,
+                y,
+                steps=args.steps,
+                learning_rate=args.lr,
+                record_steps=[args.steps],
+                **kw,
+            )
+            lazy[width] = rgnn.scale_resolved(
+                fp.ntk[-1], run.ntk[-1, :, -1], bands=args.bands, target=y
+            )
+        run = rgnn.train(
+            arch(mup_width, "mup"),
+            x,
+            y,
+            steps=args.mup_steps,
+            learning_rate=args.mup_lr,
+            record_steps=[args.mup_steps],
+            **kw,
+        )
+    except ValueError as err:
+        raise _Fail(str(err)) from None
+    mup = rgnn.scale_resolved(fp.ntk[-1], run.ntk[-1, :, -1], bands=args.bands, target=y)
+    out = dict(
+        n_inputs=args.n_scale,
+        bands=dict(
+            edges=[float(e) for e in np.asarray(mup.band_edges)],
+            modes=[int(m) for m in np.asarray(mup.band_modes)],
+            target_weight=[float(v) for v in np.asarray(mup.target_weight)],
+        ),
+        ntk={str(w): dict(width=w, **_scale_summary(s)) for w, s in lazy.items()},
+        mup=dict(width=mup_width, **_scale_summary(mup)),
+    )
+    if len(args.widths) >= 2 and args.n_networks >= 2:
+        slope, slope_se = _slope(args.widths, [np.asarray(s.total) for s in lazy.values()])
+        out["ntk_total_slope"], out["ntk_total_slope_se"] = slope, slope_se
+    show = {f"NTK, lr {args.lr:g}, width {w}": s for w, s in lazy.items()}
+    show[f"muP, lr {args.mup_lr:g}, width {mup_width}"] = mup
+    out["plot"] = str(
+        plotting.plot_scale_resolved(
+            show,
+            args.out / "scale_resolved.png",
+            title=f"Output-NTK departure from the fixed point over its eigenvalue bands "
+            f"({args.n_networks} networks each, {args.n_scale} inputs)",
+        )
+    )
+    return out
+
+
+def _print_wilsonian(args, result):
+    print(
+        f"Wilsonian flow of GP regression with the fixed-point {args.kernel.upper()} "
+        f"({args.data}, {args.n} training and {args.n_test} test inputs, ridge {args.ridge:g})"
+    )
+    print(
+        "modes with population eigenvalue below the cutoff are integrated out; error = "
+        "|f - f_full| / |f_full| on the test inputs; * = running ridge justified (N Lambda <= "
+        "sigma^2(Lambda), >= N modes integrated out)"
+    )
+    head = ("cutoff", "modes", "running ridge", "err effective", "err truncated", "err exact")
+    print("  ".join(f"{h:>13}" for h in head))
+    for r in result["flow"]:
+        print(
+            f"{r['cutoff']:13.4g}  {r['modes']:13d}  {r['running_ridge']:13.4g}  "
+            f"{r['error_effective']:13.4g}  {r['error_truncated']:13.4g}  "
+            f"{r['error_exact']:13.4g}{' *' if r['valid'] else ''}"
+        )
+    sr = result.get("scale_resolved")
+    if sr:
+        print()
+        print(
+            "Output-NTK departure from the fixed point, resolved over its eigenvalue bands "
+            f"({args.n_scale} inputs; band modes {sr['bands']['modes']}, target weight "
+            + ", ".join(f"{v:.2f}" for v in sr["bands"]["target_weight"])
+            + ")"
+        )
+        head = ("network", "total", "top-band share", "alignment", "top-band align")
+        print("  ".join(f"{h:>18}" for h in head) + "  relative per band")
+        rows = [(f"NTK width {k}", v) for k, v in sr["ntk"].items()]
+        rows.append((f"muP width {sr['mup']['width']}", sr["mup"]))
+        for name, v in rows:
+            cells = [f"{name:>18}"]
+            for field in ("total", "top_fraction", "alignment", "top_band_alignment"):
+                cells.append(f"{v[field]:>9.3g} +-{v[field + '_se']:<6.2g}")
+            rel = ", ".join(f"{r:.3g}" for r in v["relative_departure"])
+            print("  ".join(cells) + f"  {rel}")
+        if "ntk_total_slope" in sr:
+            print(
+                f"NTK departure vs width: log-log slope {sr['ntk_total_slope']:.3f} "
+                f"+- {sr['ntk_total_slope_se']:.3f}"
+            )
+        print(f"wrote {result['plot_flow']}, {sr['plot']} and {args.out / 'wilsonian.json'}")
+    else:
+        print(f"wrote {result['plot_flow']} and {args.out / 'wilsonian.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rgnn",
@@ -507,6 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fixed_point_parser(sub)
     _sweep_parser(sub)
     _classify_parser(sub)
+    _wilsonian_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_layer_kernels", "plot_couplings"]
+__all__ = ["plot_layer_kernels", "plot_couplings", "plot_wilsonian", "plot_scale_resolved"]
 
 
 def plot_layer_kernels(fp, path, *, labels=None, layers=None, title=None):
@@ -86,6 +86,135 @@ def plot_couplings(
     right.set_ylabel(f"coupling V / (n K^2) at n = {width}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- Wilsonian RG
+def plot_wilsonian(w, path, *, title=None, closed_form=None):
+    """The Wilsonian flow of GP regression (:func:`rgnn.wilsonian`) as a PNG, two panels.
+
+    Left: the running ridge ``sigma^2(Lambda)`` against the cutoff (the trace of the
+    integrated-out Gram matrix per sample), its expectation ``sigma^2 + sum_{lambda < Lambda}
+    lambda`` from the estimated spectrum, the spread of the input-dependent ``local_ridge``,
+    and the IR scale ``Lambda = sigma^2(Lambda) / N``; ``closed_form`` (``[C]``) is overlaid
+    when given. Right: the relative distance of the test predictions from the full GP
+    posterior mean, for the running-ridge theory, plain truncation and the exact effective
+    theory, with the cutoffs where the running-ridge approximation is justified shaded.
+    """
+    cut = np.asarray(w.cutoffs)
+    pos = cut > 0
+    c = cut[pos]
+    n = w.train.shape[1]
+    ridge = float(w.ridge)
+    run = np.asarray(w.running_ridge)[pos]
+    local = np.asarray(w.local_ridge)[pos]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    ax0.plot(c, run, "o-", ms=4, label="running ridge  sigma^2 + tr K^> / N")
+    ax0.plot(
+        c,
+        ridge + np.asarray(w.integrated_sum)[pos],
+        "s--",
+        ms=3,
+        label="sigma^2 + sum_{lambda<Lambda} lambda  (spectrum)",
+    )
+    ax0.fill_between(
+        c,
+        local.min(1),
+        local.max(1),
+        alpha=0.15,
+        label="local ridge sigma^2 + K^>(x, x): range over inputs",
+    )
+    if closed_form is not None:
+        ax0.plot(c, np.asarray(closed_form)[pos], "k:", lw=2, label="closed form")
+    ax0.plot(c, n * c, color="0.5", lw=1, label="IR scale: N Lambda")
+    ax0.axhline(ridge, color="0.3", lw=0.8, ls="--", label="bare ridge sigma^2")
+    ax0.set_xscale("log")
+    ax0.set_yscale("log")
+    lo, hi = min(ridge, run.min()) / 2, run.max() * 2
+    ax0.set_ylim(lo, hi)
+    ax0.set_xlabel("cutoff Lambda (modes with lambda < Lambda integrated out)")
+    ax0.set_ylabel("ridge")
+    ax0.set_title("Running ridge")
+    ax0.legend(fontsize=7)
+    ax0.grid(alpha=0.3)
+    for which, style in (("effective", "o-"), ("truncated", "s-"), ("exact", "^:")):
+        err = np.asarray(w.test_error(which))[pos]
+        ax1.plot(c, np.maximum(err, 1e-16), style, ms=4, label=which)
+    valid = np.asarray(w.valid)[pos]
+    if valid.any():
+        ax1.axvspan(
+            c[valid].min(), c[valid].max(), color="g", alpha=0.08, label="running ridge justified"
+        )
+    modes = np.asarray(w.n_modes)[pos]
+    for x_, m in zip(c[:: max(1, len(c) // 6)], modes[:: max(1, len(c) // 6)], strict=True):
+        ax1.annotate(f"{m}", (x_, 1.0), fontsize=7, ha="center", va="bottom", color="0.4")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("cutoff Lambda  (grey: modes kept)")
+    ax1.set_ylabel("|f - f_full| / |f_full| on test inputs")
+    ax1.set_title("Effective theory vs the full GP posterior mean")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scale_resolved(results, path, *, title=None):
+    """Scale-resolved departures from the fixed point (:func:`rgnn.scale_resolved`) as a PNG.
+
+    ``results`` maps a label (e.g. ``"NTK, small lr"``) to a :class:`~rgnn.ScaleResolved` on
+    the same fixed-point kernel; leading axes (networks, ...) are averaged. Left: each band's
+    share of the departure ``|P_b D|_F / |K_0|_F`` with the target's weight per band. Right:
+    each band's relative movement ``|P_b D P_b| / |P_b K_0 P_b|``. The legend gives the
+    alignment of the whole departure with the target.
+    """
+    labels = list(results)
+    first = results[labels[0]]
+    n_bands = int(np.asarray(first.band_modes).shape[0])
+    edges = np.asarray(first.band_edges)
+    modes = np.asarray(first.band_modes)
+    names = []
+    for b in range(n_bands):
+        hi = "max" if not np.isfinite(edges[b]) else f"{edges[b]:.2g}"
+        lo = "0" if not np.isfinite(edges[b + 1]) else f"{edges[b + 1]:.2g}"
+        names.append(f"band {b}\n({lo}, {hi}]\n{modes[b]} modes")
+    pos = np.arange(n_bands)
+    width = 0.8 / len(labels)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    for i, label in enumerate(labels):
+        r = results[label]
+        dep = np.asarray(r.departure).reshape(-1, n_bands).mean(0)
+        rel = np.asarray(r.relative_departure).reshape(-1, n_bands).mean(0)
+        align = np.nanmean(np.asarray(r.alignment))
+        text = f"{label} (total {np.mean(np.asarray(r.total)):.3g}, alignment {align:.2f})"
+        ax0.bar(pos + (i - (len(labels) - 1) / 2) * width, dep, width, label=text)
+        ax1.bar(pos + (i - (len(labels) - 1) / 2) * width, rel, width, label=label)
+    weight = np.asarray(first.target_weight)
+    if np.all(np.isfinite(weight)):
+        twin = ax0.twinx()
+        twin.plot(pos, weight, "kD--", ms=5, label="target weight |P_b y|^2 / |y|^2")
+        twin.set_ylim(0, 1.05)
+        twin.set_ylabel("target weight per band")
+        twin.legend(fontsize=7, loc="upper center")
+    for ax in (ax0, ax1):
+        ax.set_xticks(pos)
+        ax.set_xticklabels(names, fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    ax0.set_ylabel("|P_b D|_F / |K_0|_F")
+    ax0.set_title("Where the departure sits (eigenvalue bands of the fixed point)")
+    ax0.legend(fontsize=7, loc="upper right")
+    ax1.set_ylabel("|P_b D P_b|_F / |P_b K_0 P_b|_F")
+    ax1.set_title("How far each band moved, relative to its size")
+    ax1.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -544,8 +544,9 @@ class ScaleResolved:
 
 
 def _cosine(a, b):
-    num = jnp.sum(a * b, axis=(-2, -1))
-    den = jnp.linalg.norm(a, axis=(-2, -1)) * jnp.linalg.norm(b, axis=(-2, -1))
+    """Frobenius cosine of ``a [..., N, N]`` with ``b [N, N]`` (NaN where either is zero)."""
+    num = jnp.einsum("...ij,ij->...", a, b)
+    den = jnp.linalg.norm(a, axis=(-2, -1)) * jnp.linalg.norm(b)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
