@@ -60,7 +60,7 @@ def ensemble(arch: MLP, in_dim: int, *, n_networks: int, key: jax.Array, dtype=N
         raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 1:
         raise ValueError(f"n_networks: expected an integer >= 1, got {n_networks!r}")
-    dtype = dtype or jnp.result_type(float)
+    dtype = jnp.dtype(dtype or jnp.result_type(float))
     graphdef, _ = nnx.split(
         nnx.eval_shape(lambda: arch.network(in_dim, rngs=nnx.Rngs(0), dtype=dtype))
     )
@@ -68,5 +68,8 @@ def ensemble(arch: MLP, in_dim: int, *, n_networks: int, key: jax.Array, dtype=N
     def init(k):
         return nnx.split(arch.network(in_dim, rngs=nnx.Rngs(params=k), dtype=dtype))[1]
 
-    state = jax.jit(jax.vmap(init))(jax.random.split(key, n_networks))
+    # vmapped but not jitted as a whole: the samplers are then dispatched as JAX's own jitted
+    # functions, compiled once per parameter shape and reused by every architecture with the
+    # same widths (compiling the float64 normal sampler dominates the cost of a small ensemble)
+    state = jax.vmap(init)(jax.random.split(key, n_networks))
     return Ensemble(state, graphdef, arch, in_dim)
