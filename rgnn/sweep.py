@@ -860,7 +860,8 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
         plt.close(fig)
         written.append(path)
     free = list(range(len(names), nrow * ncol))
-    if free and any(r.get("couplings") for r in result.records):
+    has_couplings = any(c is not None for r in result.records for c in (r.get("couplings") or []))
+    if free and has_couplings:
         _plot_layer_couplings(big_axes[free[0] // ncol, free[0] % ncol], result)
         free = free[1:]
     for j in free:

@@ -27,10 +27,15 @@ _SCRIPT = textwrap.dedent(
     import rgnn
     from rgnn import sharding
 
-    out = sys.argv[1]
+    from flax import nnx
+
+    out, params = sys.argv[1], np.load(sys.argv[2])
     x, _ = rgnn.data.digits(16)
     arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
-    ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
+    # the main process's ensemble, rebuilt from its parameters
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: arch.network(64, rngs=nnx.Rngs(0))))
+    leaves = [jax.numpy.asarray(params[f"arr_{i}"]) for i in range(len(params.files))]
+    ens8 = rgnn.Ensemble(jax.tree.unflatten(jax.tree.structure(shapes), leaves), graphdef, arch, 64)
     ens = rgnn.Ensemble(jax.tree.map(lambda a: a[:6], ens8.state), ens8.graphdef, arch, 64)
     mesh = sharding.device_mesh()
     res, info = {}, {"devices": jax.device_count(), "mesh": mesh.size}
@@ -57,12 +62,28 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
+def single_device():
+    """The data, architecture and 8-network ensemble, on this process's one device."""
+    with jax.enable_x64(True):
+        x, _ = rgnn.data.digits(16)
+        arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
+        ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
+    return x, arch, ens8
+
+
+@pytest.fixture(scope="module")
+def eight_devices(single_device, tmp_path_factory):
     base = str(tmp_path_factory.mktemp("sharding") / "out")
+    params = base + "_params.npz"
+    np.savez(params, *[np.asarray(a) for a in jax.tree.leaves(single_device[2].state)])
     flags = "--xla_force_host_platform_device_count=8"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, base], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _SCRIPT, base, params],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(base + ".json") as f:
@@ -72,16 +93,6 @@ def eight_devices(tmp_path_factory):
 
 def test_main_process_keeps_one_device():
     assert jax.device_count() == 1
-
-
-@pytest.fixture(scope="module")
-def single_device():
-    """The subprocess's data, architecture and ensemble, on this process's one device."""
-    with jax.enable_x64(True):
-        x, _ = rgnn.data.digits(16)
-        arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
-        ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
-    return x, arch, ens8
 
 
 def test_sharded_results_equal_single_device(eight_devices, single_device, x64):
