@@ -202,7 +202,7 @@ def plot_scale_resolved(results, path, *, title=None):
         twin.plot(pos, weight, "kD--", ms=5, label="target weight |P_b y|^2 / |y|^2")
         twin.set_ylim(0, 1.05)
         twin.set_ylabel("target weight per band")
-        twin.legend(fontsize=7, loc="upper center")
+        twin.legend(fontsize=7, loc="center right")
     for ax in (ax0, ax1):
         ax.set_xticks(pos)
         ax.set_xticklabels(names, fontsize=7)

@@ -103,20 +103,22 @@ order in ``v``, integrating out ``f_>`` (i) shifts the kept modes' quadratic ter
 contraction of ``v`` with the conditional covariance of ``f_>`` given the data (a tadpole), and
 (ii) renormalizes the kept quartic coupling by substituting for every ``f_>`` leg its
 conditional mean ``K^>_{xX} (sigma^2 I + K^>)^{-1} (y - f_<(X))``, which is linear in
-``f_<``. Both need the vertex ``V_{(ab)(cd)}`` with four distinct inputs (contracted with
-eigenvectors, every quadruple of the ``P`` inputs contributes), while :func:`rgnn.perturbative`
-gives ``V`` only on pairs of inputs (components ``(aa, ab, bb)``). What would be needed: the
-four-input vertex, by 4-D Gaussian quadrature of ``Cov[s_a s_b, s_c s_d]`` through the layer
-recursion (``O(P^4 L)`` memory, about 2 GB in float64 at ``P = 64``), or a Monte Carlo estimate
-of ``Cov(G_ab, G_cd)`` over all pairs from an ensemble, whose standard errors would then need
-to be propagated through the contractions.
+``f_<``. Both need the vertex ``V_{(ab)(cd)}`` with four distinct inputs: contracted with
+eigenvectors, every quadruple of the ``P`` inputs contributes, while :mod:`rgnn.perturbative`
+gives ``V`` on pairs of inputs (components ``(aa, ab, bb)``) and in full only on sets of at most
+four inputs. What would be needed: the vertex on all quadruples through the layer recursion,
+whose ``Cov[s_a s_b, s_c s_d]`` needs a 4-D Gaussian integral for each of the ``binom(P, 4)``
+quadruples of distinct inputs (at ``P = 64`` and 48 nodes per dimension, about ``6e5 x 5e6 =
+3e12`` activation evaluations per layer; storage ``(P (P + 1) / 2)^2`` entries, 35 MB per
+layer in float64), or a Monte Carlo estimate of ``Cov(G_ab, G_cd)`` on all pairs from an
+ensemble (``4e6`` entries at ``P = 64``), with its standard errors propagated through the
+contractions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -241,33 +243,42 @@ class Wilsonian:
 def _log_cutoffs(lam: jax.Array, count: int) -> jax.Array:
     """``count`` cutoffs log-spaced from the largest eigenvalue (keeps the top mode) to the
     smallest one (or ``1e-12`` of the largest), then ``0`` (keeps every mode)."""
+    if count < 1:
+        return jnp.zeros((1,), lam.dtype)
     top = lam[0]
     floor = jnp.maximum(lam[-1], 1e-12 * top)
     grid = jnp.exp(jnp.linspace(jnp.log(top), jnp.log(floor), count))
     return jnp.concatenate([grid.at[0].set(top), jnp.zeros((1,), lam.dtype)])
 
 
-@partial(jax.jit, static_argnames=("n_default",))
-def _flow(k_tt, k_st, k_ss, y, ridge, cutoffs, *, n_default: int):
+@jax.jit
+def _flow(k_tt, k_st, k_ss, y, ridge, cutoffs, use_default):
     n, m = k_tt.shape[0], k_ss.shape[0]
     p = n + m
     joint = jnp.block([[k_tt, k_st.T], [k_st, k_ss]])
     mu, psi = jnp.linalg.eigh(0.5 * (joint + joint.T))
     mu, psi = jnp.maximum(mu[::-1], 0.0), psi[:, ::-1]
     lam = mu / p
-    if n_default:
-        cutoffs = _log_cutoffs(lam, n_default)
+    # the default grid is chosen inside (it needs the spectrum) but traced, not static, so
+    # that a count and an explicit array of the same length share one compilation
+    cutoffs = jnp.where(use_default, _log_cutoffs(lam, cutoffs.shape[0] - 1), cutoffs)
     psi_t, psi_s = psi[:n], psi[n:]
     eye = jnp.eye(n, dtype=k_tt.dtype)
+    shape = y.shape[1:]
+    y = y.reshape(n, -1)  # [N, O]
     alpha = jnp.linalg.solve(k_tt + ridge * eye, y)
     full_train, full_test = k_tt @ alpha, k_st @ alpha
     diag_t = jnp.diagonal(k_tt)
+    proj_alpha = psi_t.T @ alpha  # [P, O]
 
     def one(cut):
         keep = lam >= cut
-        w = jnp.where(keep, mu, 0.0)
-        kl_tt = (psi_t * w[None, :]) @ psi_t.T
-        kl_st = (psi_s * w[None, :]) @ psi_t.T
+        w = jnp.where(keep, mu, 0.0)[:, None]  # [P, 1]
+        kl_tt = (psi_t * w.T) @ psi_t.T  # K^<_train
+
+        def kept(rows, a):  # K^<_{rows, train} @ a through the modes: O(P N) per column
+            return rows @ (w * (psi_t.T @ a))
+
         local = ridge + jnp.maximum(diag_t - jnp.diagonal(kl_tt), 0.0)
         running = jnp.mean(local)
         a_eff = jnp.linalg.solve(kl_tt + running * eye, y)
@@ -278,13 +289,17 @@ def _flow(k_tt, k_st, k_ss, y, ridge, cutoffs, *, n_default: int):
             local_ridge=local,
             integrated_sum=jnp.sum(jnp.where(keep, 0.0, lam)),
             train=kl_tt @ a_eff,
-            test=kl_st @ a_eff,
+            test=kept(psi_s, a_eff),
             truncated_train=kl_tt @ a_tr,
-            truncated_test=kl_st @ a_tr,
-            exact_test=kl_st @ alpha,
+            truncated_test=kept(psi_s, a_tr),
+            exact_test=psi_s @ (w * proj_alpha),
         )
 
     out = jax.lax.map(one, cutoffs)
+    c = cutoffs.shape[0]
+    for name in ("train", "test", "truncated_train", "truncated_test", "exact_test"):
+        out[name] = out[name].reshape((c, -1, *shape))
+    full_train, full_test = full_train.reshape((n, *shape)), full_test.reshape((m, *shape))
     return cutoffs, lam, full_train, full_test, out
 
 
@@ -347,11 +362,11 @@ def wilsonian(
     dtype = jnp.result_type(k_tt.dtype, k_st.dtype, k_ss.dtype, jnp.result_type(float))
     if cutoffs is None:
         cutoffs = 12
-    n_default = 0
+    use_default = False
     if isinstance(cutoffs, int) and not isinstance(cutoffs, bool):
         if cutoffs < 1:
             raise ValueError(f"cutoffs: expected a count >= 1 or an array, got {cutoffs}")
-        n_default, cut = cutoffs, jnp.zeros((1,), dtype)
+        use_default, cut = True, jnp.zeros((cutoffs + 1,), dtype)
     else:
         cut = _as_array(cutoffs, "cutoffs", 1, "a 1-D array of cutoffs")
         if cut.shape[0] < 1:
@@ -365,7 +380,7 @@ def wilsonian(
         y_arr.astype(dtype),
         jnp.asarray(r, dtype),
         cut.astype(dtype),
-        n_default=n_default,
+        use_default,
     )
     return Wilsonian(
         cutoffs=cut,
