@@ -572,10 +572,17 @@ def _lead(x, like):
 
 
 @jax.jit
-def _resolve(k0, emp, y, edges, has_target):
+def _resolve(k0, emp, y, edges, has_target, use_log_edges):
     lam, u = jnp.linalg.eigh(0.5 * (k0 + k0.T))
     lam, u = lam[::-1], u[:, ::-1]
     n = lam.shape[0]
+    # default edges (traced, so that jit needs no concrete kernel): log-spaced from the top
+    # eigenvalue to the smallest above 1e-12 of it, open at both ends
+    top = lam[0]
+    floor = jnp.min(jnp.where(lam > 1e-12 * top, lam, top))
+    grid = jnp.exp(jnp.linspace(jnp.log(top), jnp.log(floor), edges.shape[0]))
+    log_edges = grid.at[0].set(jnp.inf).at[-1].set(-jnp.inf)
+    edges = jnp.where(use_log_edges, log_edges, edges)
     # band b holds edges[b] >= lambda > edges[b + 1]; modes outside the edges are in no band
     onehot = ((lam[:, None] <= edges[None, :-1]) & (lam[:, None] > edges[None, 1:])).astype(
         k0.dtype
@@ -610,7 +617,18 @@ def _resolve(k0, emp, y, edges, has_target):
     alignment = jnp.where(has_target, alignment, nan)
     band_alignment = jnp.where(has_target, band_alignment, nan)
     counts = jnp.sum(onehot, axis=0).astype(jnp.int32)
-    return lam, counts, departure, relative, mode_shift, total, weight, alignment, band_alignment
+    return (
+        lam,
+        edges,
+        counts,
+        departure,
+        relative,
+        mode_shift,
+        total,
+        weight,
+        alignment,
+        band_alignment,
+    )
 
 
 def scale_resolved(fixed_kernel, empirical, *, bands=4, target=None) -> ScaleResolved:
@@ -628,12 +646,14 @@ def scale_resolved(fixed_kernel, empirical, *, bands=4, target=None) -> ScaleRes
       empirical: ``[..., N, N]`` empirical kernels of the same kind on the same inputs (one
         network, an ensemble, a training record, ...).
       bands: the number of bands ``B`` (edges log-spaced from the largest eigenvalue to the
-        smallest one above ``1e-12`` of it, everything lower in the last band), or a
-        descending sequence of ``B + 1`` eigenvalue edges.
+        smallest one above ``1e-12`` of it, the first band open above and the last open
+        below), or a descending sequence of ``B + 1`` eigenvalue edges (modes outside them
+        belong to no band).
       target: optional ``[N]`` or ``[N, O]`` targets for the alignment fields.
 
     Returns:
-      A :class:`ScaleResolved`; dtype follows the kernels.
+      A :class:`ScaleResolved`; dtype follows the kernels. Jit-able (with ``bands`` and the
+      presence of ``target`` static).
     """
     k0 = _as_array(fixed_kernel, "fixed_kernel", 2, "a square [N, N] kernel matrix")
     n = k0.shape[0]
@@ -655,29 +675,27 @@ def scale_resolved(fixed_kernel, empirical, *, bands=4, target=None) -> ScaleRes
             raise ValueError("target: expected a non-zero target")
     else:
         y = jnp.ones((n, 1), dtype)
-    lam = np.sort(np.linalg.eigvalsh(np.asarray(k0, np.float64)))[::-1]
     if isinstance(bands, bool):
         raise ValueError(f"bands: expected an integer >= 1 or descending edges, got {bands!r}")
     if isinstance(bands, int):
         if bands < 1:
             raise ValueError(f"bands: expected an integer >= 1, got {bands}")
-        if lam[0] <= 0:
-            raise ValueError("fixed_kernel: expected a kernel with a positive eigenvalue")
-        floor = lam[lam > 1e-12 * lam[0]][-1]
-        inner = np.geomspace(lam[0], floor, bands + 1)[1:-1] if bands > 1 else np.array([])
-        edges = np.concatenate([[np.inf], inner, [-np.inf]])
+        if not isinstance(k0, jax.core.Tracer):
+            if np.linalg.eigvalsh(np.asarray(k0, np.float64))[-1] <= 0:
+                raise ValueError("fixed_kernel: expected a kernel with a positive eigenvalue")
+        edges, use_log = np.zeros(bands + 1), True
     else:
-        edges = np.asarray(bands, dtype=np.float64).reshape(-1)
+        edges, use_log = np.asarray(bands, dtype=np.float64).reshape(-1), False
         if edges.shape[0] < 2 or np.any(np.isnan(edges)) or np.any(np.diff(edges) >= 0):
             raise ValueError(
                 "bands: expected an integer >= 1 or a strictly descending sequence of >= 2 "
                 f"eigenvalue edges, got {bands!r}"
             )
-    out = _resolve(k0, emp, y, jnp.asarray(edges, dtype), has_target)
-    lam_j, counts, dep, rel, shift, total, weight, align, band_align = out
+    out = _resolve(k0, emp, y, jnp.asarray(edges, dtype), has_target, use_log)
+    lam_j, edges_j, counts, dep, rel, shift, total, weight, align, band_align = out
     return ScaleResolved(
         eigenvalues=lam_j,
-        band_edges=jnp.asarray(edges, dtype),
+        band_edges=edges_j,
         band_modes=counts,
         departure=dep,
         relative_departure=rel,

@@ -236,6 +236,9 @@ def test_scale_resolved_partition_and_alignment(x64, digits_fp):
     plain = rgnn.scale_resolved(k0, emp, bands=3)
     assert np.isnan(plain.alignment).all() and np.isnan(plain.target_weight).all()
     np.testing.assert_allclose(plain.departure, s.departure, **t)
+    jitted = jax.jit(lambda a, b: rgnn.scale_resolved(a, b, bands=3, target=target))(k0, emp)
+    np.testing.assert_allclose(jitted.departure, s.departure, **t)
+    np.testing.assert_allclose(jitted.band_edges, s.band_edges, **t)
 
 
 def _fit_slope(widths, values):
