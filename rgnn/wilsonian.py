@@ -53,11 +53,14 @@ the training set (``E_p[phi_k^2] = 1``), is
     \\sigma^2(\\Lambda) = \\sigma^2 + \\sum_{\\lambda_k < \\Lambda} \\lambda_k,
 
 with ``rho(lambda) = sum_k delta(lambda - lambda_k)`` the density of population eigenvalues.
-The replacement is exact in expectation over the training draw: off-diagonal entries
-``K^>(x_mu, x_nu)`` average to zero (orthogonality) and diagonal ones to
-``sum_{lambda_k < Lambda} lambda_k``. It is a good approximation when the integrated-out
-modes are unlearnable, ``N lambda_k << sigma^2(Lambda)`` for each of them (then the fluctuations
-of ``K^>`` about its mean are small beside the noise), i.e. for cutoffs below the IR scale
+Over draws of the training set the diagonal entries of ``K^>`` average to
+``sum_{lambda_k < Lambda} lambda_k`` (so the trace is kept in expectation), and the
+off-diagonal ones to ``sum_{lambda_k < Lambda} lambda_k (E_p phi_k)^2``: zero for modes
+orthogonal to the constant function (on the sphere, every harmonic but the constant one),
+small for the oscillating modes at the bottom of a spectrum, but not zero in general. Dropping
+the off-diagonal part is a good approximation when the integrated-out modes are unlearnable,
+``N lambda_k << sigma^2(Lambda)`` for each of them (then the fluctuations of ``K^>`` about
+its diagonal are small beside the noise), i.e. for cutoffs below the IR scale
 ``sigma^2(Lambda) / N`` the data set; and when at least ``N`` modes are integrated out, so
 that ``K^>`` has full rank on the training inputs (:attr:`Wilsonian.valid` flags the cutoffs
 where both hold). Keeping the diagonal but not the trace gives an input-dependent ridge
