@@ -565,6 +565,8 @@ def compare(
     elif isinstance(training, Training):
         if training.initial.arch != arch:
             raise ValueError("training: expected a training record of arch, got another one")
+        if training.ntk is None:
+            raise ValueError("training: expected a record with kernels (record_kernels=True)")
         n_rec = training.outputs.shape[2]
         if x.shape != (n_rec, training.initial.in_dim):
             raise ValueError(

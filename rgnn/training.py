@@ -83,9 +83,11 @@ class Training:
       outputs: ``[T, M, N, C]`` the network outputs on the training inputs.
       test_outputs: ``[T, M, N*, C]`` the outputs on ``x_test``, or ``None``.
       nngp: ``[T, M, L+1, N, N]`` the per-layer empirical NNGP (the stochastic metric
-        ``G^{(l)}``, :func:`ensemble_kernels`) on the training inputs.
+        ``G^{(l)}``, :func:`ensemble_kernels`) on the training inputs (``None`` if not
+        recorded).
       ntk: ``[T, M, L+1, N, N]`` the per-layer empirical NTK of one unit per layer, for the
-        learning rates of gradient descent (:func:`ensemble_kernels`).
+        learning rates of gradient descent (:func:`ensemble_kernels`; ``None`` if not
+        recorded).
       targets: ``[N, C]`` the regression targets, or ``[N]`` integer labels.
       test_inputs: ``[N*, n_0]`` or ``None``.
       initial: the :class:`~rgnn.Ensemble` at step 0.
@@ -102,8 +104,8 @@ class Training:
     loss: jax.Array
     outputs: jax.Array
     test_outputs: jax.Array | None
-    nngp: jax.Array
-    ntk: jax.Array
+    nngp: jax.Array | None
+    ntk: jax.Array | None
     targets: jax.Array
     test_inputs: jax.Array | None
     initial: Ensemble
@@ -333,6 +335,7 @@ def train(
     x_test=None,
     dtype=None,
     progress: bool = False,
+    record_kernels: bool = True,
 ) -> Training:
     """Train ``n_networks`` networks of ``arch`` on ``(x, y)`` in parallel, recording kernels.
 
@@ -355,6 +358,8 @@ def train(
       x_test: optional ``[N*, n_0]`` inputs whose outputs are recorded too.
       dtype: parameter and computation dtype (default: that of ``x``).
       progress: print one line per recorded step to stderr.
+      record_kernels: record the per-layer kernels (``False`` leaves ``nngp`` and ``ntk``
+        ``None``: cheaper, but :func:`rgnn.compare` needs them).
 
     Returns:
       A :class:`Training`.
@@ -436,7 +441,7 @@ def train(
         if not bool(jnp.all(jnp.isfinite(lo))):  # diverged exactly at a recorded step
             diverged = int(r)
             break
-        nngp, ntk = ensemble_kernels(ens, x)
+        nngp, ntk = ensemble_kernels(ens, x) if record_kernels else (None, None)
         for name, value in zip(rec, (lo, out, test, nngp, ntk), strict=True):
             rec[name].append(value)
         done.append(int(r))
@@ -465,8 +470,8 @@ def train(
         loss=jnp.stack(rec["loss"]),
         outputs=jnp.stack(rec["outputs"]),
         test_outputs=None if x_test is None else jnp.stack(rec["test_outputs"]),
-        nngp=jnp.stack(rec["nngp"]),
-        ntk=jnp.stack(rec["ntk"]),
+        nngp=jnp.stack(rec["nngp"]) if record_kernels else None,
+        ntk=jnp.stack(rec["ntk"]) if record_kernels else None,
         targets=targets,
         test_inputs=x_test,
         initial=ens0,

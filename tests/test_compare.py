@@ -134,8 +134,7 @@ def test_cka_against_explicit_centering(x64):
     np.testing.assert_allclose(rgnn.cka(np.stack([a, b]), a), [1.0, ref], **tol(EXACT, np.float64))
 
 
-@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation,parameterization", [("relu", "standard"), ("erf", "ntk")])
 def test_gaussian_reference_is_the_fixed_point(parameterization, activation, x64):
     """The per-layer-constant recursion of compare's reference equals rgnn.fixed_point where a
     fixed point exists (same maps, same quadrature)."""
@@ -150,14 +149,24 @@ def test_gaussian_reference_is_the_fixed_point(parameterization, activation, x64
     np.testing.assert_allclose(t, fp.ntk, **tol(table, k.dtype))
 
 
+def _big_ensemble(arch, in_dim, n_networks, seed):
+    """``n_networks`` networks as blocks of 64 (the scaling runs' ensemble size, whose
+    samplers are compiled already), stacked into one Ensemble."""
+    parts = [
+        rgnn.ensemble(arch, in_dim, n_networks=64, key=jax.random.key(seed + i))
+        for i in range(n_networks // 64)
+    ]
+    state = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *[p.state for p in parts])
+    return rgnn.Ensemble(state, parts[0].graphdef, arch, in_dim)
+
+
 def test_mup_reference_matches_monte_carlo(x64):
     """muP at initialization: the ensemble mean of the empirical kernels (output metric
     rescaled, ``rgnn.ensemble_kernels``) agrees with the width-n Gaussian reference within
     MC_SIGMAS standard errors on every layer; layer 1 exactly."""
     x = np.random.RandomState(4).randn(3, 4)
-    arch = rgnn.MLP(2, 64, "tanh", weight_var=1.5, bias_var=0.1, parameterization="mup")
-    ens = rgnn.ensemble(arch, 4, n_networks=256, key=jax.random.key(5))
-    g, t = rgnn.ensemble_kernels(ens, x)
+    arch = rgnn.MLP(1, 64, "relu", weight_var=1.5, bias_var=0.1, parameterization="mup")
+    g, t = rgnn.ensemble_kernels(_big_ensemble(arch, 4, 256, seed=5), x)
     k_ref, t_ref = rgnn.gaussian_reference(arch, x)
     for emp, ref in ((np.asarray(g), np.asarray(k_ref)), (np.asarray(t), np.asarray(t_ref))):
         np.testing.assert_allclose(
@@ -167,17 +176,17 @@ def test_mup_reference_matches_monte_carlo(x64):
         z = np.abs(mean - ref[1:]) / se
         assert np.all(z <= MC_SIGMAS), z.max()
     # the output NNGP is small (C_b + C_W <s s> / n_L) and the hidden NTK large (~ n)
-    assert np.all(np.asarray(k_ref[-1]) < 0.2) and np.all(np.diag(t_ref[1]) > 30)
+    assert np.all(np.asarray(k_ref[-1]) < 0.2) and np.all(np.diag(t_ref[0]) > 30)
 
 
-@pytest.mark.parametrize("activation", ["relu", "erf"])
-def test_empirical_ntk_matches_neural_tangents(activation, x64):
+def test_empirical_ntk_matches_neural_tangents(x64):
     """rgnn.empirical_ntk (from the layer structure, no Jacobian) equals neural-tangents'
     ``empirical_ntk_fn`` (all three implementations) on the same parameters, layer by layer:
-    the NTK of unit 0 of layer l is NT's kernel of the prefix network up to that layer."""
+    the NTK of unit 0 of layer l is NT's kernel of the prefix network up to that layer (all
+    three implementations on the whole network, the Jacobian contraction on the prefixes)."""
     nt = rgnn.import_neural_tangents()
     x = np.random.RandomState(6).randn(4, 3)
-    arch = rgnn.MLP(2, 6, activation, weight_var=1.4, bias_var=0.3)
+    arch = rgnn.MLP(2, 6, "erf", weight_var=1.4, bias_var=0.3)
     net = arch.network(3, rngs=__import__("flax").nnx.Rngs(1))
     ours = np.asarray(rgnn.empirical_ntk(net, x))
     params = [(layer.w[...], layer.b[...]) for layer in net.layers]
@@ -186,9 +195,13 @@ def test_empirical_ntk_matches_neural_tangents(activation, x64):
         stax_params = []
         for k in range(layer):
             stax_params += [params[k], ()] if k < layer - 1 else [params[k]]
-        for impl in nt.NtkImplementation:
-            if impl == nt.NtkImplementation.AUTO:
-                continue
+        impls = [nt.NtkImplementation.JACOBIAN_CONTRACTION]
+        if layer == arch.n_layers:
+            impls += [
+                nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
+                nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+            ]
+        for impl in impls:
             fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=(), implementation=impl))
             with jax.numpy_rank_promotion("allow"):  # neural-tangents' Dense adds b to x W
                 theirs = np.asarray(fn(x, None, stax_params))[:, :, 0, 0]
@@ -201,12 +214,12 @@ WIDTHS = (32, 64, 128, 256)
 
 @functools.cache
 def _scaling_runs(parameterization):
-    """Per width: the Comparison of an ensemble trained by 20 steps of gradient descent."""
+    """Per width: (training, comparison) of 64 networks after 20 steps of gradient descent."""
     x, y = rgnn.data.teacher_student(8, 4, seed=3)
     out = {}
     with jax.enable_x64(True):
         for i, n in enumerate(WIDTHS):
-            arch = rgnn.MLP(2, n, "tanh", weight_var=1.0, parameterization=parameterization)
+            arch = rgnn.MLP(1, n, "tanh", weight_var=1.0, parameterization=parameterization)
             run = rgnn.train(
                 arch,
                 x,
@@ -217,7 +230,7 @@ def _scaling_runs(parameterization):
                 key=jax.random.key(100 + i),
                 record_steps=[20],
             )
-            out[n] = rgnn.compare(arch, x, run, perturbative=False)
+            out[n] = (run, rgnn.compare(arch, x, run, perturbative=False))
     return out
 
 
@@ -234,12 +247,10 @@ def _slope(values, ses):
 # (field, step index, layer index or None, derived slope): compare's module docstring
 NTK_SCALING = [
     ("nngp_distance", 0, 1, -0.5),
-    ("nngp_distance", 0, 2, -0.5),
-    ("ntk_distance", 0, 2, -0.5),
+    ("ntk_distance", 0, 1, -0.5),
     ("gap", -1, None, -0.5),
     ("ntk_movement", -1, 1, -1.0),
-    ("ntk_movement", -1, 2, -1.0),
-    ("mean_ntk_movement", -1, 2, -1.0),
+    ("mean_ntk_movement", -1, 1, -1.0),
     ("linearization_gap", -1, None, -1.0),
 ]
 
@@ -252,7 +263,7 @@ def test_ntk_parameterization_width_scaling(field, step, layer, slope):
     which is small enough to tell -1/2 from -1."""
     runs = _scaling_runs("ntk")
     vals, ses = [], []
-    for c in runs.values():
+    for _, c in runs.values():
         v, s = np.asarray(getattr(c, field))[step], np.asarray(getattr(c, field + "_se"))[step]
         vals.append(v if layer is None else v[layer])
         ses.append(s if layer is None else s[layer])
@@ -262,23 +273,28 @@ def test_ntk_parameterization_width_scaling(field, step, layer, slope):
 
 
 @pytest.mark.parametrize(
-    "field,layer", [("ntk_movement", 2), ("linearization_gap", None), ("gap", None)]
+    "field,layer", [("ntk_movement", 1), ("linearization_gap", None), ("gap", None)]
 )
 def test_mup_features_keep_moving_as_width_grows(field, layer):
     """muP at the same learning rate learns features: the output NTK moves by O(1) and the
-    outputs leave the kernel prediction by O(1) at every width (fitted slope consistent with 0,
-    and far from -1/2)."""
+    outputs leave the kernel prediction by O(1). Its infinite-width limit is finite with 1/n
+    corrections, so the fit ``a + b / n`` has an intercept ``a`` far above zero (MC_SIGMAS of
+    its standard error), and the widest network is far from the kernel regime's value."""
     runs = _scaling_runs("mup")
     vals, ses = [], []
-    for c in runs.values():
+    for _, c in runs.values():
         v, s = np.asarray(getattr(c, field))[-1], np.asarray(getattr(c, field + "_se"))[-1]
         vals.append(v if layer is None else v[layer])
         ses.append(s if layer is None else s[layer])
-    fitted, se = _slope(vals, ses)
-    assert abs(fitted) <= MC_SIGMAS * se and se < 0.1, (fitted, se)
+    v, s = np.asarray(vals), np.asarray(ses)
+    design = np.stack([np.ones(len(WIDTHS)), 1.0 / np.asarray(WIDTHS)], axis=1)
+    cov = np.linalg.inv(design.T @ (design / s[:, None] ** 2))
+    intercept = (cov @ design.T @ (v / s**2))[0]
+    assert intercept > MC_SIGMAS * np.sqrt(cov[0, 0]), (intercept, np.sqrt(cov[0, 0]))
+    assert intercept > 0.5 * v[-1]  # the limit is most of what the widest network shows
     ntk_runs = _scaling_runs("ntk")
     widest = max(WIDTHS)
-    ntk_value = np.asarray(getattr(ntk_runs[widest], field))[-1]
+    ntk_value = np.asarray(getattr(ntk_runs[widest][1], field))[-1]
     ntk_value = ntk_value if layer is None else ntk_value[layer]
     assert vals[-1] > 3 * ntk_value  # far from the kernel regime at the widest width
 
@@ -286,12 +302,12 @@ def test_mup_features_keep_moving_as_width_grows(field, layer):
 # ----------------------------------------------------------------------------- at init
 def test_initial_kurtosis_and_variance_match_perturbative(x64):
     """A bare ensemble at initialization: the measured kurtosis and metric variance agree with
-    rgnn.perturbative within MC_SIGMAS standard errors on the random layers (layer 1 is
-    deterministic: zero variance and kurtosis)."""
-    x = np.random.RandomState(7).randn(3, 4)
-    arch = rgnn.MLP(2, 32, "relu", weight_var=2.0)
-    ens = rgnn.ensemble(arch, 4, n_networks=512, key=jax.random.key(8))
-    c = rgnn.compare(arch, x, ens)
+    rgnn.perturbative within MC_SIGMAS standard errors on the random layer (layer 1 is
+    deterministic: zero variance and kurtosis). One input: the kurtosis is a one-input
+    quantity, and rgnn.perturbative's pair machinery is tested in its own suite."""
+    x = np.random.RandomState(7).randn(1, 4)
+    arch = rgnn.MLP(1, 32, "relu", weight_var=2.0)
+    c = rgnn.compare(arch, x, _big_ensemble(arch, 4, 256, seed=8))
     assert c.steps.tolist() == [0] and np.all(np.isnan(c.gap))
     np.testing.assert_allclose(c.ntk_movement, 0.0)
     for meas, se, pred in (
@@ -302,39 +318,18 @@ def test_initial_kurtosis_and_variance_match_perturbative(x64):
         np.testing.assert_allclose(meas[0], 0.0, atol=1e-12)
         z = np.abs(meas[1:] - pred[1:]) / se[1:]
         assert np.all(z <= MC_SIGMAS), z.max()
-        assert np.all(pred[1:][pred[1:] != 0] > 2 * se[1:][pred[1:] != 0])  # the check has power
+        assert np.all(pred[1:] > 4 * se[1:])  # the check has power
 
 
-def test_compare_rejects_mismatches(x64):
-    x, y = rgnn.data.teacher_student(8, 4, seed=3)
-    arch = rgnn.MLP(2, 32, "tanh", weight_var=1.0)
-    run = rgnn.train(
-        arch,
-        x,
-        y,
-        steps=2,
-        learning_rate=0.5,
-        n_networks=32,
-        key=jax.random.key(0),
-        record_steps=[2],
-    )
+def test_compare_rejects_mismatches():
+    x, _ = rgnn.data.teacher_student(8, 4, seed=3)
+    run = _scaling_runs("ntk")[32][0]
+    arch = run.initial.arch
     with pytest.raises(ValueError, match="x: expected the training inputs"):
         rgnn.compare(arch, x[:5], run)
     with pytest.raises(ValueError, match="training: expected a training record of arch"):
         rgnn.compare(rgnn.MLP(2, 16, "tanh"), x, run)
     with pytest.raises(ValueError, match="training: expected an rgnn.Training"):
         rgnn.compare(arch, x, {"steps": 1})
-    adam = rgnn.train(
-        arch,
-        x,
-        y,
-        steps=2,
-        learning_rate=0.01,
-        optimizer="adam",
-        n_networks=32,
-        key=jax.random.key(0),
-        record_steps=[2],
-    )
-    c = rgnn.compare(arch, x, adam, perturbative=False)
-    assert np.all(np.isnan(c.gap)) and c.linearized is None  # Adam has no kernel description
-    assert jnp.all(jnp.isfinite(c.ntk_movement))
+    with pytest.raises(ValueError, match="arch: expected an rgnn.MLP"):
+        rgnn.compare("mlp", x, run)

@@ -57,7 +57,9 @@ def test_divergence_warns_with_step_and_rate_and_keeps_records(x64):
     x, y = _task()
     arch = rgnn.MLP(1, 8, "linear")  # no saturation, no dead units: a large rate blows up
     with pytest.warns(RuntimeWarning, match=r"diverged at step \d+.*learning_rate=20\.0"):
-        run = rgnn.train(arch, x, y, steps=200, learning_rate=20.0, key=jax.random.key(0))
+        run = rgnn.train(
+            arch, x, y, steps=200, learning_rate=20.0, key=jax.random.key(0), record_kernels=False
+        )
     assert run.diverged_at > 0
     assert np.all(np.asarray(run.steps) < run.diverged_at)
     assert np.all(np.isfinite(np.asarray(run.loss)))
@@ -65,7 +67,13 @@ def test_divergence_warns_with_step_and_rate_and_keeps_records(x64):
     # the same run stopped one step earlier does not diverge: the step named is the first
     # whose loss is not finite (the loss after `diverged_at` updates)
     short = rgnn.train(
-        arch, x, y, steps=run.diverged_at - 1, learning_rate=20.0, key=jax.random.key(0)
+        arch,
+        x,
+        y,
+        steps=run.diverged_at - 1,
+        learning_rate=20.0,
+        key=jax.random.key(0),
+        record_kernels=False,
     )
     assert short.diverged_at == -1 and int(short.steps[-1]) == run.diverged_at - 1
     assert np.all(np.isfinite(np.asarray(short.loss)))
@@ -151,11 +159,12 @@ def test_vmapped_ensemble_equals_per_network_loop(case, x64):
         arch,
         x,
         y,
+        record_kernels=False,
         steps=4,
         learning_rate=lr,
         optimizer=cfg["optimizer"],
         loss=cfg["loss"],
-        n_networks=3,
+        n_networks=2,
         key=jax.random.key(7),
         record_steps=[2, 4],
         batch_size=4 if cfg["optimizer"] == "sgd" else None,
@@ -181,12 +190,12 @@ def test_mup_is_ntk_with_a_smaller_output_multiplier(x64):
     """Same key: muP's hidden preactivations equal NTK's, its output is NTK's divided by
     sqrt(n_L) (no biases), its output NTK equals NTK's and its hidden NTKs are n times NTK's
     (the abc-symmetry with theta = 1/2, architecture docstring)."""
-    x = np.random.RandomState(2).randn(4, 5)
-    n = 24
+    x = np.random.RandomState(2).randn(4, 3)
+    n = 8
     kw = dict(activation="gelu", weight_var=1.7, bias_var=0.0)
     ens = {
         p: rgnn.ensemble(
-            rgnn.MLP(2, n, parameterization=p, **kw), 5, n_networks=2, key=jax.random.key(3)
+            rgnn.MLP(2, n, parameterization=p, **kw), 3, n_networks=2, key=jax.random.key(3)
         )
         for p in ("ntk", "mup")
     }
