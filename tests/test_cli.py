@@ -111,14 +111,16 @@ def test_sweep_and_classify_bad_arguments_are_one_line(tmp_path, capsys):
         assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
 
 
-def test_help_for_sweep_and_classify_also_through_python_dash_m(capsys):
-    import subprocess
+def test_help_for_sweep_and_classify_also_through_python_dash_m(capsys, monkeypatch):
+    import runpy
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "rgnn", "sweep", "--help"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0 and "--out" in proc.stdout and "--json" in proc.stdout
+    # what `python -m rgnn sweep --help` runs: rgnn/__main__.py
+    monkeypatch.setattr(sys, "argv", ["rgnn", "sweep", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("rgnn", run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--out" in out and "--json" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["classify", "--help"])
     assert exit_info.value.code == 0 and "--tolerance" in capsys.readouterr().out

@@ -119,6 +119,8 @@ def _digits():
 
 
 KNOWN = dict(widths=[32, 128, 512], seeds=[0], n_networks=8, steps=20)
+WIDE_NTK = dict(learning_rates=[0.1], predict=False)
+MUP = dict(KNOWN, widths=[32, 512])
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def wide_ntk(tmp_path_factory):
     out = tmp_path_factory.mktemp("wide_ntk")
     x, y = _digits()
     arch = rgnn.MLP(2, 8, "relu", weight_var=2.0)
-    return rgnn.sweep(arch, x, y, learning_rates=[0.1], predict=False, out=out, **KNOWN), out
+    return rgnn.sweep(arch, x, y, out=out, **WIDE_NTK, **KNOWN), out
 
 
 def test_wide_ntk_nets_with_a_small_learning_rate_are_perturbative(wide_ntk):
@@ -163,10 +165,8 @@ def test_sweep_outputs_and_resume_of_a_real_sweep(wide_ntk, monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", must_not_run)
     x, y = _digits()
-    again = rgnn.sweep(
-        rgnn.MLP(2, 8, "relu", weight_var=2.0), x, y, learning_rates=[0.1], out=out,
-        plots=False, **KNOWN,
-    )  # fmt: skip
+    arch = rgnn.MLP(2, 8, "relu", weight_var=2.0)
+    again = rgnn.sweep(arch, x, y, out=out, plots=False, **WIDE_NTK, **KNOWN)
     assert again.records == result.records
 
 
@@ -174,7 +174,8 @@ def test_mup_nets_learning_features_are_non_perturbative():
     """muP at learning rate 0.5: the hidden kernels move by O(1) at every width."""
     x, y = _digits()
     arch = rgnn.MLP(2, 8, "relu", weight_var=2.0, parameterization="mup")
-    result = rgnn.sweep(arch, x, y, learning_rates=[0.5], predict=False, **KNOWN)
+    # two widths 16x apart: a kernel that moved by O(1) at both does not fall with width
+    result = rgnn.sweep(arch, x, y, learning_rates=[0.5], predict=False, **MUP)
     regime = rgnn.classify(result)
     assert regime.label == "non-perturbative", str(regime)
     nngp = next(e for e in regime.evidence if e.measure == "nngp_distance")

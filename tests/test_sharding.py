@@ -40,7 +40,6 @@ _SCRIPT = textwrap.dedent(
     mesh = sharding.device_mesh()
     res, info = {}, {"devices": jax.device_count(), "mesh": mesh.size}
     res["nngp"] = sharding.sharded_empirical(ens, x, kind="nngp", mesh=mesh)  # 6 -> 8, padded
-    res["ntk"] = sharding.sharded_empirical(ens, x, kind="ntk", mesh=mesh)
     g8 = sharding.sharded_empirical(sharding.shard_ensemble(ens8, mesh), x, mesh=mesh)
     res["nngp8"] = g8
     info["nngp8_devices"] = len(g8.sharding.device_set)
@@ -68,7 +67,11 @@ def single_device():
         x, _ = rgnn.data.digits(16)
         arch = rgnn.MLP(2, 16, "erf", weight_var=1.5, bias_var=0.1)
         ens8 = rgnn.ensemble(arch, 64, n_networks=8, key=jax.random.key(0))
-    return x, arch, ens8
+        ref = dict(
+            fp=rgnn.fixed_point(arch, x),
+            nngp=np.asarray(rgnn.empirical_nngp(ens8, x)),
+        )
+    return x, arch, ens8, ref
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +101,12 @@ def test_main_process_keeps_one_device():
 def test_sharded_results_equal_single_device(eight_devices, single_device, x64):
     res, info = eight_devices
     assert info["devices"] == 8 and info["mesh"] == 8
-    x, arch, ens8 = single_device
-    fp = rgnn.fixed_point(arch, x)
-    nngp8 = np.asarray(rgnn.empirical_nngp(ens8, x))
+    *_, ref = single_device
     single = {
-        "nngp": nngp8[:6],
-        "ntk": np.asarray(rgnn.empirical_ntk(ens8, x))[:6],
-        "nngp8": nngp8,
-        "fp_nngp": fp.nngp,
-        "fp_ntk": fp.ntk,
+        "nngp": ref["nngp"][:6],
+        "nngp8": ref["nngp"],
+        "fp_nngp": ref["fp"].nngp,
+        "fp_ntk": ref["fp"].ntk,
     }
     for name, ref in single.items():
         assert res[name].dtype == np.float64, name
@@ -123,24 +123,20 @@ def test_sharded_layouts_span_all_devices(eight_devices):
 
 
 def test_tiles_assemble_the_full_kernel(single_device, tmp_path, x64):
-    x, arch, ens8 = single_device
-    x = x[:11]
-    fp = rgnn.fixed_point(arch, x)
+    x, arch, ens8, ref = single_device
+    fp = ref["fp"]
     np.testing.assert_allclose(
-        sharding.tiled_fixed_point(arch, x, tile=4), fp.nngp, **tol(EXACT, np.float64)
+        sharding.tiled_fixed_point(arch, x, tile=6), fp.nngp, **tol(EXACT, np.float64)
     )
     # rectangular, into a memory-mapped file on disk
-    x2 = x[:6] * 0.5
-    mm = np.lib.format.open_memmap(tmp_path / "k.npy", "w+", np.float64, (3, 11, 6))
-    got = sharding.tiled_fixed_point(arch, x, x2, tile=4, kind="ntk", out=mm)
+    mm = np.lib.format.open_memmap(tmp_path / "k.npy", "w+", np.float64, (3, 16, 7))
+    got = sharding.tiled_fixed_point(arch, x, x[:7], tile=6, kind="ntk", out=mm)
     assert got is mm
     np.testing.assert_allclose(
-        np.load(tmp_path / "k.npy"), rgnn.fixed_point(arch, x, x2).ntk, **tol(EXACT, np.float64)
+        np.load(tmp_path / "k.npy"), fp.ntk[:, :, :7], **tol(EXACT, np.float64)
     )
     np.testing.assert_allclose(
-        sharding.tiled_empirical(ens8, x, tile=4, kind="ntk"),
-        rgnn.empirical_ntk(ens8, x),
-        **tol(EXACT, np.float64),
+        sharding.tiled_empirical(ens8, x, tile=6), ref["nngp"], **tol(EXACT, np.float64)
     )
 
 
