@@ -1,8 +1,9 @@
 """Every notebook in ``notebooks/`` runs top to bottom, and none is stored with outputs.
 
 Each notebook is executed with nbclient in a fresh kernel, with ``RGNN_NOTEBOOK_SMALL=1`` (each
-notebook reads it in its first code cell and chooses small settings) and ``MPLBACKEND=Agg`` (no
-figure window), in a temporary working directory, so that nothing a notebook writes lands in the
+notebook reads it in its first code cell and chooses small settings), ``MPLBACKEND=Agg`` (no
+figure window) and XLA's lowest optimization level (compiling dominates these small runs), in a
+temporary working directory, so that nothing a notebook writes lands in the
 repository. A cell that raises fails the test. The kernel is ``python3``: ipykernel's native
 kernel, which jupyter_client launches with the interpreter running the tests (``sys.executable``),
 so it needs no kernel spec installed under ``HOME``.
@@ -28,6 +29,11 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     """Execute every cell; nbclient raises ``CellExecutionError`` on the first cell that fails."""
     monkeypatch.setenv("RGNN_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The small runs spend most of their time compiling tiny XLA programs, not running them;
+    # the lowest backend optimization level roughly halves that (results change at most in
+    # rounding, e.g. fused multiply-adds).
+    flags = os.environ.get("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_backend_optimization_level=0".strip())
     # the checkout's rgnn in the kernel too, installed or not
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
