@@ -13,7 +13,7 @@ from rgnn.criticality import UNIVERSALITY_CLASSES, Criticality, critical_point, 
 from rgnn.empirical import Measurement, empirical_nngp, empirical_ntk, measure
 from rgnn.fixed_point import FixedPoint, fixed_point
 from rgnn.networks import Ensemble, ensemble
-from rgnn.perturbative import Perturbative, perturbative
+from rgnn.perturbative import FourPoint, Perturbative, perturbative, vertex
 from rgnn.regime import Regime, classify
 from rgnn.sweep import ScalingFit, Sweep, sweep
 from rgnn.training import Training, batch_indices, ensemble_kernels, train
@@ -37,6 +37,7 @@ __all__ = [
     "data",
     "Ensemble",
     "FixedPoint",
+    "FourPoint",
     "KNOWN_ACTIVATIONS",
     "MLP",
     "MLPNetwork",
@@ -67,6 +68,7 @@ __all__ = [
     "linearized_prediction",
     "measure",
     "perturbative",
+    "vertex",
     "rbf_kernel",
     "rbf_running_ridge",
     "rbf_spectrum",

@@ -165,6 +165,7 @@ class Measurement:
         expectation with a much smaller variance. Standard error by the delta method over
         networks.
       ntk: ``[L+1, N, N]`` mean empirical NTK of one unit per layer.
+      ntk_correction: ``[L+1, N, N]`` ``mean(NTK) - Theta`` (``Theta`` the infinite-width NTK).
       ntk_variance: ``[L+1, N, N]`` its variance over networks.
       n_networks: ensemble size.
     """
@@ -179,6 +180,8 @@ class Measurement:
     kurtosis_se: jax.Array
     ntk: jax.Array
     ntk_se: jax.Array
+    ntk_correction: jax.Array
+    ntk_correction_se: jax.Array
     ntk_variance: jax.Array
     ntk_variance_se: jax.Array
     n_networks: int = dataclasses.field(default=0, metadata=dict(static=True))
@@ -232,7 +235,8 @@ def measure(
     t = np.concatenate(ts) if ntk else np.full_like(g, np.nan)
     m2 = np.diagonal(g, axis1=2, axis2=3)  # G_aa per network [M, L+1, N]
     m4 = m2**2
-    k = np.asarray(fixed_point(arch, x).nngp)
+    fp = fixed_point(arch, x)
+    k = np.asarray(fp.nngp)
     g_mean, g_se, g_var, g_var_se = _mean_var_se(g)
     t_mean, t_se, t_var, t_var_se = _mean_var_se(t)
     a, b = m4.mean(0), m2.mean(0)
@@ -250,6 +254,8 @@ def measure(
         kurtosis_se=kurt_se,
         ntk=t_mean,
         ntk_se=t_se,
+        ntk_correction=t_mean - np.asarray(fp.ntk),
+        ntk_correction_se=t_se,
         ntk_variance=t_var,
         ntk_variance_se=t_var_se,
         n_networks=int(g.shape[0]),

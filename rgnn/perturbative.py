@@ -72,7 +72,7 @@ from rgnn.activations import Activation
 from rgnn.architecture import MLP
 from rgnn.fixed_point import fixed_point
 
-__all__ = ["Perturbative", "perturbative", "TRUST_DEPTH_OVER_WIDTH"]
+__all__ = ["FourPoint", "Perturbative", "perturbative", "vertex", "TRUST_DEPTH_OVER_WIDTH"]
 
 TRUST_DEPTH_OVER_WIDTH = 0.25
 """Above this ``sum_l 1/n_l`` (depth / width for equal widths) the O(1/n) truncation is not
@@ -83,6 +83,10 @@ the O(1/n^2) terms neglected here are smaller than the O(1/n) ones by a further 
 percent."""
 
 _MEMORY_LIMIT_BYTES = 8 * 2**30
+
+_pair_stats_vmap = jax.jit(
+    jax.vmap(_ntk_flow._pair_stats, in_axes=(None, 0, None)), static_argnums=(0, 2)
+)
 
 
 @jax.tree_util.register_dataclass
@@ -121,9 +125,9 @@ class Perturbative:
       (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
       recursions: :mod:`rgnn._ntk_flow`.)
       quadrature_order: nodes per dimension used for quadrature (static).
-      quadrature_error: estimated relative error of ``nngp_variance``, ``nngp_correction`` and
-        ``kurtosis`` from quadrature, ``max |q(order) - q(2 order)| / max |q(2 order)|`` on up to
-        four inputs (0 when everything is exact).
+      quadrature_error: estimated relative error of every field from quadrature,
+        ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
+        (0 when everything is exact).
     """
 
     nngp: jax.Array
@@ -499,13 +503,16 @@ def _check_memory(n: int, n_layers: int, itemsize: int) -> None:
         )
 
 
-def perturbative(arch: MLP, x, *, quadrature_order: int = 48, warn: bool = True) -> Perturbative:
+def perturbative(
+    arch: MLP, x, *, quadrature_order: int = 48, ntk: bool = True, warn: bool = True
+) -> Perturbative:
     """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
 
     Args:
       arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed).
       x: ``[N, n_0]`` inputs.
       quadrature_order: nodes per dimension for expectations without a closed form.
+      ntk: also compute the NTK fields (about twice the work); ``False`` leaves them ``None``.
       warn: warn when depth / width is too large for O(1/n) to be trusted
         (:data:`TRUST_DEPTH_OVER_WIDTH`).
 
@@ -522,16 +529,19 @@ def perturbative(arch: MLP, x, *, quadrature_order: int = 48, warn: bool = True)
         raise ValueError(f"quadrature_order: expected an integer >= 2, got {quadrature_order!r}")
     x = check_inputs(x, "x")
     _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize)
-    result = _run(arch, x, quadrature_order)
+    result = _run(arch, x, quadrature_order, ntk)
     if result.quadrature_order:
         # the first m inputs' entries of the full result are exactly what a run on those m
         # inputs gives, so only the 2x-order run is new work
         m = min(4, x.shape[0])
-        hi = _run(arch, x[:m], 2 * quadrature_order)
+        hi = _run(arch, x[:m], 2 * quadrature_order, ntk)
         err = 0.0
-        for name in ("nngp_variance", "nngp_correction", "kurtosis"):
+        names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
+        if ntk:
+            names += ["ntk_vertex", "ntk_variance", "ntk_correction"]
+        for name in names:
             a = np.asarray(getattr(result, name))[:, :m]
-            if a.ndim == 3:
+            if a.ndim >= 3:
                 a = a[:, :, :m]
             b = np.asarray(getattr(hi, name))
             scale = np.max(np.abs(b))
@@ -559,3 +569,175 @@ def perturbative(arch: MLP, x, *, quadrature_order: int = 48, warn: bool = True)
                 stacklevel=2,
             )
     return result
+
+
+# ----------------------------------------------------------------------------- full vertex
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FourPoint:
+    """The four-point vertex in full on a small set of ``m <= 4`` inputs.
+
+    Attributes:
+      vertex: ``[L+1, m, m, m, m]`` ``V^{(l)}_{(a_1 a_2)(a_3 a_4)}`` (not divided by the width):
+        the connected four-point function of layer ``l`` is
+        ``(1 / n_{l-1}) [delta_{i1 i2} delta_{i3 i4} V_{(a1 a2)(a3 a4)} + 2 perms]``.
+      nngp: ``[L+1, m, m]`` the leading-order kernel.
+      widths: ``[L+1]`` ``n_{l-1}``.
+      quadrature_error: estimated relative error from the 3- and 4-input expectations
+        (``max |V(order) - V(3 order / 4)| / max |V|``, a bound for the lower order and so a
+        conservative one for ``order``; 0 when none were needed).
+    """
+
+    vertex: jax.Array
+    nngp: jax.Array
+    widths: jax.Array
+    quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+
+def _four_moment(act, k, idx, order, cache, pair_mom, dtype):
+    """``<s_a s_b s_c s_d>`` for the multiset ``idx`` of input indices."""
+    key = tuple(sorted(idx))
+    if key in cache:
+        return cache[key]
+    distinct = sorted(set(key))
+    if len(distinct) <= 2:
+        a, b = distinct[0], distinct[-1]
+        ia = key.count(a) if a != b else 4
+        ib = 4 - ia
+        val = pair_mom(a, b)[_ntk_flow._INDEX[(ia, 0, ib, 0)]]
+    else:
+        counts = [key.count(d) for d in distinct]
+        val = _grid_moment_powers(act, k[np.ix_(distinct, distinct)], counts, order, dtype)
+    cache[key] = val
+    return val
+
+
+def _grid_moment_powers(act, k_sub, powers, order, dtype):
+    """``E[prod_k sigma(z_k)^p_k]`` over the joint Gaussian of 3 or 4 inputs by a tensor-product
+    grid; the covariance square root comes from ``eigh`` (rank-deficient kernels allowed)."""
+    m = k_sub.shape[0]
+    lam, u = np.linalg.eigh(k_sub)
+    root = u * np.sqrt(np.clip(lam, 0, None))[None, :]
+    x, w = gaussian.hermite_rule(order, dtype)
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    grids = np.meshgrid(*([x] * m), indexing="ij")
+    xi = np.stack([g.ravel() for g in grids])
+    weight = np.ones(1)
+    for _ in range(m):
+        weight = np.outer(weight, w).ravel()
+    s = np.asarray(act.fn(jnp.asarray(root @ xi, dtype=dtype)), np.float64)
+    return float(np.sum(weight * np.prod(s ** np.asarray(powers)[:, None], axis=0)))
+
+
+def vertex(arch: MLP, x, *, quadrature_order: int = 48) -> FourPoint:
+    """The four-point vertex ``V_{(a1 a2)(a3 a4)}`` in full on ``m <= 4`` inputs.
+
+    The recursion is the one of :func:`perturbative` (PDLT eq. 4.90) on all
+    ``m (m + 1) / 2`` kernel entries: ``V' = C_W^2 Cov4 + (n_l / n_{l-1}) J V J^T`` with
+    ``Cov4_{(ab)(cd)} = <s_a s_b s_c s_d> - <s_a s_b><s_c s_d>``. ``J`` couples an entry only
+    to the entries of its own pair, so it comes from the pair statistics; the expectations of
+    four activations on three or four *different* inputs need a 3- or 4-dimensional Gaussian
+    integral (tensor-product quadrature with ``quadrature_order`` nodes per dimension, its error
+    estimated against 3/4 of the order and reported); those on one or two inputs are the pair
+    moments of :func:`perturbative` (exact for the scale-invariant class).
+
+    Args:
+      arch: the :class:`~rgnn.MLP`.
+      x: ``[m, n_0]`` with ``1 <= m <= 4`` inputs.
+      quadrature_order: nodes per dimension (pair expectations use the same order).
+    """
+    if not isinstance(arch, MLP):
+        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    if (
+        isinstance(quadrature_order, bool)
+        or not isinstance(quadrature_order, int)
+        or quadrature_order < 4
+    ):
+        raise ValueError(f"quadrature_order: expected an integer >= 4, got {quadrature_order!r}")
+    x = check_inputs(x, "x")
+    m = x.shape[0]
+    if m > 4:
+        raise ValueError(f"x: expected at most 4 inputs for the full vertex, got {m}")
+    order = quadrature_order
+    fp = fixed_point(arch, x, quadrature_order=quadrature_order)
+    k_all = np.asarray(fp.nngp, dtype=np.float64)
+    act, cw = arch.act, arch.weight_var
+    dims = np.asarray(arch.layer_dims(x.shape[1]), float)
+    prev = dims[: arch.n_layers]
+    comps = [(a, b) for a in range(m) for b in range(a, m)]
+    where = {}
+    for i, (a, b) in enumerate(comps):
+        where[(a, b)] = where[(b, a)] = i
+    n_c = len(comps)
+    v = np.zeros((n_c, n_c))
+    vs = [v]
+    err_num = 0.0
+
+    pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
+
+    def layer_stats(k):
+        """Pair statistics of every pair and of every input with itself (same order)."""
+        kd = np.diagonal(k)
+        single = _pair_stats_vmap(act, jnp.asarray(np.stack([kd, kd, kd], 1), x.dtype), order)
+        stats = {(a, a): (np.asarray(single[0][a]), np.asarray(single[5][a])) for a in range(m)}
+        if pairs:
+            kk = np.array([[k[a, a], k[a, b], k[b, b]] for a, b in pairs])
+            out = _pair_stats_vmap(act, jnp.asarray(kk, x.dtype), order)
+            for i, ab in enumerate(pairs):
+                stats[ab] = (np.asarray(out[0][i]), np.asarray(out[5][i]))
+        return stats
+
+    def covariance(k, stats, grid_order):
+        def pair_mom(a, b):
+            return stats[(a, b)][1]
+
+        cache = {}
+        cov = np.zeros((n_c, n_c))
+        for i, (a, b) in enumerate(comps):
+            for j, (c, d) in enumerate(comps):
+                m4 = _four_moment(act, k, (a, b, c, d), grid_order, cache, pair_mom, x.dtype)
+                cov[i, j] = m4 - _four_moment_two(pair_mom, a, b) * _four_moment_two(pair_mom, c, d)
+        return cov
+
+    for layer in range(arch.n_layers - 1):
+        k = k_all[layer]
+        stats = layer_stats(k)
+        cov = covariance(k, stats, order)
+        if m >= 3:
+            cov_lo = covariance(k, stats, max(3 * order // 4, 4))
+            err_num = max(err_num, float(np.max(np.abs(cov - cov_lo))) * cw * cw)
+        jac = np.zeros((n_c, n_c))
+        for i, (a, b) in enumerate(comps):
+            jphi = stats[(a, b)][0]
+            if a == b:
+                jac[i, where[(a, a)]] = jphi[0, 0]
+            else:
+                jac[i, where[(a, a)]] = jphi[1, 0]
+                jac[i, where[(a, b)]] = jphi[1, 1]
+                jac[i, where[(b, b)]] = jphi[1, 2]
+        jac *= cw
+        ratio = prev[layer + 1] / prev[layer]
+        v = cw * cw * cov + ratio * jac @ v @ jac.T
+        vs.append(v)
+    vs = np.stack(vs)  # [L+1, C, C]
+    full = np.zeros((arch.n_layers, m, m, m, m))
+    for a1 in range(m):
+        for a2 in range(m):
+            for a3 in range(m):
+                for a4 in range(m):
+                    full[:, a1, a2, a3, a4] = vs[:, where[(a1, a2)], where[(a3, a4)]]
+    scale = float(np.max(np.abs(vs))) if np.any(vs) else 1.0
+    return FourPoint(
+        vertex=jnp.asarray(full, x.dtype),
+        nngp=fp.nngp,
+        widths=jnp.asarray(prev, x.dtype),
+        quadrature_error=err_num * arch.n_layers / scale if m >= 3 else 0.0,
+    )
+
+
+def _four_moment_two(pair_mom, a, b):
+    """``<s_a s_b>`` from the pair moments."""
+    if a == b:
+        return float(pair_mom(a, a)[_ntk_flow._INDEX[(2, 0, 0, 0)]])
+    lo, hi = min(a, b), max(a, b)
+    return float(pair_mom(lo, hi)[_ntk_flow._INDEX[(1, 0, 1, 0)]])

@@ -113,9 +113,7 @@ def _runs(name):
         for i, n in enumerate(WIDTHS):
             arch = rgnn.MLP(depth, n, **cfg)
             pred = rgnn.perturbative(arch, x)
-            meas = rgnn.measure(
-                arch, x, n_networks=N_NETWORKS, key=jax.random.key(100 + i), ntk=False
-            )
+            meas = rgnn.measure(arch, x, n_networks=N_NETWORKS, key=jax.random.key(100 + i))
             out.append((n, pred, meas))
     return out
 
@@ -130,14 +128,15 @@ def _intercept(widths, y, se):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("field", ["nngp_variance", "kurtosis"])
+@pytest.mark.parametrize("field", ["nngp_variance", "kurtosis", "ntk_variance"])
 def test_one_over_n_coefficient_matches_monte_carlo(name, field):
     """n times the measured field, extrapolated to infinite width by a weighted fit
     a + b/n over 4 widths, equals n times the prediction (the 1/n coefficient) within
     MC_SIGMAS standard errors of the fit plus the quadrature error; on the output layer for the
-    metric variance (same and distinct inputs), the last hidden layer for the kurtosis."""
+    metric and NTK variances (same and distinct inputs), the last hidden layer for the
+    kurtosis."""
     runs = _runs(name)
-    if field == "nngp_variance":
+    if field in ("nngp_variance", "ntk_variance"):
         entries = [(-1, 0, 0), (-1, 0, 1)]
     else:
         entries = [(-2, 0), (-2, 1)]
@@ -155,32 +154,103 @@ def test_one_over_n_coefficient_matches_monte_carlo(name, field):
 
 NARROW = (8, 12, 16, 24, 32)
 CORRECTION_CASES = {
-    # (config, entry): the entries with the largest predicted shift relative to its noise
-    "relu-critical-pair": (dict(activation="relu", weight_var=2.0), (-1, 0, 1)),
-    "tanh-diagonal": (dict(activation="tanh", weight_var=1.5, bias_var=0.1), (-1, 0, 0)),
+    # config and, per field, the entry with the largest predicted shift relative to its noise
+    "relu-critical": (
+        dict(activation="relu", weight_var=2.0),
+        {"nngp_correction": (-1, 0, 1), "ntk_correction": (-1, 0, 1)},
+    ),
+    "tanh": (
+        dict(activation="tanh", weight_var=1.5, bias_var=0.1),
+        {"nngp_correction": (-1, 0, 0), "ntk_correction": (-1, 0, 1)},
+    ),
+    "gelu": (dict(activation="gelu", weight_var=1.5, bias_var=0.1), {"ntk_correction": (-1, 0, 0)}),
 }
 
 
 @pytest.mark.parametrize("name", list(CORRECTION_CASES))
-def test_mean_kernel_correction_matches_monte_carlo(name):
-    """The 1/n shift of the mean kernel: its standard error, n sqrt(V / (n M)), grows like
-    sqrt(n), so it is measured on narrow networks (widths 8..32) with 30000 networks each and
-    extrapolated by the weighted fit n * shift = a + b / n; the intercept equals n * the
-    prediction within MC_SIGMAS standard errors of the fit (power: fit SE < 50% of the value)."""
-    cfg, entry = CORRECTION_CASES[name]
+def test_mean_corrections_match_monte_carlo(name):
+    """The 1/n shifts of the mean kernel and of the mean NTK: their standard error,
+    n sqrt(Var / M), grows like sqrt(n), so they are measured on narrow networks (widths 8..32)
+    with 30000 networks each and extrapolated by the weighted fit n * shift = a + b / n; the
+    intercept equals n * the prediction within MC_SIGMAS standard errors of the fit plus the
+    quadrature error (power: fit SE < 50% of the value)."""
+    cfg, entries = CORRECTION_CASES[name]
     x = _inputs(2)
-    pred, y, se = [], [], []
+    pred = {f: [] for f in entries}
+    y = {f: [] for f in entries}
+    se = {f: [] for f in entries}
+    qerr = 0.0
     with jax.enable_x64(True), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for i, n in enumerate(NARROW):
             arch = rgnn.MLP(3, n, **cfg)
-            pred.append(float(rgnn.perturbative(arch, x).nngp_correction[entry]) * n)
+            p = rgnn.perturbative(arch, x)
+            qerr = max(qerr, p.quadrature_error)
             m = rgnn.measure(
-                arch, x, n_networks=30000, key=jax.random.key(7 + i), ntk=False, batch_size=10000
+                arch,
+                x,
+                n_networks=30000,
+                key=jax.random.key(7 + i),
+                ntk="ntk_correction" in entries,
+                batch_size=10000,
             )
-            y.append(float(m.nngp_correction[entry]) * n)
-            se.append(float(m.nngp_correction_se[entry]) * n)
-    np.testing.assert_allclose(pred, pred[0], rtol=1e-10)
-    a, a_se = _intercept(np.array(NARROW, float), y, se)
-    assert abs(a - pred[0]) <= MC_SIGMAS * a_se, (a, a_se, pred[0])
-    assert a_se < 0.5 * abs(pred[0]), (a_se, pred[0])
+            for f, e in entries.items():
+                pred[f].append(float(getattr(p, f)[e]) * n)
+                y[f].append(float(getattr(m, f)[e]) * n)
+                se[f].append(float(getattr(m, f + "_se")[e]) * n)
+    for f in entries:
+        np.testing.assert_allclose(pred[f], pred[f][0], rtol=1e-10)
+        a, a_se = _intercept(np.array(NARROW, float), y[f], se[f])
+        tol = MC_SIGMAS * a_se + qerr * abs(pred[f][0])
+        assert abs(a - pred[f][0]) <= tol, (f, a, a_se, pred[f][0])
+        assert a_se < 0.5 * abs(pred[f][0]), (f, a_se, pred[f][0])
+
+
+# ----------------------------------------------------------------------------- full vertex
+def test_full_vertex_of_deep_linear_network_is_exact(x64):
+    """Deep linear network: V^(l)_(ab)(cd) = (l - 1)(K_ac K_bd + K_ad K_bc) on four different
+    inputs (the 4-dimensional Gaussian integrals included)."""
+    x = _inputs(4)
+    fpv = rgnn.vertex(rgnn.MLP(3, 50, "linear"), x, quadrature_order=32)
+    k = np.asarray(fpv.nngp[0])
+    want = np.einsum("ac,bd->abcd", k, k) + np.einsum("ad,bc->abcd", k, k)
+    layers = np.arange(4)[:, None, None, None, None]
+    assert fpv.quadrature_error < 1e-4
+    np.testing.assert_allclose(
+        fpv.vertex, layers * want[None], rtol=fpv.quadrature_error + 1e-12, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh"])
+def test_full_vertex_agrees_with_pairs_and_monte_carlo(x64, name):
+    """On 4 inputs: every component on two of them equals the all-pairs vertex of
+    :func:`rgnn.perturbative` (exact for relu, quadrature-level for tanh), and the component on
+    four different inputs, V_(01)(23) / n = Cov(G_01, G_23), agrees with Monte Carlo within
+    MC_SIGMAS standard errors plus the O(1/n^2) term (bounded by depth/width times the
+    prediction) and the quadrature error."""
+    x = _inputs(4)
+    width, depth = 256, 2
+    arch = rgnn.MLP(depth, width, name, weight_var=2.0 if name == "relu" else 1.0)
+    fpv = rgnn.vertex(arch, x)
+    p = rgnn.perturbative(arch, x, ntk=False)
+    scale = float(np.max(np.abs(p.vertex)))
+    tol = p.quadrature_error * scale + 1e-12  # pair components need no 3- or 4-input integral
+    assert tol < 1e-3 * scale
+    for a in range(4):
+        for b in range(4):
+            idx = [(a, a), (a, b), (b, b)]
+            for i, (p1, p2) in enumerate(idx):
+                for j, (q1, q2) in enumerate(idx):
+                    np.testing.assert_allclose(
+                        fpv.vertex[:, p1, p2, q1, q2], p.vertex[:, a, b, i, j], rtol=tol, atol=tol
+                    )
+    ens = rgnn.ensemble(arch, x.shape[1], n_networks=4000, key=jax.random.key(3))
+    g = np.asarray(rgnn.empirical_nngp(ens, x))[:, -1]  # [M, N, N] output-layer metric
+    u, v = g[:, 0, 1], g[:, 2, 3]
+    cu, cv = u - u.mean(), v - v.mean()
+    cov = np.mean(cu * cv) * len(u) / (len(u) - 1)
+    cov_se = np.std(cu * cv, ddof=1) / np.sqrt(len(u))
+    pred = float(fpv.vertex[-1, 0, 1, 2, 3]) / width
+    tol = MC_SIGMAS * cov_se + (depth / width + fpv.quadrature_error) * abs(pred)
+    assert abs(cov - pred) <= tol, (cov, cov_se, pred)
+    assert cov_se < 0.25 * abs(pred)  # the check has power
