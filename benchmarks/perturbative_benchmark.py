@@ -1,9 +1,10 @@
 """The perturbative prediction vs Monte Carlo over finite networks, for the same fields.
 
 For N inputs (default 512) and a depth-10 MLP at criticality: the wall time of
-``rgnn.perturbative`` (all-pairs vertex, metric variance, mean correction, kurtosis; jitted and
-warmed) against the wall time ``rgnn.measure`` needs to estimate the same fields to a relative
-standard error ``--target`` (default 1%) on the metric variance. That ensemble size follows from
+``rgnn.perturbative`` (all-pairs vertex, metric variance, mean correction, kurtosis, NTK mean
+shift and variance; jitted and warmed) against the wall time ``rgnn.measure`` needs to estimate
+the same fields to a relative standard error ``--target`` (default 1%) on the metric variance
+(the NTK variance needs about as many networks). That ensemble size follows from
 the variance's own relative standard error, sqrt((mu4 / var^2 - (M - 3)/(M - 1)) / M), measured on
 a pilot ensemble; the Monte Carlo time is the pilot's per-network time times that size.
 Ratio = Monte Carlo time / perturbative time (> 1: the prediction is cheaper).
@@ -41,15 +42,15 @@ def _run_case(name, args, x):
         _, t_first = _timed(lambda: rgnn.perturbative(arch, x).vertex)
         pred, t_pred = _timed(lambda: rgnn.perturbative(arch, x))
     pilot = args.pilot
-    rgnn.measure(arch, x[:8], n_networks=4, key=jax.random.key(0), ntk=False)  # compile
+    rgnn.measure(arch, x[:8], n_networks=4, key=jax.random.key(0))  # compile
     meas, t_pilot = _timed(
         lambda: (
             rgnn.measure(
-                arch, x, n_networks=pilot, key=jax.random.key(1), ntk=False, batch_size=pilot
+                arch, x, n_networks=pilot, key=jax.random.key(1), batch_size=pilot
             ).nngp_variance
         )
     )
-    m = rgnn.measure(arch, x, n_networks=pilot, key=jax.random.key(1), ntk=False, batch_size=pilot)
+    m = rgnn.measure(arch, x, n_networks=pilot, key=jax.random.key(1), batch_size=pilot)
     rel_se = np.asarray(m.nngp_variance_se[-1]) / np.abs(np.asarray(m.nngp_variance[-1]))
     # relative SE scales as M^(-1/2): networks needed for the target on the median entry
     needed = int(np.ceil(pilot * (np.median(rel_se) / args.target) ** 2))
