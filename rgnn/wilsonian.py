@@ -156,6 +156,14 @@ def _as_array(value, name: str, ndim: int | None = None, shape_text: str = "") -
     return jnp.asarray(arr)
 
 
+def _cast(x, dtype):
+    """``x`` as ``dtype``: on the host for concrete arrays (no device op to compile), with
+    ``astype`` inside a trace."""
+    if isinstance(x, jax.core.Tracer):
+        return x.astype(dtype)
+    return np.asarray(x, dtype=dtype)
+
+
 def _check_symmetric(k: jax.Array, name: str) -> None:
     if isinstance(k, jax.core.Tracer):
         return
@@ -228,10 +236,7 @@ class Wilsonian:
         least ``N`` modes are integrated out (so that ``K^>`` has full rank on the training
         inputs and can act as white noise); ``Lambda = 0`` (nothing integrated out, exact) is
         not flagged."""
-        n, p = self.train.shape[1], self.eigenvalues.shape[0]
-        return (
-            (self.cutoffs > 0) & (self.cutoffs * n <= self.running_ridge) & (p - self.n_modes >= n)
-        )
+        return _valid(self.cutoffs, self.running_ridge, self.n_modes, self.train, self.eigenvalues)
 
     def test_error(self, which: str = "effective") -> jax.Array:
         """``[C]`` relative distance ``|f - f_full| / |f_full|`` of the test predictions from the
@@ -239,8 +244,19 @@ class Wilsonian:
         preds = dict(effective=self.test, truncated=self.truncated_test, exact=self.exact_test)
         if which not in preds:
             raise ValueError(f"which: expected one of {tuple(preds)}, got {which!r}")
-        diff = (preds[which] - self.full_test[None]).reshape(self.cutoffs.shape[0], -1)
-        return jnp.linalg.norm(diff, axis=1) / jnp.linalg.norm(self.full_test)
+        return _relative_error(preds[which], self.full_test)
+
+
+@jax.jit
+def _valid(cutoffs, running_ridge, n_modes, train, eigenvalues):
+    n, p = train.shape[1], eigenvalues.shape[0]
+    return (cutoffs > 0) & (cutoffs * n <= running_ridge) & (p - n_modes >= n)
+
+
+@jax.jit
+def _relative_error(pred, full):
+    diff = (pred - full[None]).reshape(pred.shape[0], -1)
+    return jnp.linalg.norm(diff, axis=1) / jnp.linalg.norm(full)
 
 
 def _log_cutoffs(lam: jax.Array, count: int) -> jax.Array:
@@ -377,18 +393,18 @@ def wilsonian(
         if not isinstance(cut, jax.core.Tracer) and bool(np.any(np.asarray(cut) < 0)):
             raise ValueError("cutoffs: expected cutoffs >= 0 (0 keeps every mode)")
     cut, lam, full_train, full_test, out = _flow(
-        k_tt.astype(dtype),
-        k_st.astype(dtype),
-        k_ss.astype(dtype),
-        y_arr.astype(dtype),
-        jnp.asarray(r, dtype),
-        cut.astype(dtype),
+        _cast(k_tt, dtype),
+        _cast(k_st, dtype),
+        _cast(k_ss, dtype),
+        _cast(y_arr, dtype),
+        np.asarray(r, dtype),
+        _cast(cut, dtype),
         use_default,
     )
     return Wilsonian(
         cutoffs=cut,
         n_modes=out["n_modes"],
-        ridge=jnp.asarray(r, dtype),
+        ridge=jnp.asarray(np.asarray(r, dtype)),
         running_ridge=out["running_ridge"],
         local_ridge=out["local_ridge"],
         integrated_sum=out["integrated_sum"],
@@ -442,6 +458,8 @@ def wilsonian_fixed_point(
     if isinstance(n_train, bool) or not isinstance(n_train, int) or not 1 <= n_train < p:
         raise ValueError(f"n_train: expected an integer in 1..{p - 1}, got {n_train!r}")
     kl = k[layer - 1]
+    if not isinstance(kl, jax.core.Tracer):
+        kl = np.asarray(kl)  # slice on the host: no device op to compile per block shape
     return wilsonian(
         kl[:n_train, :n_train],
         kl[n_train:, :n_train],
@@ -462,7 +480,11 @@ def rbf_kernel(x1, x2=None, *, length_scale: float = 1.0) -> jax.Array:
     if length_scale <= 0:
         raise ValueError(f"length_scale: expected a finite number > 0, got {length_scale!r}")
     x1, x2 = check_pair(x1, x2)
-    x2 = x1 if x2 is None else x2
+    return _rbf(x1, x1 if x2 is None else x2, length_scale)
+
+
+@jax.jit
+def _rbf(x1, x2, length_scale):
     d2 = jnp.sum(x1 * x1, 1)[:, None] + jnp.sum(x2 * x2, 1)[None, :] - 2.0 * x1 @ x2.T
     return jnp.exp(-jnp.maximum(d2, 0.0) / (2.0 * length_scale**2))
 
@@ -667,17 +689,17 @@ def scale_resolved(fixed_kernel, empirical, *, bands=4, target=None) -> ScaleRes
     if emp.ndim < 2 or emp.shape[-2:] != (n, n):
         raise ValueError(f"empirical: expected [..., {n}, {n}] kernels, got shape {emp.shape}")
     dtype = jnp.result_type(k0.dtype, emp.dtype, jnp.result_type(float))
-    k0, emp = k0.astype(dtype), emp.astype(dtype)
+    k0, emp = _cast(k0, dtype), _cast(emp, dtype)
     has_target = target is not None
     if has_target:
         y = _as_array(target, "target")
         if y.ndim not in (1, 2) or y.shape[0] != n:
             raise ValueError(f"target: expected [{n}] or [{n}, O] targets, got shape {y.shape}")
-        y = y.reshape(n, -1).astype(dtype)
+        y = _cast(y.reshape(n, -1), dtype)
         if not isinstance(y, jax.core.Tracer) and not bool(np.any(np.asarray(y) != 0)):
             raise ValueError("target: expected a non-zero target")
     else:
-        y = jnp.ones((n, 1), dtype)
+        y = np.ones((n, 1), dtype)
     if isinstance(bands, bool):
         raise ValueError(f"bands: expected an integer >= 1 or descending edges, got {bands!r}")
     if isinstance(bands, int):
@@ -694,7 +716,7 @@ def scale_resolved(fixed_kernel, empirical, *, bands=4, target=None) -> ScaleRes
                 "bands: expected an integer >= 1 or a strictly descending sequence of >= 2 "
                 f"eigenvalue edges, got {bands!r}"
             )
-    out = _resolve(k0, emp, y, jnp.asarray(edges, dtype), has_target, use_log)
+    out = _resolve(k0, emp, y, np.asarray(edges, dtype), has_target, use_log)
     lam_j, edges_j, counts, dep, rel, shift, total, weight, align, band_align = out
     return ScaleResolved(
         eigenvalues=lam_j,
