@@ -241,7 +241,7 @@ def _judge(
     failed = []
     slack = q * p_se + exponent_tolerance
     if p - slack > expected:  # significantly slower than the slowest perturbative rate
-        what = "does not fall with width" if p >= 0 else "falls too slowly"
+        what = "does not fall with width" if p + q * p_se >= 0 else "falls too slowly"
         failed.append(
             f"{what}: exponent {p:.2f} +- {p_se:.2f}, slower than the slowest perturbative "
             f"rate n^{expected:g} by more than {q:.2g} se + {exponent_tolerance:g}"

@@ -320,10 +320,15 @@ class _Store:
         self.points = self.dir / "points.jsonl"
         self.records: dict[str, dict] = {}
         if self.points.exists():
-            for line in self.points.read_text().splitlines():
+            for i, line in enumerate(self.points.read_text().splitlines()):
                 if line.strip():
-                    rec = json.loads(line)
-                    self.records[rec["key"]] = rec
+                    try:
+                        rec = json.loads(line)
+                        self.records[rec["key"]] = rec
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(
+                            f"out: line {i + 1} of {str(self.points)!r} is not a sweep point"
+                        ) from None
 
     def add(self, record: dict) -> None:
         self.records[record["key"]] = record
@@ -620,7 +625,7 @@ def sweep(
     predict: bool = True,
     out: str | os.PathLike | None = None,
     plots: bool = True,
-    progress: bool | None = None,
+    progress: bool = True,
     point: Callable | None = None,
 ) -> Sweep:
     """Sweep ``arch`` over widths (and optionally depths, activations, parameterizations and
@@ -641,7 +646,8 @@ def sweep(
         ``O(N^2 L)`` quadratures; needs ``n_networks >= 4`` for the measured side).
       out: the results directory (see the module docstring), or ``None`` to keep nothing.
       plots: write PNG plots into ``out``.
-      progress: report progress on stderr (``None``: only when stderr is a terminal).
+      progress: report progress on stderr: a bar with an ETA on a terminal, one log line per
+        finished point otherwise (:class:`rgnn.progress.Progress`); ``False``: silent.
       point: the per-point function ``point(arch, x, y, *, seed, settings) -> dict``
         (default :func:`run_point`).
 
@@ -726,10 +732,7 @@ def sweep(
 
     from rgnn.progress import Progress
 
-    stream = sys.stderr
-    if progress is None:
-        progress = bool(getattr(stream, "isatty", lambda: False)())
-    bar = Progress(len(grid), label="sweep", stream=stream if progress else io.StringIO())
+    bar = Progress(len(grid), label="sweep", stream=sys.stderr if progress else io.StringIO())
     records = []
     try:
         for p in grid:
@@ -835,7 +838,8 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     ``c n^p`` with its slope, and the perturbative prediction: the measured O(1/n) prediction
     where the points carry one, else a line of the expected slope through the widest point),
     ``sweep.png`` with all measures side by side, and ``couplings.png``
-    (:func:`rgnn.plotting.plot_couplings` for the sweep's activations)."""
+    (:func:`rgnn.plotting.plot_couplings` for the sweep's activations at criticality, to depth
+    10 or the sweep's largest depth)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -884,7 +888,7 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
         plotting.plot_couplings(
             out / "couplings.png",
             activations=acts,
-            depth=max(max(result.config["depths"]), 2),
+            depth=max(max(result.config["depths"]), 10),  # the flow, beyond the sweep's depth
             width=min(result.config["widths"]),
         )
         written.append(out / "couplings.png")
