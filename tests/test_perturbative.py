@@ -1,6 +1,5 @@
 """The perturbative flow: exact textbook results, and 1/n coefficients against Monte Carlo."""
 
-import functools
 import warnings
 
 import jax
@@ -102,7 +101,6 @@ CASES = {
 }
 
 
-@functools.cache
 def _runs(name):
     cfg = dict(CASES[name])
     depth = cfg.pop("depth")
@@ -128,28 +126,28 @@ def _intercept(widths, y, se):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("field", ["nngp_variance", "kurtosis", "ntk_variance"])
-def test_one_over_n_coefficient_matches_monte_carlo(name, field):
+def test_one_over_n_coefficient_matches_monte_carlo(name):
     """n times the measured field, extrapolated to infinite width by a weighted fit
     a + b/n over 4 widths, equals n times the prediction (the 1/n coefficient) within
     MC_SIGMAS standard errors of the fit plus the quadrature error; on the output layer for the
     metric and NTK variances (same and distinct inputs), the last hidden layer for the
     kurtosis."""
     runs = _runs(name)
-    if field in ("nngp_variance", "ntk_variance"):
-        entries = [(-1, 0, 0), (-1, 0, 1)]
-    else:
-        entries = [(-2, 0), (-2, 1)]
-    for entry in entries:
-        ns = np.array([n for n, _, _ in runs], float)
-        pred = np.array([float(getattr(p, field)[entry]) * n for n, p, _ in runs])
-        y = np.array([float(getattr(m, field)[entry]) * n for n, _, m in runs])
-        se = np.array([float(getattr(m, field + "_se")[entry]) * n for n, _, m in runs])
-        np.testing.assert_allclose(pred, pred[0], rtol=1e-10)  # a pure 1/n prediction
-        a, a_se = _intercept(ns, y, se)
-        qerr = max(p.quadrature_error for _, p, _ in runs) * abs(pred[0])
-        assert abs(a - pred[0]) <= MC_SIGMAS * a_se + qerr, (entry, a, a_se, pred[0])
-        assert a_se < 0.35 * abs(pred[0]), (entry, a_se, pred[0])  # the check has power
+    for field in ("nngp_variance", "kurtosis", "ntk_variance"):
+        if field in ("nngp_variance", "ntk_variance"):
+            entries = [(-1, 0, 0), (-1, 0, 1)]
+        else:
+            entries = [(-2, 0), (-2, 1)]
+        for entry in entries:
+            ns = np.array([n for n, _, _ in runs], float)
+            pred = np.array([float(getattr(p, field)[entry]) * n for n, p, _ in runs])
+            y = np.array([float(getattr(m, field)[entry]) * n for n, _, m in runs])
+            se = np.array([float(getattr(m, field + "_se")[entry]) * n for n, _, m in runs])
+            np.testing.assert_allclose(pred, pred[0], rtol=1e-10)  # a pure 1/n prediction
+            a, a_se = _intercept(ns, y, se)
+            qerr = max(p.quadrature_error for _, p, _ in runs) * abs(pred[0])
+            assert abs(a - pred[0]) <= MC_SIGMAS * a_se + qerr, (field, entry, a, a_se, pred[0])
+            assert a_se < 0.35 * abs(pred[0]), (entry, a_se, pred[0])  # the check has power
 
 
 NARROW = (8, 12, 16, 24, 32)
@@ -163,7 +161,6 @@ CORRECTION_CASES = {
         dict(activation="tanh", weight_var=1.5, bias_var=0.1),
         {"nngp_correction": (-1, 0, 0), "ntk_correction": (-1, 0, 1)},
     ),
-    "gelu": (dict(activation="gelu", weight_var=1.5, bias_var=0.1), {"ntk_correction": (-1, 0, 0)}),
 }
 
 
@@ -221,7 +218,7 @@ def test_full_vertex_of_deep_linear_network_is_exact(x64):
     )
 
 
-@pytest.mark.parametrize("name", ["relu", "tanh"])
+@pytest.mark.parametrize("name", ["relu"])
 def test_full_vertex_agrees_with_pairs_and_monte_carlo(x64, name):
     """On 4 inputs: every component on two of them equals the all-pairs vertex of
     :func:`rgnn.perturbative` (exact for relu, quadrature-level for tanh), and the component on
