@@ -1,14 +1,22 @@
-"""Figures (matplotlib, Agg backend). Only the command line and notebooks import this module."""
+"""Figures written as PNG files. Only the command line and notebooks import this module.
+
+Figures are built as bare ``matplotlib.figure.Figure`` objects (rendered by Agg when saved), not
+through pyplot, so importing rgnn never switches the user's matplotlib backend: a notebook's
+``show()`` keeps working after a sweep has written its plots.
+"""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = ["plot_layer_kernels", "plot_couplings", "plot_wilsonian", "plot_scale_resolved"]
+
+
+def _subplots(*args, figsize=None, **kwargs):
+    """``pyplot.subplots`` without pyplot: a detached figure and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def plot_layer_kernels(fp, path, *, labels=None, layers=None, title=None):
@@ -20,7 +28,7 @@ def plot_layer_kernels(fp, path, *, labels=None, layers=None, title=None):
     n_layers = fp.nngp.shape[0]
     if layers is None:
         layers = sorted({1, 2, (n_layers + 1) // 2, n_layers})
-    fig, axes = plt.subplots(2, len(layers), figsize=(3.0 * len(layers), 6.2), squeeze=False)
+    fig, axes = _subplots(2, len(layers), figsize=(3.0 * len(layers), 6.2), squeeze=False)
     for col, layer in enumerate(layers):
         for row, name in enumerate(("nngp", "ntk")):
             k = np.asarray(getattr(fp, name)[layer - 1])
@@ -40,7 +48,6 @@ def plot_layer_kernels(fp, path, *, labels=None, layers=None, title=None):
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -61,7 +68,7 @@ def plot_couplings(
 
     if x is None:
         x = np.ones((1, 4))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _subplots(figsize=(6.4, 4.4))
     with jax.enable_x64(True):
         for name in activations:
             crit = rgnn.critical_point(name)
@@ -88,7 +95,6 @@ def plot_couplings(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -111,7 +117,7 @@ def plot_wilsonian(w, path, *, title=None, closed_form=None):
     ridge = float(w.ridge)
     run = np.asarray(w.running_ridge)[pos]
     local = np.asarray(w.local_ridge)[pos]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    fig, (ax0, ax1) = _subplots(1, 2, figsize=(11.5, 4.4))
     ax0.plot(c, run, "o-", ms=4, label="running ridge  sigma^2 + tr K^> / N")
     ax0.plot(
         c,
@@ -162,7 +168,6 @@ def plot_wilsonian(w, path, *, title=None, closed_form=None):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -187,7 +192,7 @@ def plot_scale_resolved(results, path, *, title=None):
         names.append(f"band {b}\n({lo}, {hi}]\n{modes[b]} modes")
     pos = np.arange(n_bands)
     width = 0.8 / len(labels)
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    fig, (ax0, ax1) = _subplots(1, 2, figsize=(11.5, 4.4))
     for i, label in enumerate(labels):
         r = results[label]
         dep = np.asarray(r.departure).reshape(-1, n_bands).mean(0)
@@ -217,5 +222,4 @@ def plot_scale_resolved(results, path, *, title=None):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

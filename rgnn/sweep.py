@@ -840,10 +840,7 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     ``sweep.png`` with all measures side by side, and ``couplings.png``
     (:func:`rgnn.plotting.plot_couplings` for the sweep's activations at criticality, to depth
     10 or the sweep's largest depth)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rgnn.plotting import _subplots
 
     out = Path(out)
     groups = result.groups
@@ -853,15 +850,14 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     written = []
     ncol = min(3, max(1, len(names)))
     nrow = max(1, math.ceil(len(names) / ncol))
-    big, big_axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.7 * nrow), squeeze=False)
+    big, big_axes = _subplots(nrow, ncol, figsize=(4.6 * ncol, 3.7 * nrow), squeeze=False)
     for idx, name in enumerate(names):
-        fig, ax = plt.subplots(figsize=(5.6, 4.2))
+        fig, ax = _subplots(figsize=(5.6, 4.2))
         for target in (ax, big_axes[idx // ncol, idx % ncol]):
             _plot_measure(target, result, rows, name, groups, varying)
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     free = list(range(len(names), nrow * ncol))
     has_couplings = any(c is not None for r in result.records for c in (r.get("couplings") or []))
@@ -879,7 +875,6 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     big.tight_layout()
     path = out / "sweep.png"
     big.savefig(path, dpi=90)
-    plt.close(big)
     written.append(path)
     from rgnn import plotting
 
