@@ -90,7 +90,7 @@ def main():
     x /= np.sqrt(np.mean(x**2, axis=1, keepdims=True))
     results = dict(
         vars(args),
-        out=str(args.out),
+        out=args.out.name,  # the folder name only: no machine paths in results
         device=str(jax.devices()[0]),
         platform=platform.platform(),
         cases=[],
