@@ -133,6 +133,7 @@ def _polar_moments(slope: float, s1, c, s2, nodes: int = 24):
 
 
 def _derivatives(fn, order: int):
+    """``[sigma, sigma', ..., sigma^(order)]`` as elementwise functions (autodiff)."""
     out = [fn]
     for _ in range(order):
         f = out[-1]
@@ -141,6 +142,8 @@ def _derivatives(fn, order: int):
 
 
 def _cholesky2(k):
+    """``(s1, c, s2)``: ``z_a = s1 xi_1``, ``z_b = c xi_1 + s2 xi_2`` for
+    ``k = (K_aa, K_ab, K_bb)`` (``s2 = 0`` for parallel inputs)."""
     s1 = jnp.sqrt(k[0])
     c = k[1] / s1
     s2 = jnp.sqrt(jnp.maximum(k[2] - c * c, 0.0))

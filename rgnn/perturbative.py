@@ -177,16 +177,9 @@ def _homogeneous_moment(slope: float, s1, c, s2, i: int, j: int, nodes: int = 24
     return radial * jnp.sum(w * sig(u) ** i * sig(v) ** j) / (2 * jnp.pi)
 
 
-def _cholesky2(kaa, kab, kbb):
-    s1 = jnp.sqrt(kaa)
-    c = kab / s1
-    s2 = jnp.sqrt(jnp.maximum(kbb - c * c, 0.0))
-    return s1, c, s2
-
-
 def _pair_moments(act: Activation, kaa, kab, kbb, order: int):
     """``(m40, m31, m22, m13, m04, m20, m11, m02)``, ``m_ij = <sigma(z_a)^i sigma(z_b)^j>``."""
-    s1, c, s2 = _cholesky2(kaa, kab, kbb)
+    s1, c, s2 = _ntk_flow._cholesky2((kaa, kab, kbb))
     powers = [(4, 0), (3, 1), (2, 2), (1, 3), (0, 4), (2, 0), (1, 1), (0, 2)]
     if act.scale_invariant:
         slope = 1.0 if act.negative_slope is None else act.negative_slope
@@ -243,15 +236,6 @@ def _single_stats(act: Activation, order: int):
     return stats
 
 
-def _derivatives(fn, order: int):
-    """``[sigma, sigma', ..., sigma^(order)]`` as elementwise functions (autodiff)."""
-    out = [fn]
-    for _ in range(order):
-        f = out[-1]
-        out.append(jnp.vectorize(jax.grad(lambda x, f=f: f(x))))
-    return out
-
-
 def _pair_stats_quadrature(act: Activation, k, order: int):
     """``(phi, J, H, moments)`` of one pair from one quadrature grid, for activations without a
     closed form. Derivatives of Gaussian expectations come from the Gaussian identities
@@ -265,9 +249,9 @@ def _pair_stats_quadrature(act: Activation, k, order: int):
       diagonal derivatives; ``H[aa, aa, aa] = <s s4 + 4 s1 s3 + 3 s2^2>_a / 2``.
     """
     kaa, kab, kbb = k[0], k[1], k[2]
-    s1, c, s2 = _cholesky2(kaa, kab, kbb)
+    s1, c, s2 = _ntk_flow._cholesky2((kaa, kab, kbb))
     x, w = gaussian.hermite_rule(order, jnp.result_type(kaa))
-    ds = _derivatives(act.fn, 4)
+    ds = _ntk_flow._derivatives(act.fn, 4)
     u = s1 * x  # [Q]
     v = c * x[:, None] + s2 * x[None, :]  # [Q, Q]
     ub = jnp.sqrt(kbb) * x  # the marginal of z_b, for its own diagonal
