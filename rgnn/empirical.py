@@ -38,6 +38,7 @@ import dataclasses
 from functools import partial
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -46,9 +47,12 @@ from rgnn._validate import check_pair
 from rgnn.architecture import MLPNetwork
 from rgnn.networks import Ensemble
 
-__all__ = ["empirical_nngp", "empirical_ntk", "measure", "Measurement", "ESTIMATORS"]
+__all__ = ["empirical_nngp", "empirical_ntk", "measure", "Measurement", "ESTIMATORS", "DNTK_UNITS"]
 
 ESTIMATORS = ("metric", "sample")
+
+DNTK_UNITS = 3
+"""Units per layer whose dNTK :func:`measure` estimates (every ordered pair of them is used)."""
 
 
 def _nngp_one(net: MLPNetwork, x1, x2, estimator: str):
@@ -167,6 +171,14 @@ class Measurement:
       ntk: ``[L+1, N, N]`` mean empirical NTK of one unit per layer.
       ntk_correction: ``[L+1, N, N]`` ``mean(NTK) - Theta`` (``Theta`` the infinite-width NTK).
       ntk_variance: ``[L+1, N, N]`` its variance over networks.
+      dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` (``measure(..., dntk=True)``, else ``None``)
+        PDLT's dNTK-preactivation correlators ``P`` and ``Q`` in the pair layout of
+        :class:`~rgnn.Perturbative`: ``n_{l-1}`` times the mean of
+        ``dH_{i j j; a0 a1 a2} z_{i; a3}`` (``P``) and ``dH_{i i j; a0 a1 a2} z_{j; a3}``
+        (``Q``) over the ordered pairs ``i != j`` of the first :data:`DNTK_UNITS` units of each
+        layer and over networks, the dNTK taken by automatic differentiation (a
+        Jacobian-vector product of the empirical NTK along the gradient of ``z_{i; a0}``).
+        NaN on a layer narrower than 2 units.
       n_networks: ensemble size.
     """
 
@@ -184,7 +196,68 @@ class Measurement:
     ntk_correction_se: jax.Array
     ntk_variance: jax.Array
     ntk_variance_se: jax.Array
+    dntk_p: jax.Array | None = None
+    dntk_p_se: jax.Array | None = None
+    dntk_q: jax.Array | None = None
+    dntk_q_se: jax.Array | None = None
     n_networks: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "units", "chunk"))
+def _dntk_correlators(graphdef, state, x, widths, *, units, chunk):
+    """Per network and layer, ``n_{l-1}`` times the unit-pair averages that estimate ``P`` and
+    ``Q``: two lists of ``[M, N, N, N, N]`` (NaN for a layer with fewer than 2 units)."""
+
+    def one(s):
+        flat, unravel = jax.flatten_util.ravel_pytree(s)
+
+        def layer_z(theta, layer):
+            net = nnx.merge(graphdef, unravel(theta))
+            return net.preactivations(x)[layer][:, : units[layer]]
+
+        ps, qs = [], []
+        for layer, u in enumerate(units):
+            n = x.shape[0]
+            if u < 2:
+                nan = jnp.full((n,) * 4, jnp.nan, x.dtype)
+                ps.append(nan)
+                qs.append(nan)
+                continue
+
+            def flat_z(theta, layer=layer):
+                return layer_z(theta, layer).reshape(-1)
+
+            def ntk(theta, flat_z=flat_z):
+                jac = jax.jacrev(flat_z)(theta)
+                return jac @ jac.T
+
+            jac = jax.jacrev(flat_z)(flat)
+            dh = jax.vmap(lambda v, ntk=ntk: jax.jvp(ntk, (flat,), (v,))[1])(jac)
+            dh = dh.reshape(n, u, n, u, n, u)  # [a0, i0, a1, i1, a2, i2]
+            z = layer_z(flat, layer)  # [a3, i3]
+            off = 1.0 - jnp.eye(u, dtype=x.dtype)
+            pairs = u * (u - 1)
+            # P: i0 = i3 = i, i1 = i2 = j; Q: i0 = i1 = i, i2 = i3 = j (i != j)
+            p = jnp.einsum("aibjcj,di,ij->abcd", dh, z, off) / pairs
+            q = jnp.einsum("aibicj,dj,ij->abcd", dh, z, off) / pairs
+            ps.append(widths[layer] * p)
+            qs.append(widths[layer] * q)
+        return jnp.stack(ps), jnp.stack(qs)
+
+    # vmapped ``chunk`` networks at a time: the Jacobian-vector products of the Jacobian hold
+    # (N * units)^2 parameter-sized vectors per network
+    return jax.lax.map(one, state, batch_size=chunk)
+
+
+def _pair_layout(full):
+    """``[..., N, N, N, N]`` (four input indices) -> ``[..., N, N, 2, 2, 2, 2]``: slot 0 is
+    input ``a``, slot 1 input ``b`` of the pair ``(a, b)``."""
+    n = full.shape[-1]
+    sel = (np.arange(n)[:, None], np.arange(n)[None, :])
+    out = np.empty(full.shape[:-4] + (n, n, 2, 2, 2, 2), full.dtype)
+    for i, j, k, m in np.ndindex(2, 2, 2, 2):
+        out[..., i, j, k, m] = full[..., sel[i], sel[j], sel[k], sel[m]]
+    return out
 
 
 def _mean_var_se(samples):
@@ -200,14 +273,24 @@ def _mean_var_se(samples):
 
 
 def measure(
-    arch, x, *, n_networks: int, key: jax.Array, batch_size: int = 512, ntk: bool = True
+    arch,
+    x,
+    *,
+    n_networks: int,
+    key: jax.Array,
+    batch_size: int = 512,
+    ntk: bool = True,
+    dntk: bool = False,
 ) -> Measurement:
     """Monte Carlo estimates of the fields of :func:`rgnn.perturbative` from finite networks.
 
     ``n_networks`` networks of ``arch`` are drawn (``batch_size`` at a time, each batch one
     vmapped, jitted computation) and the per-layer stochastic metric, empirical NTK and
     preactivation moments are reduced to means, variances and kurtoses with standard errors.
-    The dtype follows ``x``. ``ntk=False`` skips the NTK (its fields are then NaN).
+    The dtype follows ``x``. ``ntk=False`` skips the NTK (its fields are then NaN);
+    ``dntk=True`` also estimates the dNTK correlators ``P`` and ``Q`` (a Jacobian-vector product
+    of the empirical NTK per network; the cost grows like the parameter count times
+    ``(N * DNTK_UNITS)^2`` per layer, so keep ``N`` small).
     """
     from rgnn.architecture import MLP
     from rgnn.fixed_point import fixed_point
@@ -220,7 +303,10 @@ def measure(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     x, _ = check_pair(x, None, ("x", "x2"))
-    gs, ts = [], []
+    gs, ts, dps, dqs = [], [], [], []
+    dims = arch.layer_dims(x.shape[1])
+    units = tuple(min(DNTK_UNITS, d) for d in dims[1:])
+    widths = tuple(float(d) for d in dims[:-1])
     done = 0
     while done < n_networks:
         size = min(batch_size, n_networks - done)
@@ -230,6 +316,15 @@ def measure(
         gs.append(np.asarray(empirical_nngp(ens, x)))
         if ntk:
             ts.append(np.asarray(empirical_ntk(ens, x)))
+        if dntk:
+            n_params = sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(ens.state))
+            rows = x.shape[0] * max(units)
+            chunk = int(max(1, min(size, 2**26 // (rows * rows * n_params))))
+            p_s, q_s = _dntk_correlators(
+                ens.graphdef, ens.state, x, widths, units=units, chunk=chunk
+            )
+            dps.append(np.asarray(p_s))
+            dqs.append(np.asarray(q_s))
         done += size
     g = np.concatenate(gs)
     t = np.concatenate(ts) if ntk else np.full_like(g, np.nan)
@@ -243,6 +338,12 @@ def measure(
     kurt = 3 * a / b**2 - 3
     infl = 3 * (m4 / b**2 - 2 * a * m2 / b**3)  # influence of one network on 3 a / b^2
     kurt_se = infl.std(0, ddof=1) / np.sqrt(m2.shape[0])
+    dntk_fields = {}
+    if dntk:
+        for name, parts in (("dntk_p", dps), ("dntk_q", dqs)):
+            samples = _pair_layout(np.concatenate(parts))
+            dntk_fields[name] = samples.mean(0)
+            dntk_fields[name + "_se"] = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
     return Measurement(
         nngp=g_mean,
         nngp_se=g_se,
@@ -258,5 +359,6 @@ def measure(
         ntk_correction_se=t_se,
         ntk_variance=t_var,
         ntk_variance_se=t_var_se,
+        **dntk_fields,
         n_networks=int(g.shape[0]),
     )

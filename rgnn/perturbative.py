@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import _ntk_flow, gaussian
+from rgnn import _dntk_flow, _ntk_flow, gaussian
 from rgnn._validate import check_inputs
 from rgnn.activations import Activation
 from rgnn.architecture import MLP
@@ -124,6 +124,13 @@ class Perturbative:
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
       (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
       recursions: :mod:`rgnn._ntk_flow`.)
+      dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
+        and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
+        with slot 0 the input ``a`` and slot 1 the input ``b``,
+        ``E[dH_{i0 i1 i2; s0 s1 s2} z_{i3; s3}] = (d_{i0 i3} d_{i1 i2} P_{s0 s1 s2 s3}
+        + d_{i0 i1} d_{i2 i3} Q_{s0 s1 s2 s3} + d_{i0 i2} d_{i1 i3} Q_{s0 s2 s1 s3}) / n_{l-1}``
+        (not divided by the width). For ``a == b`` every component is the single-input value.
+        Derivation, recursions and the treatment of kinks: :mod:`rgnn._dntk_flow`.
       quadrature_order: nodes per dimension used for quadrature (static).
       quadrature_error: estimated relative error of every field from quadrature,
         ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
@@ -143,6 +150,8 @@ class Perturbative:
     ntk_vertex: jax.Array | None = None
     mixed_vertex: jax.Array | None = None
     ntk_b: jax.Array | None = None
+    dntk_p: jax.Array | None = None
+    dntk_q: jax.Array | None = None
     quadrature_order: int = dataclasses.field(default=0, metadata=dict(static=True))
     quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
@@ -366,7 +375,7 @@ def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
     return jnp.concatenate([zero[None], vs]), jnp.concatenate([zero[None], ds])
 
 
-def _run(arch: MLP, x, order: int, ntk: bool = True):
+def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None):
     fp = fixed_point(arch, x, quadrature_order=order)
     k = fp.nngp
     kd = fp.nngp_diag1
@@ -407,6 +416,8 @@ def _run(arch: MLP, x, order: int, ntk: bool = True):
     ntk_fields = {}
     if ntk:
         ntk_fields = _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols)
+    if dntk is not None:
+        ntk_fields.update(_run_dntk(arch, x, fp, order, ratios, rows, cols, dntk == "pointwise"))
     return Perturbative(
         nngp=k,
         nngp_correction=corr,
@@ -476,9 +487,49 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
     )
 
 
-def _check_memory(n: int, n_layers: int, itemsize: int) -> None:
+def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise):
+    """``dntk_p`` and ``dntk_q`` of :class:`Perturbative` (recursions in
+    :mod:`rgnn._dntk_flow`)."""
+    k, t = fp.nngp, fp.ntk
+    kd = fp.nngp_diag1
+    td = jnp.diagonal(t, axis1=1, axis2=2)
+    n = x.shape[0]
+    n_layers = arch.n_layers
+    lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w[1:], k.dtype)
+    act, cw = arch.act, arch.weight_var
+    k1 = jnp.stack([kd, kd, kd], axis=-1)
+    t1 = jnp.stack([td, td, td], axis=-1)
+    p1, q1 = _dntk_flow.dntk_flow(
+        act, cw, lam_w, k1, t1, ratios, order=4 * order, single=True, pointwise=pointwise
+    )
+    diag = jnp.arange(n)
+    shape = (n_layers, n, n, 2, 2, 2, 2)
+    full = []
+    for single in (p1, q1):
+        out = jnp.zeros(shape, k.dtype)
+        full.append(
+            out.at[:, diag, diag].set(
+                jnp.broadcast_to(
+                    single[..., 0, 0, 0, 0, None, None, None, None], shape[:2] + (2,) * 4
+                )
+            )
+        )
+    if rows.size:
+        ks = jnp.stack([kd[:, rows], k[:, rows, cols], kd[:, cols]], axis=-1)
+        ts = jnp.stack([td[:, rows], t[:, rows, cols], td[:, cols]], axis=-1)
+        pairs = _dntk_flow.dntk_flow(
+            act, cw, lam_w, ks, ts, ratios, order=order, single=False, pointwise=pointwise
+        )
+        full = [
+            f.at[:, rows, cols].set(pp).at[:, cols, rows].set(jnp.flip(pp, axis=(2, 3, 4, 5)))
+            for f, pp in zip(full, pairs, strict=True)
+        ]
+    return dict(dntk_p=full[0], dntk_q=full[1])
+
+
+def _check_memory(n: int, n_layers: int, itemsize: int, dntk: bool = False) -> None:
     pairs = n * (n - 1) // 2
-    need = itemsize * n_layers * (n * n * 9 + pairs * 40)
+    need = itemsize * n_layers * (n * n * (9 + (32 if dntk else 0)) + pairs * (40 + 64 * dntk))
     if need > _MEMORY_LIMIT_BYTES:
         raise ValueError(
             f"x: {n} inputs over {n_layers} layers need about {need / 2**30:.1f} GiB for the "
@@ -488,7 +539,14 @@ def _check_memory(n: int, n_layers: int, itemsize: int) -> None:
 
 
 def perturbative(
-    arch: MLP, x, *, quadrature_order: int = 48, ntk: bool = True, warn: bool = True
+    arch: MLP,
+    x,
+    *,
+    quadrature_order: int = 48,
+    ntk: bool = True,
+    dntk: bool = False,
+    kinks: str = "distributional",
+    warn: bool = True,
 ) -> Perturbative:
     """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
 
@@ -497,6 +555,14 @@ def perturbative(
       x: ``[N, n_0]`` inputs.
       quadrature_order: nodes per dimension for expectations without a closed form.
       ntk: also compute the NTK fields (about twice the work); ``False`` leaves them ``None``.
+      dntk: also compute the dNTK correlators ``dntk_p`` and ``dntk_q`` (PDLT's ``P`` and
+        ``Q``, all 16 components on every pair: several times the work of everything else, and
+        ``[L+1, N, N, 16]`` each).
+      kinks: for a scale-invariant activation with a kink (relu, leaky relu), which derivative
+        the dNTK uses: ``"distributional"`` (``sigma'' = (1 - a) delta``: the limit of smooth
+        activations and the expected NTK change of a small gradient step, whose units may cross
+        the kink) or ``"pointwise"`` (``sigma'' = 0``: what automatic differentiation of the
+        network gives). No effect for smooth activations.
       warn: warn when depth / width is too large for O(1/n) to be trusted
         (:data:`TRUST_DEPTH_OVER_WIDTH`).
 
@@ -511,18 +577,25 @@ def perturbative(
         or quadrature_order < 2
     ):
         raise ValueError(f"quadrature_order: expected an integer >= 2, got {quadrature_order!r}")
+    if not isinstance(dntk, bool):
+        raise ValueError(f"dntk: expected True or False, got {dntk!r}")
+    if kinks not in _dntk_flow.KINKS:
+        raise ValueError(f"kinks: expected one of {_dntk_flow.KINKS}, got {kinks!r}")
     x = check_inputs(x, "x")
-    _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize)
-    result = _run(arch, x, quadrature_order, ntk)
+    _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize, dntk)
+    mode = kinks if dntk else None
+    result = _run(arch, x, quadrature_order, ntk, mode)
     if result.quadrature_order:
         # the first m inputs' entries of the full result are exactly what a run on those m
         # inputs gives, so only the 2x-order run is new work
         m = min(4, x.shape[0])
-        hi = _run(arch, x[:m], 2 * quadrature_order, ntk)
+        hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode)
         err = 0.0
         names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
         if ntk:
             names += ["ntk_vertex", "ntk_variance", "ntk_correction"]
+        if dntk:
+            names += ["dntk_p", "dntk_q"]
         for name in names:
             a = np.asarray(getattr(result, name))[:, :m]
             if a.ndim >= 3:

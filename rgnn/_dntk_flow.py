@@ -1,0 +1,364 @@
+"""The dNTK side of the perturbative flow: PDLT's ``P`` and ``Q`` on single inputs and pairs.
+
+The dNTK (PDLT ch. 11) is the derivative of the NTK along the gradient of one output,
+
+.. math::
+
+    \\widehat{dH}_{i_0 i_1 i_2; a_0 a_1 a_2} = \\sum_{\\mu\\nu} \\lambda_{\\mu\\nu}
+        \\frac{d z_{i_0; a_0}}{d\\theta_\\mu} \\frac{d \\hat H_{i_1 i_2; a_1 a_2}}{d\\theta_\\nu},
+
+the first correction to the kernel picture of training. Its mean vanishes (it is odd in the
+preactivations); at O(1/n) its statistics are the cross-correlation with one preactivation,
+
+.. math::
+
+    E\\big[\\widehat{dH}^{(l)}_{i_0 i_1 i_2; a_0 a_1 a_2} z^{(l)}_{i_3; a_3}\\big]
+    = \\frac{1}{n_{l-1}} \\big[\\delta_{i_0 i_3} \\delta_{i_1 i_2} P_{a_0 a_1 a_2 a_3}
+        + \\delta_{i_0 i_1} \\delta_{i_2 i_3} Q_{a_0 a_1 a_2 a_3}
+        + \\delta_{i_0 i_2} \\delta_{i_1 i_3} Q_{a_0 a_2 a_1 a_3}\\big] .
+
+Derivation (conditional averages, as in :mod:`rgnn._ntk_flow`; ``n = n_l``, ``m = n_{l-1}``,
+``s_{ja} = sigma(z^{(l)}_{ja})``, ``W = W^{(l+1)}``). Splitting the parameters into those of
+layer ``l+1`` (learning rate ``lambda_W / n`` for the weights; the biases do not enter
+``dH``) and the lower ones gives
+
+.. math::
+
+    \\widehat{dH}^{(l+1)}_{i_0 i_1 i_2} =
+      \\frac{\\lambda_W}{n} \\Big[\\delta_{i_0 i_1} \\sum_{jk} s_{j0} s'_{j1} W_{i_2 k} s'_{k2}
+        H_{jk;12} + (1 \\leftrightarrow 2)\\Big]
+      + \\delta_{i_1 i_2} \\frac{\\lambda_W}{n} \\sum_{j_0 j} W_{i_0 j_0} s'_{j_0 0}
+        \\big[s'_{j1} s_{j2} H_{j_0 j;01} + s_{j1} s'_{j2} H_{j_0 j;02}\\big]
+      + \\sum_{j_0 j_1 j_2} W_{i_0 j_0} W_{i_1 j_1} W_{i_2 j_2} s'_{j_0 0}
+        \\big[s''_{j_1 1} s'_{j_2 2} H_{j_0 j_1;01} H_{j_1 j_2;12}
+        + s'_{j_1 1} s''_{j_2 2} H_{j_0 j_2;02} H_{j_1 j_2;12}
+        + s'_{j_1 1} s'_{j_2 2} \\widehat{dH}^{(l)}_{j_0 j_1 j_2}\\big]
+
+(input labels ``0..3`` stand for ``a_0..a_3``). Multiply by
+``z_{i_3; 3} = b_{i_3} + sum_k W_{i_3 k} s_{k3}`` and average over ``W`` (Gaussian moments of
+up to four entries), then over layer ``l``. Sums over one neuron give Gaussian averages
+``<.>`` under ``K^{(l)}``; sums over two different neurons pick up, at the same order, the
+O(1/m) correlations of layer ``l``: ``E[H_{jk;xy} f(z_j) g(z_k)] = (1/m) sum_cd F_{xy;cd}
+<d_c f><d_d g>`` (``F`` of :mod:`rgnn._ntk_flow`), ``E[H_{jk;x_1y_1} H_{jk;x_2y_2} f g] =
+B_{x_1 x_2 y_1 y_2} <f><g> / m`` and, by the same Stein argument,
+``E[dH_{j_0 j_1 j_2} f(z)] = sum_{kc} E[dH_{j_0 j_1 j_2} z_{kc}] <d_{kc} f>``. Everything else
+(three-neuron correlations, fluctuations of diagonal entries times off-diagonal ones) is
+O(1/m^2). With ``r = n_l / n_{l-1}``, ``Theta = Theta^{(l)}`` and ``D_c(f) = <d_c f>``:
+
+.. math::
+
+    P'_{0123} &= \\lambda_W C_W \\big[\\langle s'_0 s_3 s'_1 s_2\\rangle \\Theta_{01}
+        + \\langle s'_0 s_3 s_1 s'_2\\rangle \\Theta_{02}\\big]
+      + C_W^2 \\Theta_{12} \\big[\\langle s'_0 s_3 s''_1 s'_2\\rangle \\Theta_{01}
+        + \\langle s'_0 s_3 s'_1 s''_2\\rangle \\Theta_{02}\\big] \\\\
+      &+ r \\sum_{cd} D_c(s'_0 s_3) \\big[F_{01;cd} D_d(\\lambda_W C_W s'_1 s_2
+        + C_W^2 \\Theta_{12} s''_1 s'_2)
+        + F_{02;cd} D_d(\\lambda_W C_W s_1 s'_2 + C_W^2 \\Theta_{12} s'_1 s''_2)\\big]
+      + r C_W^2 \\langle s'_1 s'_2\\rangle \\sum_c P_{012c} D_c(s'_0 s_3), \\\\
+    Q'_{0123} &= \\lambda_W C_W \\langle s_0 s'_1 s'_2 s_3\\rangle \\Theta_{12}
+      + C_W^2 \\Theta_{12} \\big[\\langle s'_0 s''_1 s'_2 s_3\\rangle \\Theta_{01}
+        + \\langle s'_0 s'_1 s''_2 s_3\\rangle \\Theta_{02}\\big] \\\\
+      &+ r \\sum_{cd} F_{12;cd} D_c(\\lambda_W C_W s_0 s'_1 + C_W^2 \\Theta_{01} s'_0 s''_1)
+        D_d(s'_2 s_3)
+      + r C_W^2 \\langle s'_0 s'_1\\rangle \\big[B_{0122} \\langle s''_2 s_3\\rangle
+        + \\sum_c Q_{012c} D_c(s'_2 s_3)\\big],
+
+with ``P^{(1)} = Q^{(1)} = 0`` (the first layer's NTK does not depend on the parameters).
+``F`` and ``B`` are carried along on all components of the pair:
+``F'_{xy;cd} = C_W^2 <s'_x s_c s'_y s_d> Theta_xy + r C_W^2 sum_ef D_e(s'_x s_c) F_{xy;ef}
+D_f(s'_y s_d)`` and ``B'_{xyzw} = C_W^2 <s'_x s'_y s'_z s'_w> Theta_xz Theta_yw
++ r C_W^2 <s'_x s'_y><s'_z s'_w> B_{xyzw}`` (as in :mod:`rgnn._ntk_flow`).
+
+Gaussian expectations. Smooth activations: the 2-D quadrature grid of :mod:`rgnn.gaussian`,
+derivatives of sigma (to third order) by autodiff, ``D_c`` by the product rule. Scale-invariant
+class (relu, leaky relu, linear): exactly. Every product of ``sigma``, ``sigma'`` and powers of
+``z`` on one variable is ``z^p`` times a step (``1`` for ``z > 0``, ``a^k`` below), integrated in
+polar coordinates as for the vertex; ``sigma'' = (1 - a) delta(z)`` and, as the limit of smooth
+activations, ``sigma'' sigma'^k = (1 - a^(k+1)) / (k+1) delta(z)``; ``D_c`` by Gaussian
+integration by parts, ``<d_c f> = sum_u (K^{-1})_{cu} <z_u f>``. The delta terms are the
+*distributional* derivative: the expected change of the NTK in a small gradient step includes
+units whose preactivation crosses the kink. Autodiff of a relu network (``relu'' = 0`` almost
+everywhere) gives the pointwise derivative instead, which drops them;
+``kinks="pointwise"`` returns that one (the two agree for smooth activations and differ only
+for a scale-invariant activation that is not linear).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rgnn import gaussian
+from rgnn._ntk_flow import _cholesky2, _derivatives, _slope
+from rgnn.activations import Activation
+
+KINKS = ("distributional", "pointwise")
+
+_SIG, _D1, _D2 = 0, 1, 2
+_IDX = tuple(np.ndindex(2, 2, 2, 2))
+
+
+def _abs_moment(p: int) -> float:
+    """``E|xi|^p`` for ``xi ~ N(0, 1)``."""
+    return 2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi)
+
+
+class _Smooth:
+    """Gaussian expectations of products of ``sigma^(k)(z_v)`` on the quadrature grid."""
+
+    def __init__(self, act: Activation, k, order: int):
+        s1, c, s2 = _cholesky2(k)
+        x, w = gaussian.hermite_rule(order, jnp.result_type(k))
+        ds = _derivatives(act.fn, 3)
+        u = s1 * x
+        v = c * x[:, None] + s2 * x[None, :]
+        self.fu = [d(u) for d in ds]
+        self.fv = [d(v) for d in ds]
+        self.w = w
+        self.cache: dict = {}
+
+    def e(self, factors):
+        key = tuple(sorted(factors))
+        if key not in self.cache:
+            fu = jnp.ones_like(self.w)
+            fv = jnp.ones_like(self.fv[0])
+            for var, order in key:
+                if var == 0:
+                    fu = fu * self.fu[order]
+                else:
+                    fv = fv * self.fv[order]
+            self.cache[key] = jnp.sum(self.w * fu * (fv @ self.w))
+        return self.cache[key]
+
+    def d(self, c: int, factors):
+        out = 0.0
+        for i, (var, order) in enumerate(factors):
+            if var == c:
+                out = out + self.e(factors[:i] + ((var, order + 1),) + factors[i + 1 :])
+        return out
+
+
+class _Homogeneous:
+    """The same expectations, exactly, for ``sigma(z) = z (z > 0), a z (z < 0)``."""
+
+    def __init__(self, slope: float, k, single: bool, pointwise: bool, nodes: int = 24):
+        self.slope = slope
+        self.k = k
+        self.single = single
+        self.pointwise = pointwise
+        s1, c, s2 = _cholesky2(k)
+        t0 = jnp.arctan2(-c, s2)
+        cuts = jnp.sort(
+            jnp.stack(
+                [
+                    jnp.pi / 2,
+                    3 * jnp.pi / 2,
+                    jnp.mod(t0, 2 * jnp.pi),
+                    jnp.mod(t0 + jnp.pi, 2 * jnp.pi),
+                ]
+            )
+        )
+        edges = jnp.concatenate([jnp.zeros((1,), cuts.dtype), cuts, jnp.full((1,), 2 * jnp.pi)])
+        gx, gw = np.polynomial.legendre.leggauss(nodes)
+        gx, gw = jnp.asarray(gx, cuts.dtype), jnp.asarray(gw, cuts.dtype)
+        lo, hi = edges[:-1, None], edges[1:, None]
+        t = 0.5 * (hi - lo) * gx[None, :] + 0.5 * (hi + lo)
+        self.aw = 0.5 * (hi - lo) * gw[None, :] / (2 * jnp.pi)
+        self.u = s1 * jnp.cos(t)
+        self.v = c * jnp.cos(t) + s2 * jnp.sin(t)
+        if not single:
+            det = k[0] * k[2] - k[1] * k[1]
+            self.inv = jnp.stack([jnp.stack([k[2], -k[1]]), jnp.stack([-k[1], k[0]])]) / det
+        self.cache: dict = {}
+
+    def _canon(self, orders, zpow: int):
+        """One variable's factor as ``("pw", p, c_plus, c_minus)``, ``("delta", coeff)`` or
+        ``None`` (identically zero)."""
+        n0, n1, n2 = (sum(1 for o in orders if o == j) for j in range(3))
+        if any(o > 2 for o in orders) or n2 > 1:
+            raise NotImplementedError("only one second derivative per variable is supported")
+        a = self.slope
+        if n2 == 0:
+            return ("pw", n0 + zpow, 1.0, a ** (n0 + n1))
+        if self.pointwise or n0 + zpow > 0:
+            return None
+        return ("delta", (1 - a ** (n1 + 1)) / (n1 + 1))
+
+    def _one_dim(self, f, var_k):
+        """``E f(z)`` for ``z ~ N(0, var_k)`` and one canonical factor ``f``."""
+        if f[0] == "delta":
+            return f[1] / jnp.sqrt(2 * jnp.pi * var_k)
+        _, p, cp, cm = f
+        return var_k ** (p / 2) * _abs_moment(p) * (cp + (-1) ** p * cm) / 2
+
+    def e(self, factors, zpow=(0, 0)):
+        key = (tuple(sorted(factors)), zpow)
+        if key in self.cache:
+            return self.cache[key]
+        fs = [self._canon([o for v, o in factors if v == var], zpow[var]) for var in range(2)]
+        trivial = [f is not None and f[0] == "pw" and f[1:] == (0, 1.0, 1.0) for f in fs]
+        k = self.k
+        if fs[0] is None or fs[1] is None:
+            out = jnp.zeros((), k.dtype)
+        elif trivial[1]:
+            out = self._one_dim(fs[0], k[0])
+        elif trivial[0]:
+            out = self._one_dim(fs[1], k[2])
+        elif fs[0][0] == "pw" and fs[1][0] == "pw":
+            _, pu, cpu, cmu = fs[0]
+            _, pv, cpv, cmv = fs[1]
+            p = pu + pv
+            radial = 2 ** (p / 2) * math.gamma(p / 2 + 1)
+            fu = self.u**pu * jnp.where(self.u > 0, cpu, cmu)
+            fv = self.v**pv * jnp.where(self.v > 0, cpv, cmv)
+            out = radial * jnp.sum(self.aw * fu * fv)
+        elif fs[0][0] == "delta" and fs[1][0] == "pw":
+            # z_1 given z_0 = 0 is N(0, K_11 - K_01^2 / K_00)
+            out = (
+                self._one_dim(fs[1], k[2] - k[1] ** 2 / k[0])
+                * fs[0][1]
+                / jnp.sqrt(2 * jnp.pi * k[0])
+            )
+        elif fs[1][0] == "delta" and fs[0][0] == "pw":
+            out = (
+                self._one_dim(fs[0], k[0] - k[1] ** 2 / k[2])
+                * fs[1][1]
+                / jnp.sqrt(2 * jnp.pi * k[2])
+            )
+        else:
+            raise NotImplementedError("a second derivative on both variables is not supported")
+        self.cache[key] = out
+        return out
+
+    def d(self, c: int, factors):
+        if self.single:
+            return self.e(factors, (1, 0)) / self.k[0]
+        return sum(self.inv[c, u] * self.e(factors, (1, 0) if u == 0 else (0, 1)) for u in range(2))
+
+
+def _engine(act: Activation, k, order: int, single: bool, pointwise: bool):
+    if act.scale_invariant:
+        return _Homogeneous(_slope(act), k, single, pointwise)
+    return _Smooth(act, k, order)
+
+
+def _step(act, cw, lw, ratio, k, t, p, q, f, b, *, order, single, pointwise):
+    """One layer of the recursion on one pair (or one input when ``single``).
+
+    ``k = (K_00, K_01, K_11)``; ``t [2, 2]`` the NTK on the pair; ``p, q, b [2,2,2,2]``;
+    ``f [2,2,2,2]`` with ``f[x, y, c, d] = F_{xy;cd}``. Returns the next ``(p, q, f, b)``.
+    """
+    en = _engine(act, k, order, single, pointwise)
+    var = (0,) if single else (0, 1)
+    idx = [i for i in _IDX if all(j in var for j in i)]
+
+    def e(*fac):
+        return en.e(tuple(fac))
+
+    def dd(c, *fac):
+        return en.d(c, tuple(fac))
+
+    def comp(build):
+        out = jnp.zeros((2, 2, 2, 2), k.dtype)
+        for i in idx:
+            out = out.at[i].set(build(*i))
+        return out
+
+    def p_new(a0, a1, a2, a3):
+        src = lw * cw * (
+            e((a0, _D1), (a3, _SIG), (a1, _D1), (a2, _SIG)) * t[a0, a1]
+            + e((a0, _D1), (a3, _SIG), (a1, _SIG), (a2, _D1)) * t[a0, a2]
+        ) + cw * cw * t[a1, a2] * (
+            e((a0, _D1), (a3, _SIG), (a1, _D2), (a2, _D1)) * t[a0, a1]
+            + e((a0, _D1), (a3, _SIG), (a1, _D1), (a2, _D2)) * t[a0, a2]
+        )
+        prop = 0.0
+        for c in var:
+            lead = dd(c, (a0, _D1), (a3, _SIG))
+            for d in var:
+                g1 = lw * cw * dd(d, (a1, _D1), (a2, _SIG)) + cw * cw * t[a1, a2] * dd(
+                    d, (a1, _D2), (a2, _D1)
+                )
+                g2 = lw * cw * dd(d, (a1, _SIG), (a2, _D1)) + cw * cw * t[a1, a2] * dd(
+                    d, (a1, _D1), (a2, _D2)
+                )
+                prop = prop + lead * (f[a0, a1, c, d] * g1 + f[a0, a2, c, d] * g2)
+            prop = prop + cw * cw * e((a1, _D1), (a2, _D1)) * p[a0, a1, a2, c] * lead
+        return src + ratio * prop
+
+    def q_new(a0, a1, a2, a3):
+        src = lw * cw * e((a0, _SIG), (a1, _D1), (a2, _D1), (a3, _SIG)) * t[a1, a2] + (
+            cw * cw * t[a1, a2]
+        ) * (
+            e((a0, _D1), (a1, _D2), (a2, _D1), (a3, _SIG)) * t[a0, a1]
+            + e((a0, _D1), (a1, _D1), (a2, _D2), (a3, _SIG)) * t[a0, a2]
+        )
+        s01 = e((a0, _D1), (a1, _D1))
+        prop = cw * cw * s01 * b[a0, a1, a2, a2] * e((a2, _D2), (a3, _SIG))
+        for c in var:
+            tail = dd(c, (a2, _D1), (a3, _SIG))
+            prop = prop + cw * cw * s01 * q[a0, a1, a2, c] * tail
+            for d in var:
+                head = lw * cw * dd(d, (a0, _SIG), (a1, _D1)) + cw * cw * t[a0, a1] * dd(
+                    d, (a0, _D1), (a1, _D2)
+                )
+                prop = prop + f[a1, a2, d, c] * head * tail
+        return src + ratio * prop
+
+    def f_new(x, y, c, d):
+        prop = 0.0
+        for e1 in var:
+            for f1 in var:
+                prop = prop + dd(e1, (x, _D1), (c, _SIG)) * f[x, y, e1, f1] * dd(
+                    f1, (y, _D1), (d, _SIG)
+                )
+        return cw * cw * (e((x, _D1), (c, _SIG), (y, _D1), (d, _SIG)) * t[x, y] + ratio * prop)
+
+    def b_new(x, y, z, w):
+        return (
+            cw
+            * cw
+            * (
+                e((x, _D1), (y, _D1), (z, _D1), (w, _D1)) * t[x, z] * t[y, w]
+                + ratio * e((x, _D1), (y, _D1)) * e((z, _D1), (w, _D1)) * b[x, y, z, w]
+            )
+        )
+
+    return comp(p_new), comp(q_new), comp(f_new), comp(b_new)
+
+
+@partial(jax.jit, static_argnames=("act", "order", "single", "pointwise"))
+def dntk_flow(act, cw, lam_w, ks, ts, ratios, *, order, single, pointwise):
+    """``P`` and ``Q`` over layers for a batch of pairs (or single inputs).
+
+    Args:
+      ks: ``[L+1, B, 3]`` the leading-order kernel on ``(00, 01, 11)``.
+      ts: ``[L+1, B, 3]`` the leading-order NTK, same layout.
+      lam_w: ``[L]`` ``lambda_W`` of layer ``l+1`` for the step ``l -> l+1``.
+      ratios: ``[L]`` ``n_l / n_{l-1}``.
+    Returns:
+      ``(p, q)``, each ``[L+1, B, 2, 2, 2, 2]`` (``[..., a0, a1, a2, a3]``, inputs as pair
+      slots 0, 1; when ``single`` only the all-zero slot is filled).
+    """
+
+    def one(carry, k, t3, lw, ratio):
+        p, q, f, b = carry
+        t = jnp.stack([jnp.stack([t3[0], t3[1]]), jnp.stack([t3[1], t3[2]])])
+        return _step(
+            act, cw, lw, ratio, k, t, p, q, f, b, order=order, single=single, pointwise=pointwise
+        )
+
+    def step(carry, inp):
+        k, t, lw, ratio = inp
+        new = jax.vmap(lambda c, kk, tt: one(c, kk, tt, lw, ratio))(carry, k, t)
+        return new, new[:2]
+
+    nb = ks.shape[1]
+    zero = jnp.zeros((nb, 2, 2, 2, 2), ks.dtype)
+    init = (zero, zero, zero, zero)
+    _, (ps, qs) = jax.lax.scan(step, init, (ks[:-1], ts[:-1], lam_w, ratios))
+    return jnp.concatenate([zero[None], ps]), jnp.concatenate([zero[None], qs])
