@@ -53,6 +53,9 @@ one (its derivatives by automatic differentiation), else the 2-D quadrature of
 quadrature, except for the scale-invariant activations (relu, leaky relu, linear), whose moments
 are integrated exactly in polar coordinates (the radial integral in closed form, the angular one
 by Gauss-Legendre on the arcs between the kinks).
+
+NTK side: :mod:`rgnn._ntk_flow` (mean shift, variance, PDLT's ``A, B, D, F``). dNTK side
+(``perturbative(..., dntk=True)``): :mod:`rgnn._dntk_flow` (PDLT's ``P, Q`` on pairs).
 """
 
 from __future__ import annotations
