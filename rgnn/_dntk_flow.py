@@ -93,7 +93,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rgnn import gaussian
-from rgnn._ntk_flow import _cholesky2, _derivatives, _slope
+from rgnn._ntk_flow import _angular_grid, _cholesky2, _derivatives, _slope
 from rgnn.activations import Activation
 
 KINKS = ("distributional", "pointwise")
@@ -150,26 +150,7 @@ class _Homogeneous:
         self.k = k
         self.single = single
         self.pointwise = pointwise
-        s1, c, s2 = _cholesky2(k)
-        t0 = jnp.arctan2(-c, s2)
-        cuts = jnp.sort(
-            jnp.stack(
-                [
-                    jnp.pi / 2,
-                    3 * jnp.pi / 2,
-                    jnp.mod(t0, 2 * jnp.pi),
-                    jnp.mod(t0 + jnp.pi, 2 * jnp.pi),
-                ]
-            )
-        )
-        edges = jnp.concatenate([jnp.zeros((1,), cuts.dtype), cuts, jnp.full((1,), 2 * jnp.pi)])
-        gx, gw = np.polynomial.legendre.leggauss(nodes)
-        gx, gw = jnp.asarray(gx, cuts.dtype), jnp.asarray(gw, cuts.dtype)
-        lo, hi = edges[:-1, None], edges[1:, None]
-        t = 0.5 * (hi - lo) * gx[None, :] + 0.5 * (hi + lo)
-        self.aw = 0.5 * (hi - lo) * gw[None, :] / (2 * jnp.pi)
-        self.u = s1 * jnp.cos(t)
-        self.v = c * jnp.cos(t) + s2 * jnp.sin(t)
+        self.u, self.v, self.aw = _angular_grid(*_cholesky2(k), nodes)
         if not single:
             det = k[0] * k[2] - k[1] * k[1]
             self.inv = jnp.stack([jnp.stack([k[2], -k[1]]), jnp.stack([-k[1], k[0]])]) / det

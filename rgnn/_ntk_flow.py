@@ -104,11 +104,14 @@ def _slope(act: Activation) -> float:
     return 1.0 if act.negative_slope is None else float(act.negative_slope)
 
 
-def _polar_moments(slope: float, s1, c, s2, nodes: int = 24):
-    """All :data:`_MONOS` for ``sigma(x) = x (x > 0), slope x (x < 0)``, exactly: radial part in
-    closed form, angular part by Gauss-Legendre between the kinks (see
-    :func:`rgnn.perturbative._homogeneous_moment`)."""
-    t0 = jnp.arctan2(-c, s2)
+def _angular_grid(s1, c, s2, nodes: int = 24):
+    """``(u, v, w)`` on the unit circle for the exact polar integrals of the scale-invariant
+    class: with ``xi = r (cos t, sin t)``, ``u = s1 cos t`` and ``v = c cos t + s2 sin t`` are
+    ``z_a / r`` and ``z_b / r``; the angle is split at the kinks ``cos t = 0`` and
+    ``c cos t + s2 sin t = 0`` and integrated by Gauss-Legendre on each arc (weights ``w``
+    include the ``1 / 2 pi``). A product of homogeneous pieces of total degree ``p`` then has
+    ``E = 2^(p/2) Gamma(p/2 + 1) sum(w * angular part)`` (the radial integral in closed form)."""
+    t0 = jnp.arctan2(-c, s2)  # where c cos t + s2 sin t = 0 (mod pi)
     cuts = jnp.sort(
         jnp.stack(
             [jnp.pi / 2, 3 * jnp.pi / 2, jnp.mod(t0, 2 * jnp.pi), jnp.mod(t0 + jnp.pi, 2 * jnp.pi)]
@@ -120,8 +123,13 @@ def _polar_moments(slope: float, s1, c, s2, nodes: int = 24):
     lo, hi = edges[:-1, None], edges[1:, None]
     t = 0.5 * (hi - lo) * gx[None, :] + 0.5 * (hi + lo)
     w = 0.5 * (hi - lo) * gw[None, :] / (2 * jnp.pi)
-    u = s1 * jnp.cos(t)
-    v = c * jnp.cos(t) + s2 * jnp.sin(t)
+    return s1 * jnp.cos(t), c * jnp.cos(t) + s2 * jnp.sin(t), w
+
+
+def _polar_moments(slope: float, s1, c, s2, nodes: int = 24):
+    """All :data:`_MONOS` for ``sigma(x) = x (x > 0), slope x (x < 0)``, exactly
+    (:func:`_angular_grid`)."""
+    u, v, w = _angular_grid(s1, c, s2, nodes)
     su, sv = jnp.where(u > 0, u, slope * u), jnp.where(v > 0, v, slope * v)
     du, dv = jnp.where(u > 0, 1.0, slope), jnp.where(v > 0, 1.0, slope)
     out = []

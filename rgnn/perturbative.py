@@ -168,25 +168,12 @@ def _homogeneous_moment(slope: float, s1, c, s2, i: int, j: int, nodes: int = 24
     ``cos t = 0`` and ``c cos t + s2 sin t = 0`` and integrated by Gauss-Legendre on each arc."""
     p = i + j
     radial = 2 ** (p / 2) * math.gamma(p / 2 + 1)  # int_0^inf r^(p+1) exp(-r^2/2) dr
-    t0 = jnp.arctan2(-c, s2)  # where c cos t + s2 sin t = 0 (mod pi)
-    cuts = jnp.sort(
-        jnp.stack(
-            [jnp.pi / 2, 3 * jnp.pi / 2, jnp.mod(t0, 2 * jnp.pi), jnp.mod(t0 + jnp.pi, 2 * jnp.pi)]
-        )
-    )
-    edges = jnp.concatenate([jnp.zeros((1,), cuts.dtype), cuts, jnp.full((1,), 2 * jnp.pi)])
-    gx, gw = np.polynomial.legendre.leggauss(nodes)
-    gx, gw = jnp.asarray(gx, cuts.dtype), jnp.asarray(gw, cuts.dtype)
-    lo, hi = edges[:-1, None], edges[1:, None]
-    t = 0.5 * (hi - lo) * gx[None, :] + 0.5 * (hi + lo)
-    w = 0.5 * (hi - lo) * gw[None, :]
-    u = s1 * jnp.cos(t)
-    v = c * jnp.cos(t) + s2 * jnp.sin(t)
+    u, v, w = _ntk_flow._angular_grid(s1, c, s2, nodes)
 
     def sig(x):
         return jnp.where(x > 0, x, slope * x)
 
-    return radial * jnp.sum(w * sig(u) ** i * sig(v) ** j) / (2 * jnp.pi)
+    return radial * jnp.sum(w * sig(u) ** i * sig(v) ** j)
 
 
 def _pair_moments(act: Activation, kaa, kab, kbb, order: int):
