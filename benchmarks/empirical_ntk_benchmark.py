@@ -25,27 +25,20 @@ Results go to benchmarks/results/empirical_ntk.json.
 import argparse
 import json
 import platform
-import statistics
-import time
 import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import timed
 from flax import nnx
 
 import rgnn
 
 
 def _time(fn, repeats):
-    jax.block_until_ready(fn())  # compile and warm
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(fn, repeats)[0]
 
 
 def _flops(n, dims):

@@ -14,40 +14,29 @@ Uses only the public API. Results go to benchmarks/results/fixed_point.json.
 import argparse
 import json
 import platform
-import statistics
-import time
 import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+from _timing import timed
 
 import rgnn
-
-
-def _time(fn, repeats):
-    jax.block_until_ready(fn())  # compile and warm
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
 
 
 def _run_case(arch, x, repeats):
     """Time and check one architecture; returns the case's entry for the results JSON."""
     native = jax.jit(lambda a: rgnn.fixed_point(arch, a))
-    t_native, _ = _time(lambda: native(x), repeats)
+    t_native, _ = timed(lambda: native(x), repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = jax.jit(lambda a: arch.stax()[2](a, None, ("nngp", "ntk")))
-        t_nt_out, _ = _time(lambda: full(x), repeats)
+        t_nt_out, _ = timed(lambda: full(x), repeats)
         prefixes = [
             jax.jit(lambda a, l=l: arch.stax(layer=l)[2](a, None, ("nngp", "ntk")))
             for l in range(1, arch.n_layers + 1)
         ]
-        t_nt_all, _ = _time(lambda: [p(x) for p in prefixes], repeats)
+        t_nt_all, _ = timed(lambda: [p(x) for p in prefixes], repeats)
     # accuracy of both against a float64 native reference
     with jax.enable_x64(True):
         ref = np.asarray(rgnn.fixed_point(arch, x.astype(np.float64)).ntk[-1])

@@ -125,13 +125,15 @@ class _Smooth:
         key = tuple(sorted(factors))
         if key not in self.cache:
             fu = jnp.ones_like(self.w)
-            fv = jnp.ones_like(self.fv[0])
+            fv = None
             for var, order in key:
                 if var == 0:
                     fu = fu * self.fu[order]
                 else:
-                    fv = fv * self.fv[order]
-            self.cache[key] = jnp.sum(self.w * fu * (fv @ self.w))
+                    fv = self.fv[order] if fv is None else fv * self.fv[order]
+            # factors of z_0 alone (every single-input expectation) need only the 1-D rule
+            inner = 1.0 if fv is None else fv @ self.w
+            self.cache[key] = jnp.sum(self.w * fu * inner)
         return self.cache[key]
 
     def d(self, c: int, factors):

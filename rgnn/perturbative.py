@@ -422,11 +422,34 @@ def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None):
     )
 
 
-def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
-    """The NTK fields of :class:`Perturbative` (recursions in :mod:`rgnn._ntk_flow`)."""
+def _pair_stacks(fp, rows, cols):
+    """``(kd, td, ks, ts)``: the diagonal kernel and NTK ``[L+1, N]`` and both on the pairs
+    ``(rows, cols)`` as ``[L+1, P, 3]`` on ``(aa, ab, bb)``."""
     k, t = fp.nngp, fp.ntk
     kd = fp.nngp_diag1
     td = jnp.diagonal(t, axis1=1, axis2=2)
+    ks = jnp.stack([kd[:, rows], k[:, rows, cols], kd[:, cols]], axis=-1)
+    ts = jnp.stack([td[:, rows], t[:, rows, cols], td[:, cols]], axis=-1)
+    return kd, td, ks, ts
+
+
+def _check_arch_order(arch, quadrature_order, minimum: int) -> None:
+    if not isinstance(arch, MLP):
+        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    if (
+        isinstance(quadrature_order, bool)
+        or not isinstance(quadrature_order, int)
+        or quadrature_order < minimum
+    ):
+        raise ValueError(
+            f"quadrature_order: expected an integer >= {minimum}, got {quadrature_order!r}"
+        )
+
+
+def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
+    """The NTK fields of :class:`Perturbative` (recursions in :mod:`rgnn._ntk_flow`)."""
+    k, t = fp.nngp, fp.ntk
+    kd, td, ks, ts = _pair_stacks(fp, rows, cols)
     n = x.shape[0]
     n_layers = arch.n_layers
     rec = arch.recursion(x.shape[1])
@@ -454,8 +477,6 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
     var = jnp.zeros((n_layers, n, n), k.dtype)
     var = var.at[:, diag, diag].set((vhh1 + 2 * b1) * inv_n[:, None])
     if rows.size:
-        ks = jnp.stack([kd[:, rows], k[:, rows, cols], kd[:, cols]], axis=-1)
-        ts = jnp.stack([td[:, rows], t[:, rows, cols], td[:, cols]], axis=-1)
         vgh, vhh, dh, b, _ = _ntk_flow.ntk_pair_flow(
             act, cw, lam_w, ks, ts, vp, dp, ratios, inv_prev, order=order
         )
@@ -480,9 +501,8 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
 def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise):
     """``dntk_p`` and ``dntk_q`` of :class:`Perturbative` (recursions in
     :mod:`rgnn._dntk_flow`)."""
-    k, t = fp.nngp, fp.ntk
-    kd = fp.nngp_diag1
-    td = jnp.diagonal(t, axis1=1, axis2=2)
+    k = fp.nngp
+    kd, td, ks, ts = _pair_stacks(fp, rows, cols)
     n = x.shape[0]
     n_layers = arch.n_layers
     lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w[1:], k.dtype)
@@ -505,8 +525,6 @@ def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise):
             )
         )
     if rows.size:
-        ks = jnp.stack([kd[:, rows], k[:, rows, cols], kd[:, cols]], axis=-1)
-        ts = jnp.stack([td[:, rows], t[:, rows, cols], td[:, cols]], axis=-1)
         pairs = _dntk_flow.dntk_flow(
             act, cw, lam_w, ks, ts, ratios, order=order, single=False, pointwise=pointwise
         )
@@ -559,14 +577,7 @@ def perturbative(
     Returns:
       A :class:`Perturbative`; see its fields. The dtype follows ``x``.
     """
-    if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
-    if (
-        isinstance(quadrature_order, bool)
-        or not isinstance(quadrature_order, int)
-        or quadrature_order < 2
-    ):
-        raise ValueError(f"quadrature_order: expected an integer >= 2, got {quadrature_order!r}")
+    _check_arch_order(arch, quadrature_order, 2)
     if not isinstance(dntk, bool):
         raise ValueError(f"dntk: expected True or False, got {dntk!r}")
     if kinks not in _dntk_flow.KINKS:
@@ -693,14 +704,7 @@ def vertex(arch: MLP, x, *, quadrature_order: int = 48) -> FourPoint:
       x: ``[m, n_0]`` with ``1 <= m <= 4`` inputs.
       quadrature_order: nodes per dimension (pair expectations use the same order).
     """
-    if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
-    if (
-        isinstance(quadrature_order, bool)
-        or not isinstance(quadrature_order, int)
-        or quadrature_order < 4
-    ):
-        raise ValueError(f"quadrature_order: expected an integer >= 4, got {quadrature_order!r}")
+    _check_arch_order(arch, quadrature_order, 4)
     x = check_inputs(x, "x")
     m = x.shape[0]
     if m > 4:
