@@ -179,6 +179,31 @@ class Measurement:
         layer and over networks, the dNTK taken by automatic differentiation (a
         Jacobian-vector product of the empirical NTK along the gradient of ``z_{i; a0}``).
         NaN on a layer narrower than 2 units.
+      ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` (``measure(...,
+        ddntk=True)``, else ``None``) PDLT's ddNTK means (ch. infinity) in the same pair layout,
+        with ``z_{i;a}`` the preactivations of layer ``l``, ``g_{i;a} = dz_{i;a}/dtheta`` their
+        gradients over all parameters of layers ``1..l`` (plain Euclidean metric over the
+        flattened parameters, as the NTK) and
+
+        .. math::
+
+            ddI_{i_0 i_1 i_2 i_3; a_0 a_1 a_2 a_3}
+                = D^3 z_{i_0; a_0}[g_{i_1; a_1}, g_{i_2; a_2}, g_{i_3; a_3}], \\qquad
+            ddII_{i_1 i_2 i_3 i_4; a_1 a_2 a_3 a_4}
+                = g_{i_3; a_3}^T \\nabla^2 z_{i_1; a_1} \\nabla^2 z_{i_2; a_2} g_{i_4; a_4},
+
+        whose means are ``E[ddI] = (d_{i0i1} d_{i2i3} R_{a0a1a2a3} + d_{i0i2} d_{i3i1}
+        R_{a0a2a3a1} + d_{i0i3} d_{i1i2} R_{a0a3a1a2}) / n`` and ``E[ddII] = (d_{i1i2} d_{i3i4}
+        S_{a1a2a3a4} + d_{i1i3} d_{i2i4} T_{a1a3a4a2} + d_{i1i4} d_{i2i3} U_{a1a4a2a3}) / n``
+        at ``O(1/n)``, ``n = n_{l-1}``, ``d`` the Kronecker delta. Estimated as ``n_{l-1}``
+        times the mean over the ordered pairs ``i != j`` of the first :data:`DNTK_UNITS` units
+        and over networks of
+        ``R_{a0a1a2a3} <- ddI_{iijj; a0a1a2a3}``, ``S_{a1a2a3a4} <- ddII_{iijj; a1a2a3a4}``,
+        ``T_{a1a3a4a2} <- ddII_{ijij; a1a2a3a4}``, ``U_{a1a4a2a3} <- ddII_{ijji; a1a2a3a4}``.
+        Exactly, per network: ``R_{a0a1a2a3} = R_{a0a1a3a2}``, ``S_{a1a2a3a4} =
+        S_{a2a1a4a3}``, ``T_{a0a1a2a3} = T_{a3a2a1a0}``, ``U_{a0a1a2a3} = U_{a2a3a0a1}``; all
+        four vanish on layer 1 (``z^{(1)}`` is linear in its parameters). NaN on a layer
+        narrower than 2 units.
       n_networks: ensemble size.
     """
 
@@ -200,6 +225,14 @@ class Measurement:
     dntk_p_se: jax.Array | None = None
     dntk_q: jax.Array | None = None
     dntk_q_se: jax.Array | None = None
+    ddntk_r: jax.Array | None = None
+    ddntk_r_se: jax.Array | None = None
+    ddntk_s: jax.Array | None = None
+    ddntk_s_se: jax.Array | None = None
+    ddntk_t: jax.Array | None = None
+    ddntk_t_se: jax.Array | None = None
+    ddntk_u: jax.Array | None = None
+    ddntk_u_se: jax.Array | None = None
     n_networks: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
@@ -249,6 +282,102 @@ def _dntk_correlators(graphdef, state, x, widths, *, units, chunk):
     return jax.lax.map(one, state, batch_size=chunk)
 
 
+def _ddntk_blocks(flat_z, theta, n, u):
+    """The building blocks of the ddNTK estimators of one layer of one network.
+
+    ``flat_z(theta)`` is the layer's preactivations ``[N, u]`` flattened (row ``(a, i)``), with
+    gradients ``g_{i; a}``. Returns ``(r, w)``:
+
+    * ``r[a0, a1, a2, a3] = sum_{i != j} D^3 z_{i; a0}[g_{i; a1}, g_{j; a2}, g_{j; a3}]``, by
+      three nested JVPs (every output at once), each unordered pair ``{a2, a3}`` once (the
+      third derivative is symmetric);
+    * ``w[b, j, a, i] = Hess(z_{i; a}) g_{j; b}``, a ``[N, u, N, u, P]`` array (a JVP of the
+      Jacobian).
+    """
+    jac = jax.jacrev(flat_z)(theta)  # [(a, i), P]
+    g = jac.reshape(n, u, -1)
+
+    def d1(t, v1):
+        return jax.jvp(flat_z, (t,), (v1,))[1]
+
+    def d2(t, v1, v2):
+        return jax.jvp(lambda s: d1(s, v1), (t,), (v2,))[1]
+
+    def d3(v1, v2, v3):
+        return jax.jvp(lambda s: d2(s, v1, v2), (theta,), (v3,))[1]
+
+    combos = [
+        (i, j, b, c)
+        for i in range(u)
+        for j in range(u)
+        if i != j
+        for b in range(n)
+        for c in range(b, n)
+    ]
+    ii, jj, bb, cc = (np.array(col) for col in zip(*combos, strict=True))
+
+    def along(i, j, b, c):  # [a1, a0]: D^3 z_{i; a0}[g_{i; a1}, g_{j; b}, g_{j; c}]
+        v2, v3 = g[b, j], g[c, j]
+        return jax.vmap(lambda v1: d3(v1, v2, v3).reshape(n, u)[:, i])(g[:, i])
+
+    third = jax.vmap(along)(ii, jj, bb, cc)  # [K, a1, a0]
+    place = np.zeros((len(combos), n, n))
+    place[np.arange(len(combos)), bb, cc] = 1.0
+    place[np.arange(len(combos)), cc, bb] = 1.0
+    r = jnp.einsum("kxa,kbc->axbc", third, jnp.asarray(place, third.dtype))
+    w = jax.vmap(lambda v: jax.jvp(jax.jacrev(flat_z), (theta,), (v,))[1])(jac)
+    return r, w.reshape(n, u, n, u, -1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "units", "chunk"))
+def _ddntk_means(graphdef, state, x, widths, *, units, chunk):
+    """Per network and layer, ``n_{l-1}`` times the unit-pair averages that estimate ``R``,
+    ``S``, ``T`` and ``U``: four ``[M, L+1, N, N, N, N]`` (NaN for a layer with fewer than 2
+    units)."""
+
+    def one(s):
+        flat, unravel = jax.flatten_util.ravel_pytree(s)
+        n = x.shape[0]
+        out = []
+        for layer, u in enumerate(units):
+            if u < 2:
+                out.append((jnp.full((n,) * 4, jnp.nan, x.dtype),) * 4)
+                continue
+
+            def flat_z(theta, layer=layer, u=u):
+                net = nnx.merge(graphdef, unravel(theta))
+                return net.preactivations(x)[layer][:, :u].reshape(-1)
+
+            r, w = _ddntk_blocks(flat_z, flat, n, u)
+            off = (1.0 - jnp.eye(u, dtype=x.dtype)) * (widths[layer] / (u * (u - 1)))
+            # R_{a0 a1 a2 a3} <- ddI_{i i j j; a0 a1 a2 a3}
+            r = r * (widths[layer] / (u * (u - 1)))
+            # ddII_{i1 i2 i3 i4; a1 a2 a3 a4} = W[(i1,a1),(i3,a3)] . W[(i2,a2),(i4,a4)] with
+            # W[(i,a),(j,b)] = Hess(z_{i;a}) g_{j;b} = w[b, j, a, i]: one Gram matrix of the
+            # (N u)^2 Hessian-vector products, then the unit patterns
+            flat_w = w.reshape((n * u) ** 2, -1)
+            gram = (flat_w @ flat_w.T).reshape((n, u) * 4)
+            s_ = jnp.einsum("cjaidjbi,ij->abcd", gram, off)  # S_{a1a2a3a4}: i i j j
+            t_ = jnp.einsum("biaicjdj,ij->abcd", gram, off)  # T_{a1a3a4a2}: i j i j
+            u_ = jnp.einsum("djaibicj,ij->abcd", gram, off)  # U_{a1a4a2a3}: i j j i
+            out.append((r, s_, t_, u_))
+        return tuple(jnp.stack(f) for f in zip(*out, strict=True))
+
+    # ``chunk`` networks at a time: per network and layer the Hessian-vector products hold
+    # (N * units)^2 parameter-sized vectors
+    return jax.lax.map(one, state, batch_size=chunk)
+
+
+def _divisor_chunk(size: int, cap: int) -> int:
+    """A ``lax.map`` batch size at most ``cap`` that divides ``size`` when one of at least
+    ``cap / 2`` does (no remainder batch, so one compiled body), else ``cap``."""
+    cap = int(max(1, min(size, cap)))
+    for c in range(cap, max(1, cap // 2) - 1, -1):
+        if size % c == 0:
+            return c
+    return cap
+
+
 def _pair_layout(full):
     """``[..., N, N, N, N]`` (four input indices) -> ``[..., N, N, 2, 2, 2, 2]``: slot 0 is
     input ``a``, slot 1 input ``b`` of the pair ``(a, b)``."""
@@ -281,6 +410,7 @@ def measure(
     batch_size: int = 512,
     ntk: bool = True,
     dntk: bool = False,
+    ddntk: bool = False,
 ) -> Measurement:
     """Monte Carlo estimates of the fields of :func:`rgnn.perturbative` from finite networks.
 
@@ -290,7 +420,13 @@ def measure(
     The dtype follows ``x``. ``ntk=False`` skips the NTK (its fields are then NaN);
     ``dntk=True`` also estimates the dNTK correlators ``P`` and ``Q`` (a Jacobian-vector product
     of the empirical NTK per network; the cost grows like the parameter count times
-    ``(N * DNTK_UNITS)^2`` per layer, so keep ``N`` small).
+    ``(N * DNTK_UNITS)^2`` per layer, so keep ``N`` small). ``ddntk=True`` also estimates the
+    ddNTK means ``R, S, T, U`` (:class:`Measurement`): per network and layer,
+    ``D^3 z[g_{i;a1}, g_{j;a2}, g_{j;a3}]`` by three nested JVPs (``R``) and the
+    Hessian-vector products ``Hess(z_{i;a}) g_{j;b}`` by a JVP of the Jacobian (forward over
+    reverse), whose Gram matrix gives ``S, T, U``; the cost grows like the parameter count
+    times ``(N * DNTK_UNITS)^2 N`` per layer, and the first call compiles for tens of seconds
+    (batches of one size share one compilation).
     """
     from rgnn.architecture import MLP
     from rgnn.fixed_point import fixed_point
@@ -304,6 +440,7 @@ def measure(
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     x, _ = check_pair(x, None, ("x", "x2"))
     gs, ts, dps, dqs = [], [], [], []
+    dds = ([], [], [], [])
     dims = arch.layer_dims(x.shape[1])
     units = tuple(min(DNTK_UNITS, d) for d in dims[1:])
     widths = tuple(float(d) for d in dims[:-1])
@@ -325,6 +462,14 @@ def measure(
             )
             dps.append(np.asarray(p_s))
             dqs.append(np.asarray(q_s))
+        if ddntk:
+            n_params = sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(ens.state))
+            rows = x.shape[0] * max(units)
+            per_net = max(rows * rows * n_params, rows * rows * x.shape[0] ** 2 * sum(dims[1:]))
+            chunk = _divisor_chunk(size, 2**26 // per_net)
+            parts = _ddntk_means(ens.graphdef, ens.state, x, widths, units=units, chunk=chunk)
+            for acc, part in zip(dds, parts, strict=True):
+                acc.append(np.asarray(part))
         done += size
     g = np.concatenate(gs)
     t = np.concatenate(ts) if ntk else np.full_like(g, np.nan)
@@ -341,6 +486,11 @@ def measure(
     dntk_fields = {}
     if dntk:
         for name, parts in (("dntk_p", dps), ("dntk_q", dqs)):
+            samples = _pair_layout(np.concatenate(parts))
+            dntk_fields[name] = samples.mean(0)
+            dntk_fields[name + "_se"] = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
+    if ddntk:
+        for name, parts in zip(("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"), dds, strict=True):
             samples = _pair_layout(np.concatenate(parts))
             dntk_fields[name] = samples.mean(0)
             dntk_fields[name + "_se"] = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
