@@ -1,4 +1,4 @@
-"""The dNTK side of the perturbative flow: PDLT's ``P`` and ``Q`` on single inputs and pairs.
+"""The dNTK side of the perturbative flow: PDLT's ``P, Q`` and the ddNTK means ``R, S, T, U``.
 
 The dNTK (PDLT ch. 11) is the derivative of the NTK along the gradient of one output,
 
@@ -81,6 +81,84 @@ units whose preactivation crosses the kink. Autodiff of a relu network (``relu''
 everywhere) gives the pointwise derivative instead, which drops them;
 ``kinks="pointwise"`` returns that one (the two agree for smooth activations and differ only
 for a scale-invariant activation that is not linear).
+The ddNTKs (PDLT ch. infinity) are the next order of the Taylor expansion of training: with
+``g_x`` the learning-rate-weighted gradient of ``z_x`` (``g_x = Lambda grad z_x``),
+
+.. math::
+
+    ddI_{i_0 i_1 i_2 i_3} = D^3 z_{i_0}[g_{i_1}, g_{i_2}, g_{i_3}], \\qquad
+    ddII_{i_1 i_2 i_3 i_4} = g_{i_3}^T\\, \\mathrm{Hess}(z_{i_1})\\, \\Lambda\\,
+        \\mathrm{Hess}(z_{i_2})\\, g_{i_4},
+
+so that the second derivative of the NTK along two gradients is
+``D^2 H_{23}[g_0, g_1] = ddI_{2013} + ddI_{3012} + ddII_{2301} + ddII_{2310}``. Their means are
+O(1/n), ``E[ddI_{i0i1i2i3}] = (d_{i0i1} d_{i2i3} R_{0123} + d_{i0i2} d_{i3i1} R_{0231}
++ d_{i0i3} d_{i1i2} R_{0312}) / n_{l-1}`` and ``E[ddII_{i1i2i3i4}] = (d_{i1i2} d_{i3i4} S_{1234}
++ d_{i1i3} d_{i2i4} T_{1342} + d_{i1i4} d_{i2i3} U_{1423}) / n_{l-1}`` (``R`` is symmetric in its
+last two inputs, ``S_{1234} = S_{2143}``, ``T_{1342} = T_{2431}``, ``U_{1423} = U_{2314}``).
+
+Derivation, by the same conditional averages. Write the Hessian-form dNTK
+``dH^_{j_0; j_1 j_2} = Hess(z_{j_0})[g_{j_1}, g_{j_2}]`` (the dNTK above is
+``dH_{0;12} = dH^_{1;02} + dH^_{2;01}``) and its correlators with one preactivation,
+``E[dH^_{j_0;j_1j_2} z_{j_3}] = (d_{j_0j_3} d_{j_1j_2} P^_{0123} + d_{j_0j_1} d_{j_2j_3} Q^_{0123}
++ d_{j_0j_2} d_{j_1j_3} Q^_{0213}) / n_{l-1}``, so that ``P_{0123} = Q^_{1203} + Q^_{2103}`` and
+``Q_{0123} = Q^_{1023} + P^_{2013}`` (checked to rounding by the tests). The gradient of
+``z^{(l+1)}_i`` has the layer-``(l+1)`` part (``lambda_b`` on ``b_i``, ``lambda_W s_j / n`` on
+``W_ij``) and ``sum_j W_ij s'_j g_j``; its Hessian couples ``W_ij`` to the lower parameters by
+``s'_j grad z_j`` and is ``sum_j W_ij (s''_j grad z_j grad z_j + s'_j Hess z_j)`` on the lower
+ones; the third derivative likewise. Insert, average over ``W^{(l+1)}`` (an odd number of
+entries of one row averages to zero: this makes ``E[dH^_{j;jk} H_{jk}] = E[dH^_{k;jj} H_{jk}]
+= 0`` for ``j != k`` exactly, which removes every term that would need them), then over layer
+``l`` as for ``P, Q`` (two different neurons meet through ``F``, ``B`` and ``P^, Q^``; the
+diagonal NTK is ``Theta`` at this order). Inputs ``0..3`` stand for the four slots; ``D_e(f) =
+<d_e f>``; ``<.>`` under ``K^{(l)}``; ``r = n_l / n_{l-1}``:
+
+.. math::
+
+    P^'_{0123} &= C_W^2 \\big[\\Theta_{01}\\Theta_{02} \\langle s''_0 s_3 s'_1 s'_2\\rangle
+        + r B_{0012} \\langle s''_0 s_3\\rangle \\langle s'_1 s'_2\\rangle
+        + r \\langle s'_1 s'_2\\rangle \\textstyle\\sum_e P^_{012e} D_e(s'_0 s_3)\\big] \\\\
+    Q^'_{0123} &= \\lambda_W C_W \\big[\\Theta_{02} \\langle s'_0 s_1 s'_2 s_3\\rangle
+        + r \\textstyle\\sum_{ef} F_{02;ef} D_e(s'_0 s_1) D_f(s'_2 s_3)\\big]
+      + C_W^2 \\big[\\Theta_{01}\\Theta_{02} \\langle s''_0 s'_1 s'_2 s_3\\rangle
+        + r \\Theta_{01} \\textstyle\\sum_{ef} F_{02;ef} D_e(s''_0 s'_1) D_f(s'_2 s_3)
+        + r \\langle s'_0 s'_1\\rangle \\sum_e Q^_{012e} D_e(s'_2 s_3)\\big] \\\\
+    R'_{0123} &= \\lambda_W C_W \\big[\\Theta_{02}\\Theta_{03} \\langle s''_0 s_1 s'_2 s'_3\\rangle
+        + r \\langle s'_2 s'_3\\rangle \\big(B_{0023} \\langle s''_0 s_1\\rangle
+        + \\textstyle\\sum_e P^_{023e} D_e(s'_0 s_1)\\big)\\big] \\\\
+      &+ C_W^2 \\big[\\Theta_{01}\\Theta_{02}\\Theta_{03} \\langle s'''_0 s'_1 s'_2 s'_3\\rangle
+        + r \\langle s'_2 s'_3\\rangle \\big(\\Theta_{01} B_{0023} \\langle s'''_0 s'_1\\rangle
+        + \\Theta_{01} \\textstyle\\sum_e P^_{023e} D_e(s''_0 s'_1)
+        + \\langle s'_0 s'_1\\rangle R_{0123}\\big)\\big] \\\\
+    S'_{1234} &= \\lambda_W C_W \\big[\\Theta_{13}\\Theta_{24} \\langle s'_1 s'_2 s'_3 s'_4\\rangle
+        + r B_{1234} \\langle s'_1 s'_2\\rangle \\langle s'_3 s'_4\\rangle\\big]
+      + C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24} \\langle s''_1 s''_2 s'_3 s'_4\\rangle
+        + r \\langle s'_3 s'_4\\rangle \\big(\\Theta_{12} B_{1234} \\langle s''_1 s''_2\\rangle
+        + \\langle s'_1 s'_2\\rangle S_{1234}\\big)\\big] \\\\
+    T'_{1342} &= \\lambda_W^2 \\big[\\Theta_{12} \\langle s'_1 s_3 s'_2 s_4\\rangle
+        + r \\mathcal F(s'_1 s_3, s'_2 s_4)\\big]
+      + \\lambda_W C_W \\big[\\Theta_{12}\\Theta_{24} \\langle s'_1 s_3 s''_2 s'_4\\rangle
+        + \\Theta_{12}\\Theta_{13} \\langle s''_1 s'_3 s'_2 s_4\\rangle
+        + r \\Theta_{24} \\mathcal F(s'_1 s_3, s''_2 s'_4)
+        + r \\Theta_{13} \\mathcal F(s''_1 s'_3, s'_2 s_4) \\\\
+      &\\qquad + r \\langle s'_2 s'_4\\rangle \\textstyle\\sum_e Q^_{241e} D_e(s'_1 s_3)
+        + r \\langle s'_1 s'_3\\rangle \\sum_e Q^_{132e} D_e(s'_2 s_4)\\big]
+      + C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24} \\langle s''_1 s'_3 s''_2 s'_4\\rangle
+        + r \\Theta_{13}\\Theta_{24} \\mathcal F(s''_1 s'_3, s''_2 s'_4) \\\\
+      &\\qquad + r \\Theta_{13} \\langle s'_2 s'_4\\rangle \\textstyle\\sum_e Q^_{241e}
+        D_e(s''_1 s'_3) + r \\Theta_{24} \\langle s'_1 s'_3\\rangle \\sum_e Q^_{132e}
+        D_e(s''_2 s'_4)
+        + r \\langle s'_1 s'_3\\rangle \\langle s'_2 s'_4\\rangle T_{1342}\\big] \\\\
+    U'_{1423} &= C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24}
+        \\langle s''_1 s''_2 s'_3 s'_4\\rangle
+        + r \\langle s'_1 s'_4\\rangle \\langle s'_2 s'_3\\rangle U_{1423}\\big],
+
+with ``F(f, g) = sum_ef F_{12;ef} D_e(f) D_f(g)`` (``f`` on the neuron of input 1, ``g`` on
+that of input 2) and every tensor zero on layer 1. The biases' learning rate never enters (a
+bias has no second derivative). For the scale-invariant class the terms with ``sigma''`` or
+``sigma'''`` are products of delta functions at the kink (``delta(z)^2`` on one input), so
+the ddNTK exists there only with ``kinks="pointwise"``, where they vanish (for a linear
+network they vanish identically).
 """
 
 from __future__ import annotations
@@ -98,7 +176,7 @@ from rgnn.activations import Activation
 
 KINKS = ("distributional", "pointwise")
 
-_SIG, _D1, _D2 = 0, 1, 2
+_SIG, _D1, _D2, _D3 = 0, 1, 2, 3
 _IDX = tuple(np.ndindex(2, 2, 2, 2))
 
 
@@ -162,6 +240,8 @@ class _Homogeneous:
         """One variable's factor as ``("pw", p, c_plus, c_minus)``, ``("delta", coeff)`` or
         ``None`` (identically zero)."""
         n0, n1, n2 = (sum(1 for o in orders if o == j) for j in range(3))
+        if (self.pointwise or self.slope == 1.0) and any(o >= 2 for o in orders):
+            return None
         if any(o > 2 for o in orders) or n2 > 1:
             raise NotImplementedError("only one second derivative per variable is supported")
         a = self.slope
@@ -229,11 +309,13 @@ def _engine(act: Activation, k, order: int, single: bool, pointwise: bool):
     return _Smooth(act, k, order)
 
 
-def _step(act, cw, lw, ratio, k, t, p, q, f, b, *, order, single, pointwise):
+def _step(act, cw, lw, ratio, k, t, p, q, f, b, dd_in=None, *, order, single, pointwise):
     """One layer of the recursion on one pair (or one input when ``single``).
 
     ``k = (K_00, K_01, K_11)``; ``t [2, 2]`` the NTK on the pair; ``p, q, b [2,2,2,2]``;
-    ``f [2,2,2,2]`` with ``f[x, y, c, d] = F_{xy;cd}``. Returns the next ``(p, q, f, b)``.
+    ``f [2,2,2,2]`` with ``f[x, y, c, d] = F_{xy;cd}``. Returns the next ``(p, q, f, b)``,
+    followed by the next ``(P^, Q^, R, S, T, U)`` when ``dd_in`` holds the current ones (the
+    ddNTK recursions).
     """
     en = _engine(act, k, order, single, pointwise)
     var = (0,) if single else (0, 1)
@@ -311,37 +393,152 @@ def _step(act, cw, lw, ratio, k, t, p, q, f, b, *, order, single, pointwise):
             )
         )
 
-    return comp(p_new), comp(q_new), comp(f_new), comp(b_new)
+    out = (comp(p_new), comp(q_new), comp(f_new), comp(b_new))
+    if dd_in is None:
+        return out
+    ph, qh, r, s, tt, u = dd_in
+
+    def ph_new(a, b_, c, d):
+        src = e((a, _D2), (d, _SIG), (b_, _D1), (c, _D1)) * t[a, b_] * t[a, c]
+        prop = b[a, a, b_, c] * e((a, _D2), (d, _SIG)) * e((b_, _D1), (c, _D1))
+        for g in var:
+            prop = prop + e((b_, _D1), (c, _D1)) * ph[a, b_, c, g] * dd(g, (a, _D1), (d, _SIG))
+        return cw * cw * (src + ratio * prop)
+
+    def qh_new(a, b_, c, d):
+        ff = sum(
+            f[a, c, g, h] * dd(g, (a, _D1), (b_, _SIG)) * dd(h, (c, _D1), (d, _SIG))
+            for g in var
+            for h in var
+        )
+        ff2 = sum(
+            f[a, c, g, h] * dd(g, (a, _D2), (b_, _D1)) * dd(h, (c, _D1), (d, _SIG))
+            for g in var
+            for h in var
+        )
+        qq = sum(qh[a, b_, c, g] * dd(g, (c, _D1), (d, _SIG)) for g in var)
+        return lw * cw * (
+            e((a, _D1), (b_, _SIG), (c, _D1), (d, _SIG)) * t[a, c] + ratio * ff
+        ) + cw * cw * (
+            e((a, _D2), (b_, _D1), (c, _D1), (d, _SIG)) * t[a, b_] * t[a, c]
+            + ratio * (t[a, b_] * ff2 + e((a, _D1), (b_, _D1)) * qq)
+        )
+
+    def r_new(a, b_, c, d):
+        scd = e((c, _D1), (d, _D1))
+        pp1 = sum(ph[a, c, d, g] * dd(g, (a, _D1), (b_, _SIG)) for g in var)
+        pp2 = sum(ph[a, c, d, g] * dd(g, (a, _D2), (b_, _D1)) for g in var)
+        lam = e((a, _D2), (b_, _SIG), (c, _D1), (d, _D1)) * t[a, c] * t[a, d] + ratio * scd * (
+            b[a, a, c, d] * e((a, _D2), (b_, _SIG)) + pp1
+        )
+        cc = e((a, _D3), (b_, _D1), (c, _D1), (d, _D1)) * t[a, b_] * t[a, c] * t[a, d]
+        cc = cc + ratio * scd * (
+            t[a, b_] * b[a, a, c, d] * e((a, _D3), (b_, _D1))
+            + t[a, b_] * pp2
+            + e((a, _D1), (b_, _D1)) * r[a, b_, c, d]
+        )
+        return lw * cw * lam + cw * cw * cc
+
+    def s_new(a, b_, c, d):
+        sab, scd = e((a, _D1), (b_, _D1)), e((c, _D1), (d, _D1))
+        lam = (
+            e((a, _D1), (b_, _D1), (c, _D1), (d, _D1)) * t[a, c] * t[b_, d]
+            + ratio * b[a, b_, c, d] * sab * scd
+        )
+        cc = e((a, _D2), (b_, _D2), (c, _D1), (d, _D1)) * t[a, b_] * t[a, c] * t[b_, d]
+        cc = cc + ratio * (
+            t[a, b_] * b[a, b_, c, d] * e((a, _D2), (b_, _D2)) * scd + sab * scd * s[a, b_, c, d]
+        )
+        return lw * cw * lam + cw * cw * cc
+
+    def t_new(a, b_, c, d):
+        # T_{abcd} = T_{1342}: inputs 1 = a, 3 = b, 4 = c, 2 = d
+        def fsum(x1, x2):
+            return sum(f[a, d, g, h] * dd(g, *x1) * dd(h, *x2) for g in var for h in var)
+
+        sab, sdc = e((a, _D1), (b_, _D1)), e((d, _D1), (c, _D1))
+        q1 = sum(qh[d, c, a, g] * dd(g, (a, _D1), (b_, _SIG)) for g in var)
+        q2 = sum(qh[a, b_, d, g] * dd(g, (d, _D1), (c, _SIG)) for g in var)
+        q1b = sum(qh[d, c, a, g] * dd(g, (a, _D2), (b_, _D1)) for g in var)
+        q2b = sum(qh[a, b_, d, g] * dd(g, (d, _D2), (c, _D1)) for g in var)
+        ll = e((a, _D1), (b_, _SIG), (d, _D1), (c, _SIG)) * t[a, d] + ratio * fsum(
+            ((a, _D1), (b_, _SIG)), ((d, _D1), (c, _SIG))
+        )
+        lc = (
+            e((a, _D1), (b_, _SIG), (d, _D2), (c, _D1)) * t[a, d] * t[d, c]
+            + e((a, _D2), (b_, _D1), (d, _D1), (c, _SIG)) * t[a, d] * t[a, b_]
+            + ratio
+            * (
+                t[d, c] * fsum(((a, _D1), (b_, _SIG)), ((d, _D2), (c, _D1)))
+                + t[a, b_] * fsum(((a, _D2), (b_, _D1)), ((d, _D1), (c, _SIG)))
+                + sdc * q1
+                + sab * q2
+            )
+        )
+        cc = e((a, _D2), (b_, _D1), (d, _D2), (c, _D1)) * t[a, d] * t[a, b_] * t[d, c]
+        cc = cc + ratio * (
+            t[a, b_] * t[d, c] * fsum(((a, _D2), (b_, _D1)), ((d, _D2), (c, _D1)))
+            + t[a, b_] * sdc * q1b
+            + t[d, c] * sab * q2b
+            + sab * sdc * tt[a, b_, c, d]
+        )
+        return lw * lw * ll + lw * cw * lc + cw * cw * cc
+
+    def u_new(a, b_, c, d):
+        # U_{abcd} = U_{1423}: inputs 1 = a, 4 = b, 2 = c, 3 = d
+        src = e((a, _D2), (c, _D2), (d, _D1), (b_, _D1)) * t[a, c] * t[a, d] * t[c, b_]
+        prop = e((a, _D1), (b_, _D1)) * e((c, _D1), (d, _D1)) * u[a, b_, c, d]
+        return cw * cw * (src + ratio * prop)
+
+    return out + tuple(comp(fn) for fn in (ph_new, qh_new, r_new, s_new, t_new, u_new))
 
 
-@partial(jax.jit, static_argnames=("act", "order", "single", "pointwise"))
-def dntk_flow(act, cw, lam_w, ks, ts, ratios, *, order, single, pointwise):
-    """``P`` and ``Q`` over layers for a batch of pairs (or single inputs).
+@partial(jax.jit, static_argnames=("act", "order", "single", "pointwise", "dd"))
+def dntk_flow(act, cw, lam_w, ks, ts, ratios, *, order, single, pointwise, dd=False):
+    """``P`` and ``Q`` (and with ``dd`` the ddNTK means) over layers for a batch of pairs (or
+    single inputs).
 
     Args:
       ks: ``[L+1, B, 3]`` the leading-order kernel on ``(00, 01, 11)``.
       ts: ``[L+1, B, 3]`` the leading-order NTK, same layout.
       lam_w: ``[L]`` ``lambda_W`` of layer ``l+1`` for the step ``l -> l+1``.
       ratios: ``[L]`` ``n_l / n_{l-1}``.
+      dd: also run the ddNTK recursions.
     Returns:
       ``(p, q)``, each ``[L+1, B, 2, 2, 2, 2]`` (``[..., a0, a1, a2, a3]``, inputs as pair
-      slots 0, 1; when ``single`` only the all-zero slot is filled).
+      slots 0, 1; when ``single`` only the all-zero slot is filled); with ``dd`` followed by
+      ``(P^, Q^, R, S, T, U)`` in the same layout.
     """
 
     def one(carry, k, t3, lw, ratio):
-        p, q, f, b = carry
+        p, q, f, b = carry[:4]
         t = jnp.stack([jnp.stack([t3[0], t3[1]]), jnp.stack([t3[1], t3[2]])])
         return _step(
-            act, cw, lw, ratio, k, t, p, q, f, b, order=order, single=single, pointwise=pointwise
+            act,
+            cw,
+            lw,
+            ratio,
+            k,
+            t,
+            p,
+            q,
+            f,
+            b,
+            carry[4:] if dd else None,
+            order=order,
+            single=single,
+            pointwise=pointwise,
         )
+
+    keep = (0, 1, 4, 5, 6, 7, 8, 9) if dd else (0, 1)
 
     def step(carry, inp):
         k, t, lw, ratio = inp
         new = jax.vmap(lambda c, kk, tt: one(c, kk, tt, lw, ratio))(carry, k, t)
-        return new, new[:2]
+        return new, tuple(new[i] for i in keep)
 
     nb = ks.shape[1]
     zero = jnp.zeros((nb, 2, 2, 2, 2), ks.dtype)
-    init = (zero, zero, zero, zero)
-    _, (ps, qs) = jax.lax.scan(step, init, (ks[:-1], ts[:-1], lam_w, ratios))
-    return jnp.concatenate([zero[None], ps]), jnp.concatenate([zero[None], qs])
+    init = (zero,) * (10 if dd else 4)
+    _, outs = jax.lax.scan(step, init, (ks[:-1], ts[:-1], lam_w, ratios))
+    return tuple(jnp.concatenate([zero[None], o]) for o in outs)

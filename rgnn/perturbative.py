@@ -134,6 +134,16 @@ class Perturbative:
         + d_{i0 i1} d_{i2 i3} Q_{s0 s1 s2 s3} + d_{i0 i2} d_{i1 i3} Q_{s0 s2 s1 s3}) / n_{l-1}``
         (not divided by the width). For ``a == b`` every component is the single-input value.
         Derivation, recursions and the treatment of kinks: :mod:`rgnn._dntk_flow`.
+      ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` the means of PDLT's two
+        ddNTKs (``None`` unless ``perturbative(..., ddntk=True)``), in the layout of
+        ``dntk_p``: with ``ddI_{i0 i1 i2 i3} = D^3 z_{i0}[g_{i1}, g_{i2}, g_{i3}]`` and
+        ``ddII_{i1 i2 i3 i4} = g_{i3}^T Hess(z_{i1}) Lambda Hess(z_{i2}) g_{i4}`` (``g`` the
+        learning-rate-weighted gradients),
+        ``E[ddI_{i0 i1 i2 i3; s0 s1 s2 s3}] = (d_{i0 i1} d_{i2 i3} R_{s0 s1 s2 s3}
+        + d_{i0 i2} d_{i3 i1} R_{s0 s2 s3 s1} + d_{i0 i3} d_{i1 i2} R_{s0 s3 s1 s2}) / n_{l-1}``
+        and ``E[ddII_{i1 i2 i3 i4; s1 s2 s3 s4}] = (d_{i1 i2} d_{i3 i4} S_{s1 s2 s3 s4}
+        + d_{i1 i3} d_{i2 i4} T_{s1 s3 s4 s2} + d_{i1 i4} d_{i2 i3} U_{s1 s4 s2 s3}) / n_{l-1}``
+        (PDLT ch. infinity; recursions in :mod:`rgnn._dntk_flow`).
       quadrature_order: nodes per dimension used for quadrature (static).
       quadrature_error: estimated relative error of every field from quadrature,
         ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
@@ -155,6 +165,10 @@ class Perturbative:
     ntk_b: jax.Array | None = None
     dntk_p: jax.Array | None = None
     dntk_q: jax.Array | None = None
+    ddntk_r: jax.Array | None = None
+    ddntk_s: jax.Array | None = None
+    ddntk_t: jax.Array | None = None
+    ddntk_u: jax.Array | None = None
     quadrature_order: int = dataclasses.field(default=0, metadata=dict(static=True))
     quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
@@ -365,7 +379,7 @@ def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
     return jnp.concatenate([zero[None], vs]), jnp.concatenate([zero[None], ds])
 
 
-def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None):
+def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, ddntk: bool = False):
     fp = fixed_point(arch, x, quadrature_order=order)
     k = fp.nngp
     kd = fp.nngp_diag1
@@ -407,7 +421,9 @@ def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None):
     if ntk:
         ntk_fields = _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols)
     if dntk is not None:
-        ntk_fields.update(_run_dntk(arch, x, fp, order, ratios, rows, cols, dntk == "pointwise"))
+        ntk_fields.update(
+            _run_dntk(arch, x, fp, order, ratios, rows, cols, dntk == "pointwise", ddntk)
+        )
     return Perturbative(
         nngp=k,
         nngp_correction=corr,
@@ -498,9 +514,9 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
     )
 
 
-def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise):
-    """``dntk_p`` and ``dntk_q`` of :class:`Perturbative` (recursions in
-    :mod:`rgnn._dntk_flow`)."""
+def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise, ddntk=False):
+    """``dntk_p`` and ``dntk_q`` (and with ``ddntk`` the ddNTK means) of :class:`Perturbative`
+    (recursions in :mod:`rgnn._dntk_flow`)."""
     k = fp.nngp
     kd, td, ks, ts = _pair_stacks(fp, rows, cols)
     n = x.shape[0]
@@ -509,13 +525,24 @@ def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise):
     act, cw = arch.act, arch.weight_var
     k1 = jnp.stack([kd, kd, kd], axis=-1)
     t1 = jnp.stack([td, td, td], axis=-1)
-    p1, q1 = _dntk_flow.dntk_flow(
-        act, cw, lam_w, k1, t1, ratios, order=4 * order, single=True, pointwise=pointwise
+    singles = _dntk_flow.dntk_flow(
+        act,
+        cw,
+        lam_w,
+        k1,
+        t1,
+        ratios,
+        order=4 * order,
+        single=True,
+        pointwise=pointwise,
+        dd=ddntk,
     )
+    # P, Q and (with ddntk) R, S, T, U; the Hessian-form P^, Q^ (indices 2, 3) stay internal
+    keep = (0, 1, 4, 5, 6, 7) if ddntk else (0, 1)
     diag = jnp.arange(n)
     shape = (n_layers, n, n, 2, 2, 2, 2)
     full = []
-    for single in (p1, q1):
+    for single in (singles[i] for i in keep):
         out = jnp.zeros(shape, k.dtype)
         full.append(
             out.at[:, diag, diag].set(
@@ -526,18 +553,37 @@ def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise):
         )
     if rows.size:
         pairs = _dntk_flow.dntk_flow(
-            act, cw, lam_w, ks, ts, ratios, order=order, single=False, pointwise=pointwise
+            act,
+            cw,
+            lam_w,
+            ks,
+            ts,
+            ratios,
+            order=order,
+            single=False,
+            pointwise=pointwise,
+            dd=ddntk,
         )
+        pairs = [pairs[i] for i in keep]
         full = [
             f.at[:, rows, cols].set(pp).at[:, cols, rows].set(jnp.flip(pp, axis=(2, 3, 4, 5)))
             for f, pp in zip(full, pairs, strict=True)
         ]
-    return dict(dntk_p=full[0], dntk_q=full[1])
+    names = ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
+    return dict(zip(names, full, strict=False))
 
 
-def _check_memory(n: int, n_layers: int, itemsize: int, dntk: bool = False) -> None:
+def _check_memory(
+    n: int, n_layers: int, itemsize: int, dntk: bool = False, ddntk: bool = False
+) -> None:
     pairs = n * (n - 1) // 2
-    need = itemsize * n_layers * (n * n * (9 + (32 if dntk else 0)) + pairs * (40 + 64 * dntk))
+    # per pair: 16 components of each carried dNTK tensor (P, Q, F, B; + P^, Q^, R, S, T, U)
+    carried = 4 * dntk + 6 * ddntk
+    need = (
+        itemsize
+        * n_layers
+        * (n * n * (9 + 16 * (2 * dntk + 4 * ddntk)) + pairs * (40 + 16 * carried))
+    )
     if need > _MEMORY_LIMIT_BYTES:
         raise ValueError(
             f"x: {n} inputs over {n_layers} layers need about {need / 2**30:.1f} GiB for the "
@@ -553,6 +599,7 @@ def perturbative(
     quadrature_order: int = 48,
     ntk: bool = True,
     dntk: bool = False,
+    ddntk: bool = False,
     kinks: str = "distributional",
     warn: bool = True,
 ) -> Perturbative:
@@ -566,6 +613,11 @@ def perturbative(
       dntk: also compute the dNTK correlators ``dntk_p`` and ``dntk_q`` (PDLT's ``P`` and
         ``Q``, all 16 components on every pair: several times the work of everything else, and
         ``[L+1, N, N, 16]`` each).
+      ddntk: also compute the means of the two ddNTKs, ``ddntk_r, ddntk_s, ddntk_t, ddntk_u``
+        (PDLT's ``R, S, T, U``; implies ``dntk``: their recursions run on top of it, about
+        three times its work). Their terms with two second derivatives or a third are
+        products of delta functions for relu and leaky relu, so there they need
+        ``kinks="pointwise"``.
       kinks: for a scale-invariant activation with a kink (relu, leaky relu), which derivative
         the dNTK uses: ``"distributional"`` (``sigma'' = (1 - a) delta``: the limit of smooth
         activations and the expected NTK change of a small gradient step, whose units may cross
@@ -582,21 +634,34 @@ def perturbative(
         raise ValueError(f"dntk: expected True or False, got {dntk!r}")
     if kinks not in _dntk_flow.KINKS:
         raise ValueError(f"kinks: expected one of {_dntk_flow.KINKS}, got {kinks!r}")
+    if not isinstance(ddntk, bool):
+        raise ValueError(f"ddntk: expected True or False, got {ddntk!r}")
+    kinked = arch.act.scale_invariant and arch.act.negative_slope not in (None, 1.0)
+    if ddntk and kinked and kinks == "distributional":
+        raise ValueError(
+            f"kinks: the ddNTK means of {arch.act.name} hold products of delta functions at its "
+            "kink in the distributional sense (squared second and third derivatives of the "
+            "activation), which do not exist; "
+            'pass kinks="pointwise" (what automatic differentiation of the network gives)'
+        )
+    dntk = dntk or ddntk
     x = check_inputs(x, "x")
-    _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize, dntk)
+    _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize, dntk, ddntk)
     mode = kinks if dntk else None
-    result = _run(arch, x, quadrature_order, ntk, mode)
+    result = _run(arch, x, quadrature_order, ntk, mode, ddntk)
     if result.quadrature_order:
         # the first m inputs' entries of the full result are exactly what a run on those m
         # inputs gives, so only the 2x-order run is new work
         m = min(4, x.shape[0])
-        hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode)
+        hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
         err = 0.0
         names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
         if ntk:
             names += ["ntk_vertex", "ntk_variance", "ntk_correction"]
         if dntk:
             names += ["dntk_p", "dntk_q"]
+        if ddntk:
+            names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
         for name in names:
             a = np.asarray(getattr(result, name))[:, :m]
             if a.ndim >= 3:
