@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import gaussian
+from rgnn import _pair_table, gaussian
 from rgnn.activations import Activation
 
 # monomials (i_a, k_a, i_b, k_b): sigma_a^i_a sigma'_a^k_a sigma_b^i_b sigma'_b^k_b
@@ -302,9 +302,12 @@ _COMP = np.array([[0, 1], [1, 2]])  # pair component of the kernel entry (c, d)
 _DUP = np.array([[2.0, 1.0], [1.0, 2.0]])  # 1 + delta_cd
 
 
-@partial(jax.jit, static_argnames=("act", "order"))
-def ntk_pair_flow(act, cw, lam_w, ks, ts, vgg, dg, ratios, inv_prev, *, order):
+@partial(jax.jit, static_argnames=("act", "order", "tabulate"))
+def ntk_pair_flow(act, cw, lam_w, ks, ts, vgg, dg, ratios, inv_prev, *, order, tabulate=False):
     """The NTK recursion over layers for ``P`` pairs.
+
+    With ``tabulate``, a layer whose inputs share one norm takes the pair statistics
+    (:func:`_pair_stats`) from a table in the correlation (:mod:`rgnn._pair_table`).
 
     Args:
       ks, ts: ``[L+1, P, 3]`` leading-order ``K`` and ``Theta`` on ``(aa, ab, bb)``.
@@ -313,14 +316,15 @@ def ntk_pair_flow(act, cw, lam_w, ks, ts, vgg, dg, ratios, inv_prev, *, order):
       ratios, inv_prev: ``[L]`` ``n_l / n_{l-1}`` and ``1 / n_{l-1}``.
     Returns:
       ``(vgh, vhh, dh, b, f)``: ``[L+1, P, 3, 3]``, ``[L+1, P, 3, 3]``, ``[L+1, P, 3]``,
-      ``[L+1, P, 2]`` (``B_aabb, B_abba``), ``[L+1, P, 3, 2, 2]``.
+      ``[L+1, P, 2]`` (``B_aabb, B_abba``), ``[L+1, P, 3, 2, 2]``; with ``tabulate`` a sixth
+      element, the tables' largest measured relative error.
     """
     comp = jnp.asarray(_COMP)
     dup = jnp.asarray(_DUP, ks.dtype)
 
-    def one(carry, k, t, lw, ratio, inv, vgg, dg):
+    def one(carry, stats, t, lw, ratio, inv, vgg, dg):
         vgh, vhh, dh, b, f = carry
-        jphi, hphi, psi, jpsi, hpsi, mom = _pair_stats(act, k, order)
+        jphi, hphi, psi, jpsi, hpsi, mom = stats
         css, csd, cdd, fsrc, bsrc = _moment_blocks(mom)
         jg = cw * jphi
         jhk = lw * jphi + cw * t[:, None] * jpsi
@@ -341,7 +345,7 @@ def ntk_pair_flow(act, cw, lam_w, ks, ts, vgg, dg, ratios, inv_prev, *, order):
             + inv
             * (0.5 * jnp.einsum("icd,cd->i", hm, vgg) + cw * jnp.einsum("ic,ci->i", jpsi, vgh) + xi)
         )
-        z = jnp.zeros((), k.dtype)
+        z = jnp.zeros((), t.dtype)
         pa = cw * jnp.stack([jnp.stack([jphi[0, 0], z]), jnp.stack([2 * jphi[1, 0], psi[1]])])
         pb = cw * jnp.stack([jnp.stack([psi[1], 2 * jphi[1, 2]]), jnp.stack([z, jphi[2, 2]])])
         # entry (xy) = (aa), (ab), (bb): P^x F P^y^T
@@ -355,10 +359,13 @@ def ntk_pair_flow(act, cw, lam_w, ks, ts, vgg, dg, ratios, inv_prev, *, order):
 
     def step(carry, inp):
         k, t, lw, ratio, inv, v, d = inp
-        new = jax.vmap(lambda c, kk, tt, vv, dd: one(c, kk, tt, lw, ratio, inv, vv, dd))(
-            carry, k, t, v, d
+        stats, err = _pair_table.pair_stats(
+            lambda kk: _pair_stats(act, kk, order), k, tabulate=tabulate
         )
-        return new, new
+        new = jax.vmap(lambda c, ss, tt, vv, dd: one(c, ss, tt, lw, ratio, inv, vv, dd))(
+            carry, stats, t, v, d
+        )
+        return new, (new, err)
 
     p = ks.shape[1]
     dt = ks.dtype
@@ -369,10 +376,11 @@ def ntk_pair_flow(act, cw, lam_w, ks, ts, vgg, dg, ratios, inv_prev, *, order):
         jnp.zeros((p, 2), dt),
         jnp.zeros((p, 3, 2, 2), dt),
     )
-    _, outs = jax.lax.scan(
+    _, (outs, errs) = jax.lax.scan(
         step, init, (ks[:-1], ts[:-1], lam_w, ratios, inv_prev, vgg[:-1], dg[:-1])
     )
-    return tuple(jnp.concatenate([i[None], o]) for i, o in zip(init, outs, strict=True))
+    out = tuple(jnp.concatenate([i[None], o]) for i, o in zip(init, outs, strict=True))
+    return out + (jnp.max(errs, initial=0.0),) if tabulate else out
 
 
 def _single_stats(act: Activation, k, order: int):

@@ -52,7 +52,13 @@ one (its derivatives by automatic differentiation), else the 2-D quadrature of
 :mod:`rgnn.gaussian`; the four-point moments ``<s_a^i s_b^j>`` (``i + j = 4``) use the same
 quadrature, except for the scale-invariant activations (relu, leaky relu, linear), whose moments
 are integrated exactly in polar coordinates (the radial integral in closed form, the angular one
-by Gauss-Legendre on the arcs between the kinks).
+by Gauss-Legendre on the arcs between the kinks). On many pairs (``N (N - 1) / 2 >= 4096``) a
+layer whose inputs all have one norm ``q`` (normalized inputs) takes every pair statistic of a
+quadrature activation -- the fixed point's maps included -- from a table in the correlation
+``rho = K_ab / q`` (``1025`` direct quadratures, degree-5 local interpolation, its error
+measured at every midpoint and on the pairs whose norms deviate most, then multiplied by the
+number of layers and folded into ``quadrature_error``; :mod:`rgnn._pair_table`); inputs of
+different norms use the direct pair quadrature.
 
 NTK side: :mod:`rgnn._ntk_flow` (mean shift, variance, PDLT's ``A, B, D, F``). dNTK side
 (``perturbative(..., dntk=True)``): :mod:`rgnn._dntk_flow` (PDLT's ``P, Q`` on pairs).
@@ -69,11 +75,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import _dntk_flow, _ntk_flow, gaussian
+from rgnn import _dntk_flow, _ntk_flow, _pair_table, gaussian
 from rgnn._validate import check_inputs
 from rgnn.activations import Activation
 from rgnn.architecture import MLP
-from rgnn.fixed_point import fixed_point
+from rgnn.fixed_point import _fixed_point_tabulated, fixed_point
 
 __all__ = ["FourPoint", "Perturbative", "perturbative", "vertex", "TRUST_DEPTH_OVER_WIDTH"]
 
@@ -147,7 +153,9 @@ class Perturbative:
       quadrature_order: nodes per dimension used for quadrature (static).
       quadrature_error: estimated relative error of every field from quadrature,
         ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
-        (0 when everything is exact).
+        (0 when everything is exact), plus, where correlation tables were used (one-norm
+        layers, many pairs: :mod:`rgnn._pair_table`), ``L + 1`` times their largest measured
+        relative error (in float32 that measurement is dominated by roundoff, about ``1e-6``).
     """
 
     nngp: jax.Array
@@ -310,9 +318,12 @@ def _pair_stats_quadrature(act: Activation, k, order: int):
 
 
 # ----------------------------------------------------------------------------- recursions
-@partial(jax.jit, static_argnames=("act", "order"))
-def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
+@partial(jax.jit, static_argnames=("act", "order", "tabulate"))
+def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order, tabulate=False):
     """Pair recursion over layers for ``P`` pairs.
+
+    With ``tabulate``, a layer whose inputs share one norm takes its pair statistics from a
+    table in the correlation (:mod:`rgnn._pair_table`).
 
     Args:
       ks: ``[L+1, P]`` leading-order ``K_ab`` per layer.
@@ -320,7 +331,8 @@ def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
       ratios: ``[L]`` ``n_l / n_{l-1}`` for the step l -> l+1 (l = 1..L).
       inv_prev: ``[L]`` ``1 / n_{l-1}`` for the step l -> l+1.
     Returns:
-      ``V [L+1, P, 3, 3]`` and ``Delta [L+1, P, 3]``.
+      ``V [L+1, P, 3, 3]``, ``Delta [L+1, P, 3]`` and the largest measured relative error of
+      the tables (``0`` without them).
     """
     phi = _phi_pair(act)
     jac = jax.jacfwd(phi)
@@ -342,23 +354,22 @@ def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order):
         )
         return cw * j, cw * h, cw * cw * cov4
 
-    stats = jax.vmap(stats)
     p = ks.shape[1]
     dtype = ks.dtype
 
     def step(carry, inp):
         v, delta = carry
         kvec, ratio, inv = inp
-        j, h, cov4 = stats(kvec)
+        (j, h, cov4), table_err = _pair_table.pair_stats(stats, kvec, tabulate=tabulate)
         v_new = cov4 + ratio * jnp.einsum("pik,pkl,pjl->pij", j, v, j)
         d_new = jnp.einsum("pik,pk->pi", j, delta) + 0.5 * inv * jnp.einsum("pikl,pkl->pi", h, v)
-        return (v_new, d_new), (v_new, d_new)
+        return (v_new, d_new), (v_new, d_new, table_err)
 
     kvecs = jnp.stack([kd_a, ks, kd_b], axis=-1)[:-1]  # the kernel entering each step
     v0 = jnp.zeros((p, 3, 3), dtype)
     d0 = jnp.zeros((p, 3), dtype)
-    _, (vs, ds) = jax.lax.scan(step, (v0, d0), (kvecs, ratios, inv_prev))
-    return jnp.concatenate([v0[None], vs]), jnp.concatenate([d0[None], ds])
+    _, (vs, ds, errs) = jax.lax.scan(step, (v0, d0), (kvecs, ratios, inv_prev))
+    return jnp.concatenate([v0[None], vs]), jnp.concatenate([d0[None], ds]), jnp.max(errs)
 
 
 @partial(jax.jit, static_argnames=("act", "order"))
@@ -380,7 +391,7 @@ def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
 
 
 def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, ddntk: bool = False):
-    fp = fixed_point(arch, x, quadrature_order=order)
+    fp, table_err = _fixed_point_tabulated(arch, x, quadrature_order=order)
     k = fp.nngp
     kd = fp.nngp_diag1
     n = x.shape[0]
@@ -393,10 +404,21 @@ def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, dd
     # single inputs cost O(N): integrate them with 4x the nodes
     v1, d1 = _flow_single(act, cw, kd, ratios, inv_prev, order=4 * order)
     rows, cols = np.triu_indices(n, k=1)
+    # quadrature activations on many pairs: one-norm layers use the correlation tables
+    tab = not act.scale_invariant and _pair_table.worth_it(rows.size)
     if rows.size:
-        vp, dp = _flow(
-            act, cw, k[:, rows, cols], kd[:, rows], kd[:, cols], ratios, inv_prev, order=order
+        vp, dp, err = _flow(
+            act,
+            cw,
+            k[:, rows, cols],
+            kd[:, rows],
+            kd[:, cols],
+            ratios,
+            inv_prev,
+            order=order,
+            tabulate=tab,
         )
+        table_err = max(table_err, float(err))
     else:
         vp = jnp.zeros((arch.n_layers, 0, 3, 3), k.dtype)
         dp = jnp.zeros((arch.n_layers, 0, 3), k.dtype)
@@ -419,7 +441,10 @@ def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, dd
     coupling = jnp.mean(v1 * inv_n[:, :, 0] / kd**2, axis=1)
     ntk_fields = {}
     if ntk:
-        ntk_fields = _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols)
+        ntk_fields, err = _run_ntk(
+            arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols, tab
+        )
+        table_err = max(table_err, err)
     if dntk is not None:
         ntk_fields.update(
             _run_dntk(arch, x, fp, order, ratios, rows, cols, dntk == "pointwise", ddntk)
@@ -435,6 +460,9 @@ def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, dd
         **ntk_fields,
         # everything but the scale-invariant class integrates its 4-point moments numerically
         quadrature_order=0 if act.scale_invariant else order,
+        # the tables' measured error, accumulated over the layers (perturbative adds the
+        # quadrature's own estimate)
+        quadrature_error=arch.n_layers * table_err,
     )
 
 
@@ -462,8 +490,9 @@ def _check_arch_order(arch, quadrature_order, minimum: int) -> None:
         )
 
 
-def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
-    """The NTK fields of :class:`Perturbative` (recursions in :mod:`rgnn._ntk_flow`)."""
+def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols, tabulate=False):
+    """The NTK fields of :class:`Perturbative` (recursions in :mod:`rgnn._ntk_flow`) and the
+    largest measured error of the correlation tables (``0.0`` without them)."""
     k, t = fp.nngp, fp.ntk
     kd, td, ks, ts = _pair_stacks(fp, rows, cols)
     n = x.shape[0]
@@ -492,10 +521,14 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
     corr = jnp.zeros((n_layers, n, n), k.dtype).at[:, diag, diag].set(dh1)
     var = jnp.zeros((n_layers, n, n), k.dtype)
     var = var.at[:, diag, diag].set((vhh1 + 2 * b1) * inv_n[:, None])
+    table_err = 0.0
     if rows.size:
-        vgh, vhh, dh, b, _ = _ntk_flow.ntk_pair_flow(
-            act, cw, lam_w, ks, ts, vp, dp, ratios, inv_prev, order=order
+        out = _ntk_flow.ntk_pair_flow(
+            act, cw, lam_w, ks, ts, vp, dp, ratios, inv_prev, order=order, tabulate=tabulate
         )
+        vgh, vhh, dh, b = out[:4]
+        if tabulate:
+            table_err = float(out[5])
         a_full = a_full.at[:, rows, cols].set(vhh)
         a_full = a_full.at[:, cols, rows].set(vhh[:, :, swap][:, :, :, swap])
         d_full = d_full.at[:, rows, cols].set(vgh)
@@ -504,7 +537,7 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
         corr = corr.at[:, rows, cols].set(dh[:, :, 1]).at[:, cols, rows].set(dh[:, :, 1])
         off = (vhh[:, :, 1, 1] + b[:, :, 0] + b[:, :, 1]) * inv_n[:, None]
         var = var.at[:, rows, cols].set(off).at[:, cols, rows].set(off)
-    return dict(
+    fields = dict(
         ntk=t,
         ntk_correction=corr,
         ntk_variance=var,
@@ -512,6 +545,7 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols):
         mixed_vertex=d_full,
         ntk_b=b_full,
     )
+    return fields, table_err
 
 
 def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise, ddntk=False):
@@ -654,6 +688,7 @@ def perturbative(
         # inputs gives, so only the 2x-order run is new work
         m = min(4, x.shape[0])
         hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
+        table = result.quadrature_error  # the correlation tables' share (0 without them)
         err = 0.0
         names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
         if ntk:
@@ -670,7 +705,7 @@ def perturbative(
             scale = np.max(np.abs(b))
             if scale > 0:
                 err = max(err, float(np.max(np.abs(a - b)) / scale))
-        result = dataclasses.replace(result, quadrature_error=err)
+        result = dataclasses.replace(result, quadrature_error=err + table)
     bad = np.isnan(np.asarray(result.vertex)).any(axis=(0, 3, 4))
     if bad.any():
         n_bad = int(np.triu(bad, 1).sum())
