@@ -298,7 +298,7 @@ def _moment_blocks(mom):
     return css, csd, cdd, fsrc, bsrc
 
 
-_COMP = np.array([[0, 1], [1, 2]])  # pair component of the kernel entry (c, d)
+_COMP = np.array([[0, 1], [1, 2]], np.int32)  # pair component of the kernel entry (c, d)
 _DUP = np.array([[2.0, 1.0], [1.0, 2.0]])  # 1 + delta_cd
 
 

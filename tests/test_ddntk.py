@@ -102,10 +102,19 @@ def test_symmetries_and_layout(x64):
         np.testing.assert_allclose(getattr(wide, name), getattr(p, name), **ex)
 
 
-def test_linear_and_pointwise_relu_exact(x64):
-    """sigma'' = sigma''' = 0 removes every source of ``R`` and ``U`` (and of ``P^``): a deep
-    linear network and the pointwise (autodiff) ddNTK of relu have ``R = U = 0`` exactly on
-    every layer and pair, while ``S`` and ``T`` are positive; on one input of a linear network
+def _assert_no_second_derivative_terms(p):
+    """sigma'' = sigma''' = 0 removes every source of ``R`` and ``U`` (and of ``P^``): they
+    vanish exactly on every layer and pair, while ``S`` and ``T`` do not (positive on one
+    input)."""
+    assert np.all(np.asarray(p.ddntk_r) == 0) and np.all(np.asarray(p.ddntk_u) == 0)
+    for name in ("ddntk_s", "ddntk_t"):
+        single = np.diagonal(np.asarray(getattr(p, name))[1:, ..., 0, 0, 0, 0], axis1=1, axis2=2)
+        assert np.all(single > 0)
+
+
+def test_linear_ddntk_exact(x64):
+    """A deep linear network (no second or third derivative of the activation) has
+    ``R = U = 0`` exactly on every layer and pair; on one input of a linear network
     the recursions reduce to ``S' = lam C_W (Theta^2 + r B) + r C_W^2 S`` and
     ``T' = lam^2 (K Theta + r F) + 2 r lam C_W Q^ + r C_W^2 T`` with
     ``Q^' = lam C_W (K Theta + r F) + r C_W^2 Q^``, ``F' = C_W^2 (K Theta + r F)``,
@@ -113,10 +122,7 @@ def test_linear_and_pointwise_relu_exact(x64):
     x = _inputs(2, dim=5)
     cw, cb, widths = 1.3, 0.2, (20, 35, 50)
     lin = _quiet(rgnn.MLP(3, widths, "linear", weight_var=cw, bias_var=cb), x)
-    relu = _quiet(rgnn.MLP(3, 64, "relu", weight_var=2.0), x, kinks="pointwise")
-    for p in (lin, relu):
-        assert np.all(np.asarray(p.ddntk_r) == 0) and np.all(np.asarray(p.ddntk_u) == 0)
-        assert np.all(np.asarray(p.ddntk_s)[1:] > 0) and np.all(np.asarray(p.ddntk_t)[1:] > 0)
+    _assert_no_second_derivative_terms(lin)
     dims = (5,) + widths
     for a in range(2):
         k = np.asarray(lin.nngp)[:, a, a]
@@ -137,13 +143,14 @@ def test_linear_and_pointwise_relu_exact(x64):
         np.testing.assert_allclose(got[1], want_t, **tol(EXACT, x.dtype))
 
 
-def test_bad_input():
+def test_bad_input_and_pointwise_relu():
     x = _inputs(2, dim=5)
-    arch = rgnn.MLP(3, 32, "relu", weight_var=2.0)  # the shapes of the exact test
+    arch = rgnn.MLP(3, 32, "relu", weight_var=2.0)
     with pytest.raises(ValueError, match="ddntk"):
         rgnn.perturbative(arch, x, ddntk="yes")
     with pytest.raises(ValueError, match="kinks"):
         rgnn.perturbative(arch, x, ddntk=True)  # relu's distributional ddNTK does not exist
     p = rgnn.perturbative(arch, x, ddntk=True, kinks="pointwise", warn=False)
     assert p.dntk_p is not None  # ddntk implies dntk
+    _assert_no_second_derivative_terms(p)  # the pointwise ddNTK of relu: sigma'' = 0
     assert rgnn.perturbative(arch, x, warn=False).ddntk_r is None
