@@ -171,7 +171,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rgnn import gaussian
-from rgnn._ntk_flow import _angular_grid, _cholesky2, _derivatives, _slope
+from rgnn._ntk_flow import ARC_NODES, _angular_grid, _cholesky2, _derivatives, _slope
 from rgnn.activations import Activation
 
 KINKS = ("distributional", "pointwise")
@@ -225,7 +225,7 @@ class _Smooth:
 class _Homogeneous:
     """The same expectations, exactly, for ``sigma(z) = z (z > 0), a z (z < 0)``."""
 
-    def __init__(self, slope: float, k, single: bool, pointwise: bool, nodes: int = 24):
+    def __init__(self, slope: float, k, single: bool, pointwise: bool, nodes: int = ARC_NODES):
         self.slope = slope
         self.k = k
         self.single = single

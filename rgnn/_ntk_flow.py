@@ -100,11 +100,18 @@ _MONOS = _monomials()
 _INDEX = {m: i for i, m in enumerate(_MONOS)}
 
 
+ARC_NODES = 12
+"""Gauss-Legendre nodes per arc of the exact polar integrals (:func:`_angular_grid`). On each
+arc between kinks the angular integrand is a trigonometric polynomial of degree <= 8; 12 nodes
+reproduce 64-node results to 1.1e-13 (relative, float64) over 200 random pairs with
+correlations up to 1 - 1e-8, relu and leaky relu; 8 nodes only to 5e-7."""
+
+
 def _slope(act: Activation) -> float:
     return 1.0 if act.negative_slope is None else float(act.negative_slope)
 
 
-def _angular_grid(s1, c, s2, nodes: int = 24):
+def _angular_grid(s1, c, s2, nodes: int = ARC_NODES):
     """``(u, v, w)`` on the unit circle for the exact polar integrals of the scale-invariant
     class: with ``xi = r (cos t, sin t)``, ``u = s1 cos t`` and ``v = c cos t + s2 sin t`` are
     ``z_a / r`` and ``z_b / r``; the angle is split at the kinks ``cos t = 0`` and
@@ -126,7 +133,7 @@ def _angular_grid(s1, c, s2, nodes: int = 24):
     return s1 * jnp.cos(t), c * jnp.cos(t) + s2 * jnp.sin(t), w
 
 
-def _polar_moments(slope: float, s1, c, s2, nodes: int = 24):
+def _polar_moments(slope: float, s1, c, s2, nodes: int = ARC_NODES):
     """All :data:`_MONOS` for ``sigma(x) = x (x > 0), slope x (x < 0)``, exactly
     (:func:`_angular_grid`)."""
     u, v, w = _angular_grid(s1, c, s2, nodes)

@@ -182,7 +182,7 @@ class Perturbative:
 
 
 # ----------------------------------------------------------------------------- expectations
-def _homogeneous_moment(slope: float, s1, c, s2, i: int, j: int, nodes: int = 24):
+def _homogeneous_moment(slope: float, s1, c, s2, i: int, j: int, nodes: int = _ntk_flow.ARC_NODES):
     """``E[sigma(u)^i sigma(v)^j]`` for ``sigma(x) = x (x > 0), slope x (x < 0)`` and
     ``u = s1 xi_1``, ``v = c xi_1 + s2 xi_2``, exactly: with ``xi = r (cos t, sin t)`` the
     integrand is ``r^(i+j)`` times a piecewise-trigonometric function of ``t``; the radial
