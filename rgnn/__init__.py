@@ -15,7 +15,7 @@ from rgnn.fixed_point import FixedPoint, fixed_point
 from rgnn.networks import Ensemble, ensemble
 from rgnn.perturbative import FourPoint, Perturbative, perturbative, vertex
 from rgnn.regime import Regime, classify
-from rgnn.sweep import ScalingFit, Sweep, sweep
+from rgnn.study import ScalingFit, Sweep, sweep
 from rgnn.training import Training, batch_indices, ensemble_kernels, train
 from rgnn.wilsonian import (
     ScaleResolved,

@@ -324,7 +324,7 @@ def _base_arch(args, width):
 
 
 def _print_sweep(result, regimes, stream=sys.stdout):
-    from rgnn.sweep import GROUP_FIELDS, MEASURES
+    from rgnn.study import GROUP_FIELDS, MEASURES
 
     rows = result.table()
     names = list(result.measures)
@@ -446,7 +446,7 @@ def _run_sweep(args):
 
 
 def _write_regimes(out, regimes):
-    from rgnn.sweep import _atomic_write
+    from rgnn.study import _atomic_write
 
     doc = [r.as_dict() for r in regimes]
     _atomic_write(Path(out) / "regime.json", json.dumps(doc, indent=2) + "\n")
@@ -456,7 +456,7 @@ def _run_classify(args):
     import jax
 
     from rgnn.regime import classify
-    from rgnn.sweep import load_sweep
+    from rgnn.study import load_sweep
 
     if args.tolerance is not None and not args.tolerance > 0:
         raise _Fail(f"tolerance: expected a positive number, got {args.tolerance}")

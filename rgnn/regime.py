@@ -1,11 +1,11 @@
 """The regime verdict: ``gaussian``, ``perturbative`` or ``non-perturbative``, with the evidence.
 
 Criteria (``v``: a measure at the widest width, the seed mean, with standard error ``se``;
-``t``: its threshold, :attr:`rgnn.sweep.Measure.threshold` unless ``tolerance`` overrides it;
+``t``: its threshold, :attr:`rgnn.study.Measure.threshold` unless ``tolerance`` overrides it;
 ``p +- se_p``: its fitted exponent against width, ``q`` the 95% quantile of its interval;
 ``[e_fast, e]``: the exponents perturbation theory allows, ``[-1, -1]`` for an O(1/n) mean effect
 and ``[-1, -1/2]`` for a single network's measure, which is an O(1/n) mean shift plus an
-O(1/sqrt(n)) fluctuation (:class:`rgnn.sweep.Measure`); ``v_inf +- se_inf``: the extrapolation
+O(1/sqrt(n)) fluctuation (:class:`rgnn.study.Measure`); ``v_inf +- se_inf``: the extrapolation
 to infinite width, ``v = v_inf + b n^e``; ``z``: ``sigmas``):
 
 1. **Trust** (PDLT sec. 5.4, :data:`rgnn.perturbative.TRUST_DEPTH_OVER_WIDTH`). If
@@ -31,7 +31,7 @@ to infinite width, ``v = v_inf + b n^e``; ``z``: ``sigmas``):
 3. The label: **non-perturbative** if the trust bound fails or any measure is non-perturbative;
    else **gaussian** if every measure is gaussian; else **perturbative**.
 
-Thresholds are relative (dimensionless) deviations; the defaults (:data:`rgnn.sweep.MEASURES`)
+Thresholds are relative (dimensionless) deviations; the defaults (:data:`rgnn.study.MEASURES`)
 say "the fixed point describes the network to 5%".
 """
 
@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from rgnn.perturbative import TRUST_DEPTH_OVER_WIDTH
-from rgnn.sweep import GROUP_FIELDS, MEASURES, Sweep, load_sweep
+from rgnn.study import GROUP_FIELDS, MEASURES, Sweep, load_sweep
 
 __all__ = ["Evidence", "Regime", "classify", "LABELS"]
 
@@ -372,13 +372,13 @@ def classify(
     """Label a configuration or a sweep ``gaussian``, ``perturbative`` or ``non-perturbative``.
 
     Args:
-      result: a :class:`~rgnn.sweep.Sweep`, a sweep's results directory (``str`` or
+      result: a :class:`~rgnn.study.Sweep`, a sweep's results directory (``str`` or
         ``Path``), one point's record (a ``dict`` from ``Sweep.records``), or an
         :class:`~rgnn.MLP`, which is then trained on ``(x, y)`` and compared as one sweep
-        point (:func:`rgnn.sweep.run_point` with ``seed`` and ``settings``: ``steps``,
+        point (:func:`rgnn.study.run_point` with ``seed`` and ``settings``: ``steps``,
         ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``, ``predict``).
       group: for a sweep with several groups (depths, activations, ...), which one, as a dict
-        of :data:`rgnn.sweep.GROUP_FIELDS` values (``Sweep.groups`` lists them).
+        of :data:`rgnn.study.GROUP_FIELDS` values (``Sweep.groups`` lists them).
       tolerance: one threshold for every measure instead of each measure's own.
       sigmas: standard errors allowed between a measurement and its prediction.
       exponent_tolerance: slack between a fitted exponent and the expected one, beyond its
@@ -404,7 +404,7 @@ def classify(
     if isinstance(result, str | Path):
         result = load_sweep(result)
     if isinstance(result, MLP):
-        from rgnn.sweep import run_point
+        from rgnn.study import run_point
 
         if x is None or y is None:
             raise ValueError("x, y: expected inputs and targets to train the architecture on")

@@ -98,6 +98,14 @@ That the modes are orthonormal over all ``P`` inputs but not over the ``N`` trai
 what makes the ridge run: with modes from the training Gram matrix alone, ``K^>`` would vanish
 on the span of the kept modes and truncation would be exact. Use ``M >= N`` test inputs.
 
+**Ties.** A computed eigenvalue carries the eigensolver's roundoff, of order
+``eps ||K_P|| = P eps lambda_1`` (``lambda_1`` the largest), so a cutoff within that distance of
+an eigenvalue cannot tell which side the eigenvalue lies on. Such a cutoff counts as *at* the
+eigenvalue, and keeps its mode: a mode is kept when ``lambda_k >= Lambda - P eps lambda_1``
+(``eps`` of the kernels' dtype). The default grid starts and ends on eigenvalues by design (the
+top one, kept; the smallest one, so every mode is kept), and the counts there do not hang on
+the last bit of the eigensolver or of ``exp(log(.))``.
+
 **Non-Gaussian (1/n) corrections: out of reach here, precisely why.** At finite width the
 prior gains the quartic term ``-(1/8) v^{(ab)(cd)} f_a f_b f_c f_d`` with
 ``v ~ K^{-1} K^{-1} V K^{-1} K^{-1} / n`` (PDLT ch. 4). Without data, marginalizing modes is
@@ -195,7 +203,8 @@ class Wilsonian:
 
     Attributes:
       cutoffs: ``[C]`` the cutoffs ``Lambda`` on the population eigenvalues: modes with
-        ``lambda_k >= Lambda`` are kept, the rest integrated out.
+        ``lambda_k >= Lambda`` are kept, the rest integrated out (to within roundoff: a mode
+        within ``P eps lambda_1`` below a cutoff is kept; module docstring, **Ties**).
       n_modes: ``[C]`` number of modes kept (of ``P``).
       ridge: ``[]`` the bare ridge ``sigma^2``.
       running_ridge: ``[C]`` ``sigma^2(Lambda) = sigma^2 + tr(K^>_train) / N``.
@@ -261,7 +270,9 @@ def _relative_error(pred, full):
 
 def _log_cutoffs(lam: jax.Array, count: int) -> jax.Array:
     """``count`` cutoffs log-spaced from the largest eigenvalue (keeps the top mode) to the
-    smallest one (or ``1e-12`` of the largest), then ``0`` (keeps every mode)."""
+    smallest one (or ``1e-12`` of the largest), then ``0`` (keeps every mode). The first and
+    the last of the grid sit on eigenvalues: :func:`_flow` keeps a mode at a cutoff to within
+    roundoff (module docstring, **Ties**)."""
     if count < 1:
         return jnp.zeros((1,), lam.dtype)
     top = lam[0]
@@ -290,8 +301,11 @@ def _flow(k_tt, k_st, k_ss, y, ridge, cutoffs, use_default):
     diag_t = jnp.diagonal(k_tt)
     proj_alpha = psi_t.T @ alpha  # [P, O]
 
+    # a cutoff within the eigensolver's roundoff of an eigenvalue keeps its mode (**Ties**)
+    tie = p * jnp.finfo(lam.dtype).eps * lam[0]
+
     def one(cut):
-        keep = lam >= cut
+        keep = lam >= cut - tie
         w = jnp.where(keep, mu, 0.0)[:, None]  # [P, 1]
         kl_tt = (psi_t * w.T) @ psi_t.T  # K^<_train
 
@@ -345,9 +359,10 @@ def wilsonian(
       k_test: ``[M, M]`` kernel on the test inputs (needed for the modes; use ``M >= N``).
       ridge: the bare ridge ``sigma^2 > 0``.
       cutoffs: ``[C]`` cutoffs ``Lambda >= 0`` on the population eigenvalues, in any order
-        (``0`` keeps every mode), or a count ``C``: ``C`` cutoffs log-spaced from the largest
-        estimated eigenvalue (which keeps the top mode) to the smallest, then ``0`` (default
-        ``12``). Cutoffs on the eigenvalue scale, not on mode counts, do not split
+        (``0`` keeps every mode; a mode within roundoff, ``P eps lambda_1``, below a cutoff
+        is kept), or a count ``C``: ``C`` cutoffs log-spaced from the largest estimated
+        eigenvalue (which keeps the top mode) to the smallest (which keeps every mode), then
+        ``0`` (default ``12``). Cutoffs on the eigenvalue scale, not on mode counts, do not split
         (near-)degenerate shells of modes.
 
     Returns:

@@ -58,7 +58,7 @@ SWEEP_ARGS = ["sweep", "--widths", "8,16,64", "--seeds", "0,1", "--n", "10", "--
 def test_sweep_json_then_classify_reads_the_saved_sweep(tmp_path, capsys, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", _fake_point())
+    monkeypatch.setattr(importlib.import_module("rgnn.study"), "_adapter", _fake_point())
     rc = main([*SWEEP_ARGS, "--out", str(tmp_path), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -83,13 +83,13 @@ def test_sweep_ctrl_c_saves_finished_points_and_exits_130(tmp_path, capsys, monk
     import importlib
 
     fake = _fake_point(interrupt_at=3)
-    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", fake)
+    monkeypatch.setattr(importlib.import_module("rgnn.study"), "_adapter", fake)
     rc = main([*SWEEP_ARGS, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 130 and "2 finished point(s) saved" in err
     assert len((tmp_path / "points.jsonl").read_text().splitlines()) == 2
     resumed = _fake_point()
-    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", resumed)
+    monkeypatch.setattr(importlib.import_module("rgnn.study"), "_adapter", resumed)
     assert main([*SWEEP_ARGS, "--out", str(tmp_path)]) == 0
     assert resumed.calls == [16, 16, 64, 64]
 

@@ -12,7 +12,8 @@ from rgnn import _ntk_flow, _pair_table
 
 _perturbative = importlib.import_module("rgnn.perturbative")
 
-N_TABLE = 96  # N (N - 1) / 2 = 4560 pairs: enough for the tables (worth_it)
+N_BREAK_EVEN = 96  # N (N - 1) / 2 = 4560 pairs: enough for the tables on their own (worth_it)
+N_TABLE = 16  # 120 pairs: below the break-even, so the tests force the tables on (_both)
 FIELDS = ("vertex", "nngp_variance", "kurtosis", "nngp_correction", "nngp")
 NTK_FIELDS = ("ntk_variance", "ntk_correction", "ntk_vertex", "mixed_vertex", "ntk_b")
 
@@ -31,8 +32,13 @@ def _arch(name, depth):
 
 
 def _both(arch, x, order, monkeypatch):
-    """``_run`` with the tables where they apply, and with them switched off (the reference)."""
-    fast = _perturbative._run(arch, x, order)
+    """``_run`` with the tables switched on (where a layer has one norm, whatever the number of
+    pairs), and with them switched off (the reference). Forcing them on at a small ``N`` runs
+    the same code as ``N >= N_BREAK_EVEN`` does (``worth_it`` is the only switch), at a
+    fraction of the reference's cost."""
+    with monkeypatch.context() as m:
+        m.setattr(_pair_table, "worth_it", lambda *a, **k: True)
+        fast = _perturbative._run(arch, x, order)
     with monkeypatch.context() as m:
         m.setattr(_pair_table, "worth_it", lambda *a, **k: False)
         ref = _perturbative._run(arch, x, order)
@@ -40,8 +46,9 @@ def _both(arch, x, order, monkeypatch):
 
 
 def test_tables_apply_above_the_break_even():
-    assert _pair_table.worth_it(N_TABLE * (N_TABLE - 1) // 2)
+    assert _pair_table.worth_it(N_BREAK_EVEN * (N_BREAK_EVEN - 1) // 2)
     assert not _pair_table.worth_it(100)
+    assert not _pair_table.worth_it(N_TABLE * N_TABLE // 2)  # hence _both forces them on
 
 
 @pytest.mark.parametrize("name, depth", [("tanh", 3), ("gelu", 2)])
@@ -63,9 +70,11 @@ def test_one_norm_tables_match_the_direct_quadrature(x64, monkeypatch, name, dep
 
 def test_different_norms_fall_back_to_the_direct_quadrature(x64, monkeypatch):
     """Inputs of different norms: no layer has one norm, so the results are the direct ones
-    and no table error is reported."""
+    and no table error is reported. The network, input count and quadrature order are those
+    of the tanh case above, so the compiled flows are shared (compilation is most of the
+    cost)."""
     x = _inputs(N_TABLE, scales=True)
-    fast, ref = _both(_arch("tanh", 2), x, 12, monkeypatch)
+    fast, ref = _both(_arch("tanh", 3), x, 16, monkeypatch)
     assert fast.quadrature_error == 0.0
     for f in FIELDS + NTK_FIELDS:
         np.testing.assert_allclose(getattr(fast, f), getattr(ref, f), rtol=1e-12, atol=1e-15)
@@ -83,7 +92,8 @@ def test_pair_stats_table_error_bounds_the_interpolation(x64):
         return _ntk_flow._pair_stats(act, k, 16)
 
     fast, err = _pair_table.pair_stats(stats, ks, tabulate=True, intervals=64)
-    direct, zero = _pair_table.pair_stats(stats, ks, tabulate=False)
+    # the reference under jit: op-by-op dispatch of the direct quadrature costs seconds
+    direct, zero = jax.jit(lambda k: _pair_table.pair_stats(stats, k, tabulate=False))(ks)
     assert float(zero) == 0.0 and 0.0 < float(err) < 1e-3
     for a, b in zip(
         jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(direct), strict=True

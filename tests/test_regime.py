@@ -163,7 +163,7 @@ def test_sweep_outputs_and_resume_of_a_real_sweep(wide_ntk, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished point was recomputed")
 
-    monkeypatch.setattr(importlib.import_module("rgnn.sweep"), "_adapter", must_not_run)
+    monkeypatch.setattr(importlib.import_module("rgnn.study"), "_adapter", must_not_run)
     x, y = _digits()
     arch = rgnn.MLP(2, 8, "relu", weight_var=2.0)
     again = rgnn.sweep(arch, x, y, out=out, plots=False, **WIDE_NTK, **KNOWN)

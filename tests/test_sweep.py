@@ -14,13 +14,26 @@ import numpy as np
 import pytest
 
 import rgnn
+import rgnn.study as study
 from rgnn.progress import Progress, format_seconds
 from tests.tolerances import EXACT, MC_SIGMAS, tol
 
-sweep_module = importlib.import_module("rgnn.sweep")
-fit_scaling = sweep_module.fit_scaling
+fit_scaling = study.fit_scaling
 
 F64 = tol(EXACT, np.float64)
+
+
+# ----------------------------------------------------------------------------- layout
+def test_the_sweep_function_shadows_no_module_and_carries_its_measures():
+    """``rgnn.sweep`` is the function, ``rgnn.study`` the module holding it (a public name
+    never shadows a module), and ``rgnn.sweep.MEASURES`` (as the README writes it) is the
+    module's table of measures."""
+    assert callable(rgnn.sweep) and rgnn.sweep is study.sweep
+    assert rgnn.study is study and importlib.import_module("rgnn.study") is study
+    assert rgnn.sweep.MEASURES is study.MEASURES
+    readme = ("ntk_movement", "function_gap", "ntk_distance", "nngp_distance", "kurtosis")
+    assert tuple(rgnn.sweep.MEASURES) == readme
+    assert all(isinstance(m, study.Measure) for m in rgnn.sweep.MEASURES.values())
 
 
 # ----------------------------------------------------------------------------- fits
@@ -73,9 +86,9 @@ def test_exponent_error_is_calibrated():
 
 
 def test_pooled_seeds():
-    mean, se = sweep_module.pool_seeds([1.0, 2.0, 3.0], [0.01, 0.01, 0.01])
+    mean, se = study.pool_seeds([1.0, 2.0, 3.0], [0.01, 0.01, 0.01])
     assert mean == 2.0 and np.isclose(se, 1 / np.sqrt(3))
-    _, se = sweep_module.pool_seeds([1.0, 1.0], [0.3, 0.4])  # agreeing seeds: propagated error
+    _, se = study.pool_seeds([1.0, 1.0], [0.3, 0.4])  # agreeing seeds: propagated error
     np.testing.assert_allclose(se, 0.25, **F64)
 
 
@@ -156,7 +169,7 @@ def test_table_fits_and_outputs(tmp_path):
     csv = (tmp_path / "table.csv").read_text().splitlines()
     assert csv[0].startswith("depth,activation,parameterization,learning_rate,width,n_seeds")
     assert len(csv) == 4
-    loaded = sweep_module.load_sweep(tmp_path)
+    loaded = study.load_sweep(tmp_path)
     assert loaded.records == result.records
 
 
@@ -198,14 +211,14 @@ def test_kill_9_loses_only_the_point_in_flight(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "points.jsonl"
-    sweep_module._atomic_write(path, "old\n")
+    study._atomic_write(path, "old\n")
 
     def broken(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken)
     with pytest.raises(OSError):
-        sweep_module._atomic_write(path, "new\n")
+        study._atomic_write(path, "new\n")
     assert path.read_text() == "old\n"
 
 

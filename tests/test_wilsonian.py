@@ -48,28 +48,63 @@ def test_flow_matches_numpy_and_no_cutoff_is_the_full_posterior(x64, digits_fp):
     w = rgnn.wilsonian_fixed_point(fp, y[:n], n_train=n, ridge=ridge, kernel="ntk", cutoffs=16)
     # independent NumPy reference: the full posterior mean and the Nystrom split at each cutoff
     k = np.asarray(fp.ntk[-1])
+    p = k.shape[0]
     full = k[n:, :n] @ np.linalg.solve(k[:n, :n] + ridge * np.eye(n), y[:n])
     mu, psi = np.linalg.eigh(k)
+    lam = np.maximum(mu, 0) / p  # ascending, as mu and psi
     t = tol(EXACT, jnp.float64)
     np.testing.assert_allclose(w.full_test, full, **t)
-    np.testing.assert_allclose(w.eigenvalues, np.maximum(mu[::-1], 0) / k.shape[0], **t)
-    for i, cut in enumerate(np.asarray(w.cutoffs)):
-        keep = mu / k.shape[0] >= cut
+    np.testing.assert_allclose(w.eigenvalues, lam[::-1], **t)
+    # rgnn keeps a mode when lambda_k >= cut - tie, tie = P eps lambda_1 (its docstring, Ties):
+    # the default grid's first and last cutoffs sit on eigenvalues (the top one, the smallest
+    # one), which the tie keeps. The split is compared only where it cannot rest on roundoff:
+    # every eigenvalue lies farther from the boundary than the two eigensolvers differ (plus
+    # the rounding of cut - tie), so both decompositions put each mode on the same side.
+    eps = np.finfo(np.float64).eps
+    tie = p * eps * lam[-1]
+    solvers = np.max(np.abs(np.asarray(w.eigenvalues) - lam[::-1])) + 4 * eps * lam[-1]
+    cutoffs = np.asarray(w.cutoffs)
+    assert cutoffs[0] == w.eigenvalues[0] and int(w.n_modes[0]) == 1  # the top mode, kept
+    assert int(w.n_modes[-2]) == p  # the smallest eigenvalue's cutoff keeps every mode
+    for i, cut in enumerate(cutoffs):
+        margin = np.min(np.abs(lam - (cut - tie)))
+        assert margin > solvers, f"cutoff {i} ({cut}) is within roundoff of an eigenvalue"
+        keep = lam >= cut - tie
         k_tt = (psi[:n, keep] * mu[keep]) @ psi[:n, keep].T
         k_st = (psi[n:, keep] * mu[keep]) @ psi[:n, keep].T
         shift = np.trace(k[:n, :n] - k_tt) / n
         eff = k_st @ np.linalg.solve(k_tt + (ridge + shift) * np.eye(n), y[:n])
         trunc = k_st @ np.linalg.solve(k_tt + ridge * np.eye(n), y[:n])
-        assert int(w.n_modes[i]) == int(keep.sum())
+        assert int(w.n_modes[i]) == int(keep.sum()), i
         np.testing.assert_allclose(w.running_ridge[i], ridge + shift, **t)
         np.testing.assert_allclose(w.test[i], eff, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(w.truncated_test[i], trunc, rtol=1e-8, atol=1e-10)
     # nothing integrated out (the last cutoff, 0): every variant is the full GP
-    assert int(w.n_modes[-1]) == k.shape[0]
+    assert int(w.n_modes[-1]) == p
     for pred in (w.test[-1], w.truncated_test[-1], w.exact_test[-1]):
         np.testing.assert_allclose(pred, full, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(w.train[-1], w.full_train, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(w.running_ridge[-1], ridge, **t)
+
+
+def test_a_cutoff_at_an_eigenvalue_keeps_its_mode(x64):
+    """A cutoff on an eigenvalue keeps that mode whichever way the last bits fall: cutoffs a
+    few ulps above and below each of the eight largest eigenvalues keep the same number of
+    modes, 1 to 8 (the eigenvalues are farther apart than the tie, ``P eps lambda_1``, so the
+    counts are exact). 1-D inputs: the RBF spectrum has no degenerate shells."""
+    x = np.random.RandomState(0).randn(30, 1)
+    k = np.asarray(rgnn.rbf_kernel(x))
+    blocks = (k[:10, :10], k[10:, :10], x[:10, 0])
+
+    def flow(cutoffs):
+        return rgnn.wilsonian(*blocks, k_test=k[10:, 10:], ridge=0.1, cutoffs=cutoffs)
+
+    lam = np.asarray(flow(np.zeros(8)).eigenvalues)
+    eps = np.finfo(np.float64).eps
+    assert np.all(-np.diff(lam[:9]) > 100 * 30 * eps * lam[0])
+    for ulps in (-4, 4):
+        w = flow(lam[:8] * (1 + ulps * eps))
+        np.testing.assert_array_equal(w.n_modes, np.arange(1, 9))
 
 
 @pytest.mark.parametrize("task", ["digits", "teacher_student"])

@@ -1,5 +1,11 @@
 """Width sweeps: train ensembles across widths and seeds, measure, fit scaling exponents.
 
+The study of how far trained networks sit from the Gaussian fixed point: the sweep grid, the
+runner (:func:`sweep`, re-exported as :func:`rgnn.sweep`), the resumable results store and the
+scaling fits. The module is named ``study``, not ``sweep``, so that the public function
+``rgnn.sweep`` does not shadow it; ``rgnn.sweep.MEASURES`` is :data:`MEASURES` all the same (a
+function attribute).
+
 A sweep is the grid ``depths x activations x parameterizations x learning_rates x widths x
 seeds`` around one base :class:`~rgnn.MLP`. Each *point* trains an ensemble of ``n_networks``
 networks (:func:`rgnn.train`), compares it with the Gaussian fixed point
@@ -653,6 +659,9 @@ def sweep(
 
     Returns:
       A :class:`Sweep`. ``KeyboardInterrupt`` propagates after the finished points are saved.
+
+    The measures each point reports are ``sweep.MEASURES`` (``rgnn.sweep.MEASURES``, the same
+    dict as :data:`MEASURES`).
     """
     if not isinstance(arch, MLP):
         raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
@@ -767,6 +776,11 @@ def sweep(
     if store is not None:
         write_outputs(result, plots=plots)
     return result
+
+
+sweep.MEASURES = MEASURES
+"""``rgnn.sweep.MEASURES``: the measures a sweep point reports (:data:`MEASURES`), reachable
+from the public function as the README writes it."""
 
 
 def load_sweep(out) -> Sweep:
