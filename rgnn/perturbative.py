@@ -80,6 +80,9 @@ from rgnn._validate import check_inputs
 from rgnn.activations import Activation
 from rgnn.architecture import MLP
 from rgnn.fixed_point import _fixed_point_tabulated, fixed_point
+from rgnn.flow import engine as flow_engine
+from rgnn.flow import moments as flow_moments
+from rgnn.flow import rules as flow_rules
 
 __all__ = ["FourPoint", "Perturbative", "perturbative", "vertex", "TRUST_DEPTH_OVER_WIDTH"]
 
@@ -390,7 +393,226 @@ def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
     return jnp.concatenate([zero[None], vs]), jnp.concatenate([zero[None], ds])
 
 
-def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, ddntk: bool = False):
+_STATS_NNGP = ("V", "DG")
+_STATS_NTK = ("D", "A", "DH", "F", "B")
+_STATS_DNTK = ("P", "Q")
+_STATS_DDNTK = ("R", "S", "T", "U")
+_FOUR = {  # Perturbative field <- engine statistic (four indices)
+    "vertex": "V",
+    "ntk_vertex": "A",
+    "mixed_vertex": "D",
+    "dntk_p": "P",
+    "dntk_q": "Q",
+    "ddntk_r": "R",
+    "ddntk_s": "S",
+    "ddntk_t": "T",
+    "ddntk_u": "U",
+}
+_COMPS = np.array([[0, 0], [0, 1], [1, 1]])  # pair components (aa, ab, bb) as slot pairs
+
+
+def _multi_order(m: int, order: int) -> int:
+    """Nodes per dimension of the three/four-input rule on a set of ``m`` inputs: as many as
+    fit about ``2^26`` node evaluations per layer over the ``C(m, 4)`` four-subsets, between 12
+    and ``order``."""
+    n4 = max(1, math.comb(m, 4))
+    return int(min(order, max(12, (2**26 / n4) ** 0.25)))
+
+
+def _flow_constants(arch: MLP, x, dtype):
+    dims = np.asarray(arch.layer_dims(x.shape[1]), dtype=float)
+    prev = dims[: arch.n_layers]  # n_{l-1} for l = 1..L+1
+    ratios = jnp.asarray(prev[1:] / prev[:-1], dtype)
+    inv_prev = jnp.asarray(1 / prev[:-1], dtype)
+    lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w[1:], dtype)
+    return prev, ratios, inv_prev, lam_w
+
+
+def _sets(n: int, full: bool) -> np.ndarray:
+    """The input sets the engine runs on: all inputs at once (``full``), every pair, or the
+    one input."""
+    if full or n == 1:
+        return np.arange(n)[None, :]
+    rows, cols = np.triu_indices(n, k=1)
+    return np.stack([rows, cols], axis=1)
+
+
+def _run_engine(arch, x, fp, order, stats, pointwise, *, full, shifted=False):
+    """The fields of :class:`Perturbative` for ``stats`` from the flow engine
+    (:mod:`rgnn.flow`), and the three/four-input rule's estimated error. Pair layout: the
+    engine on every pair (a pair's slot-0 and slot-1 entries on one input are that input's
+    single values); ``full``: on the set of all inputs."""
+    k, t = fp.nngp, fp.ntk
+    n = x.shape[0]
+    sets = _sets(n, full)
+    _, ratios, inv_prev, lam_w = _flow_constants(arch, x, k.dtype)
+    sk = jnp.asarray(sets)
+    ks = k[:, sk[:, :, None], sk[:, None, :]]
+    ts = t[:, sk[:, :, None], sk[:, None, :]]
+    m = sets.shape[1]
+    rules = flow_moments.rules(order, 4 * order, _multi_order(m, order), k.dtype, shifted=shifted)
+    out, err = flow_engine.flow(
+        arch.act,
+        arch.weight_var,
+        lam_w,
+        ratios,
+        inv_prev,
+        ks,
+        ts,
+        rules,
+        stats=tuple(stats),
+        pointwise=pointwise,
+    )
+    if n == 1 and not full:  # the pair layout of one input: its single values everywhere
+        spread = {
+            s: jnp.broadcast_to(v, v.shape[:2] + (2,) * rules_rank(s)) for s, v in out.items()
+        }
+        return _pair_layout(spread, 1, np.zeros((1, 2), np.int32)), err
+    if full or n == 1:
+        fields = {name: out[s][:, 0] for name, s in _FOUR.items() if s in out}
+        if "B" in out:
+            fields["ntk_b"] = out["B"][:, 0]
+        for name, s in (("nngp_correction", "DG"), ("ntk_correction", "DH")):
+            if s in out:
+                fields[name] = out[s][:, 0]
+        return fields, err
+    return _pair_layout(out, n, sets), err
+
+
+def rules_rank(name: str) -> int:
+    return flow_rules.RANK.get(name, 4)
+
+
+def _pair_layout(out, n, sets):
+    """``[L+1, N, N, ...]`` pair-layout fields from the engine's per-pair tensors: entry
+    ``(a, b)`` is the pair's tensor (slots flipped when ``a > b``), entry ``(a, a)`` the single
+    value of ``a`` broadcast over the slots."""
+    n_sets = sets.shape[0]
+    sel = np.zeros((n, n), np.int32)
+    own = [[] for _ in range(n)]
+    for i, (a, b) in enumerate(sets):
+        sel[a, b], sel[b, a] = i, n_sets + i
+        own[a].append((i, 0))
+        own[b].append((i, 1))
+    own = np.array(own, np.int32)  # [N, N - 1, 2]: every (pair, slot) holding input a
+    eye = np.eye(n, dtype=bool)
+
+    def layout(x):  # x [L+1, P, 2, ..., 2]
+        r = x.ndim - 2
+        flipped = jnp.flip(x, axis=tuple(range(2, x.ndim)))
+        both = jnp.concatenate([x, flipped], axis=1)[:, jnp.asarray(sel)]  # [L+1, N, N, 2..]
+        # an input's single values are the same in every pair that holds it; the mean over
+        # its pairs ignoring NaN keeps them when one pair is exactly parallel (relu)
+        cand = x[(slice(None), jnp.asarray(own[..., 0])) + (jnp.asarray(own[..., 1]),) * r]
+        single = jnp.nanmean(cand, axis=2)  # [L+1, N]
+        single = jnp.broadcast_to(single[(Ellipsis,) + (None,) * (r + 1)], both.shape)
+        mask = jnp.asarray(eye)[(None, Ellipsis) + (None,) * r]
+        return jnp.where(mask, single, both)
+
+    fields = {}
+    for name, s in _FOUR.items():
+        if s in out:
+            full4 = layout(out[s])
+            if name in ("vertex", "ntk_vertex", "mixed_vertex"):
+                c = jnp.asarray(_COMPS)
+                full4 = full4[
+                    :, :, :, c[:, 0][:, None], c[:, 1][:, None], c[:, 0][None, :], c[:, 1][None, :]
+                ]
+            fields[name] = full4
+    if "B" in out:
+        b = layout(out["B"])
+        fields["ntk_b"] = jnp.stack([b[..., 0, 0, 1, 1], b[..., 0, 1, 1, 0]], axis=-1)
+        fields["_ntk_var"] = (
+            layout(out["A"])[..., 0, 1, 0, 1] + fields["ntk_b"][..., 0] + fields["ntk_b"][..., 1]
+        )
+    for name, s in (("nngp_correction", "DG"), ("ntk_correction", "DH")):
+        if s in out:
+            fields[name] = layout(out[s])[..., 0, 1]
+    return fields
+
+
+def _assemble(arch, x, fp, fields, *, full, quadrature_order, quadrature_error):
+    """A :class:`Perturbative` from engine fields (pair layout or ``full``)."""
+    k = fp.nngp
+    prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
+    inv_n = jnp.asarray(1 / prev, k.dtype)
+    kd = fp.nngp_diag1
+    v = fields["vertex"]
+    if full:
+        v_aaaa = jnp.einsum("laaaa->la", v)
+        variance = jnp.einsum("labab->lab", v)
+    else:
+        v_aaaa = jnp.diagonal(v[..., 0, 0], axis1=1, axis2=2)
+        variance = v[..., 1, 1]
+    variance = variance * inv_n[:, None, None]
+    kurt = 3 * v_aaaa * inv_n[:, None] / kd**2
+    coupling = jnp.mean(v_aaaa * inv_n[:, None] / kd**2, axis=1)
+    extra = {}
+    if "ntk_b" in fields:
+        extra["ntk"] = fp.ntk
+        if full:
+            a, b = fields["ntk_vertex"], fields["ntk_b"]
+            var = (
+                jnp.einsum("labab->lab", a)
+                + jnp.einsum("laabb->lab", b)
+                + jnp.einsum("labba->lab", b)
+            )
+        else:
+            var = fields.pop("_ntk_var")
+        extra["ntk_variance"] = var * inv_n[:, None, None]
+    fields = {name: val for name, val in fields.items() if not name.startswith("_")}
+    return Perturbative(
+        nngp=k,
+        nngp_variance=variance,
+        kurtosis=kurt,
+        coupling=coupling,
+        widths=jnp.asarray(prev, k.dtype),
+        **fields,
+        **extra,
+        quadrature_order=quadrature_order,
+        quadrature_error=quadrature_error,
+    )
+
+
+def _run(
+    arch: MLP,
+    x,
+    order: int,
+    ntk: bool = True,
+    dntk: str | None = None,
+    ddntk: bool = False,
+    full: bool = False,
+    shifted: bool = False,
+):
+    """:class:`Perturbative` (``quadrature_error`` without the rule's own estimate, which
+    :func:`perturbative` adds): the correlation tables' path for many pairs of a quadrature
+    activation, the flow engine otherwise."""
+    n = x.shape[0]
+    if not full and not arch.act.scale_invariant and _pair_table.worth_it(n * (n - 1) // 2):
+        return _run_tabulated(arch, x, order, ntk, dntk, ddntk)
+    fp = fixed_point(arch, x, quadrature_order=order)
+    stats = _STATS_NNGP + (_STATS_NTK if ntk else ())
+    if dntk is not None:
+        stats = stats + _STATS_DNTK + (_STATS_DDNTK if ddntk else ())
+    fields, err = _run_engine(
+        arch, x, fp, order, stats, dntk == "pointwise", full=full, shifted=shifted
+    )
+    return _assemble(
+        arch,
+        x,
+        fp,
+        fields,
+        full=full,
+        quadrature_order=0 if arch.act.scale_invariant else order,
+        quadrature_error=float(err),
+    )
+
+
+def _run_tabulated(
+    arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, ddntk: bool = False
+):
+    """Many pairs of a quadrature activation: the NNGP and NTK fields by the pair recursions
+    with the correlation tables (:mod:`rgnn._pair_table`), the dNTK ones by the engine."""
     fp, table_err = _fixed_point_tabulated(arch, x, quadrature_order=order)
     k = fp.nngp
     kd = fp.nngp_diag1
@@ -446,9 +668,9 @@ def _run(arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, dd
         )
         table_err = max(table_err, err)
     if dntk is not None:
-        ntk_fields.update(
-            _run_dntk(arch, x, fp, order, ratios, rows, cols, dntk == "pointwise", ddntk)
-        )
+        stats = _STATS_DNTK + (_STATS_DDNTK if ddntk else ())
+        fields, _ = _run_engine(arch, x, fp, order, stats, dntk == "pointwise", full=False)
+        ntk_fields.update({k: v for k, v in fields.items() if k.startswith(("dntk", "ddntk"))})
     return Perturbative(
         nngp=k,
         nngp_correction=corr,
@@ -548,81 +770,37 @@ def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols, t
     return fields, table_err
 
 
-def _run_dntk(arch, x, fp, order, ratios, rows, cols, pointwise, ddntk=False):
-    """``dntk_p`` and ``dntk_q`` (and with ``ddntk`` the ddNTK means) of :class:`Perturbative`
-    (recursions in :mod:`rgnn._dntk_flow`)."""
-    k = fp.nngp
-    kd, td, ks, ts = _pair_stacks(fp, rows, cols)
-    n = x.shape[0]
-    n_layers = arch.n_layers
-    lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w[1:], k.dtype)
-    act, cw = arch.act, arch.weight_var
-    k1 = jnp.stack([kd, kd, kd], axis=-1)
-    t1 = jnp.stack([td, td, td], axis=-1)
-    singles = _dntk_flow.dntk_flow(
-        act,
-        cw,
-        lam_w,
-        k1,
-        t1,
-        ratios,
-        order=4 * order,
-        single=True,
-        pointwise=pointwise,
-        dd=ddntk,
-    )
-    # P, Q and (with ddntk) R, S, T, U; the Hessian-form P^, Q^ (indices 2, 3) stay internal
-    keep = (0, 1, 4, 5, 6, 7) if ddntk else (0, 1)
-    diag = jnp.arange(n)
-    shape = (n_layers, n, n, 2, 2, 2, 2)
-    full = []
-    for single in (singles[i] for i in keep):
-        out = jnp.zeros(shape, k.dtype)
-        full.append(
-            out.at[:, diag, diag].set(
-                jnp.broadcast_to(
-                    single[..., 0, 0, 0, 0, None, None, None, None], shape[:2] + (2,) * 4
-                )
-            )
-        )
-    if rows.size:
-        pairs = _dntk_flow.dntk_flow(
-            act,
-            cw,
-            lam_w,
-            ks,
-            ts,
-            ratios,
-            order=order,
-            single=False,
-            pointwise=pointwise,
-            dd=ddntk,
-        )
-        pairs = [pairs[i] for i in keep]
-        full = [
-            f.at[:, rows, cols].set(pp).at[:, cols, rows].set(jnp.flip(pp, axis=(2, 3, 4, 5)))
-            for f, pp in zip(full, pairs, strict=True)
-        ]
-    names = ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
-    return dict(zip(names, full, strict=False))
-
-
 def _check_memory(
-    n: int, n_layers: int, itemsize: int, dntk: bool = False, ddntk: bool = False
+    n: int,
+    n_layers: int,
+    itemsize: int,
+    dntk: bool = False,
+    ddntk: bool = False,
+    *,
+    full: bool = False,
+    limit: float = _MEMORY_LIMIT_BYTES,
 ) -> None:
-    pairs = n * (n - 1) // 2
-    # per pair: 16 components of each carried dNTK tensor (P, Q, F, B; + P^, Q^, R, S, T, U)
-    carried = 4 * dntk + 6 * ddntk
-    need = (
-        itemsize
-        * n_layers
-        * (n * n * (9 + 16 * (2 * dntk + 4 * ddntk)) + pairs * (40 + 16 * carried))
-    )
-    if need > _MEMORY_LIMIT_BYTES:
+    if full:
+        # every statistic [L+1, N^4] (up to 15 of them), about 40 moment tensors and the
+        # einsum intermediates of one layer (N^4 each), and the pair grids
+        n_stats = 7 + 2 * dntk + 6 * ddntk
+        need = itemsize * (n**4 * (n_layers * n_stats + 60) + n * n * 48 * 48 * 12)
+        what = "the full four-index fields"
+    else:
+        pairs = n * (n - 1) // 2
+        # per pair: 16 components of each carried dNTK tensor (P, Q, F, B; + P^, Q^, R, S, T, U)
+        carried = 4 * dntk + 6 * ddntk
+        need = (
+            itemsize
+            * n_layers
+            * (n * n * (9 + 16 * (2 * dntk + 4 * ddntk)) + pairs * (40 + 16 * carried))
+        )
+        what = "the all-pairs vertex"
+    if need > limit:
         raise ValueError(
-            f"x: {n} inputs over {n_layers} layers need about {need / 2**30:.1f} GiB for the "
-            f"all-pairs vertex (limit {_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB); pass fewer inputs "
-            "or compute on subsets"
+            f"x: {n} inputs over {n_layers} layers need about {need / 2**30:.3g} GiB for {what} "
+            f"(memory_limit {limit / 2**30:.3g} GiB); pass fewer inputs, compute on subsets, or "
+            "raise memory_limit"
         )
 
 
@@ -635,6 +813,8 @@ def perturbative(
     dntk: bool = False,
     ddntk: bool = False,
     kinks: str = "distributional",
+    full: bool = False,
+    memory_limit: float = _MEMORY_LIMIT_BYTES,
     warn: bool = True,
 ) -> Perturbative:
     """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
@@ -657,6 +837,14 @@ def perturbative(
         activations and the expected NTK change of a small gradient step, whose units may cross
         the kink) or ``"pointwise"`` (``sigma'' = 0``: what automatic differentiation of the
         network gives). No effect for smooth activations.
+      full: return every four-index field in full, ``[L+1, N, N, N, N]`` on all index tuples
+        of the inputs (``vertex``, ``ntk_vertex``, ``mixed_vertex``, ``ntk_b`` and the dNTK and
+        ddNTK fields), instead of the pair layout. Expectations on three and four distinct
+        inputs use a tensor-product Gauss-Hermite rule (its estimated error is part of
+        ``quadrature_error``); the work grows like ``N^5`` per layer, so this is for tens of
+        inputs. On two inputs both layouts hold the same numbers.
+      memory_limit: bytes the request may use (default 8 GiB); a larger request is refused
+        with a ``ValueError`` before anything is allocated.
       warn: warn when depth / width is too large for O(1/n) to be trusted
         (:data:`TRUST_DEPTH_OVER_WIDTH`).
 
@@ -678,17 +866,32 @@ def perturbative(
             "activation), which do not exist; "
             'pass kinks="pointwise" (what automatic differentiation of the network gives)'
         )
+    if not isinstance(full, bool):
+        raise ValueError(f"full: expected True or False, got {full!r}")
+    if isinstance(memory_limit, bool) or not (
+        isinstance(memory_limit, int | float) and memory_limit > 0
+    ):
+        raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
     dntk = dntk or ddntk
     x = check_inputs(x, "x")
-    _check_memory(x.shape[0], arch.n_layers, x.dtype.itemsize, dntk, ddntk)
+    _check_memory(
+        x.shape[0], arch.n_layers, x.dtype.itemsize, dntk, ddntk, full=full, limit=memory_limit
+    )
     mode = kinks if dntk else None
-    result = _run(arch, x, quadrature_order, ntk, mode, ddntk)
+    result = _run(arch, x, quadrature_order, ntk, mode, ddntk, full)
     if result.quadrature_order:
-        # the first m inputs' entries of the full result are exactly what a run on those m
-        # inputs gives, so only the 2x-order run is new work
-        m = min(4, x.shape[0])
-        hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
-        table = result.quadrature_error  # the correlation tables' share (0 without them)
+        table = result.quadrature_error  # the tables' (or 3/4-input rule's) share
+        n = x.shape[0]
+        if full or not _pair_table.worth_it(n * (n - 1) // 2):
+            # the same computation with the half-spacing-shifted rules: equal shapes, so the
+            # compilation is reused; the difference estimates the error of either
+            m = n
+            hi = _run(arch, x, quadrature_order, ntk, mode, ddntk, full, shifted=True)
+        else:
+            # the first m inputs' entries of the full result are exactly what a run on those
+            # m inputs gives, so only the 2x-order run is new work
+            m = min(4, n)
+            hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
         err = 0.0
         names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
         if ntk:
@@ -697,10 +900,14 @@ def perturbative(
             names += ["dntk_p", "dntk_q"]
         if ddntk:
             names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
+        if full:
+            names = [nm.replace("ntk_variance", "ntk_b") for nm in names]
         for name in names:
             a = np.asarray(getattr(result, name))[:, :m]
             if a.ndim >= 3:
                 a = a[:, :, :m]
+            if full and a.ndim >= 5:
+                a = a[:, :, :, :m, :m]
             b = np.asarray(getattr(hi, name))
             scale = np.max(np.abs(b))
             if scale > 0:

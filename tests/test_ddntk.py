@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import rgnn
-from rgnn import _dntk_flow
 from rgnn.fixed_point import fixed_point
-from rgnn.perturbative import _pair_stacks
+from rgnn.flow.engine import flow
+from rgnn.flow.moments import rules
 from tests.test_perturbative import _inputs
 from tests.tolerances import EXACT, tol
 
@@ -25,26 +25,31 @@ def _quiet(arch, x, **kw):
 
 
 def _pair_flow(arch, x, pointwise=False):
-    """All eight recursion outputs ``(P, Q, P^, Q^, R, S, T, U)`` on the pairs of ``x``."""
+    """All eight recursion outputs ``(P, Q, P^, Q^, R, S, T, U)`` on the pairs of ``x``, from
+    the flow engine (the Hessian-form correlators ``P^, Q^`` are internal statistics)."""
     fp = fixed_point(arch, x)
     rows, cols = np.triu_indices(x.shape[0], 1)
-    _, _, ks, ts = _pair_stacks(fp, rows, cols)
+    sets = np.stack([rows, cols], axis=1)
+    ks = fp.nngp[:, sets[:, :, None], sets[:, None, :]]
+    ts = fp.ntk[:, sets[:, :, None], sets[:, None, :]]
     lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w[1:], x.dtype)
     dims = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
     ratios = jnp.asarray(dims[1:] / dims[:-1], x.dtype)
-    out = _dntk_flow.dntk_flow(
+    inv = jnp.asarray(1 / dims[:-1], x.dtype)
+    names = ("P", "Q", "PH", "QH", "R", "S", "T", "U")
+    out, _ = flow(
         arch.act,
         arch.weight_var,
         lam_w,
+        ratios,
+        inv,
         ks,
         ts,
-        ratios,
-        order=48,
-        single=False,
+        rules(48, 192, 16, x.dtype),
+        stats=names,
         pointwise=pointwise,
-        dd=True,
     )
-    return [np.asarray(o) for o in out]
+    return [np.asarray(out[n]) for n in names]
 
 
 GELU = dict(activation="gelu", weight_var=1.7, bias_var=0.1)

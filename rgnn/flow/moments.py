@@ -1,0 +1,711 @@
+"""One Gaussian-moment engine: expectations of products of ``sigma^(k)`` on a set of inputs.
+
+Every statistic of the flow needs Gaussian expectations under the layer's kernel ``K`` of
+products of the activation and its derivatives, each factor on one input of the set:
+
+.. math::
+
+    \\langle \\sigma^{(k_1)}(z_{a_1}) \\cdots \\sigma^{(k_n)}(z_{a_n}) \\rangle_K,
+    \\qquad n \\in \\{2, 4\\},
+
+as a tensor over all index tuples ``(a_1, ..., a_n)`` of the set (``[m]^n``). An entry depends
+only on the *distinct* inputs among its indices, so the engine evaluates each distinct
+sub-multiset once and gathers (index tables built in NumPy at trace time, no loops over
+entries):
+
+* one input: a one-dimensional rule (``order_single`` nodes), or closed forms for the
+  scale-invariant class (``E |z|^p`` with the step's two slopes; ``sigma'' = (1 - a) delta``);
+* two inputs: the two-dimensional rule of :mod:`rgnn.gaussian` (Cholesky factor, ``order``
+  nodes per dimension), or the exact polar integrals of the scale-invariant class (radial part
+  in closed form, angular part by Gauss-Legendre on the arcs between the kinks;
+  :func:`rgnn._ntk_flow._angular_grid`), a delta factor integrated against the conditional
+  Gaussian;
+* three and four inputs: a tensor-product Gauss-Hermite rule in the Cholesky coordinates,
+  contracted one variable at a time (``z_4`` depends on all four nodes, ``z_1`` on one), for a
+  basis of factors at once, so its cost is ``order_multi^4`` per 4-set, not per statistic. Its
+  error is estimated against a rule with fewer nodes (:meth:`Moments.multi_error`).
+
+Derivative moments ``D_c(f(z_a) g(z_b)) = <d_c (f_a g_b)>`` come from the derivative of the
+factor (smooth activations) or from Gaussian integration by parts, ``<d_c F> = sum_u
+(K^{-1})_{cu} <z_u F>`` on the two inputs (scale-invariant class: the distributional
+derivative without delta functions). The Price-identity operators (``d<f_a g_b> / dK_ef``)
+use the same moments, and for activations with closed-form kernel maps their derivatives by
+automatic differentiation (exact for relu; the diagonal of a scale-invariant map is linear).
+
+Kinks: ``pointwise`` drops ``sigma''`` of relu-like activations (what autodiff of a network
+gives); otherwise ``sigma'' sigma'^j = (1 - a^(j+1)) / (j+1) delta`` (the distributional
+derivative, the limit of smooth activations). ``sigma'''`` of a kinked activation exists only
+pointwise (zero).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.jet import jet
+
+from rgnn import gaussian
+from rgnn._ntk_flow import ARC_NODES, _angular_grid, _derivatives, _slope
+from rgnn.flow.tensor import L, extract, take
+
+MAX_DERIVATIVE = 5
+"""Highest derivative of ``sigma`` on the quadrature grids (the NTK's Price Hessian needs the
+fifth)."""
+
+
+def _abs_moment(p):
+    """``E|xi|^p`` for ``xi ~ N(0, 1)`` (vectorised over a NumPy array ``p``)."""
+    p = np.asarray(p, float)
+    return 2 ** (p / 2) * np.exp(np.vectorize(math.lgamma)((p + 1) / 2)) / math.sqrt(math.pi)
+
+
+# ----------------------------------------------------------------------------- index tables
+@functools.cache
+def _patterns(n: int, d: int):
+    """Assignments of ``n`` slots to ``d`` distinct variables using every variable, as an int
+    array ``[P, n]`` (variable ``j`` is the ``j``-th smallest input)."""
+    out = [p for p in itertools.product(range(d), repeat=n) if len(set(p)) == d]
+    return np.array(out, np.int32).reshape(-1, n)
+
+
+@functools.cache
+def _layout(m: int, n: int):
+    """Where each entry of the ``[m]^n`` tensor lives in the concatenation of the tables of
+    distinct sub-multisets: ``(subsets, index)`` with ``subsets[d]`` the sorted ``d``-subsets
+    of ``range(m)`` (``[S_d, d]``) and ``index`` ``[m^n]`` into
+    ``concat([T_d.ravel() for d])``, ``T_d`` of shape ``[S_d, P_d]`` (``P_d`` patterns)."""
+    subsets = {
+        d: np.array(list(itertools.combinations(range(m), d)), np.int32).reshape(-1, d)
+        for d in range(1, min(m, n) + 1)
+    }
+    offsets, off = {}, 0
+    pos = {}
+    for d, sub in subsets.items():
+        offsets[d] = off
+        pos[d] = {tuple(s): i for i, s in enumerate(sub)}
+        off += len(sub) * len(_patterns(n, d))
+    pat_pos = {d: {tuple(p): i for i, p in enumerate(_patterns(n, d))} for d in subsets}
+    index = np.empty(m**n, np.int32)
+    for flat, t in enumerate(itertools.product(range(m), repeat=n)):
+        vals = sorted(set(t))
+        d = len(vals)
+        pat = tuple(vals.index(v) for v in t)
+        index[flat] = offsets[d] + pos[d][tuple(vals)] * len(_patterns(n, d)) + pat_pos[d][pat]
+    return subsets, index
+
+
+def _cholesky(k):
+    """Lower Cholesky factor of a small PSD matrix, clamped so that a (near-)singular matrix
+    gives a zero column instead of NaN."""
+    d = k.shape[0]
+    rows = []
+    for i in range(d):
+        row = []
+        for j in range(i + 1):
+            if i == j:
+                s = k[i, i] - sum(row[t] * row[t] for t in range(i))
+                row.append(jnp.sqrt(jnp.maximum(s, 0.0)))
+            else:
+                s = k[i, j] - sum(row[t] * rows[j][t] for t in range(j))
+                dj = rows[j][j]
+                row.append(jnp.where(dj > 0, s / jnp.where(dj > 0, dj, 1.0), 0.0))
+        rows.append(row)
+    z = jnp.zeros((), k.dtype)
+    return jnp.stack([jnp.stack(r + [z] * (d - len(r))) for r in rows])
+
+
+# ----------------------------------------------------------------------------- the engine
+class Moments:
+    """Gaussian moments on one set of ``m`` inputs with kernel ``k [m, m]`` (traced).
+
+    Args:
+      act: the :class:`~rgnn.activations.Activation`.
+      k: ``[m, m]`` the layer's kernel on the set.
+      rules: the quadrature rules as arrays (:func:`rules`): nodes and weights for a standard
+        normal variable, ``"1"`` for one input, ``"2"`` per dimension for two, ``"4"`` and
+        ``"4lo"`` (fewer nodes, for the error estimate) per dimension for three and four.
+      pointwise: drop ``sigma''`` of kinked activations (see the module docstring).
+      kmax: the highest derivative of ``sigma`` any requested moment needs.
+    """
+
+    def __init__(
+        self, act, k, rules, *, pointwise: bool, kmax: int = MAX_DERIVATIVE, record: bool = False
+    ):
+        self.act = act
+        self.k = k
+        self.m = k.shape[0]
+        self.dtype = k.dtype
+        self.rules = rules
+        self.pointwise = pointwise
+        self.kmax = kmax
+        self.record = record
+        self.recorded: dict = {}  # spec -> None (ordered), in a recording pass
+        self.recorded_singles: dict = {}
+        self._pre1: dict = {}  # single-input products evaluated by prepare()
+        self._pre2: dict = {}  # pair patterns evaluated by prepare()
+        self.homogeneous = act.scale_invariant
+        self.slope = _slope(act) if act.scale_invariant else None
+        self._cache: dict = {}
+        self.eye = jnp.eye(self.m, dtype=self.dtype)
+
+    def _kd(self):
+        """The variances ``K_aa`` (a gather: ``jnp.diagonal`` adds a platform switch)."""
+        return extract(self.k, "aa").x
+
+    # ------------------------------------------------------------------ public
+    def e(self, spec, ix: str) -> L:
+        """``<prod_s sigma^(k_s)(z_{ix[s]})>`` as a tensor labelled ``ix``; ``spec`` holds the
+        derivative order of each slot (or ``(k, 1)`` for an extra factor ``z``)."""
+        spec = tuple((s, 0) if isinstance(s, int) else tuple(s) for s in spec)
+        if self.record:
+            self.recorded[spec] = None
+            return L(jnp.zeros((self.m,) * len(spec), self.dtype), ix)
+        if spec not in self._cache:
+            self._cache[spec] = self._build(spec)
+        return L(self._cache[spec], ix)
+
+    def d(self, spec, ix: str) -> L:
+        """``D_c(f_a g_b) = <d_c (sigma^(k0)(z_a) sigma^(k1)(z_b))>`` labelled ``ix = c a b``."""
+        k0, k1 = spec
+        c, a, b = ix
+        if not self.homogeneous:
+            x = self.e((k0 + 1, k1), a + b)
+            y = self.e((k0, k1 + 1), a + b)
+        else:
+            # integration by parts on the two inputs: [x; y] = K_ab^-1 [<z_a f g>; <z_b f g>];
+            # on the diagonal only x + y = <z f g> / K_aa enters
+            e1 = self.e(((k0, 1), (k1, 0)), "ab").x
+            e2 = self.e(((k0, 0), (k1, 1)), "ab").x
+            kd = self._kd()
+            kaa, kbb, kab = kd[:, None], kd[None, :], self.k
+            off = 1.0 - self.eye
+            det = kaa * kbb - kab * kab
+            det = jnp.where(off > 0, det, 1.0)
+            xo = (kbb * e1 - kab * e2) / det
+            yo = (-kab * e1 + kaa * e2) / det
+            xd = e1 / jnp.where(off > 0, 1.0, kaa)
+            x = L(off * xo + self.eye * xd, a + b)
+            y = L(off * yo, a + b)
+        return L(self.eye, c + a) * x + L(self.eye, c + b) * y
+
+    def price1(self, base: int, x: L, pair: str, out: str) -> L:
+        """``sum_{ef} (1/2) <d_e d_f (s_a s_b)> X_{ef...}`` (Price's identity: the first
+        derivative of ``<s_a s_b>`` with respect to the kernel, contracted with ``X``) for
+        ``s = sigma^(base)``; ``pair = "ef"`` are ``X``'s letters contracted, ``out = "ab"``
+        the new ones, which replace them in place."""
+        e, f = pair
+        a, b = out
+        a20, a11, a02, g1 = self._price_tables(base, 1)
+
+        def at(u, v):  # X with e -> u, f -> v
+            return extract(x.x, x.ix.replace(e, u).replace(f, v))
+
+        off = 0.5 * (
+            L(a20, a + b) * at(a, a)
+            + L(a11, a + b) * (at(a, b) + at(b, a))
+            + L(a02, a + b) * at(b, b)
+        )
+        diag = L(g1, a) * at(a, a) * L(self.eye, a + b)
+        res = off * L(1.0 - self.eye, a + b) + diag
+        rest = "".join(c for c in x.ix if c not in pair)
+        return res.to(_replace(x.ix, pair, out) if rest else out)
+
+    def price1_own(self, base: int, x: L) -> L:
+        """``sum_{ef} (1/2) <d_e d_f (s_a s_b)> X_{ab ef}`` for ``X`` labelled ``"abef"``:
+        the contraction of a tensor's last two inputs with the derivative at its first two."""
+        a20, a11, a02, g1 = self._price_tables(base, 1)
+        xx = x.to("abef").x
+        xaa = extract(xx, "abaa").to("ab").x
+        xab = extract(xx, "abab").x + extract(xx, "abba").x
+        xbb = extract(xx, "abbb").x
+        off = 0.5 * (a20 * xaa + a11 * xab + a02 * xbb)
+        diag = g1 * extract(xx, "aaaa").x
+        return L((1.0 - self.eye) * off + self.eye * diag[:, None], "ab")
+
+    def price2(self, base: int, v: L) -> L:
+        """``sum_{efgh} (1/4) <d_e d_f d_g d_h (s_a s_b)> V_{efgh}`` (the second derivative of
+        ``<s_a s_b>`` contracted with ``V``), labelled ``"ab"``."""
+        tabs, g2 = self._price_tables(base, 2)
+        vv = v.to("efgh").x
+        off = 0.0
+        # the 16 ways of putting the four derivatives on a or b, grouped by how many go to b
+        grids = np.indices((self.m, self.m))
+        for j in range(5):
+            pats = [p for p in itertools.product((0, 1), repeat=4) if sum(p) == j]
+            idx = np.array([[grids[q] for q in p] for p in pats])  # [n, 4, m, m]
+            part = take(vv, tuple(idx[:, q] for q in range(4))).sum(axis=0)
+            off = off + tabs[j] * part
+        diag = g2 * extract(vv, "aaaa").x
+        return L((1.0 - self.eye) * 0.25 * off + self.eye * diag[:, None], "ab")
+
+    # ------------------------------------------------------------------ Price tables
+    def _price_tables(self, base: int, n: int):
+        """Off-diagonal ``<s^(i)_a s^(j)_b>`` (``i + j = 2n``, ``s = sigma^(base)``, ordered by
+        ``j``) and the diagonal ``d^n <s(z)^2> / dK^n``."""
+        key = ("price", base, n)
+        if key in self._cache:
+            return self._cache[key]
+        if self.m == 1:  # no pairs: only the diagonal enters
+            offs = [jnp.zeros_like(self.k)] * (2 * n + 1)
+        elif self.homogeneous:
+            offs = self._closed_form_pairs(base, n)
+        else:
+            offs = [self.e((base + 2 * n - j, base + j), "ab").x for j in range(2 * n + 1)]
+        diag = self._single_derivative(base, n)
+        out = (*offs, diag) if n == 1 else (offs, diag)
+        self._cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ batched evaluation
+    def prepare(self, specs, singles=()):
+        """Evaluate every one- and two-input moment of ``specs`` (and the one-input products
+        ``singles``) at once, smooth activations: each distinct product of factors on one
+        variable is formed once from the stacked derivatives (gathers), and every pattern is
+        one row of a single contraction, so the traced program does not grow with the number
+        of statistics. (The scale-invariant class uses its per-pattern closed forms.)"""
+        if self.homogeneous:
+            return
+        specs = list(specs)
+        keys1 = {tuple(sorted(sp)): None for sp in list(specs) + list(singles)}
+        zz, w1, fz = self._grids()["grid1"]
+        vals = self._products(fz, zz, list(keys1))  # [n1, m, Q1]
+        tab1 = jnp.einsum("nmq,q->nm", vals, w1)
+        self._pre1 = {key: tab1[i] for i, key in enumerate(keys1)}
+        if self.m < 2:
+            return
+        u, v, w, fu, fv = self._grids()["grid2"]
+        combos, keys_a, keys_b = [], {}, {}
+        for sp in specs:
+            for pat in _patterns(len(sp), 2):
+                ka = tuple(sorted(sp[i] for i in range(len(sp)) if pat[i] == 0))
+                kb = tuple(sorted(sp[i] for i in range(len(sp)) if pat[i] == 1))
+                combos.append(
+                    (keys_a.setdefault(ka, len(keys_a)), keys_b.setdefault(kb, len(keys_b)))
+                )
+        ua = self._products(fu, u, list(keys_a))  # [nA, S, Q]
+        vb = self._products(fv, v, list(keys_b))  # [nB, S, Q, Q]
+        inner = jnp.einsum("bsxy,y->bsx", vb, w)
+        ia = np.array([c[0] for c in combos], np.int32)
+        ib = np.array([c[1] for c in combos], np.int32)
+        tab2 = jnp.einsum("csx,csx,x->cs", take(ua, (ia,)), take(inner, (ib,)), w)  # [C, S]
+        start = 0
+        for sp in specs:
+            npat = len(_patterns(len(sp), 2))
+            self._pre2[sp] = tab2[start : start + npat].T
+            start += npat
+
+    def _products(self, fvals, z, keys):
+        """``[len(keys), ...]``: for each key (factors ``(k, zpow)`` on one variable) the
+        product of ``sigma^(k)(z) z^zpow`` over its factors, evaluated on the grid ``z``."""
+        nk = self.kmax + 1
+        rows = jnp.stack([*fvals[:nk], *(f * z for f in fvals[:nk]), jnp.ones_like(z)])
+        width = max([len(k) for k in keys] + [1])
+        idx = np.full((len(keys), width), 2 * nk, np.int32)
+        for i, key in enumerate(keys):
+            for j, (k, zp) in enumerate(key):
+                idx[i, j] = k + nk * zp
+        out = take(rows, (idx[:, 0],))
+        for j in range(1, width):
+            out = out * take(rows, (idx[:, j],))
+        return out
+
+    def _closed_form_pairs(self, base: int, n: int):
+        """``<s^(i)_a s^(j)_b>`` from derivatives of the closed-form map ``<s_a s_b>(K_aa,
+        K_ab, K_bb)``: ``d^p_aa d^q_ab d^r_bb <s_a s_b> = 2^-(p+r) <s^(2p+q)_a s^(q+2r)_b>``."""
+        act = self.act
+
+        def phi(kk):
+            f, df = act.maps(kk[0], kk[2], kk[1])
+            return f if base == 0 else df
+
+        kd = self._kd()
+        kk = jnp.stack(jnp.broadcast_arrays(kd[:, None], self.k, kd[None, :]), axis=-1)
+        # the diagonal's own entries are not used (replaced by the single-input derivative);
+        # keep them finite
+        safe = jnp.stack(
+            [jnp.ones_like(self.k), 0.5 * jnp.ones_like(self.k), jnp.ones_like(self.k)], -1
+        )
+        kk = jnp.where((self.eye > 0)[..., None], safe, kk)
+        grad = phi
+        for _ in range(n):
+            grad = jax.jacfwd(grad)
+        g = jax.vmap(jax.vmap(grad))(kk)  # [m, m, 3, ...]
+        outs = []
+        for j in range(2 * n + 1):
+            i = 2 * n - j
+            q = min(i, j)
+            p, r = (i - q) // 2, (j - q) // 2
+            idx = (0,) * p + (1,) * q + (2,) * r
+            outs.append(2.0 ** (p + r) * g[(Ellipsis, *idx)])
+        return outs
+
+    def _single_derivative(self, base: int, n: int):
+        """``d^n/dK^n <s(z)^2>`` at each input's own variance (``s = sigma^(base)``)."""
+        kd = self._kd()
+        if self.homogeneous:
+            a = self.slope
+            a2 = (1 + a * a) / 2
+            if base == 0 and n == 1:
+                return jnp.full_like(kd, a2)
+            return jnp.zeros_like(kd)
+        # Price: d^n <F(z)> / dK^n = 2^-n <F^(2n)(z)>, with F = s^2 expanded by Leibniz
+        spec_terms = []
+        for j in range(2 * n + 1):
+            spec_terms.append((math.comb(2 * n, j), (base + 2 * n - j, base + j)))
+        tot = 0.0
+        for c, sp in spec_terms:
+            tot = tot + c * self._single_values(tuple((s, 0) for s in sp))
+        return tot / 2.0**n
+
+    # ------------------------------------------------------------------ building tensors
+    def _build(self, spec):
+        n = len(spec)
+        subsets, index = _layout(self.m, n)
+        parts = [self._single_values(spec, subsets[1][:, 0]).reshape(-1)]
+        if 2 in subsets:
+            parts.append(self._pair_values(spec, subsets[2]).reshape(-1))
+        if 3 in subsets:
+            parts.append(self._multi_values(spec, subsets[3], 3).reshape(-1))
+        if 4 in subsets:
+            parts.append(self._multi_values(spec, subsets[4], 4).reshape(-1))
+        flat = jnp.concatenate(parts)
+        return take(flat, (index,)).reshape((self.m,) * n)
+
+    # one input -----------------------------------------------------------
+    def _single_values(self, spec, which=None):
+        """``<prod_s sigma^(k_s)(z) z^(z_s)>`` at each input's variance ``[m]`` (or at
+        ``which``)."""
+        kd = self._kd()
+        if which is not None:
+            kd = kd[np.asarray(which)]
+        if self.record:
+            self.recorded_singles[tuple(spec)] = None
+            return jnp.zeros_like(kd)
+        if self.homogeneous:
+            form = self._canon(spec)
+            return self._one_dim(form, kd)
+        key = tuple(sorted(spec))
+        if key in self._pre1:
+            val = self._pre1[key]
+            return val if which is None else val[np.asarray(which)]
+        zz, w, fz = self._grids()["grid1"]
+        val = jnp.ones_like(zz)
+        for k, zp in spec:
+            val = val * (fz[k] * zz if zp else fz[k])
+        if which is not None:
+            val = val[np.asarray(which)]
+        return jnp.einsum("nq,q->n", val, w)
+
+    def _derivs(self, z):
+        """``[sigma(z), sigma'(z), ..., sigma^(kmax)(z)]`` by one Taylor-mode pass (``jet``),
+        or by nested automatic differentiation where ``jet`` lacks a rule."""
+        ones = jnp.ones_like(z)
+        try:
+            y0, ys = jet(self.act.fn, (z,), ((ones,) + (jnp.zeros_like(z),) * (self.kmax - 1),))
+            return [y0, *ys]
+        except Exception:  # noqa: BLE001 - a primitive without a jet rule: autodiff instead
+            return [f(z) for f in _derivatives(self.act.fn, self.kmax)]
+
+    # scale-invariant closed forms -----------------------------------------
+    def _canon(self, factors):
+        """One variable's product as ``("pw", p, c_plus, c_minus)`` (``z^p`` times the
+        step's slopes), ``("delta", coeff)`` or ``None`` (identically zero)."""
+        a = self.slope
+        n0 = sum(1 for k, _ in factors if k == 0)
+        n1 = sum(1 for k, _ in factors if k == 1)
+        n2 = sum(1 for k, _ in factors if k == 2)
+        n3 = sum(1 for k, _ in factors if k >= 3)
+        zp = sum(z for _, z in factors)
+        if n2 + n3 == 0:
+            return ("pw", n0 + zp, 1.0, a ** (n0 + n1))
+        if self.pointwise or a == 1.0:
+            return None
+        if n3 or n2 > 1:
+            raise ValueError(
+                f"kinks: {self.act.name} has no distributional second derivative squared or "
+                'third derivative; pass kinks="pointwise"'
+            )
+        if n0 + zp > 0:
+            return None
+        return ("delta", (1 - a ** (n1 + 1)) / (n1 + 1))
+
+    @staticmethod
+    def _one_dim(form, var):
+        if form is None:
+            return jnp.zeros_like(var)
+        if form[0] == "delta":
+            return form[1] / jnp.sqrt(2 * jnp.pi * var)
+        _, p, cp, cm = form
+        return var ** (p / 2) * float(_abs_moment(p)) * (cp + (-1) ** p * cm) / 2
+
+    # two inputs ----------------------------------------------------------
+    def _pair_values(self, spec, pairs):
+        """``[S, P]``: every mixed pattern of ``spec`` on every pair of inputs."""
+        pats = _patterns(len(spec), 2)
+        if self.homogeneous:
+            return self._pair_homogeneous(spec, pats, pairs)
+        return self._pair_smooth(spec, pats, pairs)
+
+    def _pair_kernel(self, pairs):
+        kd = self._kd()
+        ia, ib = pairs[:, 0], pairs[:, 1]
+        kaa, kbb, kab = take(kd, (ia,)), take(kd, (ib,)), take(self.k, (ia, ib))
+        s1 = jnp.sqrt(kaa)
+        c = kab / s1
+        s2 = jnp.sqrt(jnp.maximum(kbb - c * c, 0.0))
+        return kaa, kab, kbb, s1, c, s2
+
+    def _grids(self):
+        """Every derivative of ``sigma`` on the one-input grid of every input and (smooth
+        activations, two or more inputs) the two-input grid of every pair, from one
+        evaluation (cached)."""
+        if "grids" in self._cache:
+            return self._cache["grids"]
+        x1, w1 = self.rules["1"]
+        zz = jnp.sqrt(self._kd())[:, None] * x1[None, :]
+        pts = [zz.ravel()]
+        if self.m > 1 and not self.homogeneous:
+            _, _, _, s1, c, s2 = self._pair_kernel(_layout(self.m, 2)[0][2])
+            x, w = self.rules["2"]
+            u = s1[:, None] * x[None, :]  # [S, Q]
+            v = c[:, None, None] * x[None, :, None] + s2[:, None, None] * x[None, None, :]
+            pts += [u.ravel(), v.ravel()]
+        ders = self._derivs(jnp.concatenate(pts))
+        sizes = np.cumsum([p.size for p in pts])[:-1]
+        split = [jnp.split(dv, sizes) for dv in ders]
+        out = {"grid1": (zz, w1, [sp[0].reshape(zz.shape) for sp in split])}
+        if len(pts) > 1:
+            out["grid2"] = (
+                u,
+                v,
+                w,
+                [sp[1].reshape(u.shape) for sp in split],
+                [sp[2].reshape(v.shape) for sp in split],
+            )
+        self._cache["grids"] = out
+        return out
+
+    def _grid2(self, pairs):
+        """Every derivative of ``sigma`` on the two-input grid of every pair."""
+        return self._grids()["grid2"]
+
+    def _pair_smooth(self, spec, pats, pairs):
+        if spec in self._pre2:
+            return self._pre2[spec]
+        u, v, w, fu, fv = self._grid2(pairs)
+        npat, (ns, q) = len(pats), u.shape
+        uu = jnp.ones((npat, ns, q), self.dtype)
+        vv = jnp.ones((npat, ns, q, q), self.dtype)
+        for s, (k, zp) in enumerate(spec):
+            on_a = jnp.asarray(pats[:, s] == 0)
+            ga = fu[k] * u if zp else fu[k]
+            gb = fv[k] * v if zp else fv[k]
+            uu = uu * jnp.where(on_a[:, None, None], ga[None], 1.0)
+            vv = vv * jnp.where(on_a[:, None, None, None], 1.0, gb[None])
+        inner = jnp.einsum("psxy,y->psx", vv, w)
+        return jnp.einsum("psx,psx,x->sp", uu, inner, w)
+
+    def _polar(self, pairs):
+        """The angular grids of the exact polar integrals, every pair (cached)."""
+        if "polar" not in self._cache:
+            kaa, kab, kbb, s1, c, s2 = self._pair_kernel(pairs)
+            u, v, aw = jax.vmap(lambda a, b, d: _angular_grid(a, b, d, ARC_NODES))(s1, c, s2)
+            ns = u.shape[0]
+            u, v, aw = u.reshape(ns, -1), v.reshape(ns, -1), aw.reshape(ns, -1)
+            upow = [jnp.ones_like(u)]
+            vpow = [jnp.ones_like(v)]
+            for _ in range(8):
+                upow.append(upow[-1] * u)
+                vpow.append(vpow[-1] * v)
+            self._cache["polar"] = (kaa, kab, kbb, u, v, aw, upow, vpow)
+        return self._cache["polar"]
+
+    def _pair_homogeneous(self, spec, pats, pairs):
+        geo = self._polar(pairs)
+        out = []
+        cache = {}
+        for pat in pats:
+            fa = self._canon([spec[s] for s in range(len(spec)) if pat[s] == 0])
+            fb = self._canon([spec[s] for s in range(len(spec)) if pat[s] == 1])
+            key = (fa, fb)
+            if key not in cache:
+                cache[key] = self._pair_form(fa, fb, *geo)
+            out.append(cache[key])
+        return jnp.stack(out, axis=1)
+
+    def _pair_form(self, fa, fb, kaa, kab, kbb, u, v, aw, upow, vpow):
+        trivial = ("pw", 0, 1.0, 1.0)
+        if fa is None or fb is None:
+            return jnp.zeros_like(kaa)
+        if fb == trivial:
+            return self._one_dim(fa, kaa)
+        if fa == trivial:
+            return self._one_dim(fb, kbb)
+        if fa[0] == "pw" and fb[0] == "pw":
+            _, pu, cpu, cmu = fa
+            _, pv, cpv, cmv = fb
+            p = pu + pv
+            radial = 2 ** (p / 2) * math.gamma(p / 2 + 1)
+            fu = upow[pu] * jnp.where(u > 0, cpu, cmu)
+            fv = vpow[pv] * jnp.where(v > 0, cpv, cmv)
+            return radial * jnp.sum(aw * fu * fv, axis=-1)
+        if fa[0] == "delta" and fb[0] == "pw":
+            return self._one_dim(fb, kbb - kab**2 / kaa) * fa[1] / jnp.sqrt(2 * jnp.pi * kaa)
+        if fb[0] == "delta" and fa[0] == "pw":
+            return self._one_dim(fa, kaa - kab**2 / kbb) * fb[1] / jnp.sqrt(2 * jnp.pi * kbb)
+        raise ValueError(
+            f"kinks: a second derivative of {self.act.name} on two inputs at once is a product "
+            'of delta functions; pass kinks="pointwise"'
+        )
+
+    # three and four inputs --------------------------------------------------
+    def _base(self):
+        """The factors tabulated on three and four inputs: ``sigma^(k)`` for ``k = 0..3``
+        (the scale-invariant class: ``sigma`` and ``sigma'``; its ``sigma''`` is a delta and
+        is integrated separately, its ``sigma'''`` exists only pointwise)."""
+        return 2 if self.homogeneous else min(4, self.kmax + 1)
+
+    def _multi_tables(self, d: int, subsets, rule: str = "4"):
+        """Basis tables on every ``d``-subset: ``[S, B, ..., B]`` with ``B`` the number of
+        basis products per variable (``d = 4``: one factor each; ``d = 3``: up to two factors
+        on each variable, the constant included)."""
+        key = ("tables", d, rule)
+        if key in self._cache:
+            return self._cache[key]
+        nb = self._base()
+        x, w = self.rules[rule]
+        ks = take(self.k, (subsets[:, :, None], subsets[:, None, :]))
+        if d == 3:
+            pairs = [(i, j) for i in range(nb + 1) for j in range(i, nb + 1)]
+
+            def basis(z):
+                one = [jnp.ones_like(z)] + self._derivs(z)[:nb]
+                return jnp.stack([one[i] * one[j] for i, j in pairs])
+        else:
+
+            def basis(z):
+                return jnp.stack(self._derivs(z)[:nb])
+
+        def table(k):
+            c = _cholesky(k)
+            z1 = c[0, 0] * x
+            z2 = c[1, 0] * x[:, None] + c[1, 1] * x[None, :]
+            z3 = (
+                c[2, 0] * x[:, None, None] + c[2, 1] * x[None, :, None] + c[2, 2] * x[None, None, :]
+            )
+            if d == 4:
+                z4 = (
+                    c[3, 0] * x[:, None, None, None]
+                    + c[3, 1] * x[None, :, None, None]
+                    + c[3, 2] * x[None, None, :, None]
+                    + c[3, 3] * x[None, None, None, :]
+                )
+                i4 = jnp.einsum("bijkl,l->bijk", basis(z4), w)
+                i3 = jnp.einsum("cijk,bijk,k->cbij", basis(z3), i4, w)
+            else:
+                i3 = jnp.einsum("cijk,k->cij", basis(z3), w)
+            i2 = jnp.einsum("dij,...ij,j->d...i", basis(z2), i3, w)
+            return jnp.einsum("ei,...i,i->e...", basis(z1), i2, w)
+
+        out = jax.lax.map(table, ks, batch_size=16)
+        self._cache[key] = out
+        return out
+
+    def _multi_values(self, spec, subsets, d: int):
+        """``[S, P]``: every pattern of a four-slot ``spec`` on ``d = 3, 4`` distinct inputs."""
+        pats = _patterns(len(spec), d)
+        nb = self._base()
+        idx = []
+        for pat in pats:
+            factors = [[spec[s] for s in range(len(spec)) if pat[s] == j] for j in range(d)]
+            ids = []
+            for fac in factors:
+                if self.homogeneous:
+                    form = self._canon(fac)
+                    if form is None:
+                        ids = None
+                        break
+                    if form[0] == "delta":
+                        raise ValueError(
+                            f"kinks: the distributional second derivative of {self.act.name} "
+                            "on three or four distinct inputs is not implemented; pass "
+                            'kinks="pointwise" or use the pair layout (full=False)'
+                        )
+                if any(z for _, z in fac) or any(k >= nb for k, _ in fac):
+                    raise ValueError(f"internal: no {d}-input table for {spec}")
+                ids.append(sorted(k + 1 for k, _ in fac))
+            idx.append(ids)
+        tables = self._multi_tables(d, subsets)
+        flat = tables.reshape(tables.shape[0], -1)
+        nbp = nb + 1
+        pair_pos = {
+            (i, j): t for t, (i, j) in enumerate((i, j) for i in range(nbp) for j in range(i, nbp))
+        }
+        cols, zero = [], []
+        for ids in idx:
+            if ids is None:
+                cols.append(0)
+                zero.append(True)
+                continue
+            if d == 4:
+                pos = np.ravel_multi_index([i[0] - 1 for i in ids], (nb,) * 4)
+            else:
+                sub = [pair_pos[(0, i[0])] if len(i) == 1 else pair_pos[(i[0], i[1])] for i in ids]
+                pos = np.ravel_multi_index(sub, (len(pair_pos),) * 3)
+            cols.append(int(pos))
+            zero.append(False)
+        vals = take(flat.T, (np.array(cols, np.int32),)).T
+        return jnp.where(jnp.asarray(np.array(zero))[None, :], 0.0, vals)
+
+    def multi_error(self) -> jax.Array:
+        """Estimated relative error of the three- and four-input tables: the largest change
+        against a rule with ``3/4`` of the nodes, relative to the largest table entry, over
+        the tables computed so far (``0`` when none were)."""
+        err = jnp.zeros((), self.dtype)
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "tables"]:
+            _, d, _ = key
+            subsets = _layout(self.m, 4)[0][d]
+            lo = self._multi_tables(d, subsets, "4lo")
+            hi = self._cache[key]
+            scale = jnp.maximum(jnp.max(jnp.abs(hi)), jnp.finfo(self.dtype).tiny)
+            err = jnp.maximum(err, jnp.max(jnp.abs(hi - lo)) / scale)
+        return err
+
+
+def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bool = False):
+    """The quadrature rules of :class:`Moments` as arrays.
+
+    One and two inputs: the trapezoid rule of :mod:`rgnn.gaussian` (``order_single`` and
+    ``order`` nodes on ``[-9, 9]``); with ``shifted`` the same number of nodes moved by half a
+    spacing, an equally accurate rule whose difference from the first estimates the error of
+    either (for an analytic integrand the trapezoid error is dominated by one aliased Fourier
+    mode, whose sign the half-spacing shift reverses). Three and four inputs: Gauss-Hermite
+    with ``order_multi`` nodes (``"4"``) and ``3/4`` of them (``"4lo"``, for the estimate).
+    Equal shapes in both variants, so one compilation serves both.
+    """
+
+    def trap(n):
+        x, w = gaussian.hermite_rule(n, dtype)
+        if shifted:
+            x = x + (x[1] - x[0]) / 2
+            w = jnp.exp(-0.5 * x * x)
+            w = w / jnp.sum(w)
+        return x, w
+
+    return {
+        "1": trap(order_single),
+        "2": trap(order),
+        "4": gaussian.hermite_rule(order_multi, dtype, rule="hermite"),
+        "4lo": gaussian.hermite_rule(max(4, (3 * order_multi) // 4), dtype, rule="hermite"),
+    }
+
+
+def _replace(ix: str, old: str, new: str) -> str:
+    for o, n in zip(old, new, strict=True):
+        ix = ix.replace(o, n)
+    return ix
