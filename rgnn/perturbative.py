@@ -61,7 +61,7 @@ number of layers and folded into ``quadrature_error``; :mod:`rgnn._pair_table`);
 different norms use the direct pair quadrature.
 
 NTK side: :mod:`rgnn._ntk_flow` (mean shift, variance, PDLT's ``A, B, D, F``). dNTK side
-(``perturbative(..., dntk=True)``): :mod:`rgnn._dntk_flow` (PDLT's ``P, Q`` on pairs).
+(``perturbative(..., dntk=True)``): :mod:`rgnn.flow.rules` (PDLT's ``P, Q`` on pairs).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import _dntk_flow, _ntk_flow, _pair_table, gaussian
+from rgnn import _ntk_flow, _pair_table, gaussian
 from rgnn._validate import check_inputs
 from rgnn.activations import Activation
 from rgnn.architecture import MLP
@@ -83,6 +83,7 @@ from rgnn.fixed_point import _fixed_point_tabulated, fixed_point
 from rgnn.flow import engine as flow_engine
 from rgnn.flow import moments as flow_moments
 from rgnn.flow import rules as flow_rules
+from rgnn.flow.tensor import take
 
 __all__ = ["FourPoint", "Perturbative", "perturbative", "vertex", "TRUST_DEPTH_OVER_WIDTH"]
 
@@ -95,10 +96,6 @@ the O(1/n^2) terms neglected here are smaller than the O(1/n) ones by a further 
 percent."""
 
 _MEMORY_LIMIT_BYTES = 8 * 2**30
-
-_pair_stats_vmap = jax.jit(
-    jax.vmap(_ntk_flow._pair_stats, in_axes=(None, 0, None)), static_argnums=(0, 2)
-)
 
 
 @jax.tree_util.register_dataclass
@@ -142,7 +139,7 @@ class Perturbative:
         ``E[dH_{i0 i1 i2; s0 s1 s2} z_{i3; s3}] = (d_{i0 i3} d_{i1 i2} P_{s0 s1 s2 s3}
         + d_{i0 i1} d_{i2 i3} Q_{s0 s1 s2 s3} + d_{i0 i2} d_{i1 i3} Q_{s0 s2 s1 s3}) / n_{l-1}``
         (not divided by the width). For ``a == b`` every component is the single-input value.
-        Derivation, recursions and the treatment of kinks: :mod:`rgnn._dntk_flow`.
+        Derivation, recursions and the treatment of kinks: :mod:`rgnn.flow.rules`.
       ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` the means of PDLT's two
         ddNTKs (``None`` unless ``perturbative(..., ddntk=True)``), in the layout of
         ``dntk_p``: with ``ddI_{i0 i1 i2 i3} = D^3 z_{i0}[g_{i1}, g_{i2}, g_{i3}]`` and
@@ -152,7 +149,7 @@ class Perturbative:
         + d_{i0 i2} d_{i3 i1} R_{s0 s2 s3 s1} + d_{i0 i3} d_{i1 i2} R_{s0 s3 s1 s2}) / n_{l-1}``
         and ``E[ddII_{i1 i2 i3 i4; s1 s2 s3 s4}] = (d_{i1 i2} d_{i3 i4} S_{s1 s2 s3 s4}
         + d_{i1 i3} d_{i2 i4} T_{s1 s3 s4 s2} + d_{i1 i4} d_{i2 i3} U_{s1 s4 s2 s3}) / n_{l-1}``
-        (PDLT ch. infinity; recursions in :mod:`rgnn._dntk_flow`).
+        (PDLT ch. infinity; recursions in :mod:`rgnn.flow.rules`).
       quadrature_order: nodes per dimension used for quadrature (static).
       quadrature_error: estimated relative error of every field from quadrature,
         ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
@@ -413,10 +410,10 @@ _COMPS = np.array([[0, 0], [0, 1], [1, 1]])  # pair components (aa, ab, bb) as s
 
 def _multi_order(m: int, order: int) -> int:
     """Nodes per dimension of the three/four-input rule on a set of ``m`` inputs: as many as
-    fit about ``2^26`` node evaluations per layer over the ``C(m, 4)`` four-subsets, between 12
-    and ``order``."""
+    fit about ``2^24`` node evaluations per layer over the ``C(m, 4)`` four-subsets, between 12
+    and ``order`` (4 inputs: 48 nodes; 8: 22; 16 and more: 12)."""
     n4 = max(1, math.comb(m, 4))
-    return int(min(order, max(12, (2**26 / n4) ** 0.25)))
+    return int(min(order, max(12, (2**24 / n4) ** 0.25)))
 
 
 def _flow_constants(arch: MLP, x, dtype):
@@ -442,26 +439,37 @@ def _run_engine(arch, x, fp, order, stats, pointwise, *, full, shifted=False):
     (:mod:`rgnn.flow`), and the three/four-input rule's estimated error. Pair layout: the
     engine on every pair (a pair's slot-0 and slot-1 entries on one input are that input's
     single values); ``full``: on the set of all inputs."""
-    k, t = fp.nngp, fp.ntk
     n = x.shape[0]
-    sets = _sets(n, full)
-    _, ratios, inv_prev, lam_w = _flow_constants(arch, x, k.dtype)
-    sk = jnp.asarray(sets)
-    ks = k[:, sk[:, :, None], sk[:, None, :]]
-    ts = t[:, sk[:, :, None], sk[:, None, :]]
-    m = sets.shape[1]
-    rules = flow_moments.rules(order, 4 * order, _multi_order(m, order), k.dtype, shifted=shifted)
-    out, err = flow_engine.flow(
+    _, ratios, inv_prev, lam_w = _flow_constants(arch, x, fp.nngp.dtype)
+    m = _sets(n, full).shape[1]
+    rules = flow_moments.rules(
+        order, 4 * order, _multi_order(m, order), fp.nngp.dtype, shifted=shifted
+    )
+    return _engine_fields(
         arch.act,
         arch.weight_var,
         lam_w,
         ratios,
         inv_prev,
-        ks,
-        ts,
+        fp.nngp,
+        fp.ntk,
         rules,
         stats=tuple(stats),
         pointwise=pointwise,
+        full=full,
+    )
+
+
+@partial(jax.jit, static_argnames=("act", "stats", "pointwise", "full"))
+def _engine_fields(act, cw, lam_w, ratios, inv_prev, k, t, rules, *, stats, pointwise, full):
+    """:func:`_run_engine` under one jit: the gathers onto the sets, the flow, the layout."""
+    n = k.shape[1]
+    sets = _sets(n, full)
+    ks = take(jnp.moveaxis(k, 0, -1), (sets[:, :, None], sets[:, None, :]))
+    ts = take(jnp.moveaxis(t, 0, -1), (sets[:, :, None], sets[:, None, :]))
+    ks, ts = jnp.moveaxis(ks, -1, 0), jnp.moveaxis(ts, -1, 0)
+    out, err = flow_engine.flow(
+        act, cw, lam_w, ratios, inv_prev, ks, ts, rules, stats=stats, pointwise=pointwise
     )
     if n == 1 and not full:  # the pair layout of one input: its single values everywhere
         spread = {
@@ -533,10 +541,22 @@ def _pair_layout(out, n, sets):
 
 def _assemble(arch, x, fp, fields, *, full, quadrature_order, quadrature_error):
     """A :class:`Perturbative` from engine fields (pair layout or ``full``)."""
-    k = fp.nngp
     prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
-    inv_n = jnp.asarray(1 / prev, k.dtype)
-    kd = fp.nngp_diag1
+    arrays = _observables(
+        fp.nngp, fp.ntk, fp.nngp_diag1, jnp.asarray(prev, fp.nngp.dtype), fields, full=full
+    )
+    return Perturbative(
+        **arrays,
+        quadrature_order=quadrature_order,
+        quadrature_error=quadrature_error,
+    )
+
+
+@partial(jax.jit, static_argnames=("full",))
+def _observables(k, ntk, kd, prev, fields, *, full):
+    """Every array field of :class:`Perturbative` from the engine's fields (one jit: the
+    variances, kurtosis and coupling are views of the vertex)."""
+    inv_n = 1 / prev
     v = fields["vertex"]
     if full:
         v_aaaa = jnp.einsum("laaaa->la", v)
@@ -549,7 +569,7 @@ def _assemble(arch, x, fp, fields, *, full, quadrature_order, quadrature_error):
     coupling = jnp.mean(v_aaaa * inv_n[:, None] / kd**2, axis=1)
     extra = {}
     if "ntk_b" in fields:
-        extra["ntk"] = fp.ntk
+        extra["ntk"] = ntk
         if full:
             a, b = fields["ntk_vertex"], fields["ntk_b"]
             var = (
@@ -561,16 +581,14 @@ def _assemble(arch, x, fp, fields, *, full, quadrature_order, quadrature_error):
             var = fields.pop("_ntk_var")
         extra["ntk_variance"] = var * inv_n[:, None, None]
     fields = {name: val for name, val in fields.items() if not name.startswith("_")}
-    return Perturbative(
+    return dict(
         nngp=k,
         nngp_variance=variance,
         kurtosis=kurt,
         coupling=coupling,
-        widths=jnp.asarray(prev, k.dtype),
+        widths=prev,
         **fields,
         **extra,
-        quadrature_order=quadrature_order,
-        quadrature_error=quadrature_error,
     )
 
 
@@ -854,8 +872,8 @@ def perturbative(
     _check_arch_order(arch, quadrature_order, 2)
     if not isinstance(dntk, bool):
         raise ValueError(f"dntk: expected True or False, got {dntk!r}")
-    if kinks not in _dntk_flow.KINKS:
-        raise ValueError(f"kinks: expected one of {_dntk_flow.KINKS}, got {kinks!r}")
+    if kinks not in flow_moments.KINKS:
+        raise ValueError(f"kinks: expected one of {flow_moments.KINKS}, got {kinks!r}")
     if not isinstance(ddntk, bool):
         raise ValueError(f"ddntk: expected True or False, got {ddntk!r}")
     kinked = arch.act.scale_invariant and arch.act.negative_slope not in (None, 1.0)
@@ -940,7 +958,7 @@ def perturbative(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FourPoint:
-    """The four-point vertex in full on a small set of ``m <= 4`` inputs.
+    """The four-point vertex in full on a set of ``m`` inputs (:func:`vertex`).
 
     Attributes:
       vertex: ``[L+1, m, m, m, m]`` ``V^{(l)}_{(a_1 a_2)(a_3 a_4)}`` (not divided by the width):
@@ -948,9 +966,9 @@ class FourPoint:
         ``(1 / n_{l-1}) [delta_{i1 i2} delta_{i3 i4} V_{(a1 a2)(a3 a4)} + 2 perms]``.
       nngp: ``[L+1, m, m]`` the leading-order kernel.
       widths: ``[L+1]`` ``n_{l-1}``.
-      quadrature_error: estimated relative error from the 3- and 4-input expectations
-        (``max |V(order) - V(3 order / 4)| / max |V|``, a bound for the lower order and so a
-        conservative one for ``order``; 0 when none were needed).
+      quadrature_error: estimated relative error (:attr:`Perturbative.quadrature_error`: the
+        two-input rule against its half-spacing shift, plus the three/four-input rule against
+        one with two nodes fewer; 0 when everything is exact).
     """
 
     vertex: jax.Array
@@ -959,143 +977,27 @@ class FourPoint:
     quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
 
-def _four_moment(act, k, idx, order, cache, pair_mom, dtype):
-    """``<s_a s_b s_c s_d>`` for the multiset ``idx`` of input indices."""
-    key = tuple(sorted(idx))
-    if key in cache:
-        return cache[key]
-    distinct = sorted(set(key))
-    if len(distinct) <= 2:
-        a, b = distinct[0], distinct[-1]
-        ia = key.count(a) if a != b else 4
-        ib = 4 - ia
-        val = pair_mom(a, b)[_ntk_flow._INDEX[(ia, 0, ib, 0)]]
-    else:
-        counts = [key.count(d) for d in distinct]
-        val = _grid_moment_powers(act, k[np.ix_(distinct, distinct)], counts, order, dtype)
-    cache[key] = val
-    return val
-
-
-def _grid_moment_powers(act, k_sub, powers, order, dtype):
-    """``E[prod_k sigma(z_k)^p_k]`` over the joint Gaussian of 3 or 4 inputs by a tensor-product
-    grid; the covariance square root comes from ``eigh`` (rank-deficient kernels allowed)."""
-    m = k_sub.shape[0]
-    lam, u = np.linalg.eigh(k_sub)
-    root = u * np.sqrt(np.clip(lam, 0, None))[None, :]
-    x, w = gaussian.hermite_rule(order, dtype)
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    grids = np.meshgrid(*([x] * m), indexing="ij")
-    xi = np.stack([g.ravel() for g in grids])
-    weight = np.ones(1)
-    for _ in range(m):
-        weight = np.outer(weight, w).ravel()
-    s = np.asarray(act.fn(jnp.asarray(root @ xi, dtype=dtype)), np.float64)
-    return float(np.sum(weight * np.prod(s ** np.asarray(powers)[:, None], axis=0)))
-
-
 def vertex(arch: MLP, x, *, quadrature_order: int = 48) -> FourPoint:
-    """The four-point vertex ``V_{(a1 a2)(a3 a4)}`` in full on ``m <= 4`` inputs.
+    """The four-point vertex ``V_{(a1 a2)(a3 a4)}`` in full on any set of inputs.
 
-    The recursion is the one of :func:`perturbative` (PDLT eq. 4.90) on all
-    ``m (m + 1) / 2`` kernel entries: ``V' = C_W^2 Cov4 + (n_l / n_{l-1}) J V J^T`` with
-    ``Cov4_{(ab)(cd)} = <s_a s_b s_c s_d> - <s_a s_b><s_c s_d>``. ``J`` couples an entry only
-    to the entries of its own pair, so it comes from the pair statistics; the expectations of
-    four activations on three or four *different* inputs need a 3- or 4-dimensional Gaussian
-    integral (tensor-product quadrature with ``quadrature_order`` nodes per dimension, its error
-    estimated against 3/4 of the order and reported); those on one or two inputs are the pair
-    moments of :func:`perturbative` (exact for the scale-invariant class).
+    A view of :func:`perturbative` with ``full=True, ntk=False``: the recursion of PDLT
+    eq. 4.90, ``V' = C_W^2 Cov4 + (n_l / n_{l-1}) J V J^T`` with
+    ``Cov4_{(ab)(cd)} = <s_a s_b s_c s_d> - <s_a s_b><s_c s_d>``, on every index tuple
+    (:mod:`rgnn.flow.rules`). Expectations on one or two inputs are those of the pair layout
+    (exact for the scale-invariant class); those on three or four different inputs use a
+    tensor-product Gauss-Hermite rule whose estimated error is in ``quadrature_error``.
 
     Args:
       arch: the :class:`~rgnn.MLP`.
-      x: ``[m, n_0]`` with ``1 <= m <= 4`` inputs.
-      quadrature_order: nodes per dimension (pair expectations use the same order).
+      x: ``[m, n_0]`` inputs (the work grows like ``m^5`` per layer).
+      quadrature_order: nodes per dimension of the two-input rule (the three/four-input rule
+        uses as many as fit its budget, :func:`_multi_order`).
     """
     _check_arch_order(arch, quadrature_order, 4)
-    x = check_inputs(x, "x")
-    m = x.shape[0]
-    if m > 4:
-        raise ValueError(f"x: expected at most 4 inputs for the full vertex, got {m}")
-    order = quadrature_order
-    fp = fixed_point(arch, x, quadrature_order=quadrature_order)
-    k_all = np.asarray(fp.nngp, dtype=np.float64)
-    act, cw = arch.act, arch.weight_var
-    dims = np.asarray(arch.layer_dims(x.shape[1]), float)
-    prev = dims[: arch.n_layers]
-    comps = [(a, b) for a in range(m) for b in range(a, m)]
-    where = {}
-    for i, (a, b) in enumerate(comps):
-        where[(a, b)] = where[(b, a)] = i
-    n_c = len(comps)
-    v = np.zeros((n_c, n_c))
-    vs = [v]
-    err_num = 0.0
-
-    pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
-
-    def layer_stats(k):
-        """Pair statistics of every pair and of every input with itself (same order)."""
-        kd = np.diagonal(k)
-        single = _pair_stats_vmap(act, jnp.asarray(np.stack([kd, kd, kd], 1), x.dtype), order)
-        stats = {(a, a): (np.asarray(single[0][a]), np.asarray(single[5][a])) for a in range(m)}
-        if pairs:
-            kk = np.array([[k[a, a], k[a, b], k[b, b]] for a, b in pairs])
-            out = _pair_stats_vmap(act, jnp.asarray(kk, x.dtype), order)
-            for i, ab in enumerate(pairs):
-                stats[ab] = (np.asarray(out[0][i]), np.asarray(out[5][i]))
-        return stats
-
-    def covariance(k, stats, grid_order):
-        def pair_mom(a, b):
-            return stats[(a, b)][1]
-
-        cache = {}
-        cov = np.zeros((n_c, n_c))
-        for i, (a, b) in enumerate(comps):
-            for j, (c, d) in enumerate(comps):
-                m4 = _four_moment(act, k, (a, b, c, d), grid_order, cache, pair_mom, x.dtype)
-                cov[i, j] = m4 - _four_moment_two(pair_mom, a, b) * _four_moment_two(pair_mom, c, d)
-        return cov
-
-    for layer in range(arch.n_layers - 1):
-        k = k_all[layer]
-        stats = layer_stats(k)
-        cov = covariance(k, stats, order)
-        if m >= 3:
-            cov_lo = covariance(k, stats, max(3 * order // 4, 4))
-            err_num = max(err_num, float(np.max(np.abs(cov - cov_lo))) * cw * cw)
-        jac = np.zeros((n_c, n_c))
-        for i, (a, b) in enumerate(comps):
-            jphi = stats[(a, b)][0]
-            if a == b:
-                jac[i, where[(a, a)]] = jphi[0, 0]
-            else:
-                jac[i, where[(a, a)]] = jphi[1, 0]
-                jac[i, where[(a, b)]] = jphi[1, 1]
-                jac[i, where[(b, b)]] = jphi[1, 2]
-        jac *= cw
-        ratio = prev[layer + 1] / prev[layer]
-        v = cw * cw * cov + ratio * jac @ v @ jac.T
-        vs.append(v)
-    vs = np.stack(vs)  # [L+1, C, C]
-    full = np.zeros((arch.n_layers, m, m, m, m))
-    for a1 in range(m):
-        for a2 in range(m):
-            for a3 in range(m):
-                for a4 in range(m):
-                    full[:, a1, a2, a3, a4] = vs[:, where[(a1, a2)], where[(a3, a4)]]
-    scale = float(np.max(np.abs(vs))) if np.any(vs) else 1.0
+    p = perturbative(arch, x, quadrature_order=quadrature_order, ntk=False, full=True, warn=False)
     return FourPoint(
-        vertex=jnp.asarray(full, x.dtype),
-        nngp=fp.nngp,
-        widths=jnp.asarray(prev, x.dtype),
-        quadrature_error=err_num * arch.n_layers / scale if m >= 3 else 0.0,
+        vertex=p.vertex,
+        nngp=p.nngp,
+        widths=p.widths,
+        quadrature_error=p.quadrature_error,
     )
-
-
-def _four_moment_two(pair_mom, a, b):
-    """``<s_a s_b>`` from the pair moments."""
-    if a == b:
-        return float(pair_mom(a, a)[_ntk_flow._INDEX[(2, 0, 0, 0)]])
-    lo, hi = min(a, b), max(a, b)
-    return float(pair_mom(lo, hi)[_ntk_flow._INDEX[(1, 0, 1, 0)]])

@@ -53,6 +53,9 @@ from rgnn import gaussian
 from rgnn._ntk_flow import ARC_NODES, _angular_grid, _derivatives, _slope
 from rgnn.flow.tensor import L, extract, take
 
+KINKS = ("distributional", "pointwise")
+"""How the second derivative of a kinked activation (relu, leaky relu) is taken."""
+
 MAX_DERIVATIVE = 5
 """Highest derivative of ``sigma`` on the quadrature grids (the NTK's Price Hessian needs the
 fifth)."""
@@ -148,6 +151,7 @@ class Moments:
         self.recorded_singles: dict = {}
         self._pre1: dict = {}  # single-input products evaluated by prepare()
         self._pre2: dict = {}  # pair patterns evaluated by prepare()
+        self._multi_err: list = []  # per three/four-input moment, its estimated error
         self.homogeneous = act.scale_invariant
         self.slope = _slope(act) if act.scale_invariant else None
         self._cache: dict = {}
@@ -574,7 +578,7 @@ class Moments:
         """Basis tables on every ``d``-subset: ``[S, B, ..., B]`` with ``B`` the number of
         basis products per variable (``d = 4``: one factor each; ``d = 3``: up to two factors
         on each variable, the constant included)."""
-        key = ("tables", d, rule)
+        key = ("tables", d, rule, len(subsets))
         if key in self._cache:
             return self._cache[key]
         nb = self._base()
@@ -642,6 +646,11 @@ class Moments:
             idx.append(ids)
         tables = self._multi_tables(d, subsets)
         flat = tables.reshape(tables.shape[0], -1)
+        # the error estimate on at most 16 subsets spread over the list (the rule's error
+        # varies smoothly with the kernel; all of them would double the cost)
+        sample = np.unique(np.linspace(0, len(subsets) - 1, min(16, len(subsets))).astype(int))
+        lo = self._multi_tables(d, subsets[sample], "4lo")
+        flat_lo = lo.reshape(lo.shape[0], -1)
         nbp = nb + 1
         pair_pos = {
             (i, j): t for t, (i, j) in enumerate((i, j) for i in range(nbp) for j in range(i, nbp))
@@ -659,21 +668,23 @@ class Moments:
                 pos = np.ravel_multi_index(sub, (len(pair_pos),) * 3)
             cols.append(int(pos))
             zero.append(False)
-        vals = take(flat.T, (np.array(cols, np.int32),)).T
-        return jnp.where(jnp.asarray(np.array(zero))[None, :], 0.0, vals)
+        cols = np.array(cols, np.int32)
+        zero = jnp.asarray(np.array(zero))[None, :]
+        vals = jnp.where(zero, 0.0, take(flat.T, (cols,)).T)
+        vals_lo = jnp.where(zero, 0.0, take(flat_lo.T, (cols,)).T)
+        vals_s = take(vals, (sample,))
+        scale = jnp.maximum(jnp.max(jnp.abs(vals_s)), jnp.finfo(self.dtype).tiny)
+        self._multi_err.append(jnp.max(jnp.abs(vals_s - vals_lo)) / scale)
+        return vals
 
     def multi_error(self) -> jax.Array:
-        """Estimated relative error of the three- and four-input tables: the largest change
-        against a rule with ``3/4`` of the nodes, relative to the largest table entry, over
-        the tables computed so far (``0`` when none were)."""
+        """Estimated relative error of the three- and four-input moments used so far: for each
+        moment, the largest change against a rule with two nodes fewer, relative to its
+        largest value (``0`` when none was needed). Conservative: the difference of two rules
+        bounds the error of the coarser one."""
         err = jnp.zeros((), self.dtype)
-        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "tables"]:
-            _, d, _ = key
-            subsets = _layout(self.m, 4)[0][d]
-            lo = self._multi_tables(d, subsets, "4lo")
-            hi = self._cache[key]
-            scale = jnp.maximum(jnp.max(jnp.abs(hi)), jnp.finfo(self.dtype).tiny)
-            err = jnp.maximum(err, jnp.max(jnp.abs(hi - lo)) / scale)
+        for e in self._multi_err:
+            err = jnp.maximum(err, e)
         return err
 
 
@@ -685,7 +696,8 @@ def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bo
     spacing, an equally accurate rule whose difference from the first estimates the error of
     either (for an analytic integrand the trapezoid error is dominated by one aliased Fourier
     mode, whose sign the half-spacing shift reverses). Three and four inputs: Gauss-Hermite
-    with ``order_multi`` nodes (``"4"``) and ``3/4`` of them (``"4lo"``, for the estimate).
+    with ``order_multi`` nodes (``"4"``) and two fewer (``"4lo"``, for the estimate: the
+    difference of the two bounds the error of the coarser, so it is conservative for ``"4"``).
     Equal shapes in both variants, so one compilation serves both.
     """
 
@@ -701,7 +713,7 @@ def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bo
         "1": trap(order_single),
         "2": trap(order),
         "4": gaussian.hermite_rule(order_multi, dtype, rule="hermite"),
-        "4lo": gaussian.hermite_rule(max(4, (3 * order_multi) // 4), dtype, rule="hermite"),
+        "4lo": gaussian.hermite_rule(max(2, order_multi - 2), dtype, rule="hermite"),
     }
 
 

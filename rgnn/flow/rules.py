@@ -9,7 +9,7 @@ average under ``K``, ``s_a = sigma(z_a)``, primes derivatives, ``D_c(f) = <d_c f
 ``lambda_W`` the weights' learning-rate scaling of layer ``l + 1``. Sources: PDLT ch. 4
 (``V``, ``Delta``), ch. 8 (``A, B, D, F`` and the NTK mean shift), ch. 11 (``P, Q``), ch. infinity
 (``R, S, T, U``), written with derivatives instead of inverse kernels; the derivations by
-conditional averages are in :mod:`rgnn._ntk_flow` and :mod:`rgnn._dntk_flow`.
+conditional averages are in :mod:`rgnn._ntk_flow` and below.
 
 ================  ============================================================  ==============
 statistic         meaning (all ``n_{l-1}`` times a covariance or mean)            needs
@@ -26,7 +26,172 @@ statistic         meaning (all ``n_{l-1}`` times a covariance or mean)          
 ``R, S, T, U``    the ddNTK means                                                 B, F, PH, QH
 ================  ============================================================  ==============
 
-The tensors' index layouts follow the docstrings of :class:`rgnn.Perturbative`.
+The tensors' index layouts follow the docstrings of :class:`rgnn.Perturbative`. The NTK side's
+derivation (``A, B, D, F`` and the mean shift) is in :mod:`rgnn._ntk_flow`; the dNTK side's
+follows.
+
+The dNTK and ddNTK statistics
+-----------------------------
+
+The dNTK (PDLT ch. 11) is the derivative of the NTK along the gradient of one output,
+
+.. math::
+
+    \\widehat{dH}_{i_0 i_1 i_2; a_0 a_1 a_2} = \\sum_{\\mu\\nu} \\lambda_{\\mu\\nu}
+        \\frac{d z_{i_0; a_0}}{d\\theta_\\mu} \\frac{d \\hat H_{i_1 i_2; a_1 a_2}}{d\\theta_\\nu},
+
+the first correction to the kernel picture of training. Its mean vanishes (it is odd in the
+preactivations); at O(1/n) its statistics are the cross-correlation with one preactivation,
+
+.. math::
+
+    E\\big[\\widehat{dH}^{(l)}_{i_0 i_1 i_2; a_0 a_1 a_2} z^{(l)}_{i_3; a_3}\\big]
+    = \\frac{1}{n_{l-1}} \\big[\\delta_{i_0 i_3} \\delta_{i_1 i_2} P_{a_0 a_1 a_2 a_3}
+        + \\delta_{i_0 i_1} \\delta_{i_2 i_3} Q_{a_0 a_1 a_2 a_3}
+        + \\delta_{i_0 i_2} \\delta_{i_1 i_3} Q_{a_0 a_2 a_1 a_3}\\big] .
+
+Derivation (conditional averages, as in :mod:`rgnn._ntk_flow`; ``n = n_l``, ``m = n_{l-1}``,
+``s_{ja} = sigma(z^{(l)}_{ja})``, ``W = W^{(l+1)}``). Splitting the parameters into those of
+layer ``l+1`` (learning rate ``lambda_W / n`` for the weights; the biases do not enter
+``dH``) and the lower ones gives
+
+.. math::
+
+    \\widehat{dH}^{(l+1)}_{i_0 i_1 i_2} =
+      \\frac{\\lambda_W}{n} \\Big[\\delta_{i_0 i_1} \\sum_{jk} s_{j0} s'_{j1} W_{i_2 k} s'_{k2}
+        H_{jk;12} + (1 \\leftrightarrow 2)\\Big]
+      + \\delta_{i_1 i_2} \\frac{\\lambda_W}{n} \\sum_{j_0 j} W_{i_0 j_0} s'_{j_0 0}
+        \\big[s'_{j1} s_{j2} H_{j_0 j;01} + s_{j1} s'_{j2} H_{j_0 j;02}\\big]
+      + \\sum_{j_0 j_1 j_2} W_{i_0 j_0} W_{i_1 j_1} W_{i_2 j_2} s'_{j_0 0}
+        \\big[s''_{j_1 1} s'_{j_2 2} H_{j_0 j_1;01} H_{j_1 j_2;12}
+        + s'_{j_1 1} s''_{j_2 2} H_{j_0 j_2;02} H_{j_1 j_2;12}
+        + s'_{j_1 1} s'_{j_2 2} \\widehat{dH}^{(l)}_{j_0 j_1 j_2}\\big]
+
+(input labels ``0..3`` stand for ``a_0..a_3``). Multiply by
+``z_{i_3; 3} = b_{i_3} + sum_k W_{i_3 k} s_{k3}`` and average over ``W`` (Gaussian moments of
+up to four entries), then over layer ``l``. Sums over one neuron give Gaussian averages
+``<.>`` under ``K^{(l)}``; sums over two different neurons pick up, at the same order, the
+O(1/m) correlations of layer ``l``: ``E[H_{jk;xy} f(z_j) g(z_k)] = (1/m) sum_cd F_{xy;cd}
+<d_c f><d_d g>`` (``F`` of :mod:`rgnn._ntk_flow`), ``E[H_{jk;x_1y_1} H_{jk;x_2y_2} f g] =
+B_{x_1 x_2 y_1 y_2} <f><g> / m`` and, by the same Stein argument,
+``E[dH_{j_0 j_1 j_2} f(z)] = sum_{kc} E[dH_{j_0 j_1 j_2} z_{kc}] <d_{kc} f>``. Everything else
+(three-neuron correlations, fluctuations of diagonal entries times off-diagonal ones) is
+O(1/m^2). With ``r = n_l / n_{l-1}``, ``Theta = Theta^{(l)}`` and ``D_c(f) = <d_c f>``:
+
+.. math::
+
+    P'_{0123} &= \\lambda_W C_W \\big[\\langle s'_0 s_3 s'_1 s_2\\rangle \\Theta_{01}
+        + \\langle s'_0 s_3 s_1 s'_2\\rangle \\Theta_{02}\\big]
+      + C_W^2 \\Theta_{12} \\big[\\langle s'_0 s_3 s''_1 s'_2\\rangle \\Theta_{01}
+        + \\langle s'_0 s_3 s'_1 s''_2\\rangle \\Theta_{02}\\big] \\\\
+      &+ r \\sum_{cd} D_c(s'_0 s_3) \\big[F_{01;cd} D_d(\\lambda_W C_W s'_1 s_2
+        + C_W^2 \\Theta_{12} s''_1 s'_2)
+        + F_{02;cd} D_d(\\lambda_W C_W s_1 s'_2 + C_W^2 \\Theta_{12} s'_1 s''_2)\\big]
+      + r C_W^2 \\langle s'_1 s'_2\\rangle \\sum_c P_{012c} D_c(s'_0 s_3), \\\\
+    Q'_{0123} &= \\lambda_W C_W \\langle s_0 s'_1 s'_2 s_3\\rangle \\Theta_{12}
+      + C_W^2 \\Theta_{12} \\big[\\langle s'_0 s''_1 s'_2 s_3\\rangle \\Theta_{01}
+        + \\langle s'_0 s'_1 s''_2 s_3\\rangle \\Theta_{02}\\big] \\\\
+      &+ r \\sum_{cd} F_{12;cd} D_c(\\lambda_W C_W s_0 s'_1 + C_W^2 \\Theta_{01} s'_0 s''_1)
+        D_d(s'_2 s_3)
+      + r C_W^2 \\langle s'_0 s'_1\\rangle \\big[B_{0122} \\langle s''_2 s_3\\rangle
+        + \\sum_c Q_{012c} D_c(s'_2 s_3)\\big],
+
+with ``P^{(1)} = Q^{(1)} = 0`` (the first layer's NTK does not depend on the parameters).
+``F`` and ``B`` are carried along on all components of the pair:
+``F'_{xy;cd} = C_W^2 <s'_x s_c s'_y s_d> Theta_xy + r C_W^2 sum_ef D_e(s'_x s_c) F_{xy;ef}
+D_f(s'_y s_d)`` and ``B'_{xyzw} = C_W^2 <s'_x s'_y s'_z s'_w> Theta_xz Theta_yw
++ r C_W^2 <s'_x s'_y><s'_z s'_w> B_{xyzw}`` (as in :mod:`rgnn._ntk_flow`).
+
+Gaussian expectations. Smooth activations: the 2-D quadrature grid of :mod:`rgnn.gaussian`,
+derivatives of sigma (to third order) by autodiff, ``D_c`` by the product rule. Scale-invariant
+class (relu, leaky relu, linear): exactly. Every product of ``sigma``, ``sigma'`` and powers of
+``z`` on one variable is ``z^p`` times a step (``1`` for ``z > 0``, ``a^k`` below), integrated in
+polar coordinates as for the vertex; ``sigma'' = (1 - a) delta(z)`` and, as the limit of smooth
+activations, ``sigma'' sigma'^k = (1 - a^(k+1)) / (k+1) delta(z)``; ``D_c`` by Gaussian
+integration by parts, ``<d_c f> = sum_u (K^{-1})_{cu} <z_u f>``. The delta terms are the
+*distributional* derivative: the expected change of the NTK in a small gradient step includes
+units whose preactivation crosses the kink. Autodiff of a relu network (``relu'' = 0`` almost
+everywhere) gives the pointwise derivative instead, which drops them;
+``kinks="pointwise"`` returns that one (the two agree for smooth activations and differ only
+for a scale-invariant activation that is not linear).
+The ddNTKs (PDLT ch. infinity) are the next order of the Taylor expansion of training: with
+``g_x`` the learning-rate-weighted gradient of ``z_x`` (``g_x = Lambda grad z_x``),
+
+.. math::
+
+    ddI_{i_0 i_1 i_2 i_3} = D^3 z_{i_0}[g_{i_1}, g_{i_2}, g_{i_3}], \\qquad
+    ddII_{i_1 i_2 i_3 i_4} = g_{i_3}^T\\, \\mathrm{Hess}(z_{i_1})\\, \\Lambda\\,
+        \\mathrm{Hess}(z_{i_2})\\, g_{i_4},
+
+so that the second derivative of the NTK along two gradients is
+``D^2 H_{23}[g_0, g_1] = ddI_{2013} + ddI_{3012} + ddII_{2301} + ddII_{2310}``. Their means are
+O(1/n), ``E[ddI_{i0i1i2i3}] = (d_{i0i1} d_{i2i3} R_{0123} + d_{i0i2} d_{i3i1} R_{0231}
++ d_{i0i3} d_{i1i2} R_{0312}) / n_{l-1}`` and ``E[ddII_{i1i2i3i4}] = (d_{i1i2} d_{i3i4} S_{1234}
++ d_{i1i3} d_{i2i4} T_{1342} + d_{i1i4} d_{i2i3} U_{1423}) / n_{l-1}`` (``R`` is symmetric in its
+last two inputs, ``S_{1234} = S_{2143}``, ``T_{1342} = T_{2431}``, ``U_{1423} = U_{2314}``).
+
+Derivation, by the same conditional averages. Write the Hessian-form dNTK
+``dH^_{j_0; j_1 j_2} = Hess(z_{j_0})[g_{j_1}, g_{j_2}]`` (the dNTK above is
+``dH_{0;12} = dH^_{1;02} + dH^_{2;01}``) and its correlators with one preactivation,
+``E[dH^_{j_0;j_1j_2} z_{j_3}] = (d_{j_0j_3} d_{j_1j_2} P^_{0123} + d_{j_0j_1} d_{j_2j_3} Q^_{0123}
++ d_{j_0j_2} d_{j_1j_3} Q^_{0213}) / n_{l-1}``, so that ``P_{0123} = Q^_{1203} + Q^_{2103}`` and
+``Q_{0123} = Q^_{1023} + P^_{2013}`` (checked to rounding by the tests). The gradient of
+``z^{(l+1)}_i`` has the layer-``(l+1)`` part (``lambda_b`` on ``b_i``, ``lambda_W s_j / n`` on
+``W_ij``) and ``sum_j W_ij s'_j g_j``; its Hessian couples ``W_ij`` to the lower parameters by
+``s'_j grad z_j`` and is ``sum_j W_ij (s''_j grad z_j grad z_j + s'_j Hess z_j)`` on the lower
+ones; the third derivative likewise. Insert, average over ``W^{(l+1)}`` (an odd number of
+entries of one row averages to zero: this makes ``E[dH^_{j;jk} H_{jk}] = E[dH^_{k;jj} H_{jk}]
+= 0`` for ``j != k`` exactly, which removes every term that would need them), then over layer
+``l`` as for ``P, Q`` (two different neurons meet through ``F``, ``B`` and ``P^, Q^``; the
+diagonal NTK is ``Theta`` at this order). Inputs ``0..3`` stand for the four slots; ``D_e(f) =
+<d_e f>``; ``<.>`` under ``K^{(l)}``; ``r = n_l / n_{l-1}``:
+
+.. math::
+
+    P^'_{0123} &= C_W^2 \\big[\\Theta_{01}\\Theta_{02} \\langle s''_0 s_3 s'_1 s'_2\\rangle
+        + r B_{0012} \\langle s''_0 s_3\\rangle \\langle s'_1 s'_2\\rangle
+        + r \\langle s'_1 s'_2\\rangle \\textstyle\\sum_e P^_{012e} D_e(s'_0 s_3)\\big] \\\\
+    Q^'_{0123} &= \\lambda_W C_W \\big[\\Theta_{02} \\langle s'_0 s_1 s'_2 s_3\\rangle
+        + r \\textstyle\\sum_{ef} F_{02;ef} D_e(s'_0 s_1) D_f(s'_2 s_3)\\big]
+      + C_W^2 \\big[\\Theta_{01}\\Theta_{02} \\langle s''_0 s'_1 s'_2 s_3\\rangle
+        + r \\Theta_{01} \\textstyle\\sum_{ef} F_{02;ef} D_e(s''_0 s'_1) D_f(s'_2 s_3)
+        + r \\langle s'_0 s'_1\\rangle \\sum_e Q^_{012e} D_e(s'_2 s_3)\\big] \\\\
+    R'_{0123} &= \\lambda_W C_W \\big[\\Theta_{02}\\Theta_{03} \\langle s''_0 s_1 s'_2 s'_3\\rangle
+        + r \\langle s'_2 s'_3\\rangle \\big(B_{0023} \\langle s''_0 s_1\\rangle
+        + \\textstyle\\sum_e P^_{023e} D_e(s'_0 s_1)\\big)\\big] \\\\
+      &+ C_W^2 \\big[\\Theta_{01}\\Theta_{02}\\Theta_{03} \\langle s'''_0 s'_1 s'_2 s'_3\\rangle
+        + r \\langle s'_2 s'_3\\rangle \\big(\\Theta_{01} B_{0023} \\langle s'''_0 s'_1\\rangle
+        + \\Theta_{01} \\textstyle\\sum_e P^_{023e} D_e(s''_0 s'_1)
+        + \\langle s'_0 s'_1\\rangle R_{0123}\\big)\\big] \\\\
+    S'_{1234} &= \\lambda_W C_W \\big[\\Theta_{13}\\Theta_{24} \\langle s'_1 s'_2 s'_3 s'_4\\rangle
+        + r B_{1234} \\langle s'_1 s'_2\\rangle \\langle s'_3 s'_4\\rangle\\big]
+      + C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24} \\langle s''_1 s''_2 s'_3 s'_4\\rangle
+        + r \\langle s'_3 s'_4\\rangle \\big(\\Theta_{12} B_{1234} \\langle s''_1 s''_2\\rangle
+        + \\langle s'_1 s'_2\\rangle S_{1234}\\big)\\big] \\\\
+    T'_{1342} &= \\lambda_W^2 \\big[\\Theta_{12} \\langle s'_1 s_3 s'_2 s_4\\rangle
+        + r \\mathcal F(s'_1 s_3, s'_2 s_4)\\big]
+      + \\lambda_W C_W \\big[\\Theta_{12}\\Theta_{24} \\langle s'_1 s_3 s''_2 s'_4\\rangle
+        + \\Theta_{12}\\Theta_{13} \\langle s''_1 s'_3 s'_2 s_4\\rangle
+        + r \\Theta_{24} \\mathcal F(s'_1 s_3, s''_2 s'_4)
+        + r \\Theta_{13} \\mathcal F(s''_1 s'_3, s'_2 s_4) \\\\
+      &\\qquad + r \\langle s'_2 s'_4\\rangle \\textstyle\\sum_e Q^_{241e} D_e(s'_1 s_3)
+        + r \\langle s'_1 s'_3\\rangle \\sum_e Q^_{132e} D_e(s'_2 s_4)\\big]
+      + C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24} \\langle s''_1 s'_3 s''_2 s'_4\\rangle
+        + r \\Theta_{13}\\Theta_{24} \\mathcal F(s''_1 s'_3, s''_2 s'_4) \\\\
+      &\\qquad + r \\Theta_{13} \\langle s'_2 s'_4\\rangle \\textstyle\\sum_e Q^_{241e}
+        D_e(s''_1 s'_3) + r \\Theta_{24} \\langle s'_1 s'_3\\rangle \\sum_e Q^_{132e}
+        D_e(s''_2 s'_4)
+        + r \\langle s'_1 s'_3\\rangle \\langle s'_2 s'_4\\rangle T_{1342}\\big] \\\\
+    U'_{1423} &= C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24}
+        \\langle s''_1 s''_2 s'_3 s'_4\\rangle
+        + r \\langle s'_1 s'_4\\rangle \\langle s'_2 s'_3\\rangle U_{1423}\\big],
+
+with ``F(f, g) = sum_ef F_{12;ef} D_e(f) D_f(g)`` (``f`` on the neuron of input 1, ``g`` on
+that of input 2) and every tensor zero on layer 1. The biases' learning rate never enters (a
+bias has no second derivative). For the scale-invariant class the terms with ``sigma''`` or
+``sigma'''`` are products of delta functions at the kink (``delta(z)^2`` on one input), so
+the ddNTK exists there only with ``kinks="pointwise"``, where they vanish (for a linear
+network they vanish identically).
 """
 
 from __future__ import annotations
