@@ -83,7 +83,6 @@ from rgnn.fixed_point import _fixed_point_tabulated, fixed_point
 from rgnn.flow import engine as flow_engine
 from rgnn.flow import moments as flow_moments
 from rgnn.flow import rules as flow_rules
-from rgnn.flow.tensor import take
 
 __all__ = ["FourPoint", "Perturbative", "perturbative", "vertex", "TRUST_DEPTH_OVER_WIDTH"]
 
@@ -434,48 +433,68 @@ def _sets(n: int, full: bool) -> np.ndarray:
     return np.stack([rows, cols], axis=1)
 
 
-def _run_engine(arch, x, fp, order, stats, pointwise, *, full, shifted=False):
-    """The fields of :class:`Perturbative` for ``stats`` from the flow engine
-    (:mod:`rgnn.flow`), and the three/four-input rule's estimated error. Pair layout: the
-    engine on every pair (a pair's slot-0 and slot-1 entries on one input are that input's
-    single values); ``full``: on the set of all inputs."""
+_CHUNK = 256
+"""Pairs per call of the compiled engine in the pair layout: every input count shares one
+compilation (fewer pairs than this: one call on exactly those), memory stays bounded, and
+the quadrature's error estimate runs on one chunk."""
+
+
+def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, first_only=False):
+    """The engine's statistics ``{name: [L+1, S, m, ...]}`` on the input sets (every pair, in
+    chunks of :data:`_CHUNK`, or one set of all inputs), and the three/four-input rule's
+    estimated error; ``first_only``: the first chunk only."""
     n = x.shape[0]
     _, ratios, inv_prev, lam_w = _flow_constants(arch, x, fp.nngp.dtype)
-    m = _sets(n, full).shape[1]
-    rules = flow_moments.rules(
-        order, 4 * order, _multi_order(m, order), fp.nngp.dtype, shifted=shifted
-    )
-    return _engine_fields(
-        arch.act,
-        arch.weight_var,
-        lam_w,
-        ratios,
-        inv_prev,
-        fp.nngp,
-        fp.ntk,
-        rules,
-        stats=tuple(stats),
-        pointwise=pointwise,
-        full=full,
-    )
-
-
-@partial(jax.jit, static_argnames=("act", "stats", "pointwise", "full"))
-def _engine_fields(act, cw, lam_w, ratios, inv_prev, k, t, rules, *, stats, pointwise, full):
-    """:func:`_run_engine` under one jit: the gathers onto the sets, the flow, the layout."""
-    n = k.shape[1]
     sets = _sets(n, full)
-    ks = take(jnp.moveaxis(k, 0, -1), (sets[:, :, None], sets[:, None, :]))
-    ts = take(jnp.moveaxis(t, 0, -1), (sets[:, :, None], sets[:, None, :]))
-    ks, ts = jnp.moveaxis(ks, -1, 0), jnp.moveaxis(ts, -1, 0)
-    out, err = flow_engine.flow(
+    rules = flow_moments.rules(
+        order, 4 * order, _multi_order(sets.shape[1], order), fp.nngp.dtype, shifted=shifted
+    )
+    size = min(len(sets), _CHUNK)
+    outs, errs = [], []
+    for start in range(0, len(sets), size):
+        chunk = sets[start : start + size]
+        pad = size - len(chunk)
+        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+        out, err = _engine_sets(
+            arch.act,
+            arch.weight_var,
+            lam_w,
+            ratios,
+            inv_prev,
+            fp.nngp,
+            fp.ntk,
+            rules,
+            jnp.asarray(chunk),
+            stats=tuple(stats),
+            pointwise=pointwise,
+        )
+        outs.append({k: v[:, : size - pad] for k, v in out.items()})
+        errs.append(err)
+        if first_only:
+            break
+    out = outs[0] if len(outs) == 1 else jax.tree.map(lambda *v: jnp.concatenate(v, 1), *outs)
+    return out, max(float(e) for e in errs)
+
+
+@partial(jax.jit, static_argnames=("act", "stats", "pointwise"))
+def _engine_sets(act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, *, stats, pointwise):
+    """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``)."""
+    ks = jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
+    ts = jnp.moveaxis(jnp.moveaxis(t, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
+    return flow_engine.flow(
         act, cw, lam_w, ratios, inv_prev, ks, ts, rules, stats=stats, pointwise=pointwise
     )
+
+
+@partial(jax.jit, static_argnames=("n", "full"))
+def _engine_layout(out, *, n, full):
+    """The fields of :class:`Perturbative` from the engine's statistics on the sets of
+    :func:`_sets`."""
     if n == 1 and not full:  # the pair layout of one input: its single values everywhere
         spread = {
             s: jnp.broadcast_to(v, v.shape[:2] + (2,) * rules_rank(s)) for s, v in out.items()
         }
-        return _pair_layout(spread, 1, np.zeros((1, 2), np.int32)), err
+        return _pair_layout(spread, 1, np.zeros((1, 2), np.int32))
     if full or n == 1:
         fields = {name: out[s][:, 0] for name, s in _FOUR.items() if s in out}
         if "B" in out:
@@ -483,8 +502,8 @@ def _engine_fields(act, cw, lam_w, ratios, inv_prev, k, t, rules, *, stats, poin
         for name, s in (("nngp_correction", "DG"), ("ntk_correction", "DH")):
             if s in out:
                 fields[name] = out[s][:, 0]
-        return fields, err
-    return _pair_layout(out, n, sets), err
+        return fields
+    return _pair_layout(out, n, _sets(n, full))
 
 
 def rules_rank(name: str) -> int:
@@ -527,7 +546,7 @@ def _pair_layout(out, n, sets):
                     :, :, :, c[:, 0][:, None], c[:, 1][:, None], c[:, 0][None, :], c[:, 1][None, :]
                 ]
             fields[name] = full4
-    if "B" in out:
+    if "B" in out and "A" in out:
         b = layout(out["B"])
         fields["ntk_b"] = jnp.stack([b[..., 0, 0, 1, 1], b[..., 0, 1, 1, 0]], axis=-1)
         fields["_ntk_var"] = (
@@ -600,11 +619,10 @@ def _run(
     dntk: str | None = None,
     ddntk: bool = False,
     full: bool = False,
-    shifted: bool = False,
 ):
-    """:class:`Perturbative` (``quadrature_error`` without the rule's own estimate, which
-    :func:`perturbative` adds): the correlation tables' path for many pairs of a quadrature
-    activation, the flow engine otherwise."""
+    """:class:`Perturbative`: the correlation tables' path for many pairs of a quadrature
+    activation (its ``quadrature_error`` without the rule's own estimate, which
+    :func:`perturbative` adds), the flow engine otherwise (with every estimate)."""
     n = x.shape[0]
     if not full and not arch.act.scale_invariant and _pair_table.worth_it(n * (n - 1) // 2):
         return _run_tabulated(arch, x, order, ntk, dntk, ddntk)
@@ -612,18 +630,40 @@ def _run(
     stats = _STATS_NNGP + (_STATS_NTK if ntk else ())
     if dntk is not None:
         stats = stats + _STATS_DNTK + (_STATS_DDNTK if ddntk else ())
-    fields, err = _run_engine(
-        arch, x, fp, order, stats, dntk == "pointwise", full=full, shifted=shifted
-    )
-    return _assemble(
+    out, err = _engine_raw(arch, x, fp, order, stats, dntk == "pointwise", full=full)
+    result = _assemble(
         arch,
         x,
         fp,
-        fields,
+        _engine_layout(out, n=n, full=full),
         full=full,
         quadrature_order=0 if arch.act.scale_invariant else order,
-        quadrature_error=float(err),
+        quadrature_error=err,
     )
+    if result.quadrature_order:
+        # the same computation with the half-spacing-shifted rules (on the first chunk of
+        # pairs): equal shapes, so the compilation is reused; the difference of the two rules
+        # estimates the error of either
+        lo, _ = _engine_raw(
+            arch,
+            x,
+            fp,
+            order,
+            stats,
+            dntk == "pointwise",
+            full=full,
+            shifted=True,
+            first_only=True,
+        )
+        rule_err = 0.0
+        for name, b in lo.items():
+            a = np.asarray(out[name][:, : b.shape[1]])
+            b = np.asarray(b)
+            scale = np.nanmax(np.abs(a)) if a.size else 0.0
+            if scale > 0:
+                rule_err = max(rule_err, float(np.nanmax(np.abs(a - b)) / scale))
+        result = dataclasses.replace(result, quadrature_error=err + rule_err)
+    return result
 
 
 def _run_tabulated(
@@ -687,7 +727,8 @@ def _run_tabulated(
         table_err = max(table_err, err)
     if dntk is not None:
         stats = _STATS_DNTK + (_STATS_DDNTK if ddntk else ())
-        fields, _ = _run_engine(arch, x, fp, order, stats, dntk == "pointwise", full=False)
+        out, _ = _engine_raw(arch, x, fp, order, stats, dntk == "pointwise", full=False)
+        fields = _engine_layout(out, n=x.shape[0], full=False)
         ntk_fields.update({k: v for k, v in fields.items() if k.startswith(("dntk", "ddntk"))})
     return Perturbative(
         nngp=k,
@@ -897,19 +938,14 @@ def perturbative(
     )
     mode = kinks if dntk else None
     result = _run(arch, x, quadrature_order, ntk, mode, ddntk, full)
-    if result.quadrature_order:
-        table = result.quadrature_error  # the tables' (or 3/4-input rule's) share
-        n = x.shape[0]
-        if full or not _pair_table.worth_it(n * (n - 1) // 2):
-            # the same computation with the half-spacing-shifted rules: equal shapes, so the
-            # compilation is reused; the difference estimates the error of either
-            m = n
-            hi = _run(arch, x, quadrature_order, ntk, mode, ddntk, full, shifted=True)
-        else:
-            # the first m inputs' entries of the full result are exactly what a run on those
-            # m inputs gives, so only the 2x-order run is new work
-            m = min(4, n)
-            hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
+    n = x.shape[0]
+    tabulated = not full and not arch.act.scale_invariant and _pair_table.worth_it(n * (n - 1) // 2)
+    if result.quadrature_order and tabulated:
+        table = result.quadrature_error  # the tables' share
+        # the first m inputs' entries of the full result are exactly what a run on those
+        # m inputs gives, so only the 2x-order run is new work
+        m = min(4, n)
+        hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
         err = 0.0
         names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
         if ntk:
@@ -918,14 +954,10 @@ def perturbative(
             names += ["dntk_p", "dntk_q"]
         if ddntk:
             names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
-        if full:
-            names = [nm.replace("ntk_variance", "ntk_b") for nm in names]
         for name in names:
             a = np.asarray(getattr(result, name))[:, :m]
             if a.ndim >= 3:
                 a = a[:, :, :m]
-            if full and a.ndim >= 5:
-                a = a[:, :, :, :m, :m]
             b = np.asarray(getattr(hi, name))
             scale = np.max(np.abs(b))
             if scale > 0:

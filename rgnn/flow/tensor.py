@@ -12,6 +12,8 @@ inputs.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -31,7 +33,7 @@ class L:
     def __mul__(self, other):
         if isinstance(other, L):
             out = self.ix + "".join(c for c in other.ix if c not in self.ix)
-            return L(jnp.einsum(f"{self.ix},{other.ix}->{out}", self.x, other.x), out)
+            return L(self._spread(out) * other._spread(out), out)
         return L(self.x * other, self.ix)
 
     __rmul__ = __mul__
@@ -113,6 +115,11 @@ def extract(x, ix: str) -> L:
     return L(take(x, tuple(grids[pos[c]] for c in ix)), out)
 
 
+SMALL = 4096
+"""Products with at most this many entries (all letters together) are formed by broadcasting;
+larger ones by ``einsum``."""
+
+
 def ein(out: str, *terms) -> L:
     """The product of ``terms`` (:class:`L` or scalars) contracted onto the letters ``out``."""
     scale = 1.0
@@ -122,6 +129,21 @@ def ein(out: str, *terms) -> L:
             ts.append(t)
         else:
             scale = scale * t
+    letters = "".join(dict.fromkeys("".join(t.ix for t in ts)))
+    sizes = {c: n for t in ts for c, n in zip(t.ix, t.x.shape, strict=True)}
+    if math.prod(sizes[c] for c in letters) <= SMALL:
+        # a few inputs (pairs, single inputs): one broadcast product and a sum, which the
+        # compiler fuses; tiny contractions as dot_generals would be looped over the batch
+        allix = out + "".join(c for c in letters if c not in out)
+        prod = ts[0]._spread(allix)
+        for t in ts[1:]:
+            prod = prod * t._spread(allix)
+        x = (
+            jnp.sum(prod, axis=tuple(range(len(out), len(allix))))
+            if len(allix) > len(out)
+            else prod
+        )
+        return L(scale * x, out)
     spec = ",".join(t.ix for t in ts) + "->" + out
     x = jnp.einsum(spec, *(t.x for t in ts), optimize="optimal" if len(ts) > 2 else False)
     return L(scale * x, out)
