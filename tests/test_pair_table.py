@@ -32,16 +32,17 @@ def _arch(name, depth):
 
 
 def _both(arch, x, order, monkeypatch):
-    """``_run`` with the tables switched on (where a layer has one norm, whatever the number of
-    pairs), and with them switched off (the reference). Forcing them on at a small ``N`` runs
+    """The pair recursions of many-input runs (``_run_tabulated``) with the tables switched on
+    (where a layer has one norm, whatever the number of pairs), and with them switched off (the
+    reference). Forcing them on at a small ``N`` runs
     the same code as ``N >= N_BREAK_EVEN`` does (``worth_it`` is the only switch), at a
     fraction of the reference's cost."""
     with monkeypatch.context() as m:
         m.setattr(_pair_table, "worth_it", lambda *a, **k: True)
-        fast = _perturbative._run(arch, x, order)
+        fast = _perturbative._run_tabulated(arch, x, order)
     with monkeypatch.context() as m:
         m.setattr(_pair_table, "worth_it", lambda *a, **k: False)
-        ref = _perturbative._run(arch, x, order)
+        ref = _perturbative._run_tabulated(arch, x, order)
     return fast, ref
 
 
