@@ -428,9 +428,9 @@ def _sets(n: int, full: bool) -> np.ndarray:
     """The input sets the engine runs on: all inputs at once (``full``), every pair, or the
     one input."""
     if full or n == 1:
-        return np.arange(n)[None, :]
+        return np.arange(n, dtype=np.int32)[None, :]
     rows, cols = np.triu_indices(n, k=1)
-    return np.stack([rows, cols], axis=1)
+    return np.stack([rows, cols], axis=1).astype(np.int32)
 
 
 _CHUNK = 256
