@@ -668,7 +668,9 @@ def _run(
             scale = np.nanmax(np.abs(a)) if a.size else 0.0
             if scale > 0:
                 rule_err = max(rule_err, float(np.nanmax(np.abs(a - b)) / scale))
-        result = dataclasses.replace(result, quadrature_error=err + rule_err)
+        # plus the leading-order kernels' own estimate, where the fixed point reports one
+        fp_err = float(getattr(fp, "quadrature_error", 0.0) or 0.0)
+        result = dataclasses.replace(result, quadrature_error=err + rule_err + fp_err)
     return result
 
 
