@@ -47,12 +47,27 @@ from rgnn._validate import check_pair
 from rgnn.architecture import MLPNetwork
 from rgnn.networks import Ensemble
 
-__all__ = ["empirical_nngp", "empirical_ntk", "measure", "Measurement", "ESTIMATORS", "DNTK_UNITS"]
+__all__ = [
+    "empirical_nngp",
+    "empirical_ntk",
+    "measure",
+    "Measurement",
+    "ESTIMATORS",
+    "DNTK_UNITS",
+    "NTK_UNITS",
+]
 
 ESTIMATORS = ("metric", "sample")
 
 DNTK_UNITS = 3
 """Units per layer whose dNTK :func:`measure` estimates (every ordered pair of them is used)."""
+
+NTK_UNITS = 4
+"""Units per layer whose NTK block :func:`measure` uses for the four-index NTK fields
+``ntk_vertex``, ``mixed_vertex`` and ``ntk_b`` (every ordered pair of different units)."""
+
+_MEMORY_LIMIT_BYTES = 8 * 2**30
+_CHUNK_ELEMENTS = 2**23  # per-network samples reduced at a time (64 MiB in float64)
 
 
 def _nngp_one(net: MLPNetwork, x1, x2, estimator: str):
@@ -65,30 +80,53 @@ def _nngp_one(net: MLPNetwork, x1, x2, estimator: str):
     return jnp.stack([cb + cw * (a @ b.T) / a.shape[1] for a, b in zip(h1, h2, strict=True)])
 
 
-def _ntk_one(net: MLPNetwork, x1, x2, unit: int):
+def _ntk_block(net: MLPNetwork, x1, x2, units):
+    """The empirical NTK between several units of every layer.
+
+    ``units[l]`` is a tuple of unit indices of layer ``l + 1`` (0-based list index ``l``; an
+    empty tuple skips the layer, ``None`` in its place, and layers past ``len(units)`` are not
+    computed); returns, per layer, ``[u_l, u_l, N1, N2]`` with entry ``[i, j, a, b]`` the NTK
+    ``H_{k_i k_j; ab}`` of units ``k_i = units[l][i]`` and ``k_j`` (the formula of the module
+    docstring with one backward signal per unit). The backward signals of all units of a layer
+    travel together, so ``u`` units cost ``u`` backward passes and ``u^2`` signal Grams.
+    """
     z1, z2 = net.preactivations(x1), net.preactivations(x2)
     h1 = [x1] + [net.activation(z) for z in z1[:-1]]
     h2 = [x2] + [net.activation(z) for z in z2[:-1]]
     dact = jax.vmap(jax.vmap(jax.grad(net.activation)))
+    n1, n2 = x1.shape[0], x2.shape[0]
     out = []
-    for top in range(len(net.layers)):
-        width = z1[top].shape[1]
-        e = jnp.zeros((width,), x1.dtype).at[unit % width].set(1.0)
-        d1 = jnp.broadcast_to(e, z1[top].shape)
-        d2 = jnp.broadcast_to(e, z2[top].shape)
-        theta = jnp.zeros((x1.shape[0], x2.shape[0]), x1.dtype)
+    for top, sel in enumerate(units):
+        if not sel:  # no unit asked for on this layer
+            out.append(None)
+            continue
+        u, width = len(sel), z1[top].shape[1]
+        e = np.zeros((u, 1, width))
+        e[np.arange(u), 0, np.asarray(sel)] = 1.0
+        d1 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n1, width))
+        d2 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n2, width))
+        theta = jnp.zeros((u, u, n1, n2), x1.dtype)
         for k in range(top, -1, -1):
             layer = net.layers[k]
             feat = layer.a_w**2 * (h1[k] @ h2[k].T)
             if layer.b is not None:
                 feat = feat + layer.a_b**2
-            theta = theta + (d1 @ d2.T) * feat
+            # every (unit, input) row of d1 against every one of d2: one matrix product
+            gram = d1.reshape(u * n1, -1) @ d2.reshape(u * n2, -1).T
+            gram = gram.reshape(u, n1, u, n2).transpose(0, 2, 1, 3)
+            theta = theta + gram * feat[None, None]
             if k > 0:
                 w = layer.a_w * layer.w[...]
-                d1 = dact(z1[k - 1]) * (d1 @ w.T)
-                d2 = dact(z2[k - 1]) * (d2 @ w.T)
+                d1 = dact(z1[k - 1])[None] * (d1 @ w.T)
+                d2 = dact(z2[k - 1])[None] * (d2 @ w.T)
         out.append(theta)
-    return jnp.stack(out)
+    return out
+
+
+def _ntk_one(net: MLPNetwork, x1, x2, unit: int):
+    widths = [layer.w.shape[1] for layer in net.layers]
+    blocks = _ntk_block(net, x1, x2, tuple((unit % w,) for w in widths))
+    return jnp.stack([b[0, 0] for b in blocks])
 
 
 @partial(jax.jit, static_argnames=("graphdef", "kind", "option", "batched"))
@@ -97,6 +135,8 @@ def _apply(graphdef, state, x1, x2, *, kind, option, batched):
         net = nnx.merge(graphdef, s)
         if kind == "nngp":
             return _nngp_one(net, x1, x2, option)
+        if kind == "ntk_block":
+            return _ntk_block(net, x1, x2, option)
         return _ntk_one(net, x1, x2, option)
 
     return jax.vmap(one)(state) if batched else one(state)
@@ -171,16 +211,44 @@ class Measurement:
       ntk: ``[L+1, N, N]`` mean empirical NTK of one unit per layer.
       ntk_correction: ``[L+1, N, N]`` ``mean(NTK) - Theta`` (``Theta`` the infinite-width NTK).
       ntk_variance: ``[L+1, N, N]`` its variance over networks.
-      dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` (``measure(..., dntk=True)``, else ``None``)
+      vertex: ``[L+1, N, N, 3, 3]``, or ``[L+1, N, N, N, N]`` with ``full=True``
+        (``measure(..., vertex=True)`` or ``full=True``, else ``None``): the four-point vertex
+        ``V_{(a1 a2)(a3 a4)} = n_{l-1} Cov(G_{a1 a2}, G_{a3 a4})``, ``n_{l-1}`` times the
+        unbiased covariance over networks of two entries of the stochastic metric. Pair layout
+        as :attr:`rgnn.Perturbative.vertex` (components ``(aa, ab, bb)`` of the pair
+        ``(a, b)``); full layout ``vertex[l, a1, a2, a3, a4]``. Zero on layer 1.
+      ntk_vertex: the same layouts, PDLT's ``A``: ``n_{l-1} Cov(H_{ii; a1 a2}, H_{jj; a3 a4})``
+        for two *different* units ``i != j`` of layer ``l``, averaged over the ordered pairs of
+        the first :data:`NTK_UNITS` units (each pair's covariance unbiased, with its own unit
+        means). Given the layer below, two units' NTKs are independent with the same mean, the
+        NTK metric ``H~`` (the neuron average of the NTK recursion), so this is exactly
+        ``n_{l-1} Cov(H~, H~)``. NaN on a layer narrower than 2 units; ``None`` with
+        ``ntk=False``.
+      mixed_vertex: the same layouts, PDLT's ``D``: ``n_{l-1} Cov(G_{a1 a2}, h_{a3 a4})`` with
+        ``h`` the mean of ``H_{ii}`` over the first :data:`NTK_UNITS` units; ``G`` is fixed by
+        the layer below and ``E[H_{ii} | below] = H~``, so this is ``n_{l-1} Cov(G, H~)``.
+      ntk_b: ``[L+1, N, N, 2]`` (``(B_aabb, B_abba)`` of the pair, as
+        :attr:`rgnn.Perturbative.ntk_b`), or ``[L+1, N, N, N, N]`` with ``full=True``
+        (``ntk_b[l, a1, a2, a3, a4] = B_{a1 a2 a3 a4}``): PDLT's ``B``, ``n_{l-1}`` times the
+        mean over networks and over the ordered pairs ``i != j`` of the first
+        :data:`NTK_UNITS` units of ``H_{ij; a1 a3} H_{ij; a2 a4}`` (``E[H_{ij}] = 0`` for
+        ``i != j``: the sign of the top layer's row ``i`` is symmetric). NaN on a layer
+        narrower than 2 units. The four-index fields are estimated on every index tuple the
+        layout holds by one code: the pair layout is the restriction of the full one to the
+        tuples of two inputs.
+      dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]``, or ``[L+1, N, N, N, N]`` with ``full=True``
+        (``measure(..., dntk=True)``, else ``None``)
         PDLT's dNTK-preactivation correlators ``P`` and ``Q`` in the pair layout of
-        :class:`~rgnn.Perturbative`: ``n_{l-1}`` times the mean of
+        :class:`~rgnn.Perturbative` (full: ``dntk_p[l, a0, a1, a2, a3] = P_{a0 a1 a2 a3}``):
+        ``n_{l-1}`` times the mean of
         ``dH_{i j j; a0 a1 a2} z_{i; a3}`` (``P``) and ``dH_{i i j; a0 a1 a2} z_{j; a3}``
         (``Q``) over the ordered pairs ``i != j`` of the first :data:`DNTK_UNITS` units of each
         layer and over networks, the dNTK taken by automatic differentiation (a
         Jacobian-vector product of the empirical NTK along the gradient of ``z_{i; a0}``).
         NaN on a layer narrower than 2 units.
-      ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` (``measure(...,
-        ddntk=True)``, else ``None``) PDLT's ddNTK means (ch. infinity) in the same pair layout,
+      ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]``, or
+        ``[L+1, N, N, N, N]`` with ``full=True`` (``measure(..., ddntk=True)``, else ``None``)
+        PDLT's ddNTK means (ch. infinity) in the same layouts,
         with ``z_{i;a}`` the preactivations of layer ``l``, ``g_{i;a} = dz_{i;a}/dtheta`` their
         gradients over all parameters of layers ``1..l`` (plain Euclidean metric over the
         flattened parameters, as the NTK) and
@@ -205,6 +273,7 @@ class Measurement:
         four vanish on layer 1 (``z^{(1)}`` is linear in its parameters). NaN on a layer
         narrower than 2 units.
       n_networks: ensemble size.
+      full: whether the four-index fields are in the full layout (static).
     """
 
     nngp: jax.Array
@@ -221,6 +290,14 @@ class Measurement:
     ntk_correction_se: jax.Array
     ntk_variance: jax.Array
     ntk_variance_se: jax.Array
+    vertex: jax.Array | None = None
+    vertex_se: jax.Array | None = None
+    ntk_vertex: jax.Array | None = None
+    ntk_vertex_se: jax.Array | None = None
+    mixed_vertex: jax.Array | None = None
+    mixed_vertex_se: jax.Array | None = None
+    ntk_b: jax.Array | None = None
+    ntk_b_se: jax.Array | None = None
     dntk_p: jax.Array | None = None
     dntk_p_se: jax.Array | None = None
     dntk_q: jax.Array | None = None
@@ -234,6 +311,7 @@ class Measurement:
     ddntk_u: jax.Array | None = None
     ddntk_u_se: jax.Array | None = None
     n_networks: int = dataclasses.field(default=0, metadata=dict(static=True))
+    full: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "units", "chunk"))
@@ -256,29 +334,37 @@ def _dntk_correlators(graphdef, state, x, widths, *, units, chunk):
                 ps.append(nan)
                 qs.append(nan)
                 continue
+            if layer == 0:  # z^(1) is linear in its parameters: its NTK is constant, dH = 0
+                ps.append(jnp.zeros((n,) * 4, x.dtype))
+                qs.append(jnp.zeros((n,) * 4, x.dtype))
+                continue
 
             def flat_z(theta, layer=layer):
                 return layer_z(theta, layer).reshape(-1)
 
-            def ntk(theta, flat_z=flat_z):
-                jac = jax.jacrev(flat_z)(theta)
-                return jac @ jac.T
+            def ntk(theta, layer=layer, u=u):
+                # the NTK of the layer's first u units, [i1, i2, a1, a2]: jac @ jac.T over the
+                # flattened parameters, from the layer structure (no Jacobian is formed)
+                net = nnx.merge(graphdef, unravel(theta))
+                sel = ((),) * layer + (tuple(range(u)),)
+                return _ntk_block(net, x, x, sel)[layer]
 
-            jac = jax.jacrev(flat_z)(flat)
+            jac = jax.jacrev(flat_z)(flat)  # rows (a0, i0): the gradients of z_{i0; a0}
             dh = jax.vmap(lambda v, ntk=ntk: jax.jvp(ntk, (flat,), (v,))[1])(jac)
-            dh = dh.reshape(n, u, n, u, n, u)  # [a0, i0, a1, i1, a2, i2]
+            dh = dh.reshape(n, u, u, u, n, n)  # [a0, i0, i1, i2, a1, a2]
             z = layer_z(flat, layer)  # [a3, i3]
             off = 1.0 - jnp.eye(u, dtype=x.dtype)
             pairs = u * (u - 1)
             # P: i0 = i3 = i, i1 = i2 = j; Q: i0 = i1 = i, i2 = i3 = j (i != j)
-            p = jnp.einsum("aibjcj,di,ij->abcd", dh, z, off) / pairs
-            q = jnp.einsum("aibicj,dj,ij->abcd", dh, z, off) / pairs
+            p = jnp.einsum("aijjbc,di,ij->abcd", dh, z, off) / pairs
+            q = jnp.einsum("aiijbc,dj,ij->abcd", dh, z, off) / pairs
             ps.append(widths[layer] * p)
             qs.append(widths[layer] * q)
         return jnp.stack(ps), jnp.stack(qs)
 
-    # vmapped ``chunk`` networks at a time: the Jacobian-vector products of the Jacobian hold
-    # (N * units)^2 parameter-sized vectors per network
+    # vmapped ``chunk`` networks at a time: the Jacobian-vector products hold N * units
+    # parameter-sized tangents per network (measure picks tens of networks: larger batches
+    # run slower on CPU)
     return jax.lax.map(one, state, batch_size=chunk)
 
 
@@ -343,6 +429,9 @@ def _ddntk_means(graphdef, state, x, widths, *, units, chunk):
             if u < 2:
                 out.append((jnp.full((n,) * 4, jnp.nan, x.dtype),) * 4)
                 continue
+            if layer == 0:  # z^(1) is linear in its parameters: every ddNTK vanishes
+                out.append((jnp.zeros((n,) * 4, x.dtype),) * 4)
+                continue
 
             def flat_z(theta, layer=layer, u=u):
                 net = nnx.merge(graphdef, unravel(theta))
@@ -353,13 +442,16 @@ def _ddntk_means(graphdef, state, x, widths, *, units, chunk):
             # R_{a0 a1 a2 a3} <- ddI_{i i j j; a0 a1 a2 a3}
             r = r * (widths[layer] / (u * (u - 1)))
             # ddII_{i1 i2 i3 i4; a1 a2 a3 a4} = W[(i1,a1),(i3,a3)] . W[(i2,a2),(i4,a4)] with
-            # W[(i,a),(j,b)] = Hess(z_{i;a}) g_{j;b} = w[b, j, a, i]: one Gram matrix of the
-            # (N u)^2 Hessian-vector products, then the unit patterns
-            flat_w = w.reshape((n * u) ** 2, -1)
-            gram = (flat_w @ flat_w.T).reshape((n, u) * 4)
-            s_ = jnp.einsum("cjaidjbi,ij->abcd", gram, off)  # S_{a1a2a3a4}: i i j j
-            t_ = jnp.einsum("biaicjdj,ij->abcd", gram, off)  # T_{a1a3a4a2}: i j i j
-            u_ = jnp.einsum("djaibicj,ij->abcd", gram, off)  # U_{a1a4a2a3}: i j j i
+            # W[(i,a),(j,b)] = Hess(z_{i;a}) g_{j;b} = w[b, j, a, i] = hv[i, j, a, b]: only the
+            # dot products the three unit patterns need (not the whole Gram matrix)
+            hv = jnp.transpose(w, (3, 1, 2, 0, 4))  # [i, j, a, b, P]
+            hd = hv[jnp.arange(u), jnp.arange(u)]  # W[(i,a),(i,b)]: [i, a, b, P]
+            # S_{a1a2a3a4} <- ddII_{i i j j}: W[(i,a1),(j,a3)] . W[(i,a2),(j,a4)]
+            s_ = jnp.einsum("ijacp,ijbdp,ij->abcd", hv, hv, off)
+            # T_{a1a3a4a2} <- ddII_{i j i j}: W[(i,a1),(i,a3)] . W[(j,a2),(j,a4)]
+            t_ = jnp.einsum("iabp,jdcp,ij->abcd", hd, hd, off)
+            # U_{a1a4a2a3} <- ddII_{i j j i}: W[(i,a1),(j,a3)] . W[(j,a2),(i,a4)]
+            u_ = jnp.einsum("ijadp,jicbp,ij->abcd", hv, hv, off)
             out.append((r, s_, t_, u_))
         return tuple(jnp.stack(f) for f in zip(*out, strict=True))
 
@@ -378,15 +470,102 @@ def _divisor_chunk(size: int, cap: int) -> int:
     return cap
 
 
-def _pair_layout(full):
-    """``[..., N, N, N, N]`` (four input indices) -> ``[..., N, N, 2, 2, 2, 2]``: slot 0 is
-    input ``a``, slot 1 input ``b`` of the pair ``(a, b)``."""
-    n = full.shape[-1]
-    sel = (np.arange(n)[:, None], np.arange(n)[None, :])
-    out = np.empty(full.shape[:-4] + (n, n, 2, 2, 2, 2), full.dtype)
-    for i, j, k, m in np.ndindex(2, 2, 2, 2):
-        out[..., i, j, k, m] = full[..., sel[i], sel[j], sel[k], sel[m]]
-    return out
+# index tuples (a1, a2, a3, a4) of the pair layouts, as slots of the pair (a, b): 0 is a, 1 is b
+_PAIR = ((0, 0), (0, 1), (1, 1))  # the pair components (aa, ab, bb)
+_VERTEX_SLOTS = np.array([[p + q for q in _PAIR] for p in _PAIR])  # [3, 3, 4]
+_B_SLOTS = np.array([[0, 0, 1, 1], [0, 1, 1, 0]])  # (B_aabb, B_abba): [2, 4]
+_DNTK_SLOTS = np.array(list(np.ndindex(2, 2, 2, 2))).reshape(2, 2, 2, 2, 4)
+
+
+def _tuples(n: int, slots) -> tuple[np.ndarray, ...]:
+    """The input-index tuples ``(a1, a2, a3, a4)`` a layout holds, as four integer arrays of the
+    layout's shape: every tuple (``slots=None``, ``[N, N, N, N]``), or on every pair ``(a, b)``
+    the tuples of ``slots`` (``[..., 4]`` of slot numbers, 0 for ``a`` and 1 for ``b``):
+    ``[N, N, ...]``."""
+    if slots is None:
+        return tuple(np.indices((n,) * 4))
+    pad = (1,) * (slots.ndim - 1)
+    a = np.arange(n).reshape((n, 1) + pad)
+    b = np.arange(n).reshape((1, n) + pad)
+    return tuple(np.where(slots[..., k] == 0, a, b) for k in range(4))
+
+
+def _select(full, idx):
+    """``[m, L+1, N, N, N, N]`` per-network four-index samples -> their entries on the tuples
+    ``idx`` (``None``: all of them, the array itself)."""
+    if idx is None:
+        return full
+    return full[:, :, idx[0], idx[1], idx[2], idx[3]]
+
+
+class _Running:
+    """Mean and standard error over networks of samples that arrive in chunks (the pairwise
+    update of Chan, Golub and LeVeque: the same numbers as one pass over all of them, up to
+    rounding, in the memory of one chunk)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, samples):
+        m = samples.shape[0]
+        mean = samples.mean(0)
+        m2 = ((samples - mean) ** 2).sum(0)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = m, mean, m2
+            return
+        total = self.count + m
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (m / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * m / total)
+        self.count = total
+
+    def result(self):
+        """``(mean, standard error of the mean)``."""
+        return self.mean, np.sqrt(self.m2 / (self.count - 1) / self.count)
+
+
+def _chunks(total: int, per_item: int) -> list[slice]:
+    """Slices of ``range(total)`` holding at most about :data:`_CHUNK_ELEMENTS` elements of
+    ``per_item`` each."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_item))
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def _products(x, y, idx, scale):
+    """Per network, ``scale * x[a1, a2] * y[a3, a4]`` on the tuples ``idx``: ``x, y``
+    ``[m, L+1, N, N]``, ``scale`` ``[L+1]`` -> ``[m, L+1, ...]``."""
+    a1, a2, a3, a4 = idx
+    s = scale.reshape((1, -1) + (1,) * a1.ndim)
+    return s * x[:, :, a1, a2] * y[:, :, a3, a4]
+
+
+def _unit_pair_samples(parts, idx, scale, kind):
+    """Per network, the unit-pair averages of the four-index NTK fields on the tuples ``idx``
+    (``[m, L+1, ...]``; NaN on a layer with fewer than 2 units), ``scale`` ``[L+1]``:
+
+    * ``"A"``: ``parts[l]`` the centered diagonal NTKs ``c_i = H_ii - mean`` ``[m, u, N, N]``;
+      ``sum_{i != j} c_i[a1, a2] c_j[a3, a4] / (u (u - 1))``, as
+      ``(sum_i c_i)(sum_j c_j) - sum_i c_i c_i``;
+    * ``"B"``: ``parts[l]`` the unit blocks ``H_ij`` ``[m, u, u, N, N]``;
+      ``sum_{i != j} H_ij[a1, a3] H_ij[a2, a4] / (u (u - 1))``.
+    """
+    a1, a2, a3, a4 = idx
+    out = []
+    for layer, h in enumerate(parts):
+        u = h.shape[1]
+        if u < 2:
+            out.append(np.full((h.shape[0],) + a1.shape, np.nan, h.dtype))
+            continue
+        if kind == "A":
+            tot = h.sum(1)
+            same = (h[:, :, a1, a2] * h[:, :, a3, a4]).sum(1)
+            val = tot[:, a1, a2] * tot[:, a3, a4] - same
+        else:
+            ii, jj = np.nonzero(1 - np.eye(u, dtype=int))
+            off = h[:, ii, jj]  # [m, u (u - 1), N, N]
+            val = (off[:, :, a1, a3] * off[:, :, a2, a4]).sum(1)
+        out.append(val * (scale[layer] / (u * (u - 1))))
+    return np.stack(out, axis=1)
 
 
 def _mean_var_se(samples):
@@ -411,22 +590,47 @@ def measure(
     ntk: bool = True,
     dntk: bool = False,
     ddntk: bool = False,
+    vertex: bool = False,
+    full: bool = False,
 ) -> Measurement:
     """Monte Carlo estimates of the fields of :func:`rgnn.perturbative` from finite networks.
 
     ``n_networks`` networks of ``arch`` are drawn (``batch_size`` at a time, each batch one
     vmapped, jitted computation) and the per-layer stochastic metric, empirical NTK and
     preactivation moments are reduced to means, variances and kurtoses with standard errors.
-    The dtype follows ``x``. ``ntk=False`` skips the NTK (its fields are then NaN);
-    ``dntk=True`` also estimates the dNTK correlators ``P`` and ``Q`` (a Jacobian-vector product
-    of the empirical NTK per network; the cost grows like the parameter count times
-    ``(N * DNTK_UNITS)^2`` per layer, so keep ``N`` small). ``ddntk=True`` also estimates the
+    The dtype follows ``x``. ``ntk=False`` skips the NTK (its fields are then NaN, and the
+    four-index NTK fields ``None``).
+
+    ``vertex=True`` also estimates the four-index fields ``vertex``, ``ntk_vertex``,
+    ``mixed_vertex`` and ``ntk_b`` (PDLT's ``V, A, D, B``; :class:`Measurement`): covariances
+    of the stochastic metric and of the NTKs of the first :data:`NTK_UNITS` units of each layer
+    over networks, and products of the NTK between different units. Their NTK side costs about
+    :data:`NTK_UNITS` times the NTK of one unit (one backward pass per unit), and the per-unit
+    diagonal NTKs of every network are kept for the covariances (``NTK_UNITS`` times the memory
+    of the one-unit NTK).
+
+    ``dntk=True`` also estimates the dNTK correlators ``P`` and ``Q``: per network and layer,
+    the NTK of the first :data:`DNTK_UNITS` units (from the layer structure, as
+    :func:`empirical_ntk`) differentiated along the gradient of every ``z_{i;a0}`` (``N *
+    DNTK_UNITS`` Jacobian-vector products); the cost grows like the parameter count times
+    ``(N * DNTK_UNITS)^2`` per layer, so keep ``N`` small. ``ddntk=True`` also estimates the
     ddNTK means ``R, S, T, U`` (:class:`Measurement`): per network and layer,
     ``D^3 z[g_{i;a1}, g_{j;a2}, g_{j;a3}]`` by three nested JVPs (``R``) and the
     Hessian-vector products ``Hess(z_{i;a}) g_{j;b}`` by a JVP of the Jacobian (forward over
-    reverse), whose Gram matrix gives ``S, T, U``; the cost grows like the parameter count
+    reverse), whose dot products give ``S, T, U``; the cost grows like the parameter count
     times ``(N * DNTK_UNITS)^2 N`` per layer, and the first call compiles for tens of seconds
-    (batches of one size share one compilation).
+    (batches of one size share one compilation). Layer 1 is not differentiated: ``z^{(1)}`` is
+    linear in its parameters, so its dNTK and ddNTKs are exactly zero.
+
+    ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
+    ``ntk_vertex``, ``mixed_vertex``, ``ntk_b`` and, when asked for, the dNTK and ddNTK fields --
+    on all index tuples of the inputs, ``[L+1, N, N, N, N]`` each with its ``<field>_se``,
+    instead of the pair layout; the estimators are the same, evaluated on every tuple (the pair
+    layout is their restriction to tuples of two inputs). Their reduction costs
+    ``O(M (L+1) N^4 NTK_UNITS^2)`` operations and ``O((L+1) N^4)`` memory per field (the
+    per-network samples are reduced in chunks), so this is for a few inputs: a request whose
+    fields would exceed 8 GiB is refused with a ``ValueError``. The dNTK and ddNTK
+    computations are the same as in the pair layout (they produce every tuple anyway).
     """
     from rgnn.architecture import MLP
     from rgnn.fixed_point import fixed_point
@@ -438,12 +642,41 @@ def measure(
         raise ValueError(f"n_networks: expected an integer >= 4, got {n_networks!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    flags = dict(ntk=ntk, dntk=dntk, ddntk=ddntk, vertex=vertex, full=full)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool | np.bool_):
+            raise ValueError(f"{name}: expected True or False, got {flag!r}")
+    ntk, dntk, ddntk, full = bool(ntk), bool(dntk), bool(ddntk), bool(full)
+    four = bool(vertex) or full
     x, _ = check_pair(x, None, ("x", "x2"))
-    gs, ts, dps, dqs = [], [], [], []
-    dds = ([], [], [], [])
+    n = x.shape[0]
     dims = arch.layer_dims(x.shape[1])
+    n_layers = len(dims) - 1
+    if full:
+        n_fields = (1 + 3 * ntk) + 2 * dntk + 4 * ddntk
+        # mean and standard error of every field, and the running mean and sum of squares
+        need = x.dtype.itemsize * n_layers * n**4 * n_fields * 4
+        if need > _MEMORY_LIMIT_BYTES:
+            raise ValueError(
+                f"x: {n} inputs need about {need / 2**30:.3g} GiB for the full four-index "
+                f"fields (they grow like N^4; limit {_MEMORY_LIMIT_BYTES / 2**30:.3g} GiB); pass "
+                "fewer inputs, or full=False for the pair layout"
+            )
+    gs, ts, hds = [], [], []
+    acc = {}
+
+    def add(name, samples):
+        acc.setdefault(name, _Running()).add(samples)
+
     units = tuple(min(DNTK_UNITS, d) for d in dims[1:])
+    ntk_units = tuple(tuple(range(min(NTK_UNITS, d))) for d in dims[1:])
     widths = tuple(float(d) for d in dims[:-1])
+    scale = np.asarray(widths, x.dtype)
+    v_idx = _tuples(n, None if full else _VERTEX_SLOTS)
+    b_idx = _tuples(n, None if full else _B_SLOTS)
+    d_idx = None if full else _tuples(n, _DNTK_SLOTS)
+    n_v, n_b = v_idx[0].size, b_idx[0].size
+    n_d = n**4 if full else d_idx[0].size
     done = 0
     while done < n_networks:
         size = min(batch_size, n_networks - done)
@@ -451,25 +684,37 @@ def measure(
             arch, x.shape[1], n_networks=size, key=jax.random.fold_in(key, done), dtype=x.dtype
         )
         gs.append(np.asarray(empirical_nngp(ens, x)))
-        if ntk:
+        if ntk and four:
+            blocks = _apply(
+                ens.graphdef, ens.state, x, x, kind="ntk_block", option=ntk_units, batched=True
+            )
+            blocks = [np.asarray(b) for b in blocks]  # per layer [m, u, u, N, N]
+            ts.append(np.stack([b[:, 0, 0] for b in blocks], axis=1))
+            hds.append([np.moveaxis(np.diagonal(b, axis1=1, axis2=2), -1, 1) for b in blocks])
+            for sl in _chunks(size, n_layers * n_b * NTK_UNITS**2):
+                add("ntk_b", _unit_pair_samples([b[sl] for b in blocks], b_idx, scale, "B"))
+        elif ntk:
             ts.append(np.asarray(empirical_ntk(ens, x)))
         if dntk:
             n_params = sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(ens.state))
-            rows = x.shape[0] * max(units)
+            rows = n * max(units)
             chunk = int(max(1, min(size, 2**26 // (rows * rows * n_params))))
-            p_s, q_s = _dntk_correlators(
-                ens.graphdef, ens.state, x, widths, units=units, chunk=chunk
-            )
-            dps.append(np.asarray(p_s))
-            dqs.append(np.asarray(q_s))
+            parts = _dntk_correlators(ens.graphdef, ens.state, x, widths, units=units, chunk=chunk)
+            for name, part in zip(("dntk_p", "dntk_q"), parts, strict=True):
+                part = np.asarray(part)
+                for sl in _chunks(size, n_layers * n_d):
+                    add(name, _select(part[sl], d_idx))
         if ddntk:
             n_params = sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(ens.state))
-            rows = x.shape[0] * max(units)
-            per_net = max(rows * rows * n_params, rows * rows * x.shape[0] ** 2 * sum(dims[1:]))
+            rows = n * max(units)
+            per_net = max(rows * rows * n_params, rows * rows * n**2 * sum(dims[1:]))
             chunk = _divisor_chunk(size, 2**26 // per_net)
             parts = _ddntk_means(ens.graphdef, ens.state, x, widths, units=units, chunk=chunk)
-            for acc, part in zip(dds, parts, strict=True):
-                acc.append(np.asarray(part))
+            names = ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
+            for name, part in zip(names, parts, strict=True):
+                part = np.asarray(part)
+                for sl in _chunks(size, n_layers * n_d):
+                    add(name, _select(part[sl], d_idx))
         done += size
     g = np.concatenate(gs)
     t = np.concatenate(ts) if ntk else np.full_like(g, np.nan)
@@ -483,17 +728,25 @@ def measure(
     kurt = 3 * a / b**2 - 3
     infl = 3 * (m4 / b**2 - 2 * a * m2 / b**3)  # influence of one network on 3 a / b^2
     kurt_se = infl.std(0, ddof=1) / np.sqrt(m2.shape[0])
-    dntk_fields = {}
-    if dntk:
-        for name, parts in (("dntk_p", dps), ("dntk_q", dqs)):
-            samples = _pair_layout(np.concatenate(parts))
-            dntk_fields[name] = samples.mean(0)
-            dntk_fields[name + "_se"] = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
-    if ddntk:
-        for name, parts in zip(("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"), dds, strict=True):
-            samples = _pair_layout(np.concatenate(parts))
-            dntk_fields[name] = samples.mean(0)
-            dntk_fields[name + "_se"] = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
+    if four:
+        # covariances over networks: centered samples, times M / (M - 1) (unbiased)
+        n_net = g.shape[0]
+        cov_scale = scale * (n_net / (n_net - 1))
+        cg = g - g_mean
+        if ntk:
+            hd = [np.concatenate(per_layer) for per_layer in zip(*hds, strict=True)]
+            hbar = np.stack([h.mean(1) for h in hd], axis=1)  # unit-averaged H_ii [M, L+1, N, N]
+            ch = hbar - hbar.mean(0)
+            hd = [h - h.mean(0) for h in hd]  # each unit centered on its own mean
+        for sl in _chunks(n_net, n_layers * n_v * (2 + NTK_UNITS)):
+            add("vertex", _products(cg[sl], cg[sl], v_idx, cov_scale))
+            if ntk:
+                add("mixed_vertex", _products(cg[sl], ch[sl], v_idx, cov_scale))
+                parts = [h[sl] for h in hd]
+                add("ntk_vertex", _unit_pair_samples(parts, v_idx, cov_scale, "A"))
+    fields = {}
+    for name, running in acc.items():
+        fields[name], fields[name + "_se"] = running.result()
     return Measurement(
         nngp=g_mean,
         nngp_se=g_se,
@@ -509,6 +762,7 @@ def measure(
         ntk_correction_se=t_se,
         ntk_variance=t_var,
         ntk_variance_se=t_var_se,
-        **dntk_fields,
+        **fields,
         n_networks=int(g.shape[0]),
+        full=full,
     )
