@@ -404,7 +404,7 @@ _FOUR = {  # Perturbative field <- engine statistic (four indices)
     "ddntk_t": "T",
     "ddntk_u": "U",
 }
-_COMPS = np.array([[0, 0], [0, 1], [1, 1]])  # pair components (aa, ab, bb) as slot pairs
+_COMPS = np.array([[0, 0], [0, 1], [1, 1]], np.int32)  # pair components (aa, ab, bb) as slot pairs
 
 
 def _multi_order(m: int, order: int) -> int:
