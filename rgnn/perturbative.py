@@ -497,7 +497,7 @@ def _engine_layout(out, *, n, full):
         return _pair_layout(spread, 1, np.zeros((1, 2), np.int32))
     if full or n == 1:
         fields = {name: out[s][:, 0] for name, s in _FOUR.items() if s in out}
-        if "B" in out:
+        if "B" in out and "A" in out:  # B alone is internal to the dNTK (ntk=False)
             fields["ntk_b"] = out["B"][:, 0]
         for name, s in (("nngp_correction", "DG"), ("ntk_correction", "DH")):
             if s in out:
