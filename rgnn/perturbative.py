@@ -492,7 +492,8 @@ def _engine_layout(out, *, n, full):
     :func:`_sets`."""
     if n == 1 and not full:  # the pair layout of one input: its single values everywhere
         spread = {
-            s: jnp.broadcast_to(v, v.shape[:2] + (2,) * rules_rank(s)) for s, v in out.items()
+            s: jnp.broadcast_to(v, v.shape[:2] + (2,) * flow_rules.RANK.get(s, 4))
+            for s, v in out.items()
         }
         return _pair_layout(spread, 1, np.zeros((1, 2), np.int32))
     if full or n == 1:
@@ -504,10 +505,6 @@ def _engine_layout(out, *, n, full):
                 fields[name] = out[s][:, 0]
         return fields
     return _pair_layout(out, n, _sets(n, full))
-
-
-def rules_rank(name: str) -> int:
-    return flow_rules.RANK.get(name, 4)
 
 
 def _pair_layout(out, n, sets):

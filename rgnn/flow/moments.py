@@ -494,14 +494,10 @@ class Moments:
         self._cache["grids"] = out
         return out
 
-    def _grid2(self, pairs):
-        """Every derivative of ``sigma`` on the two-input grid of every pair."""
-        return self._grids()["grid2"]
-
     def _pair_smooth(self, spec, pats, pairs):
         if spec in self._pre2:
             return self._pre2[spec]
-        u, v, w, fu, fv = self._grid2(pairs)
+        u, v, w, fu, fv = self._grids()["grid2"]
         npat, (ns, q) = len(pats), u.shape
         uu = jnp.ones((npat, ns, q), self.dtype)
         vv = jnp.ones((npat, ns, q, q), self.dtype)

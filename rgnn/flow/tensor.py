@@ -71,10 +71,6 @@ class L:
             raise ValueError(f"cannot reorder {self.ix!r} as {ix!r}")
         return L(jnp.einsum(f"{self.ix}->{ix}", self.x), ix)
 
-    def sum(self, letters: str) -> L:
-        out = "".join(c for c in self.ix if c not in letters)
-        return L(jnp.einsum(f"{self.ix}->{out}", self.x), out)
-
     def rename(self, ix: str) -> L:
         """The same array under new letters (position by position)."""
         return L(self.x, ix)
