@@ -22,17 +22,21 @@ disk passed as ``out``) before the next is computed; with ``x2 = None`` only the
 above the diagonal are computed and the rest is filled by symmetry. Tiles and sharding compose:
 each tile is itself computed across all devices.
 
-**Several hosts.** Start every process with :func:`jax.distributed.initialize` (coordinator
-address, number of processes, process id; on Cloud TPU and SLURM clusters it detects them
-itself) before any other JAX call. ``jax.devices()`` then lists the devices of *all* hosts and
-:func:`device_mesh` spans them; ``jax.local_devices()`` are this host's. Run the same program
-on every host: each host passes the same inputs and the same ``key`` (so every host builds the
-same ensemble), :func:`jax.shard_map` places each block on the device that owns it, and a
-result's blocks live on their hosts. Read a sharded result on one host with
-``jax.experimental.multihost_utils.process_allgather`` (small results), or let each host write
-its ``result.addressable_shards`` (large ones). Tiled kernels on several hosts: give each host
-its own range of row tiles (``x1[rank::world]`` tiles) with a single-host mesh
-(``device_mesh(jax.local_devices())``), since each tile is independent.
+**Several hosts.** The same program runs on one host or several; only the launch differs.
+Start one process per host (or per group of devices) and call :func:`jax.distributed.initialize`
+in each before any other JAX call: with explicit arguments
+(``coordinator_address="host0:1234", num_processes=P, process_id=i``) or with none on SLURM,
+Open MPI and Cloud TPU, where it reads them from the launcher. On CPU hosts the processes
+exchange blocks through CPU collectives (gloo over TCP, JAX's default;
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` on versions where it is
+not). ``jax.devices()`` then lists the devices of *all* processes and :func:`device_mesh` spans
+them; ``jax.local_devices()`` are this process's. Every process passes the same inputs and the
+same ``key``, so every process builds the same ensemble and the functions here place each
+network on the device that owns it; a sharded result is a global array whose blocks live on
+their processes, and :func:`gather` gives every process the whole of it as NumPy (``numpy.asarray``
+on one host). Tiled kernels need nothing more: each tile is computed across every process's
+devices and gathered to every process, which fills its own ``out``. ``tests/test_multihost.py``
+runs this with two processes on one machine and checks every result against one process.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -61,6 +66,7 @@ __all__ = [
     "tiled_kernel",
     "tiled_fixed_point",
     "tiled_empirical",
+    "gather",
 ]
 
 AXIS = "shard"
@@ -224,6 +230,25 @@ def sharded_fixed_point(
     return FixedPoint(nngp, ntk, d1, d2, backend="native", quadrature_order=order)
 
 
+def gather(tree):
+    """Every array of ``tree`` as one NumPy array on this host, whichever hosts hold its blocks.
+
+    An array whose blocks all live on this process's devices is copied to host memory
+    (``numpy.asarray``); one split over the devices of several processes (after
+    :func:`jax.distributed.initialize`) is all-gathered, so every process receives the whole
+    array (:func:`jax.experimental.multihost_utils.process_allgather`). Every process must call
+    it, in the same order, on arrays of the same global shape. On one host it is
+    ``numpy.asarray``, so code written with it runs unchanged on one host or several.
+    """
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 # ----------------------------------------------------------------------------- tiles
 def tiled_kernel(fn, x1, x2=None, *, tile: int, out=None) -> np.ndarray:
     """Assemble a kernel ``[..., N1, N2]`` from ``tile x tile`` blocks ``fn(x1_block, x2_block)``.
@@ -231,7 +256,8 @@ def tiled_kernel(fn, x1, x2=None, *, tile: int, out=None) -> np.ndarray:
     ``fn(a, b)`` must return ``[..., len(a), len(b)]`` whose entry ``[..., i, j]`` depends only
     on ``a[i]`` and ``b[j]`` (true of every kernel here). Every block is computed at the full
     tile size (the last one padded), so ``fn`` compiles once; each block is copied to host
-    memory before the next is computed, so device memory holds one tile. With ``x2 = None``
+    memory before the next is computed, so device memory holds one tile (a block split over
+    several hosts' devices is gathered to every host: :func:`gather`). With ``x2 = None``
     the kernel is taken to be symmetric in its last two axes and only blocks on or above the
     diagonal are computed.
 
@@ -263,7 +289,7 @@ def tiled_kernel(fn, x1, x2=None, *, tile: int, out=None) -> np.ndarray:
         for j in starts2:
             if symmetric and j < i:
                 continue
-            kb = np.asarray(fn(a, block(x2, j, t2)))
+            kb = gather(fn(a, block(x2, j, t2)))
             if out is None:
                 out = np.empty((*kb.shape[:-2], n1, n2), kb.dtype)
             elif out.shape[-2:] != (n1, n2) or out.shape[:-2] != kb.shape[:-2]:
