@@ -55,6 +55,9 @@ def ensemble(arch: MLP, in_dim: int, *, n_networks: int, key: jax.Array, dtype=N
       n_networks: ensemble size ``M >= 1``.
       key: a ``jax.random`` key; member ``i`` uses ``jax.random.split(key, M)[i]``.
       dtype: parameter dtype (default: JAX's default float, float64 under ``enable_x64``).
+
+    Returns:
+      An :class:`Ensemble` whose parameter leaves are ``[M, ...]`` (the network axis first).
     """
     if not isinstance(arch, MLP):
         raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")

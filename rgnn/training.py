@@ -146,8 +146,8 @@ def ensemble_kernels(ens: Ensemble, x) -> tuple[jax.Array, jax.Array]:
 
 
 def batch_indices(batch_key: jax.Array, step, n_inputs: int, batch_size: int) -> jax.Array:
-    """The minibatch of step ``step``: ``batch_size`` of ``n_inputs`` indices without
-    replacement, ``permutation(fold_in(batch_key, step))[:batch_size]``."""
+    """The minibatch of step ``step``: ``[batch_size]`` indices into the ``n_inputs`` inputs,
+    without replacement, ``permutation(fold_in(batch_key, step))[:batch_size]``."""
     perm = jax.random.permutation(jax.random.fold_in(batch_key, step), n_inputs)
     return perm[:batch_size]
 
