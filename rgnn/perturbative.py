@@ -1006,7 +1006,7 @@ class FourPoint:
       widths: ``[L+1]`` ``n_{l-1}``.
       quadrature_error: estimated relative error (:attr:`Perturbative.quadrature_error`: the
         two-input rule against its half-spacing shift, plus the three/four-input rule against
-        one with two nodes fewer; 0 when everything is exact).
+        one with two thirds of the nodes; 0 when everything is exact).
     """
 
     vertex: jax.Array

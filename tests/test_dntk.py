@@ -98,7 +98,13 @@ def test_kinks_are_the_smooth_limit(x64):
     distance shrinks like 1/beta (x3 in beta gives at least x2 closer, within 2% at beta = 30;
     measured for relu: 3.7%, 1.4%, 0.7% at beta = 10, 30, 60), while the pointwise derivative
     (sigma'' = 0) stays away. Leaky relu (a = 0.2) exercises the general kink coefficient
-    (1 - a^(k+1)) / (k+1)."""
+    (1 - a^(k+1)) / (k+1).
+
+    Orders: softplus(beta z) has its nearest complex poles at distance pi / beta, so the
+    trapezoid rule's error falls like exp(-2 pi (pi / beta) / h) with h = 18 sqrt(K) / order
+    its spacing in z: 300 nodes at beta = 10 and 800 at beta = 30 put it below 1e-6 of the
+    moments for K up to 4, far under the percent-level gaps measured here (the same gaps as
+    with 800 and 1600 nodes, at a quarter of the cost)."""
     slope = 0.2
     x = _inputs(2)
     cw = 2 / (1 + slope**2)
@@ -106,7 +112,7 @@ def test_kinks_are_the_smooth_limit(x64):
     dist = _quiet(arch, x, ntk=False)
     point = _quiet(arch, x, ntk=False, kinks="pointwise")
     gaps = []
-    for beta, order in ((10.0, 800), (30.0, 1600)):
+    for beta, order in ((10.0, 300), (30.0, 800)):
 
         def smooth(z, beta=beta):
             return slope * z + (1 - slope) * jax.nn.softplus(beta * z) / beta
