@@ -86,7 +86,8 @@ def _layer_table(fp, labels):
     return rows
 
 
-def _print_table(rows, stream=sys.stdout):
+def _print_table(rows, stream=None):
+    stream = sys.stdout if stream is None else stream
     head = (
         "layer",
         "K_aa",
@@ -333,7 +334,8 @@ def _base_arch(args, width):
         raise _Fail(str(err)) from None
 
 
-def _print_sweep(result, regimes, stream=sys.stdout):
+def _print_sweep(result, regimes, stream=None):
+    stream = sys.stdout if stream is None else stream
     from rgnn.study import GROUP_FIELDS, MEASURES
 
     rows = result.table()
