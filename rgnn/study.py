@@ -687,6 +687,26 @@ class Sweep:
     out: str | None = None
 
     @property
+    def description(self) -> str:
+        """One line for titles: depth, activation, parameterization, learning rate, steps,
+        ensemble size and seeds (an axis that varies as ``a/b``), and the base variances."""
+        c = self.config
+
+        def axis(key):
+            return "/".join(str(v) for v in c[key])
+
+        st, base = c["settings"], c["base"]
+        steps = (
+            "at initialization" if st["steps"] == 0 else f"{st['steps']} steps {st['optimizer']}"
+        )
+        return (
+            f"depth {axis('depths')}, {axis('activations')}, {axis('parameterizations')} "
+            f"parameterization, learning rate {axis('learning_rates')}, {steps}, "
+            f"{st['n_networks']} networks x {len(c['seeds'])} seed(s); "
+            f"C_W={base['weight_var']:g}, C_b={base['bias_var']:g}"
+        )
+
+    @property
     def groups(self) -> tuple[dict, ...]:
         """The distinct groups (settings of :data:`GROUP_FIELDS`), in grid order."""
         seen = {}
@@ -1064,7 +1084,7 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     varying = [f for f in GROUP_FIELDS if len({g[f] for g in groups}) > 1]
     rows = result.table()
     names = list(result.measures)
-    setting = _setting_title(result)
+    setting = result.description
     written = []
     ncol = min(3, max(1, len(names)))
     nrow = max(1, math.ceil(len(names) / ncol))
@@ -1108,24 +1128,6 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     except ValueError as err:  # an activation without a critical point
         warnings.warn(f"couplings.png not written: {err}", stacklevel=2)
     return written
-
-
-def _setting_title(result) -> str:
-    """Depth, activation, parameterization, learning rate, steps and ensemble of a sweep (each
-    axis that varies as ``a/b``), and the base variances."""
-    c = result.config
-
-    def axis(key):
-        return "/".join(str(v) for v in c[key])
-
-    st, base = c["settings"], c["base"]
-    steps = "at initialization" if st["steps"] == 0 else f"{st['steps']} steps {st['optimizer']}"
-    return (
-        f"depth {axis('depths')}, {axis('activations')}, {axis('parameterizations')} "
-        f"parameterization, learning rate {axis('learning_rates')}, {steps}, "
-        f"{st['n_networks']} networks x {len(c['seeds'])} seed(s); "
-        f"C_W={base['weight_var']:g}, C_b={base['bias_var']:g}"
-    )
 
 
 def _plot_measure(ax, result, rows, name, groups, varying):

@@ -265,3 +265,44 @@ def test_deep_narrow_nets_at_initialization_are_non_perturbative():
     assert regime.label == "non-perturbative" and regime.depth_over_width == pytest.approx(1.0)
     assert "not trusted" in regime.reasons[0]
     assert next(e for e in regime.evidence if e.measure == "nngp_distance").value > 0.3
+
+
+def test_trained_predictions_plug_in(monkeypatch):
+    """The place where the end-of-training prediction plugs in (rgnn.study._end_of_training):
+    a fake prediction of E[Theta_T - Theta_0] becomes the measure ``mean_ntk_movement``, held
+    against the measured ensemble-mean NTK change; it holds when it equals the measurement
+    and fails at ten times it."""
+    import dataclasses
+
+    import rgnn.study as study
+
+    @dataclasses.dataclass(frozen=True)
+    class Fake:
+        mean: np.ndarray
+        correction: np.ndarray
+        ntk_change: np.ndarray
+
+    scale = {"c": 0.0}
+
+    def fake(arch, x, y, settings):
+        n = x.shape[0]
+        theta = np.asarray(rgnn.fixed_point(arch, x).ntk[-1], float)
+        change = np.zeros((2 * n, 2 * n))
+        change[:n, :n] = scale["c"] * theta  # predicts ||change|| / ||theta|| = c
+        return Fake(np.zeros((n, 1)), np.zeros((n, 1)), change)
+
+    monkeypatch.setattr(study, "_end_of_training", fake)
+    x, y = _digits()
+    arch = rgnn.MLP(1, 32, "relu", weight_var=2.0)
+    kw = dict(steps=20, learning_rate=0.1, n_networks=8, predict=False)
+    first = rgnn.classify(arch, x, y, **kw)
+    (ev,) = [e for e in first.evidence if e.measure == "mean_ntk_movement"]
+    assert ev.predicted == 0.0 and ev.value > ev.se > 0, str(first)  # resolved
+    scale["c"] = ev.value
+    held = rgnn.classify(arch, x, y, **kw)
+    (e,) = [e for e in held.evidence if e.measure == "mean_ntk_movement"]
+    assert e.value == ev.value and e.prediction == "holds", str(held)
+    assert "mean_ntk_movement holds" in str(held)
+    scale["c"] = 10 * ev.value
+    failed = rgnn.classify(arch, x, y, **kw)
+    assert failed.label == "non-perturbative" and "mean_ntk_movement FAILS" in str(failed)

@@ -246,6 +246,11 @@ def test_table_fits_and_outputs(tmp_path):
     assert len(csv) == 4
     loaded = study.load_sweep(tmp_path)
     assert loaded.records == result.records
+    # what the plot titles carry
+    assert result.description == (
+        "depth 1, relu, ntk parameterization, learning rate 0.1, 100 steps gd, 8 networks x "
+        "2 seed(s); C_W=1, C_b=0"
+    )
 
 
 _KILLED = textwrap.dedent(
