@@ -21,7 +21,10 @@ carries them, :func:`rgnn.study.run_point`), at every width that has one:
   truncated series has stopped describing the networks.)
 * otherwise *gaussian* if ``v <= t`` (with ``se <= t``) at the widest width;
 * *inconclusive* if at no width the measurement resolves the prediction (``se > |p|``: the
-  data cannot tell the predicted effect from none);
+  data cannot tell the predicted effect from none), or if depth/width at the widest width
+  exceeds the trust bound (agreement with an expansion that is not trusted there is no
+  evidence: for deep and narrow relu networks the moments are heavy-tailed, and a small
+  ensemble underestimates them);
 * else *perturbative*.
 
 **Measures without a prediction** (the trained networks' distances, until the
@@ -44,6 +47,7 @@ single network's measure: an O(1/n) mean shift plus an O(1/sqrt(n)) fluctuation)
   above the threshold (``v_inf - z se_inf > t``: it converges to something other than the
   fixed point, as feature learning does); a fall faster than ``n^{e_fast}`` still ends at the
   fixed point and is not held against it;
+* *inconclusive* beyond the trust bound (as above);
 * else *perturbative*.
 
 Any measure is *inconclusive* without a finite standard error (one network per point) or with
@@ -304,6 +308,14 @@ def _judge(name, rows, fit, *, threshold, sigmas, q, kw):
                 f"({abs(_nan(top['predicted'])):.2g}): more networks would tell",
                 "unresolved",
             )
+        if top["depth_over_width"] > TRUST_DEPTH_OVER_WIDTH:
+            return out(
+                "inconclusive",
+                f"{_agree(checks)}, but at depth/width {top['depth_over_width']:.3g} > "
+                f"{TRUST_DEPTH_OVER_WIDTH:g} agreement with an untrusted expansion is no "
+                "evidence (heavy tails hide in small ensembles)",
+                "unresolved",
+            )
         return out("perturbative", _agree(checks))
     # no prediction: the threshold, the size and the scaling with width
     if value <= threshold:
@@ -357,6 +369,13 @@ def _judge(name, rows, fit, *, threshold, sigmas, q, kw):
         return out(
             "inconclusive",
             f"exponent {p:.2f} +- {p_se:.2f} too noisy to place (se > {kw['max_exponent_se']:g})",
+        )
+    if top["depth_over_width"] > TRUST_DEPTH_OVER_WIDTH:
+        return out(
+            "inconclusive",
+            f"falls as n^{p:.2f} +- {p_se:.2f}, but at depth/width "
+            f"{top['depth_over_width']:.3g} > {TRUST_DEPTH_OVER_WIDTH:g} the 1/n expansion is "
+            "not trusted",
         )
     return out(
         "perturbative",

@@ -1145,7 +1145,7 @@ def _plot_measure(ax, result, rows, name, groups, varying):
         v = np.array([r[name] for r in pts], float)
         s = np.array([r[name + "_se"] for r in pts], float)
         pos = v > 0
-        lab = _group_label(g, varying)
+        lab = _group_label(g, varying) + ": " if varying else ""  # one group: no prefix
         ax.errorbar(
             w[pos], v[pos], yerr=np.nan_to_num(s[pos]), fmt="o", color=color, ms=5, capsize=3
         )
@@ -1157,7 +1157,7 @@ def _plot_measure(ax, result, rows, name, groups, varying):
                 fit.prefactor * grid**fit.exponent,
                 "-",
                 color=color,
-                label=f"{lab}: slope {fit.exponent:.2f} +- {fit.exponent_se:.2f}",
+                label=f"{lab}fit: slope {fit.exponent:.2f} +- {fit.exponent_se:.2f}",
             )
         pred = np.array([r.get(name + "_predicted", np.nan) for r in pts], float)
         if np.any(np.isfinite(pred) & (pred > 0)):
@@ -1166,7 +1166,7 @@ def _plot_measure(ax, result, rows, name, groups, varying):
             dow = np.array([r["depth_over_width"] for r in pts], float)
             allow = np.array([r.get(name + "_allowance", np.nan) for r in pts], float)
             allow = np.where(np.isfinite(allow), allow, np.maximum(0.25, dow) * np.abs(pred))
-            ax.plot(w[ok], pred[ok], "x--", color=color, ms=7, label=f"{lab}: O(1/n) prediction")
+            ax.plot(w[ok], pred[ok], "x--", color=color, ms=7, label=f"{lab}O(1/n) prediction")
             lo = np.maximum(pred[ok] - allow[ok], pred[ok] * 1e-2)
             ax.fill_between(w[ok], lo, pred[ok] + allow[ok], color=color, alpha=0.12, lw=0)
         elif np.any(pos):
@@ -1176,9 +1176,9 @@ def _plot_measure(ax, result, rows, name, groups, varying):
             fast = meta.fastest_exponent if meta else slow
             anchor = np.flatnonzero(pos)[-1]
             lines = [v[anchor] * (grid / w[anchor]) ** e for e in (fast, slow)]
-            ax.plot(grid, lines[0], "--", color=color, alpha=0.7, label=f"{lab}: n^{fast:g}")
+            ax.plot(grid, lines[0], "--", color=color, alpha=0.7, label=f"{lab}n^{fast:g}")
             if slow != fast:
-                ax.plot(grid, lines[1], ":", color=color, alpha=0.7, label=f"{lab}: n^{slow:g}")
+                ax.plot(grid, lines[1], ":", color=color, alpha=0.7, label=f"{lab}n^{slow:g}")
                 ax.fill_between(grid, lines[0], lines[1], color=color, alpha=0.08, lw=0)
     if meta is not None:
         ax.axhline(meta.threshold, color="0.6", lw=0.8, ls=":")

@@ -256,15 +256,32 @@ def test_mup_nets_learning_features_are_non_perturbative():
 
 
 def test_deep_narrow_nets_at_initialization_are_non_perturbative():
-    """depth/width = 1 at initialization: outside the trust bound, and the output kernel of one
-    network is off the fixed point by order one."""
+    """The issue's `--depth 6 --widths 6,8,12 --steps 0`: depth/width 0.5 to 1, outside the
+    trust bound. Each network's output kernels are off the fixed point by order one, which
+    is non-perturbative evidence of its own (not only the bound); no measure is rated
+    perturbative, since agreement with an untrusted expansion is no evidence.
+
+    Why not the O(1/n) predictions: for relu the exact single-input kurtosis is
+    ``3 ((1 + 5/n)^L - 1)`` (21.2 at L = 6, n = 12) against the O(1/n) ``15 L / n`` (7.5),
+    and the NTK's relative fluctuation grows the same way (Hanin & Nica 2019), but these
+    moments are heavy-tailed. Simulating the exact single-input metric (a product of L
+    independent layer factors ``(2/n) sum_j z_j^2 1[z_j > 0]``), ensembles of 4096 networks
+    at 6 x 12 measure the kurtosis at 19.7 +- 2.4 (medians over 100 ensembles) and part from
+    the prediction beyond 4 se plus the allowance in only 22% of them; one ensemble of 32768
+    real networks (2 inputs) measured the NTK fluctuation at 4.12 +- 0.25 against the
+    predicted 1.74, which parts (|difference| 1.28 times the tolerance) but takes minutes."""
     x, y = _digits()
-    regime = rgnn.classify(
-        rgnn.MLP(6, 6, "relu", weight_var=2.0), x, y, steps=0, n_networks=4, predict=False
+    arch = rgnn.MLP(6, 8, "relu", weight_var=2.0)
+    result = rgnn.sweep(
+        arch, x, y, widths=[6, 8, 12], seeds=[0], steps=0, n_networks=8, predict=False
     )
-    assert regime.label == "non-perturbative" and regime.depth_over_width == pytest.approx(1.0)
+    regime = rgnn.classify(result)
+    assert regime.label == "non-perturbative" and regime.depth_over_width == pytest.approx(0.5)
     assert "not trusted" in regime.reasons[0]
-    assert next(e for e in regime.evidence if e.measure == "nngp_distance").value > 0.3
+    verdicts = _verdicts(regime)
+    assert verdicts["nngp_distance"] == "non-perturbative", str(regime)
+    assert "order-one deviation" in " ".join(regime.reasons[1:])
+    assert "perturbative" not in verdicts.values(), str(regime)
 
 
 def test_trained_predictions_plug_in(monkeypatch):
