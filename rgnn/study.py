@@ -1086,8 +1086,10 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     names = list(result.measures)
     setting = result.description
     written = []
-    ncol = min(3, max(1, len(names)))
-    nrow = max(1, math.ceil(len(names) / ncol))
+    has_couplings = any(c is not None for r in result.records for c in (r.get("couplings") or []))
+    panels = len(names) + has_couplings  # the couplings in the last panel
+    ncol = min(3 if panels <= 6 else 4, max(1, panels))
+    nrow = max(1, math.ceil(panels / ncol))
     big, big_axes = _subplots(nrow, ncol, figsize=(5.6 * ncol, 4.4 * nrow), squeeze=False)
     for idx, name in enumerate(names):
         fig, ax = _subplots(figsize=(6.4, 4.8))
@@ -1099,7 +1101,6 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
         fig.savefig(path, dpi=100)
         written.append(path)
     free = list(range(len(names), nrow * ncol))
-    has_couplings = any(c is not None for r in result.records for c in (r.get("couplings") or []))
     if free and has_couplings:
         _plot_layer_couplings(big_axes[free[0] // ncol, free[0] % ncol], result)
         free = free[1:]
