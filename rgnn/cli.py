@@ -365,12 +365,13 @@ def _print_sweep(result, regimes, stream=None):
     print("  ".join(f"{h:>{w}}" for h, w in zip(head, sizes, strict=True)), file=stream)
     for cells in table:
         print("  ".join(f"{c:>{w}}" for c, w in zip(cells, sizes, strict=True)), file=stream)
+    notes = []
     if predicted:
-        print(
-            "(O(1/n): the prediction of the measure beside it, from rgnn.perturbative; "
-            "+-? : no standard error)",
-            file=stream,
-        )
+        notes.append("O(1/n): the prediction of the measure beside it")
+    if any("+-?" in c for cells in table for c in cells):
+        notes.append("+-?: no standard error")
+    if notes:
+        print(f"({'; '.join(notes)})", file=stream)
     print(file=stream)
     print(
         "fits against width: v = c n^p (95% interval of p), and v(inf) from "
