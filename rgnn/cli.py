@@ -657,6 +657,10 @@ def _run_wilsonian(args):
     for name in ("lr", "mup_lr"):
         if not (getattr(args, name) > 0 and np.isfinite(getattr(args, name))):
             raise _Fail(f"{name.replace('_', '-')}: expected a finite number > 0")
+    if args.data == "digits" and args.n + args.n_test > 1797:  # checked before any output
+        raise _Fail(f"n: expected at most 1797 digits in all, got {args.n + args.n_test}")
+    if args.data == "digits" and not args.no_networks and args.n_scale > 360:
+        raise _Fail(f"n-scale: expected at most 360 digits 0 and 1, got {args.n_scale}")
     start = time.perf_counter()
     result = dict(data=args.data, kernel=args.kernel, ridge=args.ridge)
     with jax.enable_x64(True):

@@ -148,10 +148,15 @@ def test_out_naming_a_file_is_one_line_in_every_subcommand(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "out: expected a directory" in err[0], (argv, err)
     assert path.read_text() == "keep me\n"
-    rc = _rc(["fixed-point", "--n", "100000", "--out", str(tmp_path / "fp")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "n: expected at most 1797 digits" in err[0]
-    assert not (tmp_path / "fp").exists()
+    for argv, message in (
+        (["fixed-point", "--n", "100000"], "n: expected at most 1797 digits"),
+        (["wilsonian", "--n", "1700", "--n-test", "300"], "n: expected at most 1797 digits"),
+        (["wilsonian", "--n", "8", "--n-test", "8", "--n-scale", "400"], "n-scale: expected"),
+    ):
+        rc = _rc([*argv, "--out", str(tmp_path / "new")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+        assert not (tmp_path / "new").exists()
 
 
 def test_a_typo_writes_nothing_and_the_corrected_sweep_runs(tmp_path, capsys, monkeypatch):
