@@ -1192,7 +1192,8 @@ def _plot_measure(ax, result, rows, name, groups, varying):
     ax.set_ylabel(name, fontsize=11)
     ax.set_title(f"{name}: {meta.description}" if meta else name, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=9)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no point has a value
+        ax.legend(fontsize=9)
 
 
 def _plot_layer_couplings(ax, result):

@@ -213,10 +213,12 @@ def test_nothing_is_written_before_the_arguments_are_checked(tmp_path):
 
 
 def test_json_outputs_are_strict(tmp_path):
-    """NaN (a measure without a standard error, a fit that failed) is written as null."""
+    """NaN (a measure without a standard error, a fit that failed) is written as null; a
+    measure without any value is plotted as an empty panel (no warning)."""
 
     def point(arch, x, y, *, seed, settings):
-        return dict(measures=dict(a=dict(value=1.0 / arch.width, se=float("nan"), predicted=None)))
+        a = dict(value=1.0 / arch.width, se=float("nan"), predicted=None)
+        return dict(measures=dict(a=a, b=dict(value=None, se=None, predicted=None)))
 
     x, y = _task()
     rgnn.sweep(rgnn.MLP(1, 8), x, y, out=tmp_path, point=point, widths=[16, 32], seeds=[0])
