@@ -1,7 +1,8 @@
 """The ``rgnn`` command line.
 
 Every subcommand takes ``--out DIR`` and ``--json``, exits non-zero with a one-line error on bad
-arguments, and exits 130 on Ctrl-C.
+arguments (an ``--out`` that names a file among them) before writing anything, writes strict
+JSON (``null`` for a missing number, never ``NaN``), and exits 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ __all__ = ["main"]
 
 class _Fail(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+def _dumps(obj) -> str:
+    from rgnn.study import strict_json
+
+    return strict_json(obj, indent=2)
 
 
 def _positive_int(text):
@@ -51,6 +58,7 @@ def _fixed_point_parser(sub):
     p.add_argument("--n", type=_positive_int, default=128, help="number of digits images")
     p.add_argument("--backend", default="native", choices=["native", "neural_tangents"])
     _add_common(p)
+    _one_line_errors(p)
     p.set_defaults(run=_run_fixed_point)
 
 
@@ -78,7 +86,8 @@ def _layer_table(fp, labels):
     return rows
 
 
-def _print_table(rows, stream=sys.stdout):
+def _print_table(rows, stream=None):
+    stream = sys.stdout if stream is None else stream
     head = (
         "layer",
         "K_aa",
@@ -112,6 +121,8 @@ def _run_fixed_point(args):
             )
         except ValueError as err:
             raise _Fail(str(err)) from None
+        if args.n > 1797:
+            raise _Fail(f"n: expected at most 1797 digits, got {args.n}")
         x, y = data.digits(args.n)
         start = time.perf_counter()
         fp = rgnn.fixed_point(arch, x, backend=args.backend)
@@ -141,9 +152,9 @@ def _run_fixed_point(args):
         layers=rows,
         plot=str(png),
     )
-    (args.out / "fixed_point.json").write_text(json.dumps(result, indent=2))
+    (args.out / "fixed_point.json").write_text(_dumps(result))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_dumps(result))
     else:
         print(
             f"Gaussian fixed point of a {arch.act.name} MLP (depth {arch.depth}, "
@@ -323,7 +334,8 @@ def _base_arch(args, width):
         raise _Fail(str(err)) from None
 
 
-def _print_sweep(result, regimes, stream=sys.stdout):
+def _print_sweep(result, regimes, stream=None):
+    stream = sys.stdout if stream is None else stream
     from rgnn.study import GROUP_FIELDS, MEASURES
 
     rows = result.table()
@@ -334,21 +346,32 @@ def _print_sweep(result, regimes, stream=sys.stdout):
     head = [*varying, "width", "seeds", "depth/width"]
     for name in names:
         head += [name] + ([f"{name} O(1/n)"] if name in predicted else [])
-    print("  ".join(f"{h:>14}" for h in head), file=stream)
+    table = []
     for r in rows:
-        cells = [f"{r[f]!s:>14}" for f in varying]
-        cells += [f"{r['width']:>14d}", f"{r['n_seeds']:>14d}", f"{r['depth_over_width']:>14.4g}"]
+        cells = [str(r[f]) for f in varying]
+        cells += [str(r["width"]), str(r["n_seeds"]), f"{r['depth_over_width']:.4g}"]
         for name in names:
             if name in r:
                 se = r.get(name + "_se")
-                cell = f"{r[name]:.3g}" + (f"+-{se:.1g}" if se == se and se is not None else "")
+                ok = se is not None and se == se
+                cells.append(f"{r[name]:.3g}" + (f"+-{se:.1g}" if ok else "+-?"))
             else:
-                cell = "-"
-            cells.append(f"{cell:>14}")
+                cells.append("-")
             if name in predicted:
                 pred = r.get(name + "_predicted")
-                cells.append(f"{'-' if pred is None else format(pred, '.3g'):>14}")
-        print("  ".join(cells), file=stream)
+                cells.append("-" if pred is None else format(pred, ".3g"))
+        table.append(cells)
+    sizes = [max(len(h), *(len(c[i]) for c in table)) for i, h in enumerate(head)]
+    print("  ".join(f"{h:>{w}}" for h, w in zip(head, sizes, strict=True)), file=stream)
+    for cells in table:
+        print("  ".join(f"{c:>{w}}" for c, w in zip(cells, sizes, strict=True)), file=stream)
+    notes = []
+    if predicted:
+        notes.append("O(1/n): the prediction of the measure beside it")
+    if any("+-?" in c for cells in table for c in cells):
+        notes.append("+-?: no standard error")
+    if notes:
+        print(f"({'; '.join(notes)})", file=stream)
     print(file=stream)
     print(
         "fits against width: v = c n^p (95% interval of p), and v(inf) from "
@@ -430,7 +453,7 @@ def _run_sweep(args):
             seconds=seconds,
             out=str(args.out),
         )
-        print(json.dumps(doc, indent=2))
+        print(_dumps(doc))
     else:
         print(
             f"width sweep: {len(result.records)} points ({len(result.groups)} group(s)) in "
@@ -449,7 +472,7 @@ def _write_regimes(out, regimes):
     from rgnn.study import _atomic_write
 
     doc = [r.as_dict() for r in regimes]
-    _atomic_write(Path(out) / "regime.json", json.dumps(doc, indent=2) + "\n")
+    _atomic_write(Path(out) / "regime.json", _dumps(doc) + "\n")
 
 
 def _run_classify(args):
@@ -489,7 +512,7 @@ def _run_classify(args):
         raise _Fail(str(err)) from None
     _write_regimes(args.out, regimes)
     if args.json:
-        print(json.dumps([r.as_dict() for r in regimes], indent=2))
+        print(_dumps([r.as_dict() for r in regimes]))
     else:
         for r in regimes:
             print(r)
@@ -634,6 +657,10 @@ def _run_wilsonian(args):
     for name in ("lr", "mup_lr"):
         if not (getattr(args, name) > 0 and np.isfinite(getattr(args, name))):
             raise _Fail(f"{name.replace('_', '-')}: expected a finite number > 0")
+    if args.data == "digits" and args.n + args.n_test > 1797:  # checked before any output
+        raise _Fail(f"n: expected at most 1797 digits in all, got {args.n + args.n_test}")
+    if args.data == "digits" and not args.no_networks and args.n_scale > 360:
+        raise _Fail(f"n-scale: expected at most 360 digits 0 and 1, got {args.n_scale}")
     start = time.perf_counter()
     result = dict(data=args.data, kernel=args.kernel, ridge=args.ridge)
     with jax.enable_x64(True):
@@ -684,9 +711,9 @@ def _run_wilsonian(args):
         if not args.no_networks:
             result["scale_resolved"] = _scale_contrast(args)
     result["seconds"] = time.perf_counter() - start
-    (args.out / "wilsonian.json").write_text(json.dumps(result, indent=2))
+    (args.out / "wilsonian.json").write_text(_dumps(result))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_dumps(result))
     else:
         _print_wilsonian(args, result)
     return 0
@@ -838,6 +865,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
+        out = getattr(args, "out", None)
+        if out is not None and out.exists() and not out.is_dir():
+            raise _Fail(f"out: expected a directory, got the file {str(out)!r}")
         return args.run(args)
     except _Fail as err:
         print(f"rgnn {args.command}: error: {err}", file=sys.stderr)

@@ -1,35 +1,63 @@
-"""The regime verdict: ``gaussian``, ``perturbative`` or ``non-perturbative``, with the evidence.
+"""The regime verdict, a razor: ``gaussian``, ``perturbative``, ``non-perturbative`` or
+``inconclusive``, with the evidence.
 
-Criteria (``v``: a measure at the widest width, the seed mean, with standard error ``se``;
-``t``: its threshold, :attr:`rgnn.study.Measure.threshold` unless ``tolerance`` overrides it;
-``p +- se_p``: its fitted exponent against width, ``q`` the 95% quantile of its interval;
-``[e_fast, e]``: the exponents perturbation theory allows, ``[-1, -1]`` for an O(1/n) mean effect
-and ``[-1, -1/2]`` for a single network's measure, which is an O(1/n) mean shift plus an
-O(1/sqrt(n)) fluctuation (:class:`rgnn.study.Measure`); ``v_inf +- se_inf``: the extrapolation
-to infinite width, ``v = v_inf + b n^e``; ``z``: ``sigmas``):
+Each measure (:data:`rgnn.study.MEASURES`) is held against what the 1/n theory says of it.
+Notation: ``v +- se`` a measure at one width (the seed mean and its standard error), ``t`` its
+threshold (:attr:`rgnn.study.Measure.threshold`, or ``tolerance``), ``z = sigmas``.
 
-1. **Trust** (PDLT sec. 5.4, :data:`rgnn.perturbative.TRUST_DEPTH_OVER_WIDTH`). If
-   ``depth/width = sum_l 1/n_l`` at the widest width exceeds the trust bound, the O(1/n)
-   expansion does not describe the network: **non-perturbative**, whatever the measures say.
-2. Each measure gets a verdict:
+**Measures with an O(1/n) prediction** ``p +- se_p`` (kurtosis and NTK fluctuation at
+initialization from :func:`rgnn.perturbative`; trained-network predictions where a point
+carries them, :func:`rgnn.study.run_point`), at every width that has one:
 
-   * *gaussian* if ``v <= t``: the fixed point describes it within the tolerance;
-   * with a perturbative prediction (kurtosis, kernel variance): *non-perturbative* if the
-     measurement and the prediction disagree, ``|v - v_pred| > z se + prediction_rtol |v_pred|``
-     (the relative slack covers the neglected O(1/n^2) terms, which are ``depth/width`` times
-     the O(1/n) ones times an O(1) constant);
-   * with a sweep (two or more widths), for ``v > t``: *non-perturbative* if it does not fall
-     with width, or falls significantly more slowly than the slowest perturbative rate
-     (``p - q se_p - exponent_tolerance > e``), or its infinite-width extrapolation stays above
-     the threshold (``v_inf - z se_inf > t``: the network converges to something other than
-     the fixed point, as feature learning does); otherwise *perturbative*. A fall faster than
-     ``n^{e_fast}`` still ends at the fixed point (a vanishing O(1/n) coefficient), so it is
-     not held against the measure; a noisy exponent that cannot be told from the allowed range
-     is not either (the verdict then rests on the values and the extrapolation);
-   * at a single width, for ``v > t``: *non-perturbative* if ``v > strong`` (a relative
-     deviation of order one is not a small correction), otherwise *perturbative*.
-3. The label: **non-perturbative** if the trust bound fails or any measure is non-perturbative;
-   else **gaussian** if every measure is gaussian; else **perturbative**.
+* *non-perturbative* if measurement and prediction part:
+  ``|v - p| > z sqrt(se^2 + se_p^2) + a``, with ``a`` the **allowance for the O(1/n^2)
+  terms** the prediction neglects: the point's own ``allowance`` if it states one, else
+  ``a = max(prediction_rtol, depth/width) |p|``. The O(1/n^2) terms are the O(1/n) ones times
+  ``depth/width = sum_l 1/n_l`` times an O(1) constant (PDLT sec. 5.4: depth/width is the
+  expansion parameter), taken as 1, and never less than ``prediction_rtol`` (25%) of the
+  prediction. (For relu's kurtosis the exact single-input series is
+  ``(1 + 5/n)^L - 1``: its O(1/n^2) term is ``2.5 L/n`` times the O(1/n) one, so at
+  ``L/n = 1/2`` the allowance covers about 40% of it and the razor cuts where the
+  truncated series has stopped describing the networks.)
+* otherwise *gaussian* if ``v <= t`` (with ``se <= t``) at the widest width;
+* *inconclusive* if at no width the measurement resolves the prediction (``se > |p|``: the
+  data cannot tell the predicted effect from none), or if depth/width at the widest width
+  exceeds the trust bound (agreement with an expansion that is not trusted there is no
+  evidence: for deep and narrow relu networks the moments are heavy-tailed, and a small
+  ensemble underestimates them);
+* else *perturbative*.
+
+**Measures without a prediction** (the trained networks' distances, until the
+end-of-training prediction is wired: :func:`rgnn.study._end_of_training`), at the widest
+width, with ``q exponent +- se_p`` the fitted exponent against width, ``[e_fast, e]`` the
+exponents perturbation theory allows (``[-1, -1]`` for an ensemble mean, ``[-1, -1/2]`` for a
+single network's measure: an O(1/n) mean shift plus an O(1/sqrt(n)) fluctuation) and
+``v_inf +- se_inf`` the extrapolation ``v = v_inf + b n^e``:
+
+* *gaussian* if ``v <= t`` (and ``se <= t``);
+* *non-perturbative* if ``v - z se > strong``: an order-one deviation is not a small
+  correction;
+* *inconclusive* at a single width (nothing to hold it against), when the fit failed, when
+  its exponent is too noisy to place (``se_p > max_exponent_se``, the width of the allowed
+  window ``[-1, -1/2]``), or when it extrapolates significantly below zero
+  (``v_inf + z se_inf < 0`` for a nonnegative measure: these widths are not in the 1/n
+  regime, or its errors are underestimated);
+* *non-perturbative* if it does not fall with width or falls significantly more slowly than
+  the slowest perturbative rate (``p - q se_p - exponent_tolerance > e``), or extrapolates
+  above the threshold (``v_inf - z se_inf > t``: it converges to something other than the
+  fixed point, as feature learning does); a fall faster than ``n^{e_fast}`` still ends at the
+  fixed point and is not held against it;
+* *inconclusive* beyond the trust bound (as above);
+* else *perturbative*.
+
+Any measure is *inconclusive* without a finite standard error (one network per point) or with
+``se`` larger than its threshold when it would otherwise be gaussian.
+
+**The label**: *non-perturbative* if any measure is; else *inconclusive* if any measure is,
+or if ``depth/width`` at the widest width exceeds the trust bound
+(:data:`rgnn.perturbative.TRUST_DEPTH_OVER_WIDTH`, PDLT sec. 5.4: the O(1/n) theory is not
+trusted there, so agreement with it is no evidence); else *gaussian* if every measure is;
+else *perturbative*. The reasons name the predictions that hold and those that do not.
 
 Thresholds are relative (dimensionless) deviations; the defaults (:data:`rgnn.study.MEASURES`)
 say "the fixed point describes the network to 5%".
@@ -49,7 +77,7 @@ from rgnn.study import GROUP_FIELDS, MEASURES, Sweep, load_sweep
 
 __all__ = ["Evidence", "Regime", "classify", "LABELS"]
 
-LABELS = ("gaussian", "perturbative", "non-perturbative")
+LABELS = ("gaussian", "perturbative", "non-perturbative", "inconclusive")
 
 SIGMAS = 4.0
 """Standard errors allowed before a measured and a predicted value disagree (as the test
@@ -62,16 +90,23 @@ class Evidence:
     """One measure's evidence.
 
     Attributes:
-      value, se: the measure at the widest width (mean over seeds) and its standard error.
+      value, se: the measure at the widest width (mean over seeds) and its standard error
+        (``nan`` without one).
       threshold: the tolerance it is held to.
       exponent, exponent_se: fitted exponent against width (``nan`` at one width).
       expected, fastest: the range of exponents perturbation theory allows (``expected`` the
         slowest, ``fastest`` the fastest; equal for an O(1/n) mean).
       infinite_width, infinite_width_se: extrapolation to infinite width (``nan`` at one
         width).
-      predicted: the perturbative prediction at the widest width (``nan`` if none).
+      predicted: the O(1/n) prediction at the widest width (``nan`` if none).
+      predicted_se: its own uncertainty (``0`` if none stated, ``nan`` without a prediction).
+      allowance: the allowance for O(1/n^2) terms at the widest width (``nan`` without a
+        prediction).
       measure: the measure's name (static).
-      verdict: ``gaussian``, ``perturbative`` or ``non-perturbative`` (static).
+      verdict: ``gaussian``, ``perturbative``, ``non-perturbative`` or ``inconclusive``
+        (static).
+      prediction: ``"holds"``, ``"fails"``, ``"unresolved"`` (the data cannot tell) or ``""``
+        (no prediction) (static).
       reason: why, in words (static).
     """
 
@@ -85,8 +120,11 @@ class Evidence:
     infinite_width: float
     infinite_width_se: float
     predicted: float
+    predicted_se: float = float("nan")
+    allowance: float = float("nan")
     measure: str = dataclasses.field(default="", metadata=dict(static=True))
     verdict: str = dataclasses.field(default="", metadata=dict(static=True))
+    prediction: str = dataclasses.field(default="", metadata=dict(static=True))
     reason: str = dataclasses.field(default="", metadata=dict(static=True))
 
 
@@ -139,9 +177,9 @@ class Regime:
             f"  widths {list(self.widths)}; depth/width = {self.depth_over_width:.3g} at the "
             f"widest (trusted up to {self.trust:g})",
         ]
-        fmt = "  {:<15} {:>9} {:>8} {:>10} {:>9} {:>13} {:>8} {:>17}  {}"
-        cols = ("measure", "value", "+- se", "predicted", "threshold", "exponent", "allowed")
-        lines.append(fmt.format(*cols, "v(inf) +- se", "verdict"))
+        fmt = "  {:<17} {:>9} {:>8} {:>10} {:>9} {:>9} {:>13} {:>8} {:>17}  {}"
+        cols = ("measure", "value", "+- se", "O(1/n)", "allowed", "threshold", "exponent")
+        lines.append(fmt.format(*cols, "perturb.", "v(inf) +- se", "verdict"))
 
         def num(v, spec):
             return "-" if math.isnan(v) else format(v, spec)
@@ -162,6 +200,7 @@ class Regime:
                     f"{e.value:.4g}",
                     num(e.se, ".2g"),
                     num(e.predicted, ".4g"),
+                    num(e.allowance, ".2g"),
                     f"{e.threshold:.3g}",
                     exp,
                     allowed,
@@ -169,32 +208,50 @@ class Regime:
                     e.verdict,
                 )
             )
+        told = [e for e in self.evidence if e.prediction]
+        if told:
+            lines.append(
+                "  O(1/n) predictions: "
+                + "; ".join(f"{e.measure} {_PREDICTION_WORDS[e.prediction]}" for e in told)
+            )
         lines.append("  why:")
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
+
+
+_PREDICTION_WORDS = dict(holds="holds", fails="FAILS", unresolved="not resolved by the data")
 
 
 def _nan(v):
     return float("nan") if v is None else float(v)
 
 
-def _judge(
-    name,
-    value,
-    se,
-    predicted,
-    fit,
-    *,
-    threshold,
-    sigmas,
-    q,
-    exponent_tolerance,
-    prediction_rtol,
-    strong,
-):
+def _bad(v):
+    return v is None or not math.isfinite(v)
+
+
+def _judge(name, rows, fit, *, threshold, sigmas, q, kw):
+    """One measure's :class:`Evidence` from its per-width ``rows`` (dicts with ``width``,
+    ``value``, ``se``, ``predicted``, ``predicted_se``, ``allowance``, ``depth_over_width``;
+    ascending width) and its scaling ``fit`` (or ``None``)."""
     meta = MEASURES.get(name)
     expected = fit.expected if fit is not None else (meta.expected_exponent if meta else -1.0)
     fastest = min(meta.fastest_exponent if meta else -1.0, expected)
+    top = rows[-1]
+    value, se = top["value"], _nan(top["se"])
+    checks = []  # (row, gap, tolerance, allowance) at each width with a prediction
+    for r in rows:
+        p = r["predicted"]
+        if p is None or not math.isfinite(p):
+            continue
+        p_se = 0.0 if _bad(r.get("predicted_se")) else r["predicted_se"]
+        a = r.get("allowance")
+        if _bad(a):
+            a = max(kw["prediction_rtol"], r["depth_over_width"]) * abs(p)
+        s_r = _nan(r["se"])
+        tol = sigmas * math.hypot(s_r, p_se) + a
+        checks.append((r, abs(r["value"] - p), tol, a, s_r))
+    last = checks[-1] if checks else None
     ev = dict(
         value=value,
         se=se,
@@ -205,46 +262,101 @@ def _judge(
         fastest=fastest,
         infinite_width=fit.infinite_width if fit is not None else float("nan"),
         infinite_width_se=fit.infinite_width_se if fit is not None else float("nan"),
-        predicted=predicted,
+        predicted=_nan(top["predicted"]) if checks else float("nan"),
+        predicted_se=(
+            (0.0 if _bad(top.get("predicted_se")) else top["predicted_se"])
+            if checks
+            else float("nan")
+        ),
+        allowance=last[3] if last is not None and last[0] is top else float("nan"),
         measure=name,
     )
-    se0 = 0.0 if math.isnan(se) else se
-    if not math.isnan(predicted):
-        gap = abs(value - predicted)
-        allowed = sigmas * se0 + prediction_rtol * abs(predicted)
-        if gap > allowed:
-            return Evidence(
-                **ev,
-                verdict="non-perturbative",
-                reason=f"measured {value:.4g} +- {se0:.2g} disagrees with the O(1/n) prediction "
-                f"{predicted:.4g} (|difference| {gap:.3g} > {sigmas:g} se + "
-                f"{prediction_rtol:g} |prediction| = {allowed:.3g})",
-            )
-    if value <= threshold:
-        return Evidence(**ev, verdict="gaussian", reason=f"{value:.4g} <= threshold {threshold:g}")
-    if fit is None or math.isnan(fit.exponent):
-        if value > strong:
-            return Evidence(
-                **ev,
-                verdict="non-perturbative",
-                reason=f"{value:.4g} > {strong:g}: an order-one deviation is not a small "
-                "correction",
-            )
+    told = "holds" if checks else ""
+
+    def out(verdict, reason, prediction=None):
         return Evidence(
             **ev,
-            verdict="perturbative",
-            reason=f"{threshold:g} < {value:.4g} <= {strong:g} at one width (a sweep over widths "
-            "would test its exponent)",
+            verdict=verdict,
+            reason=reason,
+            prediction=told if prediction is None else prediction,
+        )
+
+    if math.isnan(se) or any(math.isnan(c[4]) for c in checks):
+        return out(
+            "inconclusive",
+            "no standard error (one network per point?): nothing can be held against it",
+            "unresolved" if checks else "",
+        )
+    if checks:
+        parted = [c for c in checks if c[1] > c[2]]
+        if parted:
+            r, gap, tol, a, s_r = max(parted, key=lambda c: c[1] / c[2])
+            return out(
+                "non-perturbative",
+                f"measured {r['value']:.4g} +- {s_r:.2g} parts from the O(1/n) prediction "
+                f"{r['predicted']:.4g} at width {r['width']} (|difference| {gap:.3g} > "
+                f"{sigmas:g} se + allowance {a:.2g} for O(1/n^2) = {tol:.3g})",
+                "fails",
+            )
+        if value <= threshold and se <= threshold:
+            return out("gaussian", f"{value:.4g} <= threshold {threshold:g}; {_agree(checks)}")
+        if not any(c[4] <= abs(c[0]["predicted"]) for c in checks):
+            return out(
+                "inconclusive",
+                f"agrees with its O(1/n) prediction only because its standard error "
+                f"({se:.2g} at width {top['width']}) is as large as the predicted effect "
+                f"({abs(_nan(top['predicted'])):.2g}): more networks would tell",
+                "unresolved",
+            )
+        if top["depth_over_width"] > TRUST_DEPTH_OVER_WIDTH:
+            return out(
+                "inconclusive",
+                f"{_agree(checks)}, but at depth/width {top['depth_over_width']:.3g} > "
+                f"{TRUST_DEPTH_OVER_WIDTH:g} agreement with an untrusted expansion is no "
+                "evidence (heavy tails hide in small ensembles)",
+                "unresolved",
+            )
+        return out("perturbative", _agree(checks))
+    # no prediction: the threshold, the size and the scaling with width
+    if value <= threshold:
+        if se > threshold:
+            return out(
+                "inconclusive",
+                f"{value:.4g} <= threshold {threshold:g}, but its standard error {se:.2g} "
+                "exceeds the threshold",
+            )
+        return out("gaussian", f"{value:.4g} <= threshold {threshold:g}")
+    strong = kw["strong"]
+    if value - sigmas * se > strong:
+        return out(
+            "non-perturbative",
+            f"{value:.4g} +- {se:.2g} > {strong:g}: an order-one deviation is not a small "
+            "correction",
+        )
+    if fit is None:
+        return out(
+            "inconclusive",
+            f"{threshold:g} < {value:.4g} at one width with no O(1/n) prediction: nothing to "
+            "hold it against (a sweep over widths would test its exponent)",
         )
     p, p_se = fit.exponent, fit.exponent_se
     v_inf, v_inf_se = fit.infinite_width, fit.infinite_width_se
+    if math.isnan(p) or math.isnan(v_inf) or math.isnan(p_se) or math.isnan(v_inf_se):
+        return out("inconclusive", "the fit against width failed (non-positive values?)")
+    if v_inf + sigmas * v_inf_se < 0:
+        return out(
+            "inconclusive",
+            f"extrapolates to {v_inf:.3g} +- {v_inf_se:.2g}, significantly below zero for a "
+            "nonnegative measure: these widths are not in the 1/n regime, or the errors are "
+            "underestimated",
+        )
     failed = []
-    slack = q * p_se + exponent_tolerance
+    slack = q * p_se + kw["exponent_tolerance"]
     if p - slack > expected:  # significantly slower than the slowest perturbative rate
         what = "does not fall with width" if p + q * p_se >= 0 else "falls too slowly"
         failed.append(
             f"{what}: exponent {p:.2f} +- {p_se:.2f}, slower than the slowest perturbative "
-            f"rate n^{expected:g} by more than {q:.2g} se + {exponent_tolerance:g}"
+            f"rate n^{expected:g} by more than {q:.2g} se + {kw['exponent_tolerance']:g}"
         )
     if v_inf - sigmas * v_inf_se > threshold:
         failed.append(
@@ -252,12 +364,32 @@ def _judge(
             "infinite width"
         )
     if failed:
-        return Evidence(**ev, verdict="non-perturbative", reason="; ".join(failed))
-    return Evidence(
-        **ev,
-        verdict="perturbative",
-        reason=f"{value:.4g} > {threshold:g} but falls as n^{p:.2f} +- {p_se:.2f} (expected "
+        return out("non-perturbative", "; ".join(failed))
+    if p_se > kw["max_exponent_se"]:
+        return out(
+            "inconclusive",
+            f"exponent {p:.2f} +- {p_se:.2f} too noisy to place (se > {kw['max_exponent_se']:g})",
+        )
+    if top["depth_over_width"] > TRUST_DEPTH_OVER_WIDTH:
+        return out(
+            "inconclusive",
+            f"falls as n^{p:.2f} +- {p_se:.2f}, but at depth/width "
+            f"{top['depth_over_width']:.3g} > {TRUST_DEPTH_OVER_WIDTH:g} the 1/n expansion is "
+            "not trusted",
+        )
+    return out(
+        "perturbative",
+        f"{value:.4g} > {threshold:g} but falls as n^{p:.2f} +- {p_se:.2f} (expected "
         f"{_rate(fastest, expected)}) towards {v_inf:.3g} +- {v_inf_se:.2g}",
+    )
+
+
+def _agree(checks):
+    r, gap, tol, a, s_r = checks[-1]
+    widths = ", ".join(str(c[0]["width"]) for c in checks)
+    return (
+        f"agrees with its O(1/n) prediction at width(s) {widths} (widest: {r['value']:.4g} +- "
+        f"{s_r:.2g} vs {r['predicted']:.4g}, |difference| {gap:.3g} <= {tol:.3g})"
     )
 
 
@@ -267,15 +399,25 @@ def _rate(fastest, slowest):
 
 def _verdict(evidence, depth_over_width, trust, group, widths) -> Regime:
     reasons = []
-    if depth_over_width > trust:
+    untrusted = depth_over_width > trust
+    if untrusted:
         reasons.append(
             f"depth/width = {depth_over_width:.3g} > {trust:g}: the O(1/n) expansion is not "
             "trusted here (PDLT sec. 5.4)"
         )
     bad = [e for e in evidence if e.verdict == "non-perturbative"]
-    reasons += [f"{e.measure}: {e.reason}" for e in bad]
-    if reasons:
+    unsure = [e for e in evidence if e.verdict == "inconclusive"]
+    if bad:
         label = "non-perturbative"
+        reasons += [f"{e.measure}: {e.reason}" for e in bad]
+    elif unsure or untrusted:
+        label = "inconclusive"
+        reasons += [f"{e.measure}: {e.reason}" for e in unsure]
+        if untrusted and not unsure:
+            reasons.append(
+                "no measure departs from the fixed point or its prediction, but "
+                "agreement with an untrusted expansion is no evidence"
+            )
     elif all(e.verdict == "gaussian" for e in evidence):
         label = "gaussian"
         reasons.append("every measure is within its threshold of the Gaussian fixed point")
@@ -293,31 +435,45 @@ def _verdict(evidence, depth_over_width, trust, group, widths) -> Regime:
     )
 
 
+def _quantile_of(fit):
+    if fit is not None and fit.exponent_se > 0:
+        return (fit.exponent_high - fit.exponent) / fit.exponent_se  # the fit's own quantile
+    return float("nan")
+
+
 def _classify_group(result: Sweep, group: dict, **kw) -> Regime:
     recs = result.records_of(group)
     widths = sorted({r["point"]["width"] for r in recs})
     widest = [r for r in recs if r["point"]["width"] == widths[-1]]
     fits = result.fits_of(group)
-    rows = {r["width"]: r for r in result.table() if all(r[f] == group[f] for f in GROUP_FIELDS)}
-    top = rows[widths[-1]]
+    table = [r for r in result.table() if all(r[f] == group[f] for f in GROUP_FIELDS)]
     evidence = []
     for name in result.measures:
-        if name not in top:
+        rows = [
+            dict(
+                width=r["width"],
+                value=float(r[name]),
+                se=r.get(name + "_se"),
+                predicted=r.get(name + "_predicted"),
+                predicted_se=r.get(name + "_predicted_se"),
+                allowance=r.get(name + "_allowance"),
+                depth_over_width=r["depth_over_width"],
+            )
+            for r in table
+            if name in r
+        ]
+        if not rows or rows[-1]["width"] != widths[-1]:
             continue
         fit = fits.get(name)
-        q = float("nan")
-        if fit is not None and fit.exponent_se > 0:
-            q = (fit.exponent_high - fit.exponent) / fit.exponent_se  # the fit's own quantile
         evidence.append(
             _judge(
                 name,
-                float(top[name]),
-                _nan(top.get(name + "_se")),
-                _nan(top.get(name + "_predicted")),
+                rows,
                 fit,
                 threshold=_threshold(name, kw["tolerance"]),
-                q=q,
-                **{k: v for k, v in kw.items() if k != "tolerance"},
+                sigmas=kw["sigmas"],
+                q=_quantile_of(fit),
+                kw=kw,
             )
         )
     dow = float(np.mean([r["depth_over_width"] for r in widest]))
@@ -333,22 +489,30 @@ def _threshold(name, tolerance):
 
 def _classify_point(record: dict, **kw) -> Regime:
     evidence = []
+    p = record["point"]
     for name, m in record["measures"].items():
         if m.get("value") is None:
             continue
+        row = dict(
+            width=p["width"],
+            value=float(m["value"]),
+            se=m.get("se"),
+            predicted=m.get("predicted"),
+            predicted_se=m.get("predicted_se"),
+            allowance=m.get("allowance"),
+            depth_over_width=record["depth_over_width"],
+        )
         evidence.append(
             _judge(
                 name,
-                float(m["value"]),
-                _nan(m.get("se")),
-                _nan(m.get("predicted")),
+                [row],
                 None,
                 threshold=_threshold(name, kw["tolerance"]),
+                sigmas=kw["sigmas"],
                 q=float("nan"),
-                **{k: v for k, v in kw.items() if k != "tolerance"},
+                kw=kw,
             )
         )
-    p = record["point"]
     group_t = tuple((f, p[f]) for f in GROUP_FIELDS if f in p)
     return _verdict(
         evidence, record["depth_over_width"], TRUST_DEPTH_OVER_WIDTH, group_t, (p["width"],)
@@ -366,10 +530,12 @@ def classify(
     exponent_tolerance: float = 0.25,
     prediction_rtol: float = 0.25,
     strong: float = 0.5,
+    max_exponent_se: float = 0.5,
     seed: int = 0,
     **settings,
 ) -> Regime:
-    """Label a configuration or a sweep ``gaussian``, ``perturbative`` or ``non-perturbative``.
+    """Label a configuration or a sweep ``gaussian``, ``perturbative``, ``non-perturbative``
+    or ``inconclusive``: each measure held against its O(1/n) prediction where it has one.
 
     Args:
       result: a :class:`~rgnn.study.Sweep`, a sweep's results directory (``str`` or
@@ -383,8 +549,13 @@ def classify(
       sigmas: standard errors allowed between a measurement and its prediction.
       exponent_tolerance: slack between a fitted exponent and the expected one, beyond its
         confidence interval (pre-asymptotic curvature at small widths).
-      prediction_rtol: relative slack between a measurement and its O(1/n) prediction.
-      strong: at a single width, deviations above this are non-perturbative.
+      prediction_rtol: the smallest allowance for the O(1/n^2) terms, relative to the
+        prediction (the allowance is ``max(prediction_rtol, depth/width) |prediction|``
+        unless a point states its own).
+      strong: a measure without a prediction above this (by ``sigmas`` standard errors) is an
+        order-one deviation: non-perturbative.
+      max_exponent_se: a fitted exponent noisier than this cannot be placed in the
+        perturbative window: inconclusive.
 
     Returns:
       A :class:`Regime`; ``print`` it for the evidence. The criteria are in the module
@@ -398,6 +569,7 @@ def classify(
         exponent_tolerance=float(exponent_tolerance),
         prediction_rtol=float(prediction_rtol),
         strong=float(strong),
+        max_exponent_se=float(max_exponent_se),
     )
     if tolerance is not None and not float(tolerance) > 0:
         raise ValueError(f"tolerance: expected a positive number, got {tolerance!r}")

@@ -30,14 +30,23 @@ infinite-width value is the intercept ``v_inf`` of the weighted linear fit
 effects, ``-1/2`` for single-network fluctuations, PDLT ch. 4 and 8), with its standard error
 from the same normal equations.
 
-**Results store.** ``out/sweep.json`` holds the sweep's configuration and its hash;
-``out/points.jsonl`` one JSON record per finished point, each keyed by the SHA-256 of its full
-configuration. The file is rewritten as a whole into a temporary file in the same directory,
-flushed to disk and moved over the old one with ``os.replace`` (atomic on POSIX), once per
-finished point: an interrupted run (Ctrl-C, ``kill -9``) loses at most the point in flight, and
-running the same sweep again skips every point already in the file. A directory holding a
-different sweep is refused. ``table.csv``, ``table.json`` and the PNG plots are written when
-the sweep finishes.
+**Results store.** ``out/sweep.json`` holds the sweep's configuration and the hash of its
+*identity*: everything but the grid axes (the base architecture's variances and output
+dimension, the data, the training settings); ``out/points.jsonl`` one JSON record per finished
+point, each keyed by the SHA-256 of its full configuration (its point on the grid, the base, the
+data, the settings). The file is rewritten as a whole into a temporary file in the same
+directory, flushed to disk and moved over the old one with ``os.replace`` (atomic on POSIX),
+once per finished point: an interrupted run (Ctrl-C, ``kill -9``) loses at most the point in
+flight, and running the same sweep again skips every point already in the file. A sweep with
+the same identity and other grid axes (more widths, more seeds, another depth) *extends* the
+folder: finished points are reused, ``sweep.json`` then lists the union of the axes, and the
+returned :class:`Sweep`, the table and the plots cover every finished point of that union. A
+folder holding a sweep of another identity is refused, naming the settings that differ.
+Nothing is written before the arguments are checked and the first point has finished:
+``sweep.json`` and ``points.jsonl`` appear with the first finished point, so a typo that makes
+every point fail leaves no trace. ``table.csv``, ``table.json`` and the PNG plots are written
+when the sweep finishes. Every JSON file is strict JSON (``NaN`` and infinities are written as
+``null``; :func:`strict_json`).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,13 +79,15 @@ __all__ = [
     "fit_scaling",
     "load_sweep",
     "run_point",
+    "strict_json",
     "sweep",
 ]
 
 GROUP_FIELDS = ("depth", "activation", "parameterization", "learning_rate")
 """The sweep axes besides width and seed; one setting of them is a group."""
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+"""2: the key hashes the sweep's identity (:func:`_identity`), not its grid."""
 CONFIDENCE = 0.95
 
 
@@ -298,33 +310,83 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _strict(obj):
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kwargs) -> str:
+    """``json.dumps`` of ``obj`` as strict JSON: ``NaN`` and infinities become ``null``, NumPy
+    scalars and arrays plain numbers and lists (``allow_nan=False`` then guarantees it)."""
+    return json.dumps(_strict(obj), allow_nan=False, **kwargs)
+
+
+AXES = ("widths", "seeds", "depths", "activations", "parameterizations", "learning_rates")
+"""The grid axes of a sweep's configuration: a folder can be extended along them."""
+
+
+def _identity(config: dict) -> dict:
+    """What a sweep folder is about: its configuration without the grid axes."""
+    return {k: v for k, v in config.items() if k not in AXES}
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif _canonical(a) != _canonical(b):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _union(old: list, new: list) -> list:
+    merged = list(old) + [v for v in new if v not in old]
+    return sorted(merged) if all(isinstance(v, int | float) for v in merged) else merged
+
+
 class _Store:
-    """``out/sweep.json`` (configuration) and ``out/points.jsonl`` (finished points)."""
+    """``out/sweep.json`` (configuration) and ``out/points.jsonl`` (finished points).
+
+    Opening reads and checks; nothing is written until the first :meth:`add`."""
 
     def __init__(self, out, config: dict):
         self.dir = Path(out)
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"out: expected a directory, got the file {str(self.dir)!r}")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp*"):  # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
-        self.key = _hash(config)
-        meta = self.dir / "sweep.json"
-        if meta.exists():
-            try:
-                old = json.loads(meta.read_text())
-            except json.JSONDecodeError:
-                raise ValueError(f"out: {str(meta)!r} is not a sweep configuration") from None
-            if old.get("key") != self.key:
-                raise ValueError(
-                    f"out: {str(self.dir)!r} holds a different sweep (configuration "
-                    f"{old.get('key')}, this one {self.key}); choose another --out or remove it"
-                )
-        else:
-            doc = dict(rgnn_sweep=STORE_VERSION, key=self.key, config=config)
-            _atomic_write(meta, json.dumps(doc, indent=2) + "\n")
+        self.key = _hash(_identity(config))
+        self.config = config
+        self.meta = self.dir / "sweep.json"
         self.points = self.dir / "points.jsonl"
         self.records: dict[str, dict] = {}
+        self.written = False
+        if self.meta.exists():
+            try:
+                old = json.loads(self.meta.read_text())
+                old_config = old["config"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"out: {str(self.meta)!r} is not a sweep configuration") from None
+            diff = _differences(_identity(old_config), _identity(config))
+            if diff:
+                raise ValueError(
+                    f"out: {str(self.dir)!r} holds a different sweep ({'; '.join(diff)}); "
+                    "choose another --out or remove it"
+                )
+            # the same sweep: its folder keeps the union of both grids
+            self.config = dict(config)
+            for axis in AXES:
+                self.config[axis] = _union(old_config.get(axis, []), config[axis])
         if self.points.exists():
             for i, line in enumerate(self.points.read_text().splitlines()):
                 if line.strip():
@@ -336,9 +398,19 @@ class _Store:
                             f"out: line {i + 1} of {str(self.points)!r} is not a sweep point"
                         ) from None
 
+    def _write_meta(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+        doc = dict(rgnn_sweep=STORE_VERSION, key=self.key, config=self.config)
+        _atomic_write(self.meta, strict_json(doc, indent=2) + "\n")
+        self.written = True
+
     def add(self, record: dict) -> None:
+        if not self.written:
+            self._write_meta()
         self.records[record["key"]] = record
-        text = "".join(_canonical(r) + "\n" for r in self.records.values())
+        text = "".join(_canonical(_strict(r)) + "\n" for r in self.records.values())
         _atomic_write(self.points, text)
 
 
@@ -360,8 +432,16 @@ def run_point(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
         ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``, ``predict``.
 
     Returns:
-      ``dict(measures={name: dict(value, se, predicted)}, couplings=[L+1] or None,
+      ``dict(measures={name: dict(value, se, predicted, ...)}, couplings=[L+1] or None,
       layers={name: [L+1 values]})``.
+
+    **A measure's record** (what a custom ``point`` function returns, and what
+    :func:`rgnn.classify` holds against each other): ``value`` and ``se`` (the measurement and
+    its standard error, ``None`` when there is none, e.g. one network), ``predicted`` (its
+    O(1/n) prediction at this width, or ``None``), and optionally ``predicted_se`` (the
+    prediction's own uncertainty, e.g. quadrature) and ``allowance`` (the absolute difference
+    the neglected O(1/n^2) terms may make; by default :func:`rgnn.classify` allows
+    ``max(prediction_rtol, second_order * depth/width) * |predicted|``).
     """
     return _adapter(arch, x, y, seed=seed, settings=settings)
 
@@ -373,7 +453,7 @@ def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
     from rgnn._validate import check_inputs
     from rgnn.compare import compare
     from rgnn.networks import ensemble
-    from rgnn.training import train
+    from rgnn.training import ensemble_kernels, train
 
     x = check_inputs(x, "x")
     key = jax.random.key(seed)
@@ -406,7 +486,103 @@ def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
             )
     predict = settings.get("predict", True) and settings["n_networks"] >= 4
     cmp = compare(arch, x, record, perturbative=predict)
-    return _summarize(cmp, y, trained=steps > 0)
+    out = _summarize(cmp, y, trained=steps > 0)
+    ntk0 = (record.ntk[0] if steps > 0 else ensemble_kernels(record, x)[1])[:, -1]
+    out["measures"]["ntk_fluctuation"] = _ntk_fluctuation(arch, x, ntk0, predict=predict)
+    if steps > 0:
+        eot = _end_of_training(arch, x, y, settings)
+        out["measures"].update(_trained_predictions(eot, cmp, n_train=x.shape[0]))
+    return out
+
+
+def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
+    """The ``ntk_fluctuation`` measure at initialization, with its O(1/n) prediction.
+
+    Measured: ``r = mean_a Var(Theta_aa) / mean(Theta_aa)^2`` over the ``M`` networks' output
+    NTKs ``ntk0`` (``[M, N, N]``; unbiased variance), the standard error by the delete-one
+    jackknife over networks. Predicted (PDLT ch. 8, :attr:`rgnn.Perturbative.ntk_variance`):
+    ``mean_a ntk_variance_aa / Theta_aa^2`` on the output layer, which is ``r`` at O(1/n) (the
+    mean's own O(1/n) shift enters the ratio at O(1/n^2)). For relu the exact ratio grows like
+    ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
+    deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
+    the NTK-parameterized twin's) or without ``predict``; ``predicted_se`` is the prediction's
+    quadrature error."""
+    d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]
+    m = d.shape[0]
+    value = se = None
+    if m >= 2:
+
+        def ratio(a):
+            return float(np.mean(np.var(a, 0, ddof=1) / np.mean(a, 0) ** 2))
+
+        value = ratio(d)
+        if m >= 3:
+            jack = np.array([ratio(np.delete(d, i, 0)) for i in range(m)])
+            se = float(np.sqrt((m - 1) / m * np.sum((jack - jack.mean()) ** 2)))
+    predicted = predicted_se = None
+    if predict and arch.parameterization != "mup":
+        from rgnn.perturbative import perturbative
+
+        p = perturbative(arch, x, warn=False)
+        var = np.diagonal(np.asarray(p.ntk_variance[-1], float))
+        theta = np.diagonal(np.asarray(p.ntk[-1], float))
+        predicted = float(np.mean(var / theta**2))
+        predicted_se = abs(predicted) * float(p.quadrature_error)
+    return dict(
+        value=_finite(value) if value is not None else None,
+        se=_finite(se) if se is not None else None,
+        predicted=_finite(predicted) if predicted is not None else None,
+        predicted_se=_finite(predicted_se) if predicted_se is not None else None,
+    )
+
+
+# ============================================================================================
+# THE PLUG-IN POINT for the trained-network predictions (issue: the end of training at O(1/n)).
+# `_end_of_training` is the one place that calls `rgnn.end_of_training`; `_trained_predictions`
+# turns its result into measures with predictions. Until it is wired, it returns None and the
+# sweep has no trained-network predictions (its trained measures are judged by their scaling).
+# ============================================================================================
+def _end_of_training(arch: MLP, x, y, settings: dict):
+    """The O(1/n) end-of-training prediction for the networks of this point, or ``None``.
+
+    To wire: return ``rgnn.end_of_training(arch, x, y, x_test, learning_rate=...)`` (with
+    ``x_test`` the test inputs, or ``x`` itself when there are none: only the training block of
+    ``ntk_change`` is then used) for ``settings["optimizer"] == "gd"`` and
+    ``settings["loss"] == "mse"``, in a parameterization it covers, with ``steps=`` if it
+    predicts a finite number of steps (else only when the networks have converged); ``None``
+    otherwise. Expected fields: ``ntk_change`` (``E[Theta_T - Theta_0]`` at O(1/n) on
+    ``[train; test]``), ``correction`` (``E[f_T] - mean`` on the test inputs, divided by the
+    width) and ``mean``.
+    """
+    return None
+
+
+def _trained_predictions(eot, cmp, *, n_train: int) -> dict:
+    """Measures of the trained ensemble held against an end-of-training prediction ``eot``
+    (:func:`_end_of_training`; ``None`` gives none):
+
+    * ``mean_ntk_movement = ||<Theta_T - Theta_0>|| / ||<Theta_0>||`` on the training inputs,
+      output layer (:attr:`rgnn.Comparison.mean_ntk_movement`, jackknife bias-corrected, so
+      an estimate of the norm of the expectation) against
+      ``||ntk_change[:N, :N]|| / ||Theta_inf||``, its O(1/n) prediction (the denominators
+      differ at O(1/n), the ratio at O(1/n^2)).
+
+    The mean departure of ``f_T`` from the network's own infinite-width linearization,
+    ``E[f_T - f_lin,T]``, is ``eot.correction`` on *test* inputs (on the training inputs both
+    reach the targets); it becomes a measure once the sweep trains with test inputs
+    (``rms(<f_T - f_lin,T>) / rms(y)`` on them, :attr:`rgnn.Comparison.mean_test_gap`, against
+    ``rms(correction) / rms(y)``).
+    """
+    if eot is None:
+        return {}
+    change = np.asarray(eot.ntk_change, float)[:n_train, :n_train]
+    ref = np.asarray(cmp.reference_ntk, float)[-1]
+    predicted = float(np.linalg.norm(change) / np.linalg.norm(ref))
+    v = np.asarray(cmp.mean_ntk_movement, float)[-1, -1]
+    s = np.asarray(cmp.mean_ntk_movement_se, float)[-1, -1]
+    return dict(
+        mean_ntk_movement=dict(value=_finite(v), se=_finite(s), predicted=_finite(predicted))
+    )
 
 
 def _summarize(cmp, y, *, trained: bool) -> dict:
@@ -469,6 +645,20 @@ _register(
         threshold=0.15,
         predicted=True,
     ),
+    Measure(
+        "ntk_fluctuation",
+        -1.0,
+        "Var(Theta_aa) / E[Theta_aa]^2 at init, output layer",
+        threshold=0.05,
+        predicted=True,
+    ),
+    Measure(
+        "mean_ntk_movement",
+        -1.0,
+        "||<Theta_T - Theta_0>|| / ||<Theta_0>||, output layer (with an end-of-training "
+        "prediction only)",
+        predicted=True,
+    ),
 )
 
 
@@ -495,6 +685,26 @@ class Sweep:
     records: tuple
     fits: tuple
     out: str | None = None
+
+    @property
+    def description(self) -> str:
+        """One line for titles: depth, activation, parameterization, learning rate, steps,
+        ensemble size and seeds (an axis that varies as ``a/b``), and the base variances."""
+        c = self.config
+
+        def axis(key):
+            return "/".join(str(v) for v in c[key])
+
+        st, base = c["settings"], c["base"]
+        steps = (
+            "at initialization" if st["steps"] == 0 else f"{st['steps']} steps {st['optimizer']}"
+        )
+        return (
+            f"depth {axis('depths')}, {axis('activations')}, {axis('parameterizations')} "
+            f"parameterization, learning rate {axis('learning_rates')}, {steps}, "
+            f"{st['n_networks']} networks x {len(c['seeds'])} seed(s); "
+            f"C_W={base['weight_var']:g}, C_b={base['bias_var']:g}"
+        )
 
     @property
     def groups(self) -> tuple[dict, ...]:
@@ -527,7 +737,8 @@ class Sweep:
     def table(self) -> list[dict]:
         """One row per group and width: the group, ``width``, ``n_seeds``,
         ``depth_over_width``, and for each measure its seed mean, standard error and (where
-        there is one) the perturbative prediction."""
+        the points carry them) the perturbative prediction ``<name>_predicted``, its
+        uncertainty ``<name>_predicted_se`` and allowance ``<name>_allowance`` (seed means)."""
         rows = []
         for g in self.groups:
             recs = self.records_of(g)
@@ -544,9 +755,10 @@ class Sweep:
                     mean, se = pool_seeds(vals, ses[: len(vals)])
                     row[name] = mean
                     row[name + "_se"] = se
-                    preds = [m.get("predicted") for m in have if m.get("predicted") is not None]
-                    if preds:
-                        row[name + "_predicted"] = float(np.mean(preds))
+                    for extra in ("predicted", "predicted_se", "allowance"):
+                        got = [m.get(extra) for m in have if m.get(extra) is not None]
+                        if got:
+                            row[f"{name}_{extra}"] = float(np.mean(got))
                 rows.append(row)
         return rows
 
@@ -698,6 +910,17 @@ def sweep(
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
             what = "non-negative" if name == "steps" else "positive"
             raise ValueError(f"{name}: expected a {what} integer, got {v!r}")
+    from rgnn.training import LOSSES, OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if loss == "cross_entropy" and not np.issubdtype(np.asarray(y).dtype, np.integer):
+        raise ValueError(
+            "loss: 'cross_entropy' expects integer class labels y, got real-valued targets "
+            f"({np.asarray(y).dtype}); use loss='mse'"
+        )
     for a in activations:  # fail before any work on an unknown name
         _arch_at(
             arch,
@@ -735,6 +958,8 @@ def sweep(
     store = _Store(out, config) if out is not None else None
     point_fn = run_point if point is None else point
     grid = list(_grid(widths, seeds, depths, activations, parameterizations, learning_rates))
+    # an extended folder: the union of the grids, of which this call computes its own points
+    full_grid = grid if store is None else list(_grid_from_config(store.config))
 
     def key_of(p):
         return _hash(dict(point=p, base=config["base"], data=config["data"], settings=settings))
@@ -766,13 +991,19 @@ def sweep(
                 depth_over_width=float(np.sum(1.0 / np.asarray(a.widths, float))),
                 seconds=seconds,
             )
+            record = _strict(record)  # as it is stored: NaN -> None
             if store is not None:
                 store.add(record)
             records.append(record)
             bar.advance(seconds, note)
     finally:
         bar.close()
-    result = Sweep(config, tuple(records), _fits(config, records), str(out) if out else None)
+    if store is not None and not store.written:  # every point was already there
+        store._write_meta()  # the union of the axes
+    if store is not None and len(full_grid) > len(grid):
+        records = [store.records[key_of(p)] for p in full_grid if key_of(p) in store.records]
+    final = config if store is None else store.config
+    result = Sweep(final, tuple(records), _fits(final, records), str(out) if out else None)
     if store is not None:
         write_outputs(result, plots=plots)
     return result
@@ -828,18 +1059,10 @@ def write_outputs(result: Sweep, *, plots: bool = True) -> list[Path]:
     written = [out / "table.csv", out / "table.json"]
     _atomic_write(written[0], buf.getvalue())
     doc = dict(rows=rows, fits=[f.as_dict() for f in result.fits])
-    _atomic_write(written[1], json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    _atomic_write(written[1], strict_json(doc, indent=2) + "\n")
     if plots:
         written += plot_sweep(result, out)
     return written
-
-
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(type(v).__name__)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -861,30 +1084,32 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     varying = [f for f in GROUP_FIELDS if len({g[f] for g in groups}) > 1]
     rows = result.table()
     names = list(result.measures)
+    setting = result.description
     written = []
-    ncol = min(3, max(1, len(names)))
-    nrow = max(1, math.ceil(len(names) / ncol))
-    big, big_axes = _subplots(nrow, ncol, figsize=(4.6 * ncol, 3.7 * nrow), squeeze=False)
+    has_couplings = any(c is not None for r in result.records for c in (r.get("couplings") or []))
+    panels = len(names) + has_couplings  # the couplings in the last panel
+    ncol = min(3 if panels <= 6 else 4, max(1, panels))
+    nrow = max(1, math.ceil(panels / ncol))
+    big, big_axes = _subplots(nrow, ncol, figsize=(5.6 * ncol, 4.4 * nrow), squeeze=False)
     for idx, name in enumerate(names):
-        fig, ax = _subplots(figsize=(5.6, 4.2))
+        fig, ax = _subplots(figsize=(6.4, 4.8))
         for target in (ax, big_axes[idx // ncol, idx % ncol]):
             _plot_measure(target, result, rows, name, groups, varying)
+        fig.suptitle(textwrap.fill(setting, 90), fontsize=9)
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=100)
         written.append(path)
     free = list(range(len(names), nrow * ncol))
-    has_couplings = any(c is not None for r in result.records for c in (r.get("couplings") or []))
     if free and has_couplings:
         _plot_layer_couplings(big_axes[free[0] // ncol, free[0] % ncol], result)
         free = free[1:]
     for j in free:
         big_axes[j // ncol, j % ncol].set_visible(False)
-    desc = ", ".join(f"{k}={v}" for k, v in result.config["base"].items())
     big.suptitle(
-        f"width sweep ({desc}): means over networks (points), fitted n^p (solid), perturbative "
-        "rates or O(1/n) prediction (dashed), threshold (grey dotted)",
-        fontsize=9,
+        f"{setting}\nmeans over networks (points), fitted n^p (solid), O(1/n) prediction with "
+        "its allowance (crosses, band) or perturbative rates (dashed), threshold (grey dotted)",
+        fontsize=11,
     )
     big.tight_layout()
     path = out / "sweep.png"
@@ -921,9 +1146,9 @@ def _plot_measure(ax, result, rows, name, groups, varying):
         v = np.array([r[name] for r in pts], float)
         s = np.array([r[name + "_se"] for r in pts], float)
         pos = v > 0
-        lab = _group_label(g, varying)
+        lab = _group_label(g, varying) + ": " if varying else ""  # one group: no prefix
         ax.errorbar(
-            w[pos], v[pos], yerr=np.nan_to_num(s[pos]), fmt="o", color=color, ms=4, capsize=2
+            w[pos], v[pos], yerr=np.nan_to_num(s[pos]), fmt="o", color=color, ms=5, capsize=3
         )
         fit = fits.get(tuple((f, g[f]) for f in GROUP_FIELDS))
         grid = np.geomspace(w.min(), w.max(), 50)
@@ -933,14 +1158,18 @@ def _plot_measure(ax, result, rows, name, groups, varying):
                 fit.prefactor * grid**fit.exponent,
                 "-",
                 color=color,
-                label=f"{lab}: slope {fit.exponent:.2f} +- {fit.exponent_se:.2f}",
+                label=f"{lab}fit: slope {fit.exponent:.2f} +- {fit.exponent_se:.2f}",
             )
         pred = np.array([r.get(name + "_predicted", np.nan) for r in pts], float)
         if np.any(np.isfinite(pred) & (pred > 0)):
             ok = np.isfinite(pred) & (pred > 0)
-            ax.plot(
-                w[ok], pred[ok], "--", color=color, alpha=0.8, label=f"{lab}: O(1/n) prediction"
-            )
+            # the razor's default allowance for O(1/n^2) terms (rgnn.regime)
+            dow = np.array([r["depth_over_width"] for r in pts], float)
+            allow = np.array([r.get(name + "_allowance", np.nan) for r in pts], float)
+            allow = np.where(np.isfinite(allow), allow, np.maximum(0.25, dow) * np.abs(pred))
+            ax.plot(w[ok], pred[ok], "x--", color=color, ms=7, label=f"{lab}O(1/n) prediction")
+            lo = np.maximum(pred[ok] - allow[ok], pred[ok] * 1e-2)
+            ax.fill_between(w[ok], lo, pred[ok] + allow[ok], color=color, alpha=0.12, lw=0)
         elif np.any(pos):
             # the perturbative rates through the widest point: n^-1 (a mean shift) to n^-1/2
             # (a single network's fluctuation)
@@ -948,9 +1177,9 @@ def _plot_measure(ax, result, rows, name, groups, varying):
             fast = meta.fastest_exponent if meta else slow
             anchor = np.flatnonzero(pos)[-1]
             lines = [v[anchor] * (grid / w[anchor]) ** e for e in (fast, slow)]
-            ax.plot(grid, lines[0], "--", color=color, alpha=0.7, label=f"{lab}: n^{fast:g}")
+            ax.plot(grid, lines[0], "--", color=color, alpha=0.7, label=f"{lab}n^{fast:g}")
             if slow != fast:
-                ax.plot(grid, lines[1], ":", color=color, alpha=0.7, label=f"{lab}: n^{slow:g}")
+                ax.plot(grid, lines[1], ":", color=color, alpha=0.7, label=f"{lab}n^{slow:g}")
                 ax.fill_between(grid, lines[0], lines[1], color=color, alpha=0.08, lw=0)
     if meta is not None:
         ax.axhline(meta.threshold, color="0.6", lw=0.8, ls=":")
@@ -959,11 +1188,12 @@ def _plot_measure(ax, result, rows, name, groups, varying):
     widths = sorted({r["width"] for r in rows})
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("width n")
-    ax.set_ylabel(name)
-    ax.set_title(f"{name}: {meta.description}" if meta else name, fontsize=8)
+    ax.set_xlabel("width n", fontsize=11)
+    ax.set_ylabel(name, fontsize=11)
+    ax.set_title(f"{name}: {meta.description}" if meta else name, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no point has a value
+        ax.legend(fontsize=9)
 
 
 def _plot_layer_couplings(ax, result):
@@ -989,7 +1219,7 @@ def _plot_layer_couplings(ax, result):
     ax.set_xlabel("layer l")
     ax.set_ylabel("coupling V / (n K^2)")
     ax.set_title(
-        "quartic coupling by layer: O(1/n) (lines), kurtosis/3 at init (points)", fontsize=8
+        "quartic coupling by layer: O(1/n) (lines), kurtosis/3 at init (points)", fontsize=9
     )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=9)

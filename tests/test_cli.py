@@ -124,3 +124,88 @@ def test_help_for_sweep_and_classify_also_through_python_dash_m(capsys, monkeypa
     with pytest.raises(SystemExit) as exit_info:
         main(["classify", "--help"])
     assert exit_info.value.code == 0 and "--tolerance" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- hygiene
+def _rc(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit_info:  # argparse's own errors
+        return exit_info.code
+
+
+def test_out_naming_a_file_is_one_line_in_every_subcommand(tmp_path, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("keep me\n")
+    for argv in (
+        ["fixed-point", "--depth", "1", "--n", "4"],
+        ["sweep", "--widths", "8,16", "--n", "4"],
+        ["classify"],
+        ["classify", "--width", "8", "--n", "4"],
+        ["wilsonian", "--n", "8", "--n-test", "8", "--no-networks"],
+    ):
+        rc = _rc([*argv, "--out", str(path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "out: expected a directory" in err[0], (argv, err)
+    assert path.read_text() == "keep me\n"
+    for argv, message in (
+        (["fixed-point", "--n", "100000"], "n: expected at most 1797 digits"),
+        (["wilsonian", "--n", "1700", "--n-test", "300"], "n: expected at most 1797 digits"),
+        (["wilsonian", "--n", "8", "--n-test", "8", "--n-scale", "400"], "n-scale: expected"),
+    ):
+        rc = _rc([*argv, "--out", str(tmp_path / "new")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+        assert not (tmp_path / "new").exists()
+
+
+def test_a_typo_writes_nothing_and_the_corrected_sweep_runs(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    fake = _fake_point()
+    monkeypatch.setattr(importlib.import_module("rgnn.study"), "_adapter", fake)
+    out = tmp_path / "s"
+    for typo, message in (
+        (["--optimizer", "adamw"], "optimizer: expected one of ('gd', 'sgd', 'adam')"),
+        (["--loss", "cross_entropy"], "loss: 'cross_entropy' expects integer class labels"),
+        (["--parameterization", "ntk2"], "parameterization"),
+        (["--steps", "-1"], "steps: expected a non-negative integer"),
+    ):
+        rc = _rc([*SWEEP_ARGS, "--out", str(out), *typo])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (typo, err)
+        assert not out.exists() and fake.calls == []
+    assert _rc([*SWEEP_ARGS, "--out", str(out)]) == 0
+    # extended with a width and a seed: only the new points are computed
+    assert _rc(["sweep", "--widths", "8,16,64,128", "--seeds", "0,1,2", "--n", "10",
+                "--no-plots", "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(fake.calls[6:]) == [8, 16, 64, 128, 128, 128]
+    text = capsys.readouterr().out
+    assert "width sweep: 12 points" in text
+    # a different training setting is refused, naming it
+    rc = _rc([*SWEEP_ARGS, "--out", str(out), "--steps", "50"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "settings.steps: 200 -> 50" in err[0]
+
+
+def test_json_is_strict_and_one_network_is_inconclusive(tmp_path, capsys, monkeypatch):
+    """One network per point: no standard errors (null, never NaN) and the verdict
+    ``inconclusive`` (the issue's `--n-networks 1 --widths 16,32`)."""
+    import importlib
+
+    def point(arch, x, y, *, seed, settings):
+        a = 2.0 / arch.width
+        return dict(measures=dict(a=dict(value=a, se=None, predicted=None)))
+
+    monkeypatch.setattr(importlib.import_module("rgnn.study"), "_adapter", point)
+    argv = ["sweep", "--widths", "16,32", "--n-networks", "1", "--n", "10", "--no-plots"]
+    assert main([*argv, "--out", str(tmp_path), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(c))
+    assert doc["rows"][0]["a_se"] is None and doc["regimes"][0]["label"] == "inconclusive"
+    for name in ("table.json", "regime.json", "sweep.json"):
+        assert "NaN" not in (tmp_path / name).read_text()
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "+-?" in text and "regime: INCONCLUSIVE" in text

@@ -31,7 +31,10 @@ def test_the_sweep_function_shadows_no_module_and_carries_its_measures():
     assert callable(rgnn.sweep) and rgnn.sweep is study.sweep
     assert rgnn.study is study and importlib.import_module("rgnn.study") is study
     assert rgnn.sweep.MEASURES is study.MEASURES
-    readme = ("ntk_movement", "function_gap", "ntk_distance", "nngp_distance", "kurtosis")
+    readme = (
+        "ntk_movement", "function_gap", "ntk_distance", "nngp_distance", "kurtosis",
+        "ntk_fluctuation", "mean_ntk_movement",
+    )  # fmt: skip
     assert tuple(rgnn.sweep.MEASURES) == readme
     assert all(isinstance(m, study.Measure) for m in rgnn.sweep.MEASURES.values())
 
@@ -150,10 +153,84 @@ def test_resume_skips_finished_points_and_refuses_another_sweep(tmp_path):
     again = rgnn.sweep(arch, x, y, out=tmp_path, point=third, **SWEEP)
     assert third.calls == [] and again.records == result.records
     assert [f.exponent for f in again.fits] == [f.exponent for f in result.fits]
-    with pytest.raises(ValueError, match="out: .* holds a different sweep"):
-        rgnn.sweep(arch, x, y, out=tmp_path, point=Fake(), **dict(SWEEP, widths=[16, 32]))
-    with pytest.raises(ValueError, match="holds a different sweep"):
+    # another identity (data, training settings, base variances) is refused, naming what
+    # differs, and leaves the folder as it was
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"holds a different sweep \(data\.hash: '"):
         rgnn.sweep(arch, x, -y, out=tmp_path, point=Fake(), **SWEEP)  # other data
+    with pytest.raises(ValueError, match=r"settings\.n_networks: 8 -> 4; settings\.steps: 100"):
+        rgnn.sweep(arch, x, y, out=tmp_path, point=Fake(), steps=50, n_networks=4, **SWEEP)
+    with pytest.raises(ValueError, match=r"base\.weight_var: 1\.0 -> 2\.0"):
+        rgnn.sweep(rgnn.MLP(1, 8, weight_var=2.0), x, y, out=tmp_path, point=Fake(), **SWEEP)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+
+
+def test_a_sweep_extends_with_more_widths_and_seeds(tmp_path):
+    """More widths or seeds in the same folder: only the new points are computed, the folder
+    then holds the union, and a sub-grid recomputes nothing."""
+    x, y = _task()
+    arch = rgnn.MLP(1, 8)
+    rgnn.sweep(arch, x, y, out=tmp_path, point=Fake(), **SWEEP)
+    more = Fake()
+    grown = rgnn.sweep(arch, x, y, out=tmp_path, point=more, **dict(SWEEP, widths=[16, 128]))
+    assert more.calls == [(128, 0), (128, 1)]
+    assert [r["point"]["width"] for r in grown.records] == [16, 16, 32, 32, 64, 64, 128, 128]
+    seeds = Fake()
+    grown = rgnn.sweep(arch, x, y, out=tmp_path, point=seeds, **dict(SWEEP, seeds=[2]))
+    assert seeds.calls == [(16, 2), (32, 2), (64, 2)] and len(grown.records) == 11
+    config = json.loads((tmp_path / "sweep.json").read_text())["config"]
+    assert config["widths"] == [16, 32, 64, 128] and config["seeds"] == [0, 1, 2]
+    none = Fake()
+    again = rgnn.sweep(arch, x, y, out=tmp_path, point=none, **dict(SWEEP, widths=[32, 64]))
+    assert none.calls == [] and again.records == study.load_sweep(tmp_path).records
+    assert [r["n_seeds"] for r in again.table()] == [3, 3, 3, 2]
+
+
+def test_nothing_is_written_before_the_arguments_are_checked(tmp_path):
+    """A bad argument writes nothing (the issue: `--optimizer adamw` wrote sweep.json, and
+    the corrected command was then refused); a point that fails before any has finished
+    leaves no sweep.json either."""
+    x, y = _task()
+    arch = rgnn.MLP(1, 8)
+    out = tmp_path / "s"
+    for kw, msg in [
+        (dict(optimizer="adamw"), "optimizer: expected one of"),
+        (dict(loss="hinge"), "loss: expected one of"),
+        (dict(loss="cross_entropy"), "loss: 'cross_entropy' expects integer class labels"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            rgnn.sweep(arch, x, y, out=out, point=Fake(), **SWEEP, **kw)
+        assert not out.exists()
+
+    def broken(*args, **kwargs):
+        raise ValueError("learning_rate: training diverged")
+
+    with pytest.raises(ValueError, match="diverged"):
+        rgnn.sweep(arch, x, y, out=out, point=broken, **SWEEP)
+    assert not out.exists()
+    rgnn.sweep(arch, x, y, out=out, point=Fake(), **SWEEP)  # the corrected call runs
+    assert (out / "sweep.json").exists()
+
+
+def test_json_outputs_are_strict(tmp_path):
+    """NaN (a measure without a standard error, a fit that failed) is written as null; a
+    measure without any value is plotted as an empty panel (no warning)."""
+
+    def point(arch, x, y, *, seed, settings):
+        a = dict(value=1.0 / arch.width, se=float("nan"), predicted=None)
+        return dict(measures=dict(a=a, b=dict(value=None, se=None, predicted=None)))
+
+    x, y = _task()
+    rgnn.sweep(rgnn.MLP(1, 8), x, y, out=tmp_path, point=point, widths=[16, 32], seeds=[0])
+    for name in ("sweep.json", "table.json", "points.jsonl"):
+        text = (tmp_path / name).read_text()
+        assert "NaN" not in text and "Infinity" not in text
+        for line in text.splitlines() if name.endswith("l") else [text]:
+            json.loads(line, parse_constant=pytest.fail)
+    assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["a_se"] is None
+    assert study.strict_json({"x": np.nan, "y": [np.inf, np.float32(1.5)]}) == (
+        '{"x": null, "y": [null, 1.5]}'
+    )
 
 
 def test_table_fits_and_outputs(tmp_path):
@@ -171,6 +248,11 @@ def test_table_fits_and_outputs(tmp_path):
     assert len(csv) == 4
     loaded = study.load_sweep(tmp_path)
     assert loaded.records == result.records
+    # what the plot titles carry
+    assert result.description == (
+        "depth 1, relu, ntk parameterization, learning rate 0.1, 100 steps gd, 8 networks x "
+        "2 seed(s); C_W=1, C_b=0"
+    )
 
 
 _KILLED = textwrap.dedent(
