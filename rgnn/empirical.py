@@ -16,6 +16,13 @@
 * ``"sample"``: ``(1/n_l) sum_i z^{(l)}_{ia} z^{(l)}_{ib}``, the unit average of the
   preactivations themselves (noisy on a narrow output layer).
 
+  For a residual layer (:mod:`rgnn.architecture`) the metric is the conditional second
+  moment averaged over units,
+  ``G^{(l+1)}_{ab} = gamma^2 (1/n_l) sum_j z^{(l)}_{ja} z^{(l)}_{jb}
+  + xi^2 [C_b + (C_W/n_l) sum_j sigma(z^{(l)}_{ja}) sigma(z^{(l)}_{jb})]``, of mean
+  ``K^{(l+1)} + O(1/n)``; its unit-average form makes its covariance the vertex plus a
+  same-unit term (:func:`measure` removes it).
+
 **Empirical NTK.** The NTK of one unit ``i`` of layer ``l`` with respect to every parameter of
 layers ``1..l``, from the layer structure (no Jacobian is formed):
 
@@ -29,7 +36,9 @@ layers ``1..l``, from the layer structure (no Jacobian is formed):
 with ``h^{(0)} = x``, ``h^{(k)} = sigma(z^{(k)})``, and the backward signal
 ``delta^{(k-1)} = sigma'(z^{(k-1)}) * (a_{W,k} W^{(k)} delta^{(k)})``; ``a_W, a_b`` are the
 parameterization's multipliers (:mod:`rgnn.architecture`). Each term is a forward-feature Gram
-times a backward-signal Gram.
+times a backward-signal Gram. A residual layer ``k`` multiplies its term by ``xi_k^2`` and
+passes the signal down as ``delta^{(k-1)} = sigma'(z^{(k-1)}) * (xi_k a_{W,k} W^{(k)}
+delta^{(k)}) + gamma_k delta^{(k)}``.
 """
 
 from __future__ import annotations
@@ -77,7 +86,13 @@ def _nngp_one(net: MLPNetwork, x1, x2, estimator: str):
     cw, cb = net.c_w, net.c_b
     h1 = [x1] + [net.activation(z) for z in z1[:-1]]
     h2 = [x2] + [net.activation(z) for z in z2[:-1]]
-    return jnp.stack([cb + cw * (a @ b.T) / a.shape[1] for a, b in zip(h1, h2, strict=True)])
+    gs = [cb + cw * (a @ b.T) / a.shape[1] for a, b in zip(h1, h2, strict=True)]
+    if net.residual is not None:  # residual layers: gamma^2 z.z / n + xi^2 G (module docstring)
+        gamma, xi = net.residual
+        for k in range(1, len(gs) - 1):
+            zz = z1[k - 1] @ z2[k - 1].T / z1[k - 1].shape[1]
+            gs[k] = xi[k] ** 2 * gs[k] + gamma[k] ** 2 * zz
+    return jnp.stack(gs)
 
 
 def _ntk_block(net: MLPNetwork, x1, x2, units):
@@ -106,16 +121,23 @@ def _ntk_block(net: MLPNetwork, x1, x2, units):
         d1 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n1, width))
         d2 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n2, width))
         theta = jnp.zeros((u, u, n1, n2), x1.dtype)
+        res = net.residual
         for k in range(top, -1, -1):
             layer = net.layers[k]
             feat = layer.a_w**2 * (h1[k] @ h2[k].T)
             if layer.b is not None:
                 feat = feat + layer.a_b**2
+            if res is not None:
+                feat = res[1][k] ** 2 * feat
             # every (unit, input) row of d1 against every one of d2: one matrix product
             gram = d1.reshape(u * n1, -1) @ d2.reshape(u * n2, -1).T
             gram = gram.reshape(u, n1, u, n2).transpose(0, 2, 1, 3)
             theta = theta + gram * feat[None, None]
-            if k > 0:
+            if k > 0 and res is not None:  # dz^(k)/dz^(k-1) = xi W sigma' + gamma I
+                w = res[1][k] * layer.a_w * layer.w[...]
+                d1 = dact(z1[k - 1])[None] * (d1 @ w.T) + res[0][k] * d1
+                d2 = dact(z2[k - 1])[None] * (d2 @ w.T) + res[0][k] * d2
+            elif k > 0:
                 w = layer.a_w * layer.w[...]
                 d1 = dact(z1[k - 1])[None] * (d1 @ w.T)
                 d2 = dact(z2[k - 1])[None] * (d2 @ w.T)

@@ -1,0 +1,176 @@
+"""Residual MLPs (PDLT appendix B): the spec, finite networks, empirical kernels, training and
+the fixed point (native against neural-tangents' FanOut/parallel/FanInSum blocks)."""
+
+import math
+import warnings
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rgnn
+from tests.tolerances import EXACT, tol
+
+
+def _inputs(n=3, n0=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n0))
+    return x / np.sqrt(np.mean(x**2, axis=1, keepdims=True)) * np.linspace(0.7, 1.2, n)[:, None]
+
+
+# ----------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(width=(8, 9, 8), shortcut=0.5), "width: a residual MLP"),
+        (dict(shortcut=(0.5,)), r"shortcut: expected one number or one per residual layer"),
+        (dict(shortcut=0.5, branch=(1.0, 1.0, 1.0)), r"branch: expected one number or one"),
+        (dict(shortcut=math.nan), "shortcut: expected a finite number"),
+        (dict(shortcut="a"), "shortcut: expected a finite number"),
+        (dict(shortcut=0.5, branch=math.inf), "branch: expected a finite number"),
+        (dict(branch=0.5), "branch: a branch weight needs a residual shortcut"),
+        (dict(shortcut=0.5, parameterization="mup"), "shortcut: residual MLPs are supported"),
+    ],
+)
+def test_bad_residual_spec_names_the_argument(kwargs, match):
+    kwargs = dict(dict(depth=3, width=8), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        rgnn.MLP(**kwargs)
+
+
+def test_residual_factors_per_layer():
+    arch = rgnn.MLP(3, 8, shortcut=(0.5, 0.25), branch=0.75)
+    assert arch.is_residual
+    assert arch.residual() == ((0.0, 0.5, 0.25, 0.0), (1.0, 0.75, 0.75, 1.0))
+    assert rgnn.MLP(3, 8).residual() == ((0.0,) * 4, (1.0,) * 4)
+    assert not rgnn.MLP(1, 8, shortcut=0.5).is_residual  # no hidden-to-hidden layer
+    rec = arch.recursion(5)
+    assert rec.shortcut == (0.0, 0.5, 0.25, 0.0) and rec.branch == (1.0, 0.75, 0.75, 1.0)
+    assert rgnn.MLP(3, 8).recursion(5).shortcut is None
+    hash(arch)  # a static jit argument
+
+
+# ----------------------------------------------------------------------------- finite networks
+def test_forward_pass_is_the_residual_recursion(x64):
+    arch = rgnn.MLP(3, 6, "tanh", bias_var=0.2, shortcut=(0.5, -0.3), branch=(0.8, 1.3))
+    x = _inputs()
+    net = arch.network(5, rngs=nnx.Rngs(3))
+    zs = net.preactivations(jnp.asarray(x))
+    plain = rgnn.MLP(3, 6, "tanh", bias_var=0.2).network(5, rngs=nnx.Rngs(3))
+    z = plain.layers[0](x)
+    np.testing.assert_array_equal(zs[0], z)
+    for k, (g, xi) in enumerate([(0.5, 0.8), (-0.3, 1.3)], start=1):
+        z = xi * plain.layers[k](jnp.tanh(z)) + g * z
+        np.testing.assert_allclose(zs[k], z, **tol(EXACT, jnp.float64))
+    np.testing.assert_allclose(zs[3], plain.layers[3](jnp.tanh(z)), **tol(EXACT, jnp.float64))
+    # gamma = 0, xi = 1 is the plain network, bit for bit
+    same = rgnn.MLP(3, 6, "tanh", bias_var=0.2, shortcut=0.0, branch=1.0).network(
+        5, rngs=nnx.Rngs(3)
+    )
+    x = jnp.asarray(x)
+    for a, b in zip(same.preactivations(x), plain.preactivations(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_structural_ntk_equals_jacobian_ntk(x64, activation, parameterization):
+    """The empirical NTK from the layer structure equals J J^T of the flattened parameters."""
+    arch = rgnn.MLP(
+        3,
+        7,
+        activation,
+        bias_var=0.1,
+        shortcut=(0.8, -0.4),
+        branch=(0.5, 1.2),
+        parameterization=parameterization,
+    )
+    x = _inputs()
+    net = arch.network(5, rngs=nnx.Rngs(1))
+    theta = rgnn.empirical_ntk(net, x, unit=2)
+    graphdef, state = nnx.split(net)
+    flat, unravel = jax.flatten_util.ravel_pytree(state)
+    for layer in range(arch.n_layers):
+
+        def z(p, layer=layer):
+            return nnx.merge(graphdef, unravel(p)).preactivations(jnp.asarray(x))[layer][:, 2 % 7]
+
+        jac = jax.jacobian(z)(flat)
+        np.testing.assert_allclose(theta[layer], jac @ jac.T, **tol(EXACT, jnp.float64))
+
+
+def test_ensemble_and_training_accept_a_residual_mlp(x64):
+    """An ensemble's NTK is its members' NTK; training records it at step 0 and lowers the loss."""
+    arch = rgnn.MLP(2, 16, "relu", weight_var=1.5, shortcut=0.7, branch=0.6)
+    x, y = rgnn.data.teacher_student(6, 4, seed=0)
+    ens = rgnn.ensemble(arch, 4, n_networks=3, key=jax.random.key(0))
+    ntk = rgnn.empirical_ntk(ens, x)
+    np.testing.assert_allclose(
+        ntk[1], rgnn.empirical_ntk(ens.member(1), x), **tol(EXACT, jnp.float64)
+    )
+    run = rgnn.train(arch, x, y, steps=20, learning_rate=0.1, n_networks=3, key=jax.random.key(0))
+    np.testing.assert_allclose(
+        run.ntk[0], rgnn.empirical_ntk(run.initial, x), **tol(EXACT, jnp.float64)
+    )
+    assert np.all(np.asarray(run.loss[-1]) < np.asarray(run.loss[0]))
+
+
+# ----------------------------------------------------------------------------- fixed point
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+@pytest.mark.parametrize("activation", ["relu", "erf", "gelu", "tanh"])
+def test_native_fixed_point_equals_neural_tangents(x64, activation, parameterization):
+    """Native == neural-tangents' FanOut/parallel/FanInSum residual blocks to 1e-9, per layer.
+
+    tanh has no closed form in neural-tangents: its Gauss-Hermite rule at 256 nodes is
+    converged for these O(1) kernels (as in tests/test_fixed_point.py)."""
+    arch = rgnn.MLP(
+        4,
+        32,
+        activation,
+        weight_var=1.4,
+        bias_var=0.2,
+        shortcut=(0.9, 0.5, -0.7),
+        branch=(0.6, 1.1, 0.8),
+        parameterization=parameterization,
+    )
+    x1, x2 = _inputs(4, seed=1), _inputs(3, seed=2)
+    for other in (None, x2):
+        fp = rgnn.fixed_point(arch, x1, other, rtol=math.inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # ElementwiseNumerical's notice
+            ref = rgnn.fixed_point(
+                arch, x1, other, backend="neural_tangents", quadrature_order=256, rtol=math.inf
+            )
+        for name in ("nngp", "ntk", "nngp_diag1", "nngp_diag2"):
+            np.testing.assert_allclose(
+                getattr(fp, name), getattr(ref, name), **tol(EXACT, jnp.float64), err_msg=name
+            )
+
+
+def test_trivial_shortcut_is_the_plain_fixed_point_bit_for_bit(x64):
+    x = _inputs(4)
+    for act in ("relu", "tanh"):
+        plain = rgnn.fixed_point(rgnn.MLP(3, 8, act, bias_var=0.1), x)
+        res = rgnn.fixed_point(rgnn.MLP(3, 8, act, bias_var=0.1, shortcut=0.0, branch=1.0), x)
+        for name in ("nngp", "ntk", "nngp_diag1"):
+            np.testing.assert_array_equal(getattr(plain, name), getattr(res, name))
+
+
+def test_linear_residual_fixed_point_closed_form(x64):
+    """Linear activation: K^(l) = C_b sum_k xi_k^2 prod_{m>k} gamma_m^2 + prod(...) K^(1),
+    i.e. K^(l+1) = xi^2 (C_b + C_W K^(l)) + gamma^2 K^(l) solved layer by layer in NumPy;
+    the NTK alike with lambda's."""
+    arch = rgnn.MLP(5, 8, "linear", weight_var=0.9, bias_var=0.3, shortcut=(1.0, 0.5, 0.9, 0.2))
+    x = _inputs(3)
+    fp = rgnn.fixed_point(arch, x)
+    gamma, xi = arch.residual()
+    k = 0.3 + 0.9 * x @ x.T / 5
+    t = 0.3 + 0.9 * x @ x.T / 5
+    for layer in range(1, arch.n_layers):
+        g2, x2 = gamma[layer] ** 2, xi[layer] ** 2
+        k, t = x2 * (0.3 + 0.9 * k) + g2 * k, x2 * (0.3 + 0.9 * k + 0.9 * t) + g2 * t
+        np.testing.assert_allclose(fp.nngp[layer], k, **tol(EXACT, jnp.float64))
+        np.testing.assert_allclose(fp.ntk[layer], t, **tol(EXACT, jnp.float64))
