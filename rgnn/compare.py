@@ -512,7 +512,7 @@ def _perturbative_predictions(arch: MLP, x, order: int):
         if arch.parameterization == "mup"
         else arch
     )
-    p = perturbative(twin, x, quadrature_order=order, warn=False)
+    p = perturbative(twin, x, quadrature_order=order, ntk=False, warn=False)
     kurt, var = p.kurtosis, p.nngp_variance
     if arch.parameterization == "mup":
         sc = arch.scales(x.shape[1])

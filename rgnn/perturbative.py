@@ -445,6 +445,9 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
     estimated error; ``first_only``: the first chunk only."""
     n = x.shape[0]
     _, ratios, inv_prev, lam_w = _flow_constants(arch, x, fp.nngp.dtype)
+    residual = None
+    if arch.is_residual:  # (gamma, xi) of layer l + 1 for the step l -> l + 1
+        residual = tuple(jnp.asarray(v[1:], fp.nngp.dtype) for v in arch.residual())
     sets = _sets(n, full)
     rules = flow_moments.rules(
         order, 4 * order, _multi_order(sets.shape[1], order), fp.nngp.dtype, shifted=shifted
@@ -467,6 +470,7 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
             jnp.asarray(chunk),
             stats=tuple(stats),
             pointwise=pointwise,
+            residual=residual,
         )
         outs.append({k: v[:, : size - pad] for k, v in out.items()})
         errs.append(err)
@@ -477,12 +481,25 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
 
 
 @partial(jax.jit, static_argnames=("act", "stats", "pointwise"))
-def _engine_sets(act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, *, stats, pointwise):
-    """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``)."""
+def _engine_sets(
+    act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, *, stats, pointwise, residual=None
+):
+    """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``);
+    ``residual``: ``None`` or the ``[L]`` residual factors ``(gamma, xi)`` of each step."""
     ks = jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     ts = jnp.moveaxis(jnp.moveaxis(t, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     return flow_engine.flow(
-        act, cw, lam_w, ratios, inv_prev, ks, ts, rules, stats=stats, pointwise=pointwise
+        act,
+        cw,
+        lam_w,
+        ratios,
+        inv_prev,
+        ks,
+        ts,
+        rules,
+        stats=stats,
+        pointwise=pointwise,
+        residual=residual,
     )
 
 
@@ -621,7 +638,7 @@ def _run(
     activation (its ``quadrature_error`` without the rule's own estimate, which
     :func:`perturbative` adds), the flow engine otherwise (with every estimate)."""
     n = x.shape[0]
-    if not full and _pair_table.worth_it(n * (n - 1) // 2):
+    if not full and _pair_table.worth_it(n * (n - 1) // 2) and not arch.is_residual:
         # thousands of pairs: the specialised pair recursions (3x3 pair components, and the
         # correlation tables for quadrature activations) still run 1.8x faster than the
         # engine's 16-component pair sets (relu, N = 256, depth 10), so they keep this case
@@ -885,7 +902,13 @@ def perturbative(
     """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
 
     Args:
-      arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed).
+      arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed). For a residual MLP
+        (``shortcut=...``) the vertex, the kernel correction and their views are derived
+        (:mod:`rgnn.flow.rules`, "Residual layers"); its NTK-side statistics are not, so it
+        needs ``ntk=False`` (else a ``ValueError`` names them). There ``nngp_variance`` is
+        ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
+        ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
+        :func:`rgnn.measure` estimates for a residual layer).
       x: ``[N, n_0]`` inputs.
       quadrature_order: nodes per dimension for expectations without a closed form.
       ntk: also compute the NTK fields (about twice the work); ``False`` leaves them ``None``.
@@ -938,6 +961,15 @@ def perturbative(
     ):
         raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
     dntk = dntk or ddntk
+    if arch.is_residual and (ntk or dntk):
+        names = "ntk_correction, ntk_variance, ntk_vertex (A), mixed_vertex (D), ntk_b (B), F"
+        if dntk:
+            names += ", dntk_p/dntk_q (P, Q)" + (", ddntk_r/s/t/u (R, S, T, U)" if ddntk else "")
+        raise ValueError(
+            f"arch: the residual-layer recursions of the NTK statistics ({names}) are not "
+            "derived in rgnn yet (the vertex V, the kernel correction, kurtosis and "
+            "nngp_variance are); pass ntk=False (and dntk=ddntk=False) for a residual MLP"
+        )
     x = check_inputs(x, "x")
     _check_memory(
         x.shape[0], arch.n_layers, x.dtype.itemsize, dntk, ddntk, full=full, limit=memory_limit

@@ -174,3 +174,101 @@ def test_linear_residual_fixed_point_closed_form(x64):
         k, t = x2 * (0.3 + 0.9 * k) + g2 * k, x2 * (0.3 + 0.9 * k + 0.9 * t) + g2 * t
         np.testing.assert_allclose(fp.nngp[layer], k, **tol(EXACT, jnp.float64))
         np.testing.assert_allclose(fp.ntk[layer], t, **tol(EXACT, jnp.float64))
+
+
+# ----------------------------------------------------------------------------- perturbative
+def test_perturbative_refuses_the_underived_statistics():
+    arch = rgnn.MLP(3, 8, shortcut=0.5)
+    with pytest.raises(ValueError, match=r"arch: the residual-layer recursions of the NTK"):
+        rgnn.perturbative(arch, _inputs())
+    with pytest.raises(ValueError, match=r"dntk_p/dntk_q \(P, Q\)"):
+        rgnn.perturbative(arch, _inputs(), ntk=False, dntk=True)
+    with pytest.raises(ValueError, match="ntk: the four-index NTK fields"):
+        rgnn.measure(arch, _inputs(), n_networks=4, key=jax.random.key(0), vertex=True)
+
+
+def test_trivial_shortcut_is_the_plain_perturbative_flow(x64):
+    """gamma = 0, xi = 1 gives the plain MLP's statistics (to roundoff: the residual program
+    is compiled separately, so XLA may order its sums differently; shortcut=None runs the very
+    same program as before)."""
+    x = _inputs(3)
+    for act in ("relu", "tanh"):
+        plain = rgnn.perturbative(rgnn.MLP(4, 64, act, bias_var=0.1), x, ntk=False)
+        res = rgnn.perturbative(
+            rgnn.MLP(4, 64, act, bias_var=0.1, shortcut=0.0, branch=1.0), x, ntk=False
+        )
+        for name in ("vertex", "nngp_correction", "nngp_variance", "kurtosis", "coupling"):
+            np.testing.assert_allclose(
+                getattr(res, name), getattr(plain, name), **tol(EXACT, jnp.float64), err_msg=name
+            )
+
+
+def test_deep_linear_residual_vertex_closed_form(x64):
+    """Linear activation, full four-index vertex on 3 inputs: with s = xi^2 C_W + gamma^2 the
+    residual recursion closes, V' = s^2 V + (s^2 - gamma^4)(K_ac K_bd + K_ad K_bc) (r = 1),
+    and the kernel correction vanishes (E z z = K exactly for a linear network). Independent
+    derivation: E[z'_ia z'_ib | z] = gamma^2 z_ia z_ib + xi^2 (C_b + C_W zhat_ab) with
+    zhat = (1/n) sum_j z_j z_j, whose covariances between units are (KK + V)/n."""
+    gamma, xi = (0.9, 0.4, 1.0), (0.5, 1.1, 0.7)
+    cw, cb = 0.8, 0.2
+    arch = rgnn.MLP(4, 50, "linear", weight_var=cw, bias_var=cb, shortcut=gamma, branch=xi)
+    x = _inputs(3)
+    p = rgnn.perturbative(arch, x, ntk=False, full=True, warn=False)
+    k = np.asarray(p.nngp)
+    v = np.zeros((3,) * 4)
+    np.testing.assert_array_equal(p.vertex[0], v)
+    for layer in range(1, arch.n_layers):
+        g, c = arch.residual()[0][layer], arch.residual()[1][layer]
+        kk = np.einsum("ac,bd->abcd", k[layer - 1], k[layer - 1])
+        kk = kk + kk.transpose(0, 1, 3, 2)
+        s = c * c * cw + g * g
+        v = s * s * v + (s * s - g**4) * kk  # r = 1 wherever V != 0
+        np.testing.assert_allclose(p.vertex[layer], v, **tol(EXACT, jnp.float64))
+    np.testing.assert_allclose(p.nngp_correction, 0.0, atol=tol(EXACT, jnp.float64)["atol"])
+
+
+def _intercept(widths, y, se):
+    """Weighted fit ``y = a + b / n`` per entry (``y, se`` ``[W, ...]``): ``(a, se_a)``."""
+    xs = (1 / np.asarray(widths, float)).reshape((-1,) + (1,) * (y.ndim - 1))
+    w = 1 / se**2
+    s0, s1, s2 = w.sum(0), (w * xs).sum(0), (w * xs * xs).sum(0)
+    t0, t1 = (w * y).sum(0), (w * xs * y).sum(0)
+    det = s0 * s2 - s1 * s1
+    return (s2 * t0 - s1 * t1) / det, np.sqrt(s2 / det)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_monte_carlo_vertex_across_widths(x64, activation):
+    """rgnn.measure on residual networks of widths 16/32/64 (256 networks each): the weighted
+    fit n E = a + b/n of the vertex, n x kurtosis and n x kernel correction has intercepts
+    within MC_SIGMAS fit standard errors of the prediction (layers 2..L+1, every pair
+    component). The full check at widths 32/64/128 with 1024 networks and gelu is
+    tools/residual_monte_carlo.py."""
+    from tests.tolerances import MC_SIGMAS
+
+    widths = (16, 32, 64)
+    x = _inputs(2, 4)
+    cw = 2.0 if activation == "relu" else 1.0
+    ys = {"vertex": [], "kurtosis": [], "nngp_correction": []}
+    ses = {k: [] for k in ys}
+    for width in widths:
+        arch = rgnn.MLP(3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
+        m = rgnn.measure(arch, x, n_networks=256, key=jax.random.key(width), ntk=False, vertex=True)
+        n = np.asarray(arch.layer_dims(4), float)[:-1]
+        for name in ys:
+            scale = 1.0 if name == "vertex" else n.reshape((-1,) + (1,) * (m.kurtosis.ndim - 1))
+            if name == "nngp_correction":
+                scale = n[:, None, None]
+            ys[name].append(np.asarray(getattr(m, name)) * scale)
+            ses[name].append(np.asarray(getattr(m, name + "_se")) * scale)
+    p = rgnn.perturbative(arch, x, ntk=False, warn=False)
+    n = np.asarray(p.widths)
+    pred = {
+        "vertex": np.asarray(p.vertex),
+        "kurtosis": np.asarray(p.kurtosis) * n[:, None],
+        "nngp_correction": np.asarray(p.nngp_correction) * n[:, None, None],
+    }
+    for name in ys:
+        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
+        z = np.abs(a - pred[name][1:]) / sa
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
