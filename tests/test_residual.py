@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import rgnn
+from rgnn.fixed_point import diag_maps
 from tests.tolerances import EXACT, tol
 
 
@@ -272,3 +273,67 @@ def test_monte_carlo_vertex_across_widths(x64, activation):
         a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
         z = np.abs(a - pred[name][1:]) / sa
         assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
+# ----------------------------------------------------------------------------- criticality
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_residual_critical_point_holds_the_kernel_fixed(x64, activation):
+    """At the residual critical point the native fixed point started at K* stays there on the
+    residual layers, and chi_parallel, chi_perp (finite differences of the residual recursion
+    K' = xi^2 (C_b + C_W g(K)) + gamma^2 K) are 1."""
+    gamma, xi = 0.6, 0.8
+    crit = rgnn.critical_point(activation, shortcut=gamma, branch=xi)
+    plain = rgnn.critical_point(activation)
+    scale = (1 - gamma**2) / xi**2
+    np.testing.assert_allclose(crit.weight_var, plain.weight_var * scale, rtol=1e-14)
+    np.testing.assert_allclose(crit.bias_var, plain.bias_var * scale, rtol=1e-14)
+    assert crit.is_critical and crit.fixed_point == plain.fixed_point
+    kstar = crit.fixed_point if crit.fixed_point > 0 else 0.3
+    arch = rgnn.MLP(
+        5,
+        16,
+        activation,
+        weight_var=crit.weight_var,
+        bias_var=crit.bias_var,
+        shortcut=gamma,
+        branch=xi,
+    )
+    # one input with K^(1) = C_b + C_W |x|^2 / n0 = K* (tanh: K* = 0 is the trivial point,
+    # checked instead through the susceptibilities at small K)
+    q = (kstar - crit.bias_var) / crit.weight_var
+    x = np.full((1, 4), np.sqrt(q))
+    k = np.asarray(rgnn.fixed_point(arch, x).nngp_diag1)[:-1, 0]
+    act = rgnn.activations.get_activation(activation)
+
+    def step(kk):
+        f = diag_maps(act, jnp.asarray(kk), order=256)[0]
+        return xi**2 * (crit.bias_var + crit.weight_var * float(f)) + gamma**2 * kk
+
+    if crit.fixed_point > 0:
+        np.testing.assert_allclose(k, kstar, rtol=1e-9)
+        h = 1e-4 * kstar
+        chi_par = (step(kstar + h) - step(kstar - h)) / (2 * h)
+        np.testing.assert_allclose(chi_par, 1.0, atol=1e-6)
+    else:  # K* = 0: K' = K + O(K^2), the slope at 0 is 1
+        h = 1e-5
+        np.testing.assert_allclose(step(h) / h, 1.0, atol=1e-4)
+
+
+def test_relu_coupling_slope_with_shortcuts(x64):
+    """relu at the residual critical point (C_W = 2, xi^2 = 1 - gamma^2): V / K^2 grows by
+    (1 - gamma^2)(5 - gamma^2) per residual layer (module docstring of rgnn.criticality),
+    exactly (scale-invariant moments), and by 5 on the plain output layer."""
+    for gamma in (0.0, 0.5, 0.9):
+        arch = rgnn.MLP(6, 64, "relu", weight_var=2.0, shortcut=gamma, branch=(1 - gamma**2) ** 0.5)
+        p = rgnn.perturbative(arch, np.ones((1, 3)), ntk=False, warn=False)
+        flow = np.asarray(p.coupling) * np.asarray(p.widths)
+        slope = (1 - gamma**2) * (5 - gamma**2)
+        np.testing.assert_allclose(np.diff(flow)[:-1], slope, **tol(EXACT, jnp.float64))
+        np.testing.assert_allclose(np.diff(flow)[-1], 5.0, **tol(EXACT, jnp.float64))
+
+
+def test_bad_residual_criticality():
+    with pytest.raises(ValueError, match=r"shortcut: expected \|gamma\| < 1"):
+        rgnn.critical_point("relu", shortcut=1.0)
+    with pytest.raises(ValueError, match="branch: expected xi != 0"):
+        rgnn.criticality("relu", 2.0, 0.0, shortcut=0.5, branch=0.0)
