@@ -69,13 +69,17 @@ and for ``gamma^2 < 1`` its fixed points are those of the plain recursion with t
 ``(C_W, C_b) = (1 - gamma^2) / xi^2 x`` the plain one (same ``K*``, same universality class):
 a shortcut of weight ``gamma`` asks for a branch of variance ``xi^2 C_W = (1 - gamma^2) C_W*``.
 ``gamma^2 >= 1`` has no critical point (``chi_parallel > 1``: ``K`` grows without bound).
-The shortcut also slows the flow of the quartic coupling (derived here from the residual vertex
-recursion of :mod:`rgnn.flow.rules`): for a scale-invariant activation at criticality
-(``xi^2 C_W A_2 = 1 - gamma^2``, ``r = 1``) the single-input vertex obeys
-``V' = V + K^2 [(1 - gamma^2)^2 (3 A_4 / A_2^2 - 1) + 4 gamma^2 (1 - gamma^2)]``
-(``<sigma^4>_K = 3 A_4 K^2``), so ``V / K^2`` grows linearly with slope
-``(1 - gamma^2) [(1 - gamma^2)(3 A_4 / A_2^2 - 1) + 4 gamma^2]``, for relu
-``(1 - gamma^2)(5 - gamma^2)``: 5 per layer without shortcuts, 0 as ``gamma -> 1``
+How the shortcut changes the flow of the quartic coupling is computed, not in closed form: a
+residual layer breaks the rotation symmetry among units, so the vertex recursion does not close
+on ``V`` for a nonlinear activation, and :func:`rgnn.perturbative` runs the single-input flow of
+:mod:`rgnn._residual_single` instead. The first residual layer is in closed form: for a
+scale-invariant activation at criticality (``xi^2 C_W A_2 = 1 - gamma^2``,
+``<sigma^4>_K = 3 A_4 K^2``) it adds
+``(1 - gamma^2) [(1 - gamma^2)(3 A_4 / A_2^2 - 1) + 4 gamma^2]`` to ``V / K^2``, for relu
+``(1 - gamma^2)(5 - gamma^2)`` (5 without shortcut, 0 as ``gamma -> 1``). Deeper layers add
+more (the non-Gaussianity a unit carries along its own shortcut is not damped): relu with
+``xi^2 = 1 - gamma^2`` adds 3.56, 5.06, 5.78, 6.14, 6.32 per layer at ``gamma = 0.5`` and 0.80,
+0.99, 1.15, 1.30, 1.43 at ``gamma = 0.9``, against 5 without shortcuts
 (:func:`rgnn.plotting.plot_couplings` with ``shortcuts``).
 
 Reference values (float64, this module; ``chi - 1`` below 1e-15 at each):

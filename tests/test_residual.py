@@ -179,29 +179,39 @@ def test_linear_residual_fixed_point_closed_form(x64):
 
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
-    arch = rgnn.MLP(3, 8, shortcut=0.5)
+    arch = rgnn.MLP(3, 8, "linear", shortcut=0.5)
     with pytest.raises(ValueError, match=r"arch: the residual-layer recursions of the NTK"):
         rgnn.perturbative(arch, _inputs())
     with pytest.raises(ValueError, match=r"dntk_p/dntk_q \(P, Q\)"):
         rgnn.perturbative(arch, _inputs(), ntk=False, dntk=True)
+    arch = rgnn.MLP(3, 8, shortcut=0.5)
+    with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
+        rgnn.perturbative(arch, _inputs(2), ntk=False)
+    with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
+        rgnn.perturbative(arch, _inputs(1), ntk=False, full=True)
     with pytest.raises(ValueError, match="ntk: the four-index NTK fields"):
         rgnn.measure(arch, _inputs(), n_networks=4, key=jax.random.key(0), vertex=True)
 
 
-def test_trivial_shortcut_is_the_plain_perturbative_flow(x64):
-    """gamma = 0, xi = 1 gives the plain MLP's statistics (to roundoff: the residual program
-    is compiled separately, so XLA may order its sums differently; shortcut=None runs the very
-    same program as before)."""
-    x = _inputs(3)
-    for act in ("relu", "tanh"):
-        plain = rgnn.perturbative(rgnn.MLP(4, 64, act, bias_var=0.1), x, ntk=False)
-        res = rgnn.perturbative(
-            rgnn.MLP(4, 64, act, bias_var=0.1, shortcut=0.0, branch=1.0), x, ntk=False
+@pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "gelu"])
+def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
+    """gamma = 0, xi = 1 gives the plain MLP's statistics: linear through the flow engine on
+    three inputs (to roundoff: the residual program is compiled separately, so XLA may order
+    its sums differently; shortcut=None runs the very same program as before), the nonlinear
+    activations through the single-input flow of rgnn._residual_single (to the two
+    computations' estimated quadrature errors)."""
+    x = _inputs(3 if activation == "linear" else 1)
+    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, ntk=False)
+    res = rgnn.perturbative(
+        rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0), x, ntk=False
+    )
+    rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
+    for name in ("vertex", "nngp_variance", "kurtosis", "coupling"):
+        np.testing.assert_allclose(
+            getattr(res, name), getattr(plain, name), rtol=rtol, err_msg=name
         )
-        for name in ("vertex", "nngp_correction", "nngp_variance", "kurtosis", "coupling"):
-            np.testing.assert_allclose(
-                getattr(res, name), getattr(plain, name), **tol(EXACT, jnp.float64), err_msg=name
-            )
+    scale = np.max(np.asarray(plain.nngp))  # the correction vanishes for relu and linear
+    np.testing.assert_allclose(res.nngp_correction, plain.nngp_correction, atol=rtol * scale)
 
 
 def test_deep_linear_residual_vertex_closed_form(x64):
@@ -238,17 +248,17 @@ def _intercept(widths, y, se):
     return (s2 * t0 - s1 * t1) / det, np.sqrt(s2 / det)
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "linear"])
 def test_monte_carlo_vertex_across_widths(x64, activation):
     """rgnn.measure on residual networks of widths 16/32/64 (256 networks each): the weighted
     fit n E = a + b/n of the vertex, n x kurtosis and n x kernel correction has intercepts
-    within MC_SIGMAS fit standard errors of the prediction (layers 2..L+1, every pair
-    component). The full check at widths 32/64/128 with 1024 networks and gelu is
-    tools/residual_monte_carlo.py."""
+    within MC_SIGMAS fit standard errors of the prediction (layers 2..L+1; one input for the
+    nonlinear activations, every pair component of two inputs for linear). The full check at
+    widths 32/64/128 with 1024 networks and gelu is tools/residual_monte_carlo.py."""
     from tests.tolerances import MC_SIGMAS
 
     widths = (16, 32, 64)
-    x = _inputs(2, 4)
+    x = _inputs(2 if activation == "linear" else 1, 4)
     cw = 2.0 if activation == "relu" else 1.0
     ys = {"vertex": [], "kurtosis": [], "nngp_correction": []}
     ses = {k: [] for k in ys}
@@ -319,17 +329,24 @@ def test_residual_critical_point_holds_the_kernel_fixed(x64, activation):
         np.testing.assert_allclose(step(h) / h, 1.0, atol=1e-4)
 
 
-def test_relu_coupling_slope_with_shortcuts(x64):
-    """relu at the residual critical point (C_W = 2, xi^2 = 1 - gamma^2): V / K^2 grows by
-    (1 - gamma^2)(5 - gamma^2) per residual layer (module docstring of rgnn.criticality),
-    exactly (scale-invariant moments), and by 5 on the plain output layer."""
+def test_relu_coupling_flow_with_shortcuts(x64):
+    """relu at the residual critical point (C_W = 2, xi^2 = 1 - gamma^2): the first residual
+    layer adds (1 - gamma^2)(5 - gamma^2) to V / K^2 (closed form, rgnn.criticality), the plain
+    output layer adds 5 plus the propagated V, and gamma = 0.9 keeps the coupling below the
+    plain MLP's on every layer; gamma = 0 is the plain flow (the engine's numbers)."""
+    x = np.ones((1, 3))
+    plain = rgnn.perturbative(rgnn.MLP(6, 64, "relu", weight_var=2.0), x, ntk=False, warn=False)
+    flows = {}
     for gamma in (0.0, 0.5, 0.9):
         arch = rgnn.MLP(6, 64, "relu", weight_var=2.0, shortcut=gamma, branch=(1 - gamma**2) ** 0.5)
-        p = rgnn.perturbative(arch, np.ones((1, 3)), ntk=False, warn=False)
-        flow = np.asarray(p.coupling) * np.asarray(p.widths)
-        slope = (1 - gamma**2) * (5 - gamma**2)
-        np.testing.assert_allclose(np.diff(flow)[:-1], slope, **tol(EXACT, jnp.float64))
-        np.testing.assert_allclose(np.diff(flow)[-1], 5.0, **tol(EXACT, jnp.float64))
+        p = rgnn.perturbative(arch, x, ntk=False, warn=False)
+        flows[gamma] = np.asarray(p.coupling) * np.asarray(p.widths)
+        first = (1 - gamma**2) * (5 - gamma**2)
+        np.testing.assert_allclose(
+            flows[gamma][1], first, rtol=p.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
+        )
+    np.testing.assert_allclose(flows[0.0], np.asarray(plain.coupling) * 64, rtol=1e-9)
+    assert np.all(flows[0.9][1:] < flows[0.0][1:])
 
 
 def test_bad_residual_criticality():
