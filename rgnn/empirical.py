@@ -691,6 +691,17 @@ def measure(
     (batches of one size share one compilation). Layer 1 is not differentiated: ``z^{(1)}`` is
     linear in its parameters, so its dNTK and ddNTKs are exactly zero.
 
+    A residual MLP (:mod:`rgnn.architecture`): on its residual layers ``2..L`` the unit is not a
+    zero-mean Gaussian of covariance ``G`` given the layer below, so ``kurtosis`` uses the unit
+    average of the conditional fourth moment ``gamma^4 z^4 + 6 gamma^2 xi^2 z^2 G_h
+    + 3 xi^4 G_h^2`` (``G_h`` the branch's plain metric), and ``vertex`` (``n Cov`` of two
+    *different* units' conditional second moments, the connected four-point function) and
+    ``nngp_variance`` (``vertex / n``) subtract from the metric's covariance its same-unit
+    part, estimated per network from the unit spread of ``gamma^2 z_a z_b``:
+    ``V = n Cov(G, G) - n/(n-1) E[gamma^4 Cov_units(z_a z_b, z_c z_d)]``. The NTK
+    four-index fields, the dNTK and the ddNTK are not estimated for residual MLPs
+    (``ValueError``).
+
     ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
     ``ntk_vertex``, ``mixed_vertex``, ``ntk_b`` and, when asked for, the dNTK and ddNTK fields --
     on all index tuples of the inputs, ``[L+1, N, N, N, N]`` each with its ``<field>_se``,

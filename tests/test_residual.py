@@ -354,3 +354,22 @@ def test_bad_residual_criticality():
         rgnn.critical_point("relu", shortcut=1.0)
     with pytest.raises(ValueError, match="branch: expected xi != 0"):
         rgnn.criticality("relu", 2.0, 0.0, shortcut=0.5, branch=0.0)
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_sweep_residual_bad_input_is_one_line(tmp_path, capsys):
+    from rgnn.cli import main
+
+    rc = main(["sweep", "--widths", "8,9", "--shortcut", "inf", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "shortcut: expected a finite number" in err[0]
+    assert not any(tmp_path.iterdir())  # nothing written before the arguments are checked
+
+
+def test_coupling_plot_with_shortcuts(tmp_path):
+    from rgnn import plotting
+
+    path = plotting.plot_couplings(
+        tmp_path / "c.png", activations=("relu",), depth=3, shortcuts=(0.5, 0.9)
+    )
+    assert path.stat().st_size > 10_000

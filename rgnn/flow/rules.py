@@ -227,13 +227,24 @@ through ``V`` (``Cov(f(z_i), g(z_k)) = (1/4n_{l-1}) sum V_{(ef)(gh)} <d_e d_f f>
 
 The mean kernel: ``E[z'_a z'_b] = gamma^2 E[z_a z_b] + xi^2 E[G_ab]`` exactly, so
 ``DG' = xi^2 DG'^plain + gamma^2 DG``. With ``gamma = 0, xi = 1`` both reduce to the plain
-rules bit for bit. Derived here (PDLT appendix B gives the single-input vertex recursion of
-residual MLPs); checked against the deep linear residual network in closed form and against
-Monte Carlo over finite networks across widths (tests/test_residual.py,
-tools/residual_monte_carlo.py). The NTK-side statistics (``A, B, D, F``, the NTK mean shift,
-``P, Q``, ``R, S, T, U``) of residual layers have further cross terms (the shortcut's
-``gamma delta_ij`` in the backward signal meets ``xi W_ij s'_j`` in the NTK recursion) that
-are not derived here: the engine refuses them (:data:`RESIDUAL`).
+rules.
+
+**Where this closes: linear activations only.** The step "correlated with unit ``i`` through
+``V``" assumes that every O(1/n) correlation between two units is carried by the vertex,
+``Cov(f(z_i), g(z_k)) = (1/4n) sum V <d d f><d d g>``. In a plain MLP that holds because the
+layer's weights, hence its preactivations, are invariant under rotations of the units. A
+residual layer adds ``z`` itself, which rotates with the units while ``sigma(z)`` does not:
+only permutations remain, and the correlation of two units is a general bilinear form in the
+two functions (e.g. ``n Cov(F(z_i), G)`` picks up ``Cov_0(F, sigma^2)``, all Hermite orders of
+``F``, not only ``<F''>``). For a linear activation every function involved is quadratic and
+the rotation symmetry survives (``O W O^T ~ W``), so these rules are exact there (tests: the
+closed form ``V' = s^2 V + (s^2 - gamma^4)(K K + K K)``, ``s = xi^2 C_W + gamma^2``, and Monte
+Carlo). For a nonlinear activation they are wrong from the second residual layer on
+(Monte Carlo: 5 to 14 standard errors off for relu and gelu at 4096 networks), so
+:func:`rgnn.perturbative` uses them for ``activation="linear"`` only and runs the single-input
+flow of :mod:`rgnn._residual_single`, which carries the whole two-unit bilinear form, for the
+others. The NTK-side statistics (``A, B, D, F``, the NTK mean shift, ``P, Q``, ``R, S, T, U``)
+of residual layers are not derived: the engine refuses them (:data:`RESIDUAL`).
 """
 
 from __future__ import annotations
