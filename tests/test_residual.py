@@ -373,3 +373,20 @@ def test_coupling_plot_with_shortcuts(tmp_path):
         tmp_path / "c.png", activations=("relu",), depth=3, shortcuts=(0.5, 0.9)
     )
     assert path.stat().st_size > 10_000
+
+
+def test_compare_on_a_residual_ensemble(x64):
+    """compare: the metric-based kurtosis/variance are NaN on residual hidden layers and finite
+    on the plain output layer; predictions exist for a linear residual MLP (exact flow) and
+    are NaN for a nonlinear one on several inputs (rgnn.perturbative is one-input there)."""
+    x, y = rgnn.data.teacher_student(6, 4, seed=1)
+    for act in ("relu", "linear"):
+        arch = rgnn.MLP(3, 16, act, weight_var=1.0, shortcut=0.7, branch=0.5)
+        run = rgnn.train(
+            arch, x, y, steps=3, learning_rate=0.1, n_networks=6, key=jax.random.key(0)
+        )
+        cmp = rgnn.compare(arch, x, run)
+        kurt = np.asarray(cmp.kurtosis)
+        assert np.all(np.isnan(kurt[1:-1])) and np.all(np.isfinite(kurt[-1]))
+        pred = np.asarray(cmp.kurtosis_predicted)
+        assert np.all(np.isfinite(pred)) if act == "linear" else np.all(np.isnan(pred))
