@@ -15,6 +15,24 @@ are l = 1..L+1 (l = L+1 is the output), with widths ``n_1..n_L`` and ``n_{L+1} =
     z^{(1)} = a^{(1)}_W W^{(1)} x + a_b b^{(1)}, \\qquad
     z^{(l+1)} = a^{(l+1)}_W W^{(l+1)} \\sigma(z^{(l)}) + a_b b^{(l+1)} .
 
+**Residual MLPs** (``shortcut=gamma``, ``branch=xi``; PDLT appendix B, "Residual Learning",
+eq. B.1). Every hidden-to-hidden layer ``l + 1 = 2..L`` adds a shortcut:
+
+.. math::
+
+    z^{(l+1)} = \\xi^{(l+1)} \\big(a^{(l+1)}_W W^{(l+1)} \\sigma(z^{(l)}) + a_b b^{(l+1)}\\big)
+        + \\gamma^{(l+1)} z^{(l)}, \\qquad l + 1 = 2, \\dots, L,
+
+while the first layer (from the input, whose dimension differs) and the output layer are
+plain, as in the book, where the residual connections join layers of equal width ``n``. The
+residual layers therefore need equal hidden widths. ``gamma`` and ``xi`` are either one number
+for every residual layer or a sequence of ``L - 1`` numbers (layers ``2..L``). ``shortcut=None``
+(default) is the plain MLP; ``gamma = 0, xi = 1`` is the plain MLP too. :meth:`MLP.residual`
+gives the per-layer factors on all ``L + 1`` layers (``gamma = 0, xi = 1`` on the plain ones).
+The learning-rate scalings ``lambda`` of the branch's parameters are those of the plain layer;
+the branch weight ``xi`` multiplies the whole branch (its parameters' gradients included).
+muP residual networks are not supported (``ValueError``).
+
 * ``parameterization="ntk"`` (neural-tangents' default): ``W_ij, b_i ~ N(0, 1)``,
   ``a_W = sqrt(C_W / n_{l-1})``, ``a_b = sqrt(C_b)``.
 * ``parameterization="standard"``: ``W_ij ~ N(0, C_W / n_{l-1})``, ``b_i ~ N(0, C_b)``,
@@ -120,6 +138,8 @@ class Recursion:
       weight_var, bias_var: ``C_W`` and ``C_b`` (``C_b = 0`` when there are no biases).
       lambda_b: ``(L+1,)`` the bias learning-rate scalings ``lambda_b^{(l)}``.
       lambda_w: ``(L+1,)`` the weight learning-rate scalings ``lambda_W^{(l)}``.
+      shortcut, branch: ``(L+1,)`` the residual factors ``gamma^{(l)}, xi^{(l)}`` of every layer
+        (``0`` and ``1`` on plain layers), or ``None`` for a plain MLP.
     """
 
     activation: Activation
@@ -127,6 +147,8 @@ class Recursion:
     bias_var: float
     lambda_b: tuple[float, ...]
     lambda_w: tuple[float, ...]
+    shortcut: tuple[float, ...] | None = None
+    branch: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +198,10 @@ class MLP:
       parameterization: ``"ntk"``, ``"standard"`` or ``"mup"`` (see the module docstring).
       out_dim: width of the output layer ``n_{L+1}``.
       use_bias: whether layers have biases.
+      shortcut: the residual shortcut weight ``gamma`` of the hidden layers ``2..L`` (one
+        finite number, or a sequence of ``L - 1``), or ``None`` (default) for a plain MLP.
+      branch: the residual branch weight ``xi`` (one finite number or ``L - 1`` of them;
+        default 1); only with ``shortcut``.
     """
 
     depth: int
@@ -186,6 +212,8 @@ class MLP:
     parameterization: str = "ntk"
     out_dim: int = 1
     use_bias: bool = True
+    shortcut: float | tuple[float, ...] | None = None
+    branch: float | tuple[float, ...] = 1.0
 
     def __post_init__(self):
         depth = _check_positive_int("depth", self.depth)
@@ -211,6 +239,49 @@ class MLP:
                 f"got {self.parameterization!r}"
             )
         _check_positive_int("out_dim", self.out_dim)
+        self._check_residual(depth)
+
+    def _check_residual(self, depth: int) -> None:
+        def factors(name, value):
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                vals = tuple(value)
+                if len(vals) != depth - 1:
+                    raise ValueError(
+                        f"{name}: expected one number or one per residual layer 2..L "
+                        f"({depth - 1} of them), got {len(vals)}"
+                    )
+            else:
+                vals = (value,)
+            out = []
+            for v in vals:
+                try:
+                    f = float(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name}: expected a finite number, got {v!r}") from None
+                if isinstance(v, bool) or not math.isfinite(f):
+                    raise ValueError(f"{name}: expected a finite number, got {v!r}")
+                out.append(f)
+            return tuple(out) if len(vals) != 1 or isinstance(value, Sequence) else out[0]
+
+        if self.shortcut is None:
+            if not (isinstance(self.branch, int | float) and float(self.branch) == 1.0):
+                raise ValueError(
+                    f"branch: a branch weight needs a residual shortcut (shortcut=gamma); got "
+                    f"branch={self.branch!r} with shortcut=None"
+                )
+            return
+        object.__setattr__(self, "shortcut", factors("shortcut", self.shortcut))
+        object.__setattr__(self, "branch", factors("branch", self.branch))
+        if self.parameterization == "mup":
+            raise ValueError(
+                "shortcut: residual MLPs are supported with parameterization 'ntk' or "
+                "'standard', not 'mup'"
+            )
+        if len(set(self.widths)) > 1:
+            raise ValueError(
+                f"width: a residual MLP (shortcut={self.shortcut!r}) adds z^(l) to z^(l+1), so "
+                f"its hidden layers need equal widths; got {self.widths}"
+            )
 
     # ------------------------------------------------------------------ basic facts
     @property
@@ -229,6 +300,28 @@ class MLP:
     def act(self) -> Activation:
         """The resolved :class:`~rgnn.activations.Activation`."""
         return get_activation(self.activation)
+
+    @property
+    def is_residual(self) -> bool:
+        """Whether the MLP has residual shortcuts (``shortcut`` given and ``depth >= 2``)."""
+        return self.shortcut is not None and self.depth >= 2
+
+    def residual(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(gamma, xi)``: the residual factors of every layer ``l = 1..L+1`` (``L + 1``
+        each; ``gamma = 0``, ``xi = 1`` on the plain first and output layers, and on every
+        layer of a plain MLP)."""
+        n = self.n_layers
+        if self.shortcut is None:
+            return (0.0,) * n, (1.0,) * n
+
+        def per_layer(v):
+            vals = v if isinstance(v, tuple) else (v,) * (self.depth - 1)
+            return tuple(float(a) for a in vals)
+
+        return (
+            (0.0, *per_layer(self.shortcut), 0.0),
+            (1.0, *per_layer(self.branch), 1.0),
+        )
 
     @property
     def effective_bias_var(self) -> float:
@@ -316,11 +409,16 @@ class MLP:
         else:
             lam_b = (1.0 if self.use_bias else 0.0,) * self.n_layers
             lam_w = tuple(float(n) for n in dims[:-1])
+        if self.is_residual:
+            gamma, xi = self.residual()
+            return Recursion(self.act, self.weight_var, cb, lam_b, lam_w, gamma, xi)
         return Recursion(self.act, self.weight_var, cb, lam_b, lam_w)
 
     # ------------------------------------------------------------------ view 1: stax
     def stax_layers(self, *, quadrature_order: int = 96) -> list:
-        """The neural-tangents layers ``[Dense, act, Dense, act, ..., Dense]`` (2L + 1 of them).
+        """The neural-tangents layers ``[Dense, act, Dense, act, ..., Dense]`` (2L + 1 of them);
+        for a residual MLP its ``L + 1`` stages, one per preactivation layer
+        (:meth:`_residual_stages`).
 
         Activations without a neural-tangents closed form use ``stax.ElementwiseNumerical``
         with ``deg=quadrature_order``.
@@ -355,10 +453,48 @@ class MLP:
             act_layer = stax.Identity()
         else:
             act_layer = stax.ElementwiseNumerical(act.fn, deg=quadrature_order)
+        if self.is_residual:
+            return self._residual_stages(stax, dense, act_layer)
         layers = [dense(self.widths[0])]
         for n in (*self.widths[1:], self.out_dim):
             layers += [act_layer, dense(n)]
         return layers
+
+    def _residual_stages(self, stax, dense, act_layer) -> list:
+        """The ``L + 1`` stages of a residual MLP: ``Dense``, the ``L - 1`` residual blocks
+        ``FanOut(2) -> parallel(serial(act, Dense, xi), gamma) -> FanInSum`` and the plain
+        output ``serial(act, Dense)``; ``xi``, ``gamma`` are scalings ``z -> c z`` whose
+        kernel maps are ``c^2 K`` (NNGP) and ``c^2 Theta`` (NTK), and which keep a Gaussian
+        input Gaussian (``FanInSum`` requires it)."""
+
+        @stax.layer
+        @stax.supports_masking(remask_kernel=False)
+        def scale(c):
+            def init_fn(rng, input_shape):
+                return input_shape, ()
+
+            def apply_fn(params, x, **kwargs):
+                return c * x
+
+            def kernel_fn(k, **kwargs):
+                def sq(a):
+                    return None if a is None else c * c * a
+
+                return k.replace(nngp=sq(k.nngp), ntk=sq(k.ntk), cov1=sq(k.cov1), cov2=sq(k.cov2))
+
+            return init_fn, apply_fn, kernel_fn
+
+        gamma, xi = self.residual()
+        stages = [dense(self.widths[0])]
+        for layer in range(1, self.depth):
+            branch = stax.serial(act_layer, dense(self.widths[layer]), scale(xi[layer]))
+            stages.append(
+                stax.serial(
+                    stax.FanOut(2), stax.parallel(branch, scale(gamma[layer])), stax.FanInSum()
+                )
+            )
+        stages.append(stax.serial(act_layer, dense(self.out_dim)))
+        return stages
 
     def stax(self, *, layer: int | None = None, quadrature_order: int = 96):
         """The neural-tangents ``(init_fn, apply_fn, kernel_fn)`` of the network.
@@ -374,7 +510,7 @@ class MLP:
         if layer is not None:
             if not 1 <= layer <= self.n_layers:
                 raise ValueError(f"layer: expected 1..{self.n_layers}, got {layer!r}")
-            layers = layers[: 2 * layer - 1]
+            layers = layers[: layer if self.is_residual else 2 * layer - 1]
         return stax.serial(*layers)
 
     # ------------------------------------------------------------------ view 2: flax
@@ -429,12 +565,19 @@ class MLPNetwork(nnx.Module):
         self.c_w = cw
         self.c_b = cb
         self.activation = arch.act.fn
+        # residual factors of layers 1..L+1 (static Python floats), None for a plain MLP
+        self.residual = arch.residual() if arch.is_residual else None
 
     def preactivations(self, x: jax.Array) -> list[jax.Array]:
-        """``[z^{(1)}, ..., z^{(L+1)}]``, each ``[N, n_l]``."""
+        """``[z^{(1)}, ..., z^{(L+1)}]``, each ``[N, n_l]``; a residual layer is
+        ``xi * layer(sigma(z)) + gamma * z`` (:mod:`rgnn.architecture`)."""
         zs = [self.layers[0](x)]
-        for layer in self.layers[1:]:
-            zs.append(layer(self.activation(zs[-1])))
+        for k, layer in enumerate(self.layers[1:], start=1):
+            h = layer(self.activation(zs[-1]))
+            if self.residual is not None and k < len(self.layers) - 1:
+                gamma, xi = self.residual[0][k], self.residual[1][k]
+                h = xi * h + gamma * zs[-1]
+            zs.append(h)
         return zs
 
     def __call__(self, x: jax.Array) -> jax.Array:

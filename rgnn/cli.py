@@ -264,6 +264,15 @@ def _sweep_parser(sub):
         "--learning-rates", type=_float_list, default=[0.25], help="learning rates (default 0.25)"
     )
     _add_network_options(p, width=False)
+    p.add_argument(
+        "--shortcut",
+        type=float,
+        help="residual shortcut weight gamma of the hidden layers 2..L (a residual MLP, "
+        "PDLT appendix B; default: a plain MLP)",
+    )
+    p.add_argument(
+        "--branch", type=float, default=1.0, help="residual branch weight xi (default 1)"
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_common(p)
     _one_line_errors(p)
@@ -329,6 +338,8 @@ def _base_arch(args, width):
             weight_var=args.weight_var,
             bias_var=args.bias_var,
             parameterization=args.parameterization,
+            shortcut=getattr(args, "shortcut", None),
+            branch=getattr(args, "branch", 1.0),
         )
     except ValueError as err:
         raise _Fail(str(err)) from None

@@ -16,6 +16,13 @@
 * ``"sample"``: ``(1/n_l) sum_i z^{(l)}_{ia} z^{(l)}_{ib}``, the unit average of the
   preactivations themselves (noisy on a narrow output layer).
 
+  For a residual layer (:mod:`rgnn.architecture`) the metric is the conditional second
+  moment averaged over units,
+  ``G^{(l+1)}_{ab} = gamma^2 (1/n_l) sum_j z^{(l)}_{ja} z^{(l)}_{jb}
+  + xi^2 [C_b + (C_W/n_l) sum_j sigma(z^{(l)}_{ja}) sigma(z^{(l)}_{jb})]``, of mean
+  ``K^{(l+1)} + O(1/n)``; its unit-average form makes its covariance the vertex plus a
+  same-unit term (:func:`measure` removes it).
+
 **Empirical NTK.** The NTK of one unit ``i`` of layer ``l`` with respect to every parameter of
 layers ``1..l``, from the layer structure (no Jacobian is formed):
 
@@ -29,7 +36,9 @@ layers ``1..l``, from the layer structure (no Jacobian is formed):
 with ``h^{(0)} = x``, ``h^{(k)} = sigma(z^{(k)})``, and the backward signal
 ``delta^{(k-1)} = sigma'(z^{(k-1)}) * (a_{W,k} W^{(k)} delta^{(k)})``; ``a_W, a_b`` are the
 parameterization's multipliers (:mod:`rgnn.architecture`). Each term is a forward-feature Gram
-times a backward-signal Gram.
+times a backward-signal Gram. A residual layer ``k`` multiplies its term by ``xi_k^2`` and
+passes the signal down as ``delta^{(k-1)} = sigma'(z^{(k-1)}) * (xi_k a_{W,k} W^{(k)}
+delta^{(k)}) + gamma_k delta^{(k)}``.
 """
 
 from __future__ import annotations
@@ -77,7 +86,13 @@ def _nngp_one(net: MLPNetwork, x1, x2, estimator: str):
     cw, cb = net.c_w, net.c_b
     h1 = [x1] + [net.activation(z) for z in z1[:-1]]
     h2 = [x2] + [net.activation(z) for z in z2[:-1]]
-    return jnp.stack([cb + cw * (a @ b.T) / a.shape[1] for a, b in zip(h1, h2, strict=True)])
+    gs = [cb + cw * (a @ b.T) / a.shape[1] for a, b in zip(h1, h2, strict=True)]
+    if net.residual is not None:  # residual layers: gamma^2 z.z / n + xi^2 G (module docstring)
+        gamma, xi = net.residual
+        for k in range(1, len(gs) - 1):
+            zz = z1[k - 1] @ z2[k - 1].T / z1[k - 1].shape[1]
+            gs[k] = xi[k] ** 2 * gs[k] + gamma[k] ** 2 * zz
+    return jnp.stack(gs)
 
 
 def _ntk_block(net: MLPNetwork, x1, x2, units):
@@ -106,16 +121,23 @@ def _ntk_block(net: MLPNetwork, x1, x2, units):
         d1 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n1, width))
         d2 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n2, width))
         theta = jnp.zeros((u, u, n1, n2), x1.dtype)
+        res = net.residual
         for k in range(top, -1, -1):
             layer = net.layers[k]
             feat = layer.a_w**2 * (h1[k] @ h2[k].T)
             if layer.b is not None:
                 feat = feat + layer.a_b**2
+            if res is not None:
+                feat = res[1][k] ** 2 * feat
             # every (unit, input) row of d1 against every one of d2: one matrix product
             gram = d1.reshape(u * n1, -1) @ d2.reshape(u * n2, -1).T
             gram = gram.reshape(u, n1, u, n2).transpose(0, 2, 1, 3)
             theta = theta + gram * feat[None, None]
-            if k > 0:
+            if k > 0 and res is not None:  # dz^(k)/dz^(k-1) = xi W sigma' + gamma I
+                w = res[1][k] * layer.a_w * layer.w[...]
+                d1 = dact(z1[k - 1])[None] * (d1 @ w.T) + res[0][k] * d1
+                d2 = dact(z2[k - 1])[None] * (d2 @ w.T) + res[0][k] * d2
+            elif k > 0:
                 w = layer.a_w * layer.w[...]
                 d1 = dact(z1[k - 1])[None] * (d1 @ w.T)
                 d2 = dact(z2[k - 1])[None] * (d2 @ w.T)
@@ -460,6 +482,53 @@ def _ddntk_means(graphdef, state, x, widths, *, units, chunk):
     return jax.lax.map(one, state, batch_size=chunk)
 
 
+@partial(jax.jit, static_argnames=("graphdef",))
+def _residual_parts(graphdef, state, x):
+    """Per network and residual layer ``l + 1`` (``l = 1..L-1``): the preactivations of the
+    layer below, ``z^{(l)}`` ``[M, N, n]``, and the diagonal of the plain metric of the branch,
+    ``C_b + (C_W / n) sum_j sigma(z_ja)^2`` ``[M, N]``."""
+
+    def one(s):
+        net = nnx.merge(graphdef, s)
+        zs = net.preactivations(x)
+        out = []
+        for k in range(1, len(zs) - 1):
+            z = zs[k - 1]
+            h = net.activation(z)
+            out.append((z, net.c_b + net.c_w * jnp.mean(h * h, axis=1)))
+        return out
+
+    return jax.vmap(one)(state)
+
+
+def _residual_samples(parts, gamma, xi, idx):
+    """Per network, for each residual layer: the unit (population) covariance
+    ``gamma^4 Cov_i(z_{ia1} z_{ia2}, z_{ia3} z_{ia4})`` on the tuples ``idx`` (``[M, R, ...]``)
+    and the unit average of the conditional fourth moment ``E[z'^4_{ia} | below] = gamma^4 z^4
+    + 6 gamma^2 xi^2 z^2 G + 3 xi^4 G^2`` (``[M, R, N]``)."""
+    a1, a2, a3, a4 = idx
+    within, fourth = [], []
+    for k, (z, gh) in enumerate(parts, start=1):
+        z, gh = np.asarray(z), np.asarray(gh)
+        g2, x2 = gamma[k] ** 2, xi[k] ** 2
+        p2 = np.einsum("mai,mbi->mab", z, z) / z.shape[2]
+        p4 = np.concatenate(
+            [
+                np.mean(z[sl, a1] * z[sl, a2] * z[sl, a3] * z[sl, a4], axis=-1)
+                for sl in _chunks(z.shape[0], a1.size * z.shape[2])
+            ]
+        )
+        within.append(g2 * g2 * (p4 - p2[:, a1, a2] * p2[:, a3, a4]))
+        zsq = z * z
+        q = (
+            g2 * g2 * zsq * zsq
+            + 6 * g2 * x2 * zsq * gh[:, :, None]
+            + 3 * x2 * x2 * gh[:, :, None] ** 2
+        )
+        fourth.append(q.mean(-1))
+    return np.stack(within, axis=1), np.stack(fourth, axis=1)
+
+
 def _divisor_chunk(size: int, cap: int) -> int:
     """A ``lax.map`` batch size at most ``cap`` that divides ``size`` when one of at least
     ``cap / 2`` does (no remainder batch, so one compiled body), else ``cap``."""
@@ -622,6 +691,17 @@ def measure(
     (batches of one size share one compilation). Layer 1 is not differentiated: ``z^{(1)}`` is
     linear in its parameters, so its dNTK and ddNTKs are exactly zero.
 
+    A residual MLP (:mod:`rgnn.architecture`): on its residual layers ``2..L`` the unit is not a
+    zero-mean Gaussian of covariance ``G`` given the layer below, so ``kurtosis`` uses the unit
+    average of the conditional fourth moment ``gamma^4 z^4 + 6 gamma^2 xi^2 z^2 G_h
+    + 3 xi^4 G_h^2`` (``G_h`` the branch's plain metric), and ``vertex`` (``n Cov`` of two
+    *different* units' conditional second moments, the connected four-point function) and
+    ``nngp_variance`` (``vertex / n``) subtract from the metric's covariance its same-unit
+    part, estimated per network from the unit spread of ``gamma^2 z_a z_b``:
+    ``V = n Cov(G, G) - n/(n-1) E[gamma^4 Cov_units(z_a z_b, z_c z_d)]``. The NTK
+    four-index fields, the dNTK and the ddNTK are not estimated for residual MLPs
+    (``ValueError``).
+
     ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
     ``ntk_vertex``, ``mixed_vertex``, ``ntk_b`` and, when asked for, the dNTK and ddNTK fields --
     on all index tuples of the inputs, ``[L+1, N, N, N, N]`` each with its ``<field>_se``,
@@ -638,6 +718,12 @@ def measure(
 
     if not isinstance(arch, MLP):
         raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    if arch.is_residual and (ntk and (vertex or full) or dntk or ddntk):
+        raise ValueError(
+            "ntk: the four-index NTK fields, the dNTK and the ddNTK of a residual MLP are not "
+            "estimated (their predictions are not derived); pass vertex/full with ntk=False, "
+            "and dntk=ddntk=False"
+        )
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 4:
         raise ValueError(f"n_networks: expected an integer >= 4, got {n_networks!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -663,6 +749,7 @@ def measure(
                 "fewer inputs, or full=False for the pair layout"
             )
     gs, ts, hds = [], [], []
+    res_w, res_q = [], []  # residual layers: within-network unit covariances, fourth moments
     acc = {}
 
     def add(name, samples):
@@ -676,6 +763,7 @@ def measure(
     b_idx = _tuples(n, None if full else _B_SLOTS)
     d_idx = None if full else _tuples(n, _DNTK_SLOTS)
     n_v, n_b = v_idx[0].size, b_idx[0].size
+    ab_idx = _tuples(n, np.array([[0, 1, 0, 1]]))  # the (ab)(ab) tuple of every pair
     n_d = n**4 if full else d_idx[0].size
     done = 0
     while done < n_networks:
@@ -684,6 +772,11 @@ def measure(
             arch, x.shape[1], n_networks=size, key=jax.random.fold_in(key, done), dtype=x.dtype
         )
         gs.append(np.asarray(empirical_nngp(ens, x)))
+        if arch.is_residual:
+            parts = _residual_parts(ens.graphdef, ens.state, x)
+            w, q = _residual_samples(parts, *arch.residual(), v_idx if four else ab_idx)
+            res_w.append(w)
+            res_q.append(q)
         if ntk and four:
             blocks = _apply(
                 ens.graphdef, ens.state, x, x, kind="ntk_block", option=ntk_units, batched=True
@@ -728,6 +821,24 @@ def measure(
     kurt = 3 * a / b**2 - 3
     infl = 3 * (m4 / b**2 - 2 * a * m2 / b**3)  # influence of one network on 3 a / b^2
     kurt_se = infl.std(0, ddof=1) / np.sqrt(m2.shape[0])
+    if arch.is_residual:
+        # residual layers 2..L: z is not zero-mean given the layer below; E z^4 is the unit
+        # average of its conditional fourth moment, and the metric's covariance holds, besides
+        # the vertex, the same-unit covariance (1/n) Cov_i, removed below (module docstring)
+        rs = slice(1, n_layers - 1)
+        w_res, q = np.concatenate(res_w), np.concatenate(res_q)
+        qa = q.mean(0)
+        kurt[rs] = qa / b[rs] ** 2 - 3
+        infl = q / b[rs] ** 2 - 2 * qa * m2[:, rs] / b[rs] ** 3
+        kurt_se[rs] = infl.std(0, ddof=1) / np.sqrt(q.shape[0])
+        width = np.asarray(widths[1:-1], x.dtype)  # n_l of the layer below
+        if not four:
+            w_abab = w_res[..., 0]
+        elif not full:  # the (ab)(ab) tuple of each pair: component (1, 1) of the pair layout
+            w_abab = w_res[..., 1, 1]
+        else:
+            w_abab = np.einsum("mlabab->mlab", w_res)
+        g_var[rs] = g_var[rs] - w_abab.mean(0) / (width[:, None, None] - 1)
     if four:
         # covariances over networks: centered samples, times M / (M - 1) (unbiased)
         n_net = g.shape[0]
@@ -738,8 +849,14 @@ def measure(
             hbar = np.stack([h.mean(1) for h in hd], axis=1)  # unit-averaged H_ii [M, L+1, N, N]
             ch = hbar - hbar.mean(0)
             hd = [h - h.mean(0) for h in hd]  # each unit centered on its own mean
+        if arch.is_residual:  # per network, n/(n-1) times the same-unit covariance
+            pad = [(0, 0), (1, 1)] + [(0, 0)] * (w_res.ndim - 2)
+            corr = np.pad(
+                w_res * (width / (width - 1)).reshape((1, -1) + (1,) * (w_res.ndim - 2)), pad
+            )
         for sl in _chunks(n_net, n_layers * n_v * (2 + NTK_UNITS)):
-            add("vertex", _products(cg[sl], cg[sl], v_idx, cov_scale))
+            vs = _products(cg[sl], cg[sl], v_idx, cov_scale)
+            add("vertex", vs - corr[sl] if arch.is_residual else vs)
             if ntk:
                 add("mixed_vertex", _products(cg[sl], ch[sl], v_idx, cov_scale))
                 parts = [h[sl] for h in hd]

@@ -10,6 +10,13 @@
         \\langle \\sigma(z_a) \\sigma(z_b) \\rangle_{K^{(l)}}
         + C_W \\langle \\sigma'(z_a) \\sigma'(z_b) \\rangle_{K^{(l)}} \\Theta^{(l)}_{ab}
 
+A residual layer (:mod:`rgnn.architecture`, PDLT appendix B) maps every kernel to
+``xi^2 (the plain layer's map) + gamma^2 (the kernel below)``: the branch
+``xi (b + W sigma(z))`` and the shortcut ``gamma z`` are uncorrelated at infinite width
+(``W`` has mean zero), and so are their parameter gradients, so no cross term survives
+(:func:`_residual_update`); the neural-tangents view is ``FanOut(2)``,
+``parallel(serial(act, Dense, xi), gamma)``, ``FanInSum`` per block.
+
 (PDLT eq. 4.118 for K, eq. 9.4 for Theta; the learning-rate scalings ``lambda`` depend on the
 parameterization, see :mod:`rgnn.architecture`). The expectation over the 2x2 Gaussian with
 covariance ``[[K_aa, K_ab], [K_ab, K_bb]]`` uses the activation's closed form where one exists
@@ -133,6 +140,22 @@ def diag_maps(rec_or_act, k, *, order: int = 96, rule: str = "trapezoid"):
     )
 
 
+def _residual_inputs(rec: Recursion, dtype) -> tuple:
+    """The scan inputs ``(gamma^2, xi^2)`` of layers ``2..L+1`` for a residual MLP, else ``()``."""
+    if rec.shortcut is None:
+        return ()
+    return tuple(jnp.square(jnp.asarray(v[1:], dtype)) for v in (rec.shortcut, rec.branch))
+
+
+def _residual_update(new, old, factors):
+    """A residual layer (PDLT appendix B): every kernel becomes
+    ``xi^2 (plain layer's map) + gamma^2 (the layer below's kernel)``,
+    ``K' = xi^2 (C_b + C_W <s s>) + gamma^2 K`` and
+    ``Theta' = xi^2 (lambda_b + lambda_W <s s> + C_W <s' s'> Theta) + gamma^2 Theta``."""
+    g2, x2 = factors
+    return tuple(x2 * a + g2 * b for a, b in zip(new, old, strict=True))
+
+
 @partial(jax.jit, static_argnames=("rec", "order", "rule", "same", "tabulate"))
 def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabulate: bool = False):
     """The recursion on all layers; with ``tabulate`` (``same`` inputs, quadrature activations)
@@ -161,7 +184,7 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
 
     def layer(carry, lams):
         k12, k11, k22, theta = carry
-        lb, lw = lams
+        lb, lw = lams[:2]
         kw = dict(order=order, rule=rule)
         if tabulate:
             n = k11.shape[0]
@@ -181,10 +204,14 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
         else:
             f22 = diag_maps(rec, k22, **kw)[0]
         new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lb + lw * f + cw * df * theta)
+        if rec.shortcut is not None:
+            new = _residual_update(new, carry, lams[2:])
         return new, (new, err)
 
     first = (k12, k11, k22, theta)
-    _, (rest, errs) = jax.lax.scan(layer, first, (lam_b[1:], lam_w[1:]))
+    _, (rest, errs) = jax.lax.scan(
+        layer, first, (lam_b[1:], lam_w[1:], *_residual_inputs(rec, x1.dtype))
+    )
     stack = [jnp.concatenate([a[None], b], axis=0) for a, b in zip(first, rest, strict=True)]
     k12s, k11s, k22s, thetas = stack
     if tabulate:
@@ -207,6 +234,7 @@ def _probe_flow(rec: Recursion, k11, k22, k12, theta, kd, thetad, *, order: int,
     """
     cw, cb = rec.weight_var, rec.bias_var
     lams = (jnp.asarray(rec.lambda_b[1:], k12.dtype), jnp.asarray(rec.lambda_w[1:], k12.dtype))
+    lams = lams + _residual_inputs(rec, k12.dtype)
 
     def stacked(first, rest):
         return tuple(jnp.concatenate([a[None], b]) for a, b in zip(first, rest, strict=True))
@@ -219,12 +247,16 @@ def _probe_flow(rec: Recursion, k11, k22, k12, theta, kd, thetad, *, order: int,
             f, df = pair_maps(rec, k11, k22, k12, **kw)
             f11, f22 = diag_maps(rec, k11, **kw)[0], diag_maps(rec, k22, **kw)[0]
             new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lam[0] + lam[1] * f + cw * df * theta)
+            if rec.shortcut is not None:
+                new = _residual_update(new, carry, lam[2:])
             return new, new
 
         def diag_layer(carry, lam):
             k, theta = carry
             f, df = diag_maps(rec, k, **kw)
             new = (cb + cw * f, lam[0] + lam[1] * f + cw * df * theta)
+            if rec.shortcut is not None:
+                new = _residual_update(new, carry, lam[2:])
             return new, new
 
         first = (k12, k11, k22, theta)
@@ -243,12 +275,20 @@ def _neural_tangents(arch: MLP, x1, x2, *, order: int):
     stax = import_neural_tangents().stax
     layers = arch.stax_layers(quadrature_order=order)
     net = layers[-1]
-    for i in range(len(layers) - 3, -1, -2):  # Dense layers below the output, top down
-        dense, act = layers[i], layers[i + 1]
-        net = stax.serial(
-            dense, stax.FanOut(2), stax.parallel(stax.Identity(), stax.serial(act, net))
-        )
-    out, kernels = net[2](x1, x2, None), []
+    if arch.is_residual:  # one stage per preactivation layer
+        for stage in layers[-2::-1]:
+            net = stax.serial(stage, stax.FanOut(2), stax.parallel(stax.Identity(), net))
+    else:
+        for i in range(len(layers) - 3, -1, -2):  # Dense layers below the output, top down
+            dense, act = layers[i], layers[i + 1]
+            net = stax.serial(
+                dense, stax.FanOut(2), stax.parallel(stax.Identity(), stax.serial(act, net))
+            )
+    with warnings.catch_warnings():
+        # the shortcut z^(l) and the branch W sigma(z^(l)) of a residual block are independent
+        # at infinite width (W has mean zero), which is what FanInSum assumes
+        warnings.filterwarnings("ignore", "`FanIn` layers assume independent", UserWarning)
+        out, kernels = net[2](x1, x2, None), []
     while isinstance(out, tuple | list):
         kernels.append(out[0])
         out = out[1]

@@ -445,6 +445,9 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
     estimated error; ``first_only``: the first chunk only."""
     n = x.shape[0]
     _, ratios, inv_prev, lam_w = _flow_constants(arch, x, fp.nngp.dtype)
+    residual = None
+    if arch.is_residual:  # (gamma, xi) of layer l + 1 for the step l -> l + 1
+        residual = tuple(jnp.asarray(v[1:], fp.nngp.dtype) for v in arch.residual())
     sets = _sets(n, full)
     rules = flow_moments.rules(
         order, 4 * order, _multi_order(sets.shape[1], order), fp.nngp.dtype, shifted=shifted
@@ -467,6 +470,7 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
             jnp.asarray(chunk),
             stats=tuple(stats),
             pointwise=pointwise,
+            residual=residual,
         )
         outs.append({k: v[:, : size - pad] for k, v in out.items()})
         errs.append(err)
@@ -477,12 +481,25 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
 
 
 @partial(jax.jit, static_argnames=("act", "stats", "pointwise"))
-def _engine_sets(act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, *, stats, pointwise):
-    """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``)."""
+def _engine_sets(
+    act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, *, stats, pointwise, residual=None
+):
+    """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``);
+    ``residual``: ``None`` or the ``[L]`` residual factors ``(gamma, xi)`` of each step."""
     ks = jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     ts = jnp.moveaxis(jnp.moveaxis(t, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     return flow_engine.flow(
-        act, cw, lam_w, ratios, inv_prev, ks, ts, rules, stats=stats, pointwise=pointwise
+        act,
+        cw,
+        lam_w,
+        ratios,
+        inv_prev,
+        ks,
+        ts,
+        rules,
+        stats=stats,
+        pointwise=pointwise,
+        residual=residual,
     )
 
 
@@ -621,7 +638,7 @@ def _run(
     activation (its ``quadrature_error`` without the rule's own estimate, which
     :func:`perturbative` adds), the flow engine otherwise (with every estimate)."""
     n = x.shape[0]
-    if not full and _pair_table.worth_it(n * (n - 1) // 2):
+    if not full and _pair_table.worth_it(n * (n - 1) // 2) and not arch.is_residual:
         # thousands of pairs: the specialised pair recursions (3x3 pair components, and the
         # correlation tables for quadrature activations) still run 1.8x faster than the
         # engine's 16-component pair sets (relu, N = 256, depth 10), so they keep this case
@@ -885,7 +902,18 @@ def perturbative(
     """Order-1/n statistics of ``arch``'s preactivations on inputs ``x``, all pairs, all layers.
 
     Args:
-      arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed).
+      arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed). A residual MLP
+        (``shortcut=...``) needs ``ntk=False`` (its NTK-side statistics are not derived; a
+        ``ValueError`` names them). With ``activation="linear"`` the vertex, the kernel
+        correction and their views are exact on any inputs (:mod:`rgnn.flow.rules`, "Residual
+        layers"); with a nonlinear activation they are given on one input only
+        (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`: a residual layer breaks
+        the rotation symmetry among units, so the vertex alone does not carry the two-unit
+        correlations and the pair recursion does not close; more inputs raise a
+        ``ValueError``). There ``nngp_variance`` is
+        ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
+        ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
+        :func:`rgnn.measure` estimates for a residual layer).
       x: ``[N, n_0]`` inputs.
       quadrature_order: nodes per dimension for expectations without a closed form.
       ntk: also compute the NTK fields (about twice the work); ``False`` leaves them ``None``.
@@ -938,11 +966,35 @@ def perturbative(
     ):
         raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
     dntk = dntk or ddntk
+    if (
+        arch.is_residual
+        and arch.act.name != "linear"
+        and (full or check_inputs(x, "x").shape[0] != 1)
+    ):
+        raise ValueError(
+            f"x: the O(1/n) flow of a residual MLP with the nonlinear activation "
+            f"{arch.act.name!r} is implemented on one input only (x of shape [1, n_0], "
+            "full=False): a residual layer breaks the rotation symmetry among units that lets "
+            "the vertex V carry every cross-unit correlation, so the vertex recursion does not "
+            "close on V on pairs (it is exact for activation='linear'); the single-input flow "
+            "carries the whole two-unit correlation (rgnn._residual_single)"
+        )
+    if arch.is_residual and (ntk or dntk):
+        names = "ntk_correction, ntk_variance, ntk_vertex (A), mixed_vertex (D), ntk_b (B), F"
+        if dntk:
+            names += ", dntk_p/dntk_q (P, Q)" + (", ddntk_r/s/t/u (R, S, T, U)" if ddntk else "")
+        raise ValueError(
+            f"arch: the residual-layer recursions of the NTK statistics ({names}) are not "
+            "derived in rgnn yet (the vertex V, the kernel correction, kurtosis and "
+            "nngp_variance are); pass ntk=False (and dntk=ddntk=False) for a residual MLP"
+        )
     x = check_inputs(x, "x")
     _check_memory(
         x.shape[0], arch.n_layers, x.dtype.itemsize, dntk, ddntk, full=full, limit=memory_limit
     )
     mode = kinks if dntk else None
+    if arch.is_residual and arch.act.name != "linear":
+        return _run_residual_single(arch, x, quadrature_order, warn)
     result = _run(arch, x, quadrature_order, ntk, mode, ddntk, full)
     n = x.shape[0]
     tabulated = not full and _pair_table.worth_it(n * (n - 1) // 2)
@@ -988,6 +1040,57 @@ def perturbative(
                 f"(largest quartic coupling V/(n K^2) = {worst:.3g}); O(1/n^2) terms are "
                 "comparable",
                 stacklevel=2,
+            )
+    return result
+
+
+def _run_residual_single(arch: MLP, x, order: int, warn: bool) -> Perturbative:
+    """:class:`Perturbative` of a nonlinear residual MLP on one input, from the single-input
+    flow of :mod:`rgnn._residual_single` (NumPy grid; its ``quadrature_error`` is the relative
+    change of every field between 1201 and 801 grid nodes, the kernel correction's relative to
+    the kernel)."""
+    from rgnn._residual_single import single_input_flow
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
+        fp = fixed_point(arch, x, quadrature_order=order)
+    k1 = float(np.asarray(fp.nngp)[0, 0, 0])
+    fine, coarse = single_input_flow(arch, k1), single_input_flow(arch, k1, points=801)
+    err = 0.0
+    for name in ("vertex", "nngp_correction", "kurtosis"):
+        a, b = getattr(fine, name), getattr(coarse, name)
+        # the kernel correction relative to the kernel it corrects (it vanishes for relu)
+        scale = np.max(np.abs(fine.nngp if name == "nngp_correction" else a))
+        if scale > 0:
+            err = max(err, float(np.max(np.abs(a - b)) / scale))
+    dtype = x.dtype
+    n = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
+    k = np.asarray(fp.nngp, np.float64)[:, 0, 0]
+    v = fine.vertex
+
+    def arr(a, shape):
+        return jnp.asarray(np.reshape(a, shape), dtype)
+
+    result = Perturbative(
+        nngp=jnp.asarray(fp.nngp, dtype),
+        nngp_correction=arr(fine.nngp_correction / n, (-1, 1, 1)),
+        nngp_variance=arr(v / n, (-1, 1, 1)),
+        kurtosis=arr(fine.kurtosis / n, (-1, 1)),
+        vertex=arr(
+            np.broadcast_to(v[:, None, None, None, None], (v.size, 1, 1, 3, 3)), (-1, 1, 1, 3, 3)
+        ),
+        coupling=arr(v / (n * k**2), (-1,)),
+        widths=arr(n, (-1,)),
+        quadrature_order=0,
+        quadrature_error=err,
+    )
+    if warn:
+        depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
+        if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
+            warnings.warn(
+                f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > "
+                f"{TRUST_DEPTH_OVER_WIDTH}: the O(1/n) description is not trustworthy here",
+                stacklevel=3,
             )
     return result
 

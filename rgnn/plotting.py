@@ -52,10 +52,21 @@ def plot_layer_kernels(fp, path, *, labels=None, layers=None, title=None):
 
 
 def plot_couplings(
-    path, *, activations=("relu", "tanh", "gelu", "swish"), depth=20, width=256, x=None
+    path,
+    *,
+    activations=("relu", "tanh", "gelu", "swish"),
+    depth=20,
+    width=256,
+    x=None,
+    shortcuts=(),
 ):
     """The running quartic coupling ``V^(l) / (K^(l))^2`` against depth, each activation at its
     critical point (``rgnn.critical_point``), as a PNG.
+
+    ``shortcuts``: residual shortcut weights ``gamma`` (``|gamma| < 1``) to draw besides the
+    plain MLP, each as a residual MLP at the same ``C_W, C_b`` with branch
+    ``xi = sqrt(1 - gamma^2)``, which keeps it critical (:mod:`rgnn.criticality`): dashed
+    curves, flatter as ``gamma`` grows (for relu the slope is ``(1 - gamma^2)(5 - gamma^2)``).
 
     ``V/K^2 = n x coupling`` is width-independent at O(1/n): the plot shows the flow itself; the
     dimensionless coupling at width ``n`` is the curve divided by ``n`` (right axis, at the given
@@ -72,20 +83,33 @@ def plot_couplings(
     with jax.enable_x64(True):
         for name in activations:
             crit = rgnn.critical_point(name)
-            arch = rgnn.MLP(depth, width, name, weight_var=crit.weight_var, bias_var=crit.bias_var)
-            import warnings
+            color = None
+            for gamma in (None, *shortcuts):
+                res = {} if gamma is None else dict(shortcut=gamma, branch=(1 - gamma**2) ** 0.5)
+                arch = rgnn.MLP(
+                    depth, width, name, weight_var=crit.weight_var, bias_var=crit.bias_var, **res
+                )
+                import warnings
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                p = rgnn.perturbative(arch, x)
-            layers = np.arange(1, arch.n_layers + 1)
-            ax.plot(
-                layers,
-                np.asarray(p.coupling) * width,
-                marker="o",
-                ms=3,
-                label=f"{crit.activation} (C_W={crit.weight_var:.4g}, C_b={crit.bias_var:.3g})",
-            )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    p = rgnn.perturbative(arch, x, ntk=False)
+                layers = np.arange(1, arch.n_layers + 1)
+                label = (
+                    f"{crit.activation} (C_W={crit.weight_var:.4g}, C_b={crit.bias_var:.3g})"
+                    if gamma is None
+                    else f"{crit.activation}, shortcut gamma={gamma:g}"
+                )
+                (line,) = ax.plot(
+                    layers,
+                    np.asarray(p.coupling) * width,
+                    marker="o" if gamma is None else None,
+                    ms=3,
+                    ls="-" if gamma is None else "--",
+                    color=color,
+                    label=label,
+                )
+                color = line.get_color()
     ax.set_xlabel("layer l")
     ax.set_ylabel("V / K^2   (= width x quartic coupling)")
     ax.set_title("Running quartic coupling at criticality")

@@ -945,6 +945,12 @@ def sweep(
             bias_var=arch.bias_var,
             out_dim=arch.out_dim,
             use_bias=arch.use_bias,
+            # residual factors only when given: a plain sweep's keys stay as they were
+            **(
+                dict(shortcut=arch.shortcut, branch=arch.branch)
+                if arch.shortcut is not None
+                else {}
+            ),
         ),
         data=dict(hash=_data_hash(np.asarray(xa), ya), n=int(xa.shape[0]), dtype=str(xa.dtype)),
         widths=widths,
@@ -1124,11 +1130,20 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
             activations=acts,
             depth=max(max(result.config["depths"]), 10),  # the flow, beyond the sweep's depth
             width=min(result.config["widths"]),
+            shortcuts=_plot_shortcuts(result.config["base"].get("shortcut")),
         )
         written.append(out / "couplings.png")
     except ValueError as err:  # an activation without a critical point
         warnings.warn(f"couplings.png not written: {err}", stacklevel=2)
     return written
+
+
+def _plot_shortcuts(shortcut) -> tuple:
+    """The residual shortcut of a sweep as :func:`rgnn.plotting.plot_couplings`'s
+    ``shortcuts`` (one weight ``|gamma| < 1`` constant over the layers), else ``()``."""
+    if isinstance(shortcut, int | float) and abs(shortcut) < 1:
+        return (float(shortcut),)
+    return ()
 
 
 def _plot_measure(ax, result, rows, name, groups, varying):

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from rgnn.flow.moments import Moments
-from rgnn.flow.rules import KMAX, RANK, RULES, Layer, closure
+from rgnn.flow.rules import KMAX, RANK, RESIDUAL, RULES, Layer, closure
 
 
 @partial(
     jax.jit,
     static_argnames=("act", "stats", "pointwise"),
 )
-def flow(act, cw, lam_w, ratios, inv_prev, ks, ts, rules, *, stats, pointwise=False):
+def flow(act, cw, lam_w, ratios, inv_prev, ks, ts, rules, *, stats, pointwise=False, residual=None):
     """Every statistic in ``stats`` on every layer and set.
 
     Args:
@@ -39,6 +39,10 @@ def flow(act, cw, lam_w, ratios, inv_prev, ks, ts, rules, *, stats, pointwise=Fa
         the compiled shape, their nodes are not (an error estimate with a shifted rule reuses
         the compilation).
       pointwise: drop the second derivative of kinked activations.
+      residual: ``None`` (a plain MLP), or ``(gamma, xi)``, each ``[L]``, the residual factors
+        of layer ``l + 1`` for the step ``l -> l + 1`` (``0, 1`` on plain layers): each
+        statistic's plain update is followed by its residual form
+        (:data:`rgnn.flow.rules.RESIDUAL`; a statistic without one raises a ``ValueError``).
     Returns:
       ``(out, err)``: ``out[name]`` ``[L+1, S, m, ..., m]`` for every name in the closure of
       ``stats``; ``err`` the largest estimated relative error of the three/four-input rule
@@ -52,25 +56,37 @@ def flow(act, cw, lam_w, ratios, inv_prev, ks, ts, rules, *, stats, pointwise=Fa
         return {n: jnp.zeros((m,) * RANK.get(n, 4), dtype) for n in names}
 
     kmax = max(KMAX[n] for n in names)
+    if residual is not None:
+        missing = [n for n in names if n not in RESIDUAL]
+        if missing:
+            raise ValueError(
+                f"stats: the residual-layer recursions of {missing} are not derived; "
+                f"available on residual networks: {sorted(RESIDUAL)}"
+            )
 
-    def one(old, k, t, lw, r, inv):
+    def update(layer, n, res):
+        new = RULES[n](layer)
+        return new if res is None else RESIDUAL[n](layer, new, *res)
+
+    def one(old, k, t, lw, r, inv, res):
         # a recording pass collects every moment the updates ask for (its arithmetic is dead
         # code, removed by the compiler); then all of them are evaluated at once
         rec = Moments(act, k, rules, pointwise=pointwise, kmax=kmax, record=True)
         for n in names:
-            RULES[n](Layer(rec, old, t, cw=cw, lw=lw, r=r, inv=inv))
+            update(Layer(rec, old, t, cw=cw, lw=lw, r=r, inv=inv), n, res)
         mom = Moments(act, k, rules, pointwise=pointwise, kmax=kmax)
         mom.prepare(rec.recorded, rec.recorded_singles)
         layer = Layer(mom, old, t, cw=cw, lw=lw, r=r, inv=inv)
-        new = {n: RULES[n](layer).x for n in names}
+        new = {n: update(layer, n, res).x for n in names}
         return new, mom.multi_error()
 
     def step(carry, inp):
-        k, t, lw, r, inv = inp
-        new, err = jax.vmap(lambda c, kk, tt: one(c, kk, tt, lw, r, inv))(carry, k, t)
+        k, t, lw, r, inv, res = inp
+        new, err = jax.vmap(lambda c, kk, tt: one(c, kk, tt, lw, r, inv, res))(carry, k, t)
         return new, (new, jnp.max(err))
 
     init = jax.tree.map(lambda z: jnp.broadcast_to(z, (n_sets, *z.shape)), zeros())
-    _, (outs, errs) = jax.lax.scan(step, init, (ks[:-1], ts[:-1], lam_w, ratios, inv_prev))
+    xs = (ks[:-1], ts[:-1], lam_w, ratios, inv_prev, residual)
+    _, (outs, errs) = jax.lax.scan(step, init, xs)
     out = {n: jnp.concatenate([init[n][None], outs[n]]) for n in names}
     return out, jnp.max(errs, initial=0.0)

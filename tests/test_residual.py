@@ -1,0 +1,392 @@
+"""Residual MLPs (PDLT appendix B): the spec, finite networks, empirical kernels, training and
+the fixed point (native against neural-tangents' FanOut/parallel/FanInSum blocks)."""
+
+import math
+import warnings
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rgnn
+from rgnn.fixed_point import diag_maps
+from tests.tolerances import EXACT, tol
+
+
+def _inputs(n=3, n0=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n0))
+    return x / np.sqrt(np.mean(x**2, axis=1, keepdims=True)) * np.linspace(0.7, 1.2, n)[:, None]
+
+
+# ----------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(width=(8, 9, 8), shortcut=0.5), "width: a residual MLP"),
+        (dict(shortcut=(0.5,)), r"shortcut: expected one number or one per residual layer"),
+        (dict(shortcut=0.5, branch=(1.0, 1.0, 1.0)), r"branch: expected one number or one"),
+        (dict(shortcut=math.nan), "shortcut: expected a finite number"),
+        (dict(shortcut="a"), "shortcut: expected a finite number"),
+        (dict(shortcut=0.5, branch=math.inf), "branch: expected a finite number"),
+        (dict(branch=0.5), "branch: a branch weight needs a residual shortcut"),
+        (dict(shortcut=0.5, parameterization="mup"), "shortcut: residual MLPs are supported"),
+    ],
+)
+def test_bad_residual_spec_names_the_argument(kwargs, match):
+    kwargs = dict(dict(depth=3, width=8), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        rgnn.MLP(**kwargs)
+
+
+def test_residual_factors_per_layer():
+    arch = rgnn.MLP(3, 8, shortcut=(0.5, 0.25), branch=0.75)
+    assert arch.is_residual
+    assert arch.residual() == ((0.0, 0.5, 0.25, 0.0), (1.0, 0.75, 0.75, 1.0))
+    assert rgnn.MLP(3, 8).residual() == ((0.0,) * 4, (1.0,) * 4)
+    assert not rgnn.MLP(1, 8, shortcut=0.5).is_residual  # no hidden-to-hidden layer
+    rec = arch.recursion(5)
+    assert rec.shortcut == (0.0, 0.5, 0.25, 0.0) and rec.branch == (1.0, 0.75, 0.75, 1.0)
+    assert rgnn.MLP(3, 8).recursion(5).shortcut is None
+    hash(arch)  # a static jit argument
+
+
+# ----------------------------------------------------------------------------- finite networks
+def test_forward_pass_is_the_residual_recursion(x64):
+    arch = rgnn.MLP(3, 6, "tanh", bias_var=0.2, shortcut=(0.5, -0.3), branch=(0.8, 1.3))
+    x = _inputs()
+    net = arch.network(5, rngs=nnx.Rngs(3))
+    zs = net.preactivations(jnp.asarray(x))
+    plain = rgnn.MLP(3, 6, "tanh", bias_var=0.2).network(5, rngs=nnx.Rngs(3))
+    z = plain.layers[0](x)
+    np.testing.assert_array_equal(zs[0], z)
+    for k, (g, xi) in enumerate([(0.5, 0.8), (-0.3, 1.3)], start=1):
+        z = xi * plain.layers[k](jnp.tanh(z)) + g * z
+        np.testing.assert_allclose(zs[k], z, **tol(EXACT, jnp.float64))
+    np.testing.assert_allclose(zs[3], plain.layers[3](jnp.tanh(z)), **tol(EXACT, jnp.float64))
+    # gamma = 0, xi = 1 is the plain network, bit for bit
+    same = rgnn.MLP(3, 6, "tanh", bias_var=0.2, shortcut=0.0, branch=1.0).network(
+        5, rngs=nnx.Rngs(3)
+    )
+    x = jnp.asarray(x)
+    for a, b in zip(same.preactivations(x), plain.preactivations(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_structural_ntk_equals_jacobian_ntk(x64, activation, parameterization):
+    """The empirical NTK from the layer structure equals J J^T of the flattened parameters."""
+    arch = rgnn.MLP(
+        3,
+        7,
+        activation,
+        bias_var=0.1,
+        shortcut=(0.8, -0.4),
+        branch=(0.5, 1.2),
+        parameterization=parameterization,
+    )
+    x = _inputs()
+    net = arch.network(5, rngs=nnx.Rngs(1))
+    theta = rgnn.empirical_ntk(net, x, unit=2)
+    graphdef, state = nnx.split(net)
+    flat, unravel = jax.flatten_util.ravel_pytree(state)
+    for layer in range(arch.n_layers):
+
+        def z(p, layer=layer):
+            return nnx.merge(graphdef, unravel(p)).preactivations(jnp.asarray(x))[layer][:, 2 % 7]
+
+        jac = jax.jacobian(z)(flat)
+        np.testing.assert_allclose(theta[layer], jac @ jac.T, **tol(EXACT, jnp.float64))
+
+
+def test_ensemble_and_training_accept_a_residual_mlp(x64):
+    """An ensemble's NTK is its members' NTK; training records it at step 0 and lowers the loss."""
+    arch = rgnn.MLP(2, 16, "relu", weight_var=1.5, shortcut=0.7, branch=0.6)
+    x, y = rgnn.data.teacher_student(6, 4, seed=0)
+    ens = rgnn.ensemble(arch, 4, n_networks=3, key=jax.random.key(0))
+    ntk = rgnn.empirical_ntk(ens, x)
+    np.testing.assert_allclose(
+        ntk[1], rgnn.empirical_ntk(ens.member(1), x), **tol(EXACT, jnp.float64)
+    )
+    run = rgnn.train(arch, x, y, steps=20, learning_rate=0.1, n_networks=3, key=jax.random.key(0))
+    np.testing.assert_allclose(
+        run.ntk[0], rgnn.empirical_ntk(run.initial, x), **tol(EXACT, jnp.float64)
+    )
+    assert np.all(np.asarray(run.loss[-1]) < np.asarray(run.loss[0]))
+
+
+# ----------------------------------------------------------------------------- fixed point
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+@pytest.mark.parametrize("activation", ["relu", "erf", "gelu", "tanh"])
+def test_native_fixed_point_equals_neural_tangents(x64, activation, parameterization):
+    """Native == neural-tangents' FanOut/parallel/FanInSum residual blocks to 1e-9, per layer.
+
+    tanh has no closed form in neural-tangents: its Gauss-Hermite rule at 256 nodes is
+    converged for these O(1) kernels (as in tests/test_fixed_point.py)."""
+    arch = rgnn.MLP(
+        4,
+        32,
+        activation,
+        weight_var=1.4,
+        bias_var=0.2,
+        shortcut=(0.9, 0.5, -0.7),
+        branch=(0.6, 1.1, 0.8),
+        parameterization=parameterization,
+    )
+    x1, x2 = _inputs(4, seed=1), _inputs(3, seed=2)
+    for other in (None, x2):
+        fp = rgnn.fixed_point(arch, x1, other, rtol=math.inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # ElementwiseNumerical's notice
+            ref = rgnn.fixed_point(
+                arch, x1, other, backend="neural_tangents", quadrature_order=256, rtol=math.inf
+            )
+        for name in ("nngp", "ntk", "nngp_diag1", "nngp_diag2"):
+            np.testing.assert_allclose(
+                getattr(fp, name), getattr(ref, name), **tol(EXACT, jnp.float64), err_msg=name
+            )
+
+
+def test_trivial_shortcut_is_the_plain_fixed_point_bit_for_bit(x64):
+    x = _inputs(4)
+    for act in ("relu", "tanh"):
+        plain = rgnn.fixed_point(rgnn.MLP(3, 8, act, bias_var=0.1), x)
+        res = rgnn.fixed_point(rgnn.MLP(3, 8, act, bias_var=0.1, shortcut=0.0, branch=1.0), x)
+        for name in ("nngp", "ntk", "nngp_diag1"):
+            np.testing.assert_array_equal(getattr(plain, name), getattr(res, name))
+
+
+def test_linear_residual_fixed_point_closed_form(x64):
+    """Linear activation: K^(l) = C_b sum_k xi_k^2 prod_{m>k} gamma_m^2 + prod(...) K^(1),
+    i.e. K^(l+1) = xi^2 (C_b + C_W K^(l)) + gamma^2 K^(l) solved layer by layer in NumPy;
+    the NTK alike with lambda's."""
+    arch = rgnn.MLP(5, 8, "linear", weight_var=0.9, bias_var=0.3, shortcut=(1.0, 0.5, 0.9, 0.2))
+    x = _inputs(3)
+    fp = rgnn.fixed_point(arch, x)
+    gamma, xi = arch.residual()
+    k = 0.3 + 0.9 * x @ x.T / 5
+    t = 0.3 + 0.9 * x @ x.T / 5
+    for layer in range(1, arch.n_layers):
+        g2, x2 = gamma[layer] ** 2, xi[layer] ** 2
+        k, t = x2 * (0.3 + 0.9 * k) + g2 * k, x2 * (0.3 + 0.9 * k + 0.9 * t) + g2 * t
+        np.testing.assert_allclose(fp.nngp[layer], k, **tol(EXACT, jnp.float64))
+        np.testing.assert_allclose(fp.ntk[layer], t, **tol(EXACT, jnp.float64))
+
+
+# ----------------------------------------------------------------------------- perturbative
+def test_perturbative_refuses_the_underived_statistics():
+    arch = rgnn.MLP(3, 8, "linear", shortcut=0.5)
+    with pytest.raises(ValueError, match=r"arch: the residual-layer recursions of the NTK"):
+        rgnn.perturbative(arch, _inputs())
+    with pytest.raises(ValueError, match=r"dntk_p/dntk_q \(P, Q\)"):
+        rgnn.perturbative(arch, _inputs(), ntk=False, dntk=True)
+    arch = rgnn.MLP(3, 8, shortcut=0.5)
+    with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
+        rgnn.perturbative(arch, _inputs(2), ntk=False)
+    with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
+        rgnn.perturbative(arch, _inputs(1), ntk=False, full=True)
+    with pytest.raises(ValueError, match="ntk: the four-index NTK fields"):
+        rgnn.measure(arch, _inputs(), n_networks=4, key=jax.random.key(0), vertex=True)
+
+
+@pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "gelu"])
+def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
+    """gamma = 0, xi = 1 gives the plain MLP's statistics: linear through the flow engine on
+    three inputs (to roundoff: the residual program is compiled separately, so XLA may order
+    its sums differently; shortcut=None runs the very same program as before), the nonlinear
+    activations through the single-input flow of rgnn._residual_single (to the two
+    computations' estimated quadrature errors)."""
+    x = _inputs(3 if activation == "linear" else 1)
+    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, ntk=False)
+    res = rgnn.perturbative(
+        rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0), x, ntk=False
+    )
+    rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
+    for name in ("vertex", "nngp_variance", "kurtosis", "coupling"):
+        np.testing.assert_allclose(
+            getattr(res, name), getattr(plain, name), rtol=rtol, err_msg=name
+        )
+    scale = np.max(np.asarray(plain.nngp))  # the correction vanishes for relu and linear
+    np.testing.assert_allclose(res.nngp_correction, plain.nngp_correction, atol=rtol * scale)
+
+
+def test_deep_linear_residual_vertex_closed_form(x64):
+    """Linear activation, full four-index vertex on 3 inputs: with s = xi^2 C_W + gamma^2 the
+    residual recursion closes, V' = s^2 V + (s^2 - gamma^4)(K_ac K_bd + K_ad K_bc) (r = 1),
+    and the kernel correction vanishes (E z z = K exactly for a linear network). Independent
+    derivation: E[z'_ia z'_ib | z] = gamma^2 z_ia z_ib + xi^2 (C_b + C_W zhat_ab) with
+    zhat = (1/n) sum_j z_j z_j, whose covariances between units are (KK + V)/n."""
+    gamma, xi = (0.9, 0.4, 1.0), (0.5, 1.1, 0.7)
+    cw, cb = 0.8, 0.2
+    arch = rgnn.MLP(4, 50, "linear", weight_var=cw, bias_var=cb, shortcut=gamma, branch=xi)
+    x = _inputs(3)
+    p = rgnn.perturbative(arch, x, ntk=False, full=True, warn=False)
+    k = np.asarray(p.nngp)
+    v = np.zeros((3,) * 4)
+    np.testing.assert_array_equal(p.vertex[0], v)
+    for layer in range(1, arch.n_layers):
+        g, c = arch.residual()[0][layer], arch.residual()[1][layer]
+        kk = np.einsum("ac,bd->abcd", k[layer - 1], k[layer - 1])
+        kk = kk + kk.transpose(0, 1, 3, 2)
+        s = c * c * cw + g * g
+        v = s * s * v + (s * s - g**4) * kk  # r = 1 wherever V != 0
+        np.testing.assert_allclose(p.vertex[layer], v, **tol(EXACT, jnp.float64))
+    np.testing.assert_allclose(p.nngp_correction, 0.0, atol=tol(EXACT, jnp.float64)["atol"])
+
+
+def _intercept(widths, y, se):
+    """Weighted fit ``y = a + b / n`` per entry (``y, se`` ``[W, ...]``): ``(a, se_a)``."""
+    xs = (1 / np.asarray(widths, float)).reshape((-1,) + (1,) * (y.ndim - 1))
+    w = 1 / se**2
+    s0, s1, s2 = w.sum(0), (w * xs).sum(0), (w * xs * xs).sum(0)
+    t0, t1 = (w * y).sum(0), (w * xs * y).sum(0)
+    det = s0 * s2 - s1 * s1
+    return (s2 * t0 - s1 * t1) / det, np.sqrt(s2 / det)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "linear"])
+def test_monte_carlo_vertex_across_widths(x64, activation):
+    """rgnn.measure on residual networks of widths 16/32/64 (256 networks each): the weighted
+    fit n E = a + b/n of the vertex, n x kurtosis and n x kernel correction has intercepts
+    within MC_SIGMAS fit standard errors of the prediction (layers 2..L+1; one input for the
+    nonlinear activations, every pair component of two inputs for linear). The full check at
+    widths 32/64/128 with 1024 networks and gelu is tools/residual_monte_carlo.py."""
+    from tests.tolerances import MC_SIGMAS
+
+    widths = (16, 32, 64)
+    x = _inputs(2 if activation == "linear" else 1, 4)
+    cw = 2.0 if activation == "relu" else 1.0
+    ys = {"vertex": [], "kurtosis": [], "nngp_correction": []}
+    ses = {k: [] for k in ys}
+    for width in widths:
+        arch = rgnn.MLP(3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
+        m = rgnn.measure(arch, x, n_networks=256, key=jax.random.key(width), ntk=False, vertex=True)
+        n = np.asarray(arch.layer_dims(4), float)[:-1]
+        for name in ys:
+            scale = 1.0 if name == "vertex" else n.reshape((-1,) + (1,) * (m.kurtosis.ndim - 1))
+            if name == "nngp_correction":
+                scale = n[:, None, None]
+            ys[name].append(np.asarray(getattr(m, name)) * scale)
+            ses[name].append(np.asarray(getattr(m, name + "_se")) * scale)
+    p = rgnn.perturbative(arch, x, ntk=False, warn=False)
+    n = np.asarray(p.widths)
+    pred = {
+        "vertex": np.asarray(p.vertex),
+        "kurtosis": np.asarray(p.kurtosis) * n[:, None],
+        "nngp_correction": np.asarray(p.nngp_correction) * n[:, None, None],
+    }
+    for name in ys:
+        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
+        z = np.abs(a - pred[name][1:]) / sa
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
+# ----------------------------------------------------------------------------- criticality
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_residual_critical_point_holds_the_kernel_fixed(x64, activation):
+    """At the residual critical point the native fixed point started at K* stays there on the
+    residual layers, and chi_parallel, chi_perp (finite differences of the residual recursion
+    K' = xi^2 (C_b + C_W g(K)) + gamma^2 K) are 1."""
+    gamma, xi = 0.6, 0.8
+    crit = rgnn.critical_point(activation, shortcut=gamma, branch=xi)
+    plain = rgnn.critical_point(activation)
+    scale = (1 - gamma**2) / xi**2
+    np.testing.assert_allclose(crit.weight_var, plain.weight_var * scale, rtol=1e-14)
+    np.testing.assert_allclose(crit.bias_var, plain.bias_var * scale, rtol=1e-14)
+    assert crit.is_critical and crit.fixed_point == plain.fixed_point
+    kstar = crit.fixed_point if crit.fixed_point > 0 else 0.3
+    arch = rgnn.MLP(
+        5,
+        16,
+        activation,
+        weight_var=crit.weight_var,
+        bias_var=crit.bias_var,
+        shortcut=gamma,
+        branch=xi,
+    )
+    # one input with K^(1) = C_b + C_W |x|^2 / n0 = K* (tanh: K* = 0 is the trivial point,
+    # checked instead through the susceptibilities at small K)
+    q = (kstar - crit.bias_var) / crit.weight_var
+    x = np.full((1, 4), np.sqrt(q))
+    k = np.asarray(rgnn.fixed_point(arch, x).nngp_diag1)[:-1, 0]
+    act = rgnn.activations.get_activation(activation)
+
+    def step(kk):
+        f = diag_maps(act, jnp.asarray(kk), order=256)[0]
+        return xi**2 * (crit.bias_var + crit.weight_var * float(f)) + gamma**2 * kk
+
+    if crit.fixed_point > 0:
+        np.testing.assert_allclose(k, kstar, rtol=1e-9)
+        h = 1e-4 * kstar
+        chi_par = (step(kstar + h) - step(kstar - h)) / (2 * h)
+        np.testing.assert_allclose(chi_par, 1.0, atol=1e-6)
+    else:  # K* = 0: K' = K + O(K^2), the slope at 0 is 1
+        h = 1e-5
+        np.testing.assert_allclose(step(h) / h, 1.0, atol=1e-4)
+
+
+def test_relu_coupling_flow_with_shortcuts(x64):
+    """relu at the residual critical point (C_W = 2, xi^2 = 1 - gamma^2): the first residual
+    layer adds (1 - gamma^2)(5 - gamma^2) to V / K^2 (closed form, rgnn.criticality), the plain
+    output layer adds 5 plus the propagated V, and gamma = 0.9 keeps the coupling below the
+    plain MLP's on every layer; gamma = 0 is the plain flow (the engine's numbers)."""
+    x = np.ones((1, 3))
+    plain = rgnn.perturbative(rgnn.MLP(6, 64, "relu", weight_var=2.0), x, ntk=False, warn=False)
+    flows = {}
+    for gamma in (0.0, 0.5, 0.9):
+        arch = rgnn.MLP(6, 64, "relu", weight_var=2.0, shortcut=gamma, branch=(1 - gamma**2) ** 0.5)
+        p = rgnn.perturbative(arch, x, ntk=False, warn=False)
+        flows[gamma] = np.asarray(p.coupling) * np.asarray(p.widths)
+        first = (1 - gamma**2) * (5 - gamma**2)
+        np.testing.assert_allclose(
+            flows[gamma][1], first, rtol=p.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
+        )
+    np.testing.assert_allclose(flows[0.0], np.asarray(plain.coupling) * 64, rtol=1e-9)
+    assert np.all(flows[0.9][1:] < flows[0.0][1:])
+
+
+def test_bad_residual_criticality():
+    with pytest.raises(ValueError, match=r"shortcut: expected \|gamma\| < 1"):
+        rgnn.critical_point("relu", shortcut=1.0)
+    with pytest.raises(ValueError, match="branch: expected xi != 0"):
+        rgnn.criticality("relu", 2.0, 0.0, shortcut=0.5, branch=0.0)
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_sweep_residual_bad_input_is_one_line(tmp_path, capsys):
+    from rgnn.cli import main
+
+    rc = main(["sweep", "--widths", "8,9", "--shortcut", "inf", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "shortcut: expected a finite number" in err[0]
+    assert not any(tmp_path.iterdir())  # nothing written before the arguments are checked
+
+
+def test_coupling_plot_with_shortcuts(tmp_path):
+    from rgnn import plotting
+
+    path = plotting.plot_couplings(
+        tmp_path / "c.png", activations=("relu",), depth=3, shortcuts=(0.5, 0.9)
+    )
+    assert path.stat().st_size > 10_000
+
+
+def test_compare_on_a_residual_ensemble(x64):
+    """compare: the metric-based kurtosis/variance are NaN on residual hidden layers and finite
+    on the plain output layer; predictions exist for a linear residual MLP (exact flow) and
+    are NaN for a nonlinear one on several inputs (rgnn.perturbative is one-input there)."""
+    x, y = rgnn.data.teacher_student(6, 4, seed=1)
+    for act in ("relu", "linear"):
+        arch = rgnn.MLP(3, 16, act, weight_var=1.0, shortcut=0.7, branch=0.5)
+        run = rgnn.train(
+            arch, x, y, steps=3, learning_rate=0.1, n_networks=6, key=jax.random.key(0)
+        )
+        cmp = rgnn.compare(arch, x, run)
+        kurt = np.asarray(cmp.kurtosis)
+        assert np.all(np.isnan(kurt[1:-1])) and np.all(np.isfinite(kurt[-1]))
+        pred = np.asarray(cmp.kurtosis_predicted)
+        assert np.all(np.isfinite(pred)) if act == "linear" else np.all(np.isnan(pred))
