@@ -229,8 +229,25 @@ def gaussian_reference(arch: MLP, x1, x2=None, *, quadrature_order: int = 96):
     return jnp.stack(nngps), jnp.stack(ntks)
 
 
+def _model_reference(model, x, x_test):
+    """A :class:`rgnn.models.Model`'s output-layer reference, ``[1, N, N]`` each (NaN where
+    the model has none)."""
+    nan = jnp.full((x.shape[0], x.shape[0]), jnp.nan, x.dtype)
+    k, t = model.reference(x)
+    t_test = None
+    if x_test is not None:
+        t_test = model.reference(x_test, x)[1]
+        if t_test is None:
+            t_test = jnp.full((x_test.shape[0], x.shape[0]), jnp.nan, x.dtype)
+    k = nan if k is None else k
+    t = nan if t is None else t
+    return k[None], t[None], t_test
+
+
 def _reference(arch: MLP, x, x_test, order: int):
     """``(K [L+1,N,N], Theta [L+1,N,N], Theta_out(x_test, x) [N*,N] or None)``."""
+    if not isinstance(arch, MLP):
+        return _model_reference(arch, x, x_test)
     if arch.parameterization == "mup":
         k, t = gaussian_reference(arch, x, quadrature_order=order)
         t_test = None
@@ -538,7 +555,12 @@ def compare(
     """Measure a trained ensemble (or a bare ensemble) against the Gaussian fixed point.
 
     Args:
-      arch: the :class:`~rgnn.MLP` the networks were drawn from.
+      arch: the :class:`~rgnn.MLP` the networks were drawn from, or the model
+        (:func:`rgnn.models.as_model`: a stax triple, a flax nnx module, a
+        :class:`rgnn.models.Model`). For a model every layer field has one layer, the output
+        (``[T, 1]``); its reference kernels are the model's own (a triple's ``kernel_fn``, a
+        flax model's user-supplied reference; NaN fields where it has none); the predicted
+        kurtosis and kernel variance are NaN (no 1/n rules exist for it).
       x: ``[N, n_0]`` the training inputs the record was taken on.
       training: a :class:`~rgnn.Training`, or an :class:`~rgnn.Ensemble` (step 0 only).
       y: targets (default: those stored in the training). A bare ensemble has no gaps (NaN).
@@ -552,7 +574,9 @@ def compare(
       A :class:`Comparison` (formulas in the module docstring).
     """
     if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+        from rgnn.models import as_model
+
+        arch = as_model(arch)
     x, _ = check_pair(x, None, ("x", "x2"))
     if isinstance(training, Ensemble):
         ens = training
@@ -627,8 +651,9 @@ def compare(
             loss_kind=loss_kind,
             batch_size=batch_size,
         )
-    # a nonlinear residual MLP has no O(1/n) prediction (rgnn.perturbative says why)
-    predictable = not arch.is_residual or arch.act.name == "linear"
+    # a nonlinear residual MLP has no O(1/n) prediction (rgnn.perturbative says why); a model
+    # has no 1/n rules at all
+    predictable = isinstance(arch, MLP) and (not arch.is_residual or arch.act.name == "linear")
     if perturbative and nngp.shape[1] >= 2 and predictable:
         kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order)
     else:
@@ -749,15 +774,15 @@ def _output_ntk(ens: Ensemble, x, ntk) -> jax.Array:
     with respect to all parameters, ``J J^T`` (gradient-descent learning-rate factors are 1),
     one network at a time.
     """
-    from flax import nnx
-
     m, n = ntk.shape[1], x.shape[0]
-    if ens.arch.out_dim == 1:
+    first = jax.tree_util.tree_map(lambda a: a[0], ens.state)
+    out_dim = jax.eval_shape(lambda s: _apply(ens, s, x), first).shape[-1]
+    if out_dim == 1:
         return ntk[0, :, -1].reshape(m, n, 1, n, 1)
 
     def one(state):
-        jac = jax.jacrev(lambda s: nnx.merge(ens.graphdef, s)(x))(state)
-        blocks = [j.reshape(n, ens.arch.out_dim, -1) for j in jax.tree_util.tree_leaves(jac)]
+        jac = jax.jacrev(lambda s: _apply(ens, s, x))(state)
+        blocks = [j.reshape(n, out_dim, -1) for j in jax.tree_util.tree_leaves(jac)]
         return sum(jnp.einsum("aip,bjp->aibj", j, j) for j in blocks)
 
     return jax.lax.map(one, ens.state)
@@ -766,4 +791,6 @@ def _output_ntk(ens: Ensemble, x, ntk) -> jax.Array:
 def _apply(ens: Ensemble, state, x):
     from flax import nnx
 
+    if ens.graphdef is None:
+        return ens.arch.apply(state, x)
     return nnx.merge(ens.graphdef, state)(x)

@@ -164,44 +164,109 @@ def _apply(graphdef, state, x1, x2, *, kind, option, batched):
     return jax.vmap(one)(state) if batched else one(state)
 
 
-def _dispatch(model, x1, x2, kind, option):
-    if isinstance(model, Ensemble):
+@partial(jax.jit, static_argnames=("model", "kind", "option", "batched"))
+def _model_apply(model, state, x1, x2, *, kind, option, batched):
+    """Kernels of a :class:`rgnn.models.Model`: ``[1, N1, N2]`` per network (its output layer,
+    or with ``kind="features"`` the named layer ``option``)."""
+
+    def one(params):
+        if kind == "nngp":
+            return model.empirical_nngp(params, x1, x2)[None]
+        if kind == "features":
+            h1, h2 = model.features(params, x1, option), model.features(params, x2, option)
+            return (h1 @ h2.T / h1.shape[1])[None]
+        return model.empirical_ntk(params, x1, x2, unit=option)[None]
+
+    return jax.vmap(one)(state) if batched else one(state)
+
+
+def _dispatch(model, x1, x2, kind, option, layer=None):
+    from rgnn.models import FlaxModel, Model, _is_nnx, _is_triple, as_model
+
+    if isinstance(model, Ensemble) and model.graphdef is None:
+        x1, x2 = check_pair(x1, x2)
+        arch, state, batched = model.arch, model.state, True
+        n0 = model.in_dim
+    elif isinstance(model, Ensemble):
         x1, x2 = check_pair(x1, x2)
         n0, graphdef, state, batched = model.in_dim, model.graphdef, model.state, True
     elif isinstance(model, MLPNetwork):
         x1, x2 = check_pair(x1, x2)
         graphdef, state = nnx.split(model)
         n0, batched = model.layers[0].w.shape[0], False
+    elif _is_nnx(model) or isinstance(model, FlaxModel):
+        x1, x2 = check_pair(x1, x2)
+        arch = as_model(model)
+        state, batched, n0 = arch.init(jax.random.key(0), x1), False, x1.shape[1]
+    elif _is_triple(model) or isinstance(model, Model):
+        raise ValueError(
+            "model: a stax triple (or model family) is a distribution of networks, not one "
+            "network; draw networks with rgnn.ensemble(arch, in_dim, n_networks=..., key=...)"
+        )
     else:
         raise ValueError(
-            f"model: expected an rgnn.MLPNetwork or rgnn.Ensemble, got {type(model).__name__}"
+            "model: expected an rgnn.MLPNetwork, rgnn.Ensemble or a flax nnx module, got "
+            f"{type(model).__name__}"
         )
     if x1.shape[1] != n0:
         raise ValueError(
             f"x1: expected {n0} features (the network's input dimension), got {x1.shape[1]}"
         )
     x2 = x1 if x2 is None else x2
+    is_mlp = isinstance(model, MLPNetwork) or (
+        isinstance(model, Ensemble) and model.graphdef is not None
+    )
+    if not is_mlp:
+        if layer is not None:
+            if not isinstance(arch, FlaxModel):
+                raise ValueError(
+                    f"layer: feature layers are named in flax models only, not a {arch.kind} model"
+                )
+            kind, option = "features", layer
+        elif kind == "nngp" and isinstance(arch, FlaxModel) and not batched:
+            raise ValueError(
+                "layer: expected the name of a feature layer (a submodule attribute, dots for "
+                "nesting) for the empirical NNGP of a flax model"
+            )
+        state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x1.dtype), state)
+        return _model_apply(arch, state, x1, x2, kind=kind, option=option, batched=batched)
+    if layer is not None:
+        raise ValueError("layer: feature layers are named in flax models only, not an rgnn.MLP")
     return _apply(graphdef, state, x1, x2, kind=kind, option=option, batched=batched)
 
 
-def empirical_nngp(model, x1, x2=None, *, estimator: str = "metric") -> jax.Array:
+def empirical_nngp(
+    model, x1, x2=None, *, estimator: str = "metric", layer: str | None = None
+) -> jax.Array:
     """Per-layer empirical NNGP of a finite network or ensemble.
 
     Args:
-      model: an :class:`~rgnn.MLPNetwork` or an :class:`~rgnn.Ensemble`.
+      model: an :class:`~rgnn.MLPNetwork`, an :class:`~rgnn.Ensemble` (of an MLP or of any
+        :class:`rgnn.models.Model`), or a flax nnx module (with ``layer``).
       x1, x2: ``[N1, n_0]`` and optional ``[N2, n_0]`` inputs.
-      estimator: ``"metric"`` (the stochastic metric ``G^{(l)}``) or ``"sample"``.
+      estimator: ``"metric"`` (the stochastic metric ``G^{(l)}``) or ``"sample"`` (MLP only).
+      layer: for a flax module, the attribute path of a submodule (``"hidden"``,
+        ``"block.dense"``): the kernel ``h(x1) h(x2)^T / n`` of its output ``h`` (flattened to
+        ``n`` features), ``[1, N1, N2]``.
 
     Returns:
-      ``[L+1, N1, N2]`` for a network, ``[M, L+1, N1, N2]`` for an ensemble.
+      ``[L+1, N1, N2]`` for a network, ``[M, L+1, N1, N2]`` for an ensemble. For an ensemble of
+      a model, ``[M, 1, N1, N2]``: the output layer's metric only (:mod:`rgnn.models`; NaN
+      where it is not defined, e.g. always for a flax model without ``layer``).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
-    return _dispatch(model, x1, x2, "nngp", estimator)
+    if layer is not None and not isinstance(layer, str):
+        raise ValueError(f"layer: expected a submodule name, got {layer!r}")
+    return _dispatch(model, x1, x2, "nngp", estimator, layer=layer)
 
 
 def empirical_ntk(model, x1, x2=None, *, unit: int = 0) -> jax.Array:
     """Per-layer empirical NTK of unit ``unit`` of each layer (exact, from the layer structure).
+
+    For an ensemble of a :class:`rgnn.models.Model` or a flax nnx module: the NTK of output
+    unit ``unit`` with respect to every parameter, ``[M, 1, N1, N2]`` (``[1, N1, N2]`` for one
+    module), exact by VJPs and JVPs without a Jacobian (:func:`rgnn.models.ntk_jvp`).
 
     Returns:
       ``[L+1, N1, N2]`` for a network, ``[M, L+1, N1, N2]`` for an ensemble.
@@ -712,12 +777,11 @@ def measure(
     fields would exceed 8 GiB is refused with a ``ValueError``. The dNTK and ddNTK
     computations are the same as in the pair layout (they produce every tuple anyway).
     """
-    from rgnn.architecture import MLP
     from rgnn.fixed_point import fixed_point
+    from rgnn.models import require_mlp
     from rgnn.networks import ensemble
 
-    if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+    require_mlp(arch, "rgnn.measure")
     if arch.is_residual and (ntk and (vertex or full) or dntk or ddntk):
         raise ValueError(
             "ntk: the four-index NTK fields, the dNTK and the ddNTK of a residual MLP are not "

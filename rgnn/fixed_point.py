@@ -530,7 +530,11 @@ def fixed_point(
     """Per-layer infinite-width NNGP and NTK of ``arch`` on ``x1`` (and ``x2``).
 
     Args:
-      arch: the :class:`~rgnn.MLP`.
+      arch: the :class:`~rgnn.MLP`; or a neural-tangents stax triple, a flax nnx module or a
+        :class:`rgnn.models.Model` (:func:`rgnn.models.model_fixed_point`): then only the
+        output layer exists, on a layer axis of length 1 (``fp.nngp[-1]``), from the model's
+        own kernels (``kernel_fn`` for a triple); a kernel the model lacks is NaN, and
+        ``backend`` is ``"model"``.
       x1: ``[N1, n_0]`` inputs.
       x2: ``[N2, n_0]`` inputs, or ``None`` for ``x2 = x1``.
       backend: ``"native"`` (rgnn's jitted recursion) or ``"neural_tangents"``.
@@ -571,7 +575,9 @@ def fixed_point(
       (4, 4, 4)
     """
     if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+        from rgnn.models import model_fixed_point
+
+        return model_fixed_point(arch, x1, x2)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if isinstance(quadrature_order, bool) or not isinstance(quadrature_order, int):

@@ -479,10 +479,11 @@ def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
                 record_steps=[steps],
             )
         if record.diverged_at >= 0:
+            width = max(arch.widths) if isinstance(arch, MLP) else arch.width
             raise ValueError(
                 f"learning_rate: training diverged at step {record.diverged_at} with "
                 f"learning_rate={settings['learning_rate']} ({arch.parameterization}, width "
-                f"{max(arch.widths)}); choose a smaller learning rate"
+                f"{width}); choose a smaller learning rate"
             )
     predict = settings.get("predict", True) and settings["n_networks"] >= 4
     cmp = compare(arch, x, record, perturbative=predict)
@@ -799,14 +800,67 @@ def _check_list(name, values, kind, *, positive=False):
     return out
 
 
-def _arch_at(base: MLP, p: dict) -> MLP:
+def _arch_at(base: MLP, p: dict, custom: dict | None = None) -> MLP:
+    if not isinstance(base, MLP):  # a model family: only the width varies
+        return base.at_width(p["width"])
     return dataclasses.replace(
         base,
         depth=p["depth"],
         width=p["width"],
-        activation=p["activation"],
+        activation=(custom or {}).get(p["activation"], p["activation"]),
         parameterization=p["parameterization"],
     )
+
+
+def activation_label(activation) -> str:
+    """The sweep's stored name of an activation: a registry name as it is; a callable or an
+    :class:`~rgnn.activations.Activation` as ``"<name>@<fingerprint>"``, the fingerprint being
+    the SHA-256 of its values at 41 points of ``[-4, 4]`` in float64 (12 significant digits).
+
+    The label identifies the function by what it computes, not by its object identity (which
+    does not survive the process): a sweep with a custom activation resumes in a new process
+    when the activation passed computes the same values, and a different function with the
+    same ``__name__`` (every lambda is ``<lambda>``) gets another label, so its points are
+    never mixed with the old ones (the directory is refused as holding another sweep).
+    """
+    from rgnn.activations import get_activation
+
+    if isinstance(activation, str):
+        return activation
+    act = get_activation(activation)
+    with jax.enable_x64(True):
+        grid = jax.numpy.linspace(-4.0, 4.0, 41, dtype=jax.numpy.float64)
+        values = np.asarray(act.fn(grid), np.float64)
+    text = ",".join(f"{v:.12g}" for v in values.ravel())
+    return f"{act.name}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _model_sweep_base(arch, depths, activations, parameterizations):
+    """A model family for :func:`sweep` (``None`` for an MLP): a :class:`rgnn.models.Model`
+    with ``at_width``, or a function ``width -> triple | model | nnx module``."""
+    from rgnn import models
+
+    if isinstance(arch, MLP):
+        return None
+    if isinstance(arch, models.Model):
+        base = arch
+    elif callable(arch) and not models.is_model_like(arch):
+        base = models.as_family(arch)
+    else:
+        what = "a stax triple" if isinstance(arch, tuple) else type(arch).__name__
+        raise ValueError(
+            f"arch: expected an rgnn.MLP, a model family (rgnn.models.cnn(...), a "
+            f"rgnn.models.Model with at_width) or a function from width to a network, got "
+            f"{what} (one network: sweeps need a family of widths)"
+        )
+    for name, v in (
+        ("depths", depths),
+        ("activations", activations),
+        ("parameterizations", parameterizations),
+    ):
+        if v is not None:
+            raise ValueError(f"{name}: a model family sweeps widths only; expected None")
+    return base
 
 
 def _fits(config, records) -> tuple:
@@ -852,11 +906,21 @@ def sweep(
     Args:
       arch: the base architecture; its depth, activation and parameterization are used when
         the corresponding list is ``None``, and its width is replaced by each of ``widths``.
+        Or a model family: :func:`rgnn.models.cnn` (``rgnn sweep --arch cnn``), any
+        :class:`rgnn.models.Model` with ``at_width``, or a function from width to a
+        neural-tangents stax triple, a flax nnx module (with an ``rngs`` keyword to draw
+        ensembles) or a model; only widths (and learning rates, seeds) are swept, the kernel
+        measures are the output layer's, the kurtosis has no O(1/n) prediction (the sweep's
+        fits measure its 1/n coefficient), and the family is stored by its kind, name and
+        :func:`rgnn.models.fingerprint` (resuming needs a family that computes the same).
       x, y: ``[N, n_0]`` inputs and ``[N, out_dim]`` (or ``[N]``) targets.
       widths: at least two hidden widths (four or more for a trustworthy exponent).
       seeds: ensemble seeds; each point trains ``n_networks`` networks from
         ``jax.random.key(seed)``.
-      depths, activations, parameterizations: further sweep axes.
+      depths, activations, parameterizations: further sweep axes. Activations may be names,
+        :class:`~rgnn.activations.Activation` objects or callables, stored as
+        :func:`activation_label` (resume works across processes for a custom activation that
+        computes the same values).
       learning_rates: the learning-rate axis.
       steps, n_networks, optimizer, loss: training settings (:func:`rgnn.train`); ``steps = 0``
         measures the networks at initialization.
@@ -875,9 +939,9 @@ def sweep(
     The measures each point reports are ``sweep.MEASURES`` (``rgnn.sweep.MEASURES``, the same
     dict as :data:`MEASURES`).
     """
-    if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
     from rgnn._validate import check_inputs
+
+    family = _model_sweep_base(arch, depths, activations, parameterizations)
 
     xa = check_inputs(x, "x")
     ya = np.asarray(y)
@@ -891,16 +955,34 @@ def sweep(
     if len(widths) < 2:
         raise ValueError(f"widths: expected at least 2 widths, got {widths}")
     seeds = _check_list("seeds", seeds, int)
-    depths = _check_list("depths", [arch.depth] if depths is None else depths, int, positive=True)
-    activations = _check_list(
-        "activations", [arch.act.name] if activations is None else activations, str
-    )
-    parameterizations = _check_list(
-        "parameterizations",
-        [arch.parameterization] if parameterizations is None else parameterizations,
-        str,
-    )
-    for par in parameterizations:
+    custom, first = {}, None
+    if family is not None:
+        at_width = family.at_width if hasattr(family, "at_width") else family
+        first = at_width(widths[0])
+        depths, activations = [first.depth], [first.activation]
+        parameterizations = [first.parameterization]
+        arch = _FamilyBase(at_width)
+    else:
+        depths = _check_list(
+            "depths", [arch.depth] if depths is None else depths, int, positive=True
+        )
+        if activations is None:
+            activations = [arch.act.name if isinstance(arch.activation, str) else arch.activation]
+        if isinstance(activations, str | bytes) or not isinstance(activations, Sequence):
+            raise ValueError(f"activations: expected a non-empty list, got {activations!r}")
+        labels = []
+        for a in activations:
+            label = activation_label(a)
+            if not isinstance(a, str):
+                custom[label] = a
+            labels.append(label)
+        activations = _check_list("activations", labels, str)
+        parameterizations = _check_list(
+            "parameterizations",
+            [arch.parameterization] if parameterizations is None else parameterizations,
+            str,
+        )
+    for par in parameterizations if family is None else ():
         if par not in PARAMETERIZATIONS:
             raise ValueError(
                 f"parameterizations: expected some of {PARAMETERIZATIONS}, got {par!r}"
@@ -921,7 +1003,7 @@ def sweep(
             "loss: 'cross_entropy' expects integer class labels y, got real-valued targets "
             f"({np.asarray(y).dtype}); use loss='mse'"
         )
-    for a in activations:  # fail before any work on an unknown name
+    for a in activations if family is None else ():  # fail before any work on an unknown name
         _arch_at(
             arch,
             dict(
@@ -930,6 +1012,7 @@ def sweep(
                 activation=a,
                 parameterization=parameterizations[0],
             ),
+            custom,
         )
 
     settings = dict(
@@ -939,8 +1022,8 @@ def sweep(
         loss=loss,
         predict=bool(predict),
     )
-    config = dict(
-        base=dict(
+    if family is None:
+        base = dict(
             weight_var=arch.weight_var,
             bias_var=arch.bias_var,
             out_dim=arch.out_dim,
@@ -951,7 +1034,16 @@ def sweep(
                 if arch.shortcut is not None
                 else {}
             ),
-        ),
+        )
+    else:
+        from rgnn.models import fingerprint
+
+        # a model family is stored by kind, name and a fingerprint of what it computes at the
+        # first width (rgnn.models.fingerprint): resuming needs the same family, not the
+        # same Python object
+        base = dict(model=first.kind, name=first.name, fingerprint=fingerprint(first, xa))
+    config = dict(
+        base=base,
         data=dict(hash=_data_hash(np.asarray(xa), ya), n=int(xa.shape[0]), dtype=str(xa.dtype)),
         widths=widths,
         seeds=seeds,
@@ -983,7 +1075,7 @@ def sweep(
                 bar.skip(1, note)
                 continue
             bar.start_item(note)
-            a = _arch_at(arch, p)
+            a = _arch_at(arch, p, custom)
             start = time.perf_counter()
             settings_p = dict(settings, learning_rate=p["learning_rate"])
             result = point_fn(a, xa, ya, seed=p["seed"], settings=settings_p)
@@ -994,7 +1086,7 @@ def sweep(
                 measures=result["measures"],
                 layers=result.get("layers", {}),
                 couplings=result.get("couplings"),
-                depth_over_width=float(np.sum(1.0 / np.asarray(a.widths, float))),
+                depth_over_width=_depth_over_width(a),
                 seconds=seconds,
             )
             record = _strict(record)  # as it is stored: NaN -> None
@@ -1013,6 +1105,19 @@ def sweep(
     if store is not None:
         write_outputs(result, plots=plots)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _FamilyBase:
+    """A model family in :func:`sweep`: ``at_width(width) -> Model``."""
+
+    at_width: Callable
+
+
+def _depth_over_width(a) -> float:
+    if isinstance(a, MLP):
+        return float(np.sum(1.0 / np.asarray(a.widths, float)))
+    return float(a.depth_over_width)
 
 
 sweep.MEASURES = MEASURES
@@ -1123,6 +1228,8 @@ def plot_sweep(result: Sweep, out) -> list[Path]:
     written.append(path)
     from rgnn import plotting
 
+    if "model" in result.config["base"]:  # no MLP coupling flow to draw for a model family
+        return written
     acts = tuple(result.config["activations"])
     try:
         plotting.plot_couplings(

@@ -133,11 +133,15 @@ def ensemble_kernels(ens: Ensemble, x) -> tuple[jax.Array, jax.Array]:
     ``C_b + (G - C_b) C_W^{(L+1)} / C_W``. The NTK needs no correction: it is computed from the
     layer multipliers, and under every parameterization the gradient-descent learning-rate
     factors are 1 (:mod:`rgnn.architecture`), so it is the kernel of gradient descent.
+
+    For an ensemble of a :class:`rgnn.models.Model`: the output layer only,
+    ``([M, 1, N, N], [M, 1, N, N])`` (:mod:`rgnn.models`; the NNGP NaN where the model has no
+    stochastic metric).
     """
     nngp = empirical_nngp(ens, x)
     ntk = empirical_ntk(ens, x)
     arch = ens.arch
-    if arch.parameterization == "mup":
+    if isinstance(arch, MLP) and arch.parameterization == "mup":
         sc = arch.scales(ens.in_dim)
         cb = arch.effective_bias_var
         ratio = sc.weight_var[-1] / arch.weight_var
@@ -167,8 +171,30 @@ def _loss_fn(kind: str):
     return loss
 
 
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+    """``forward(state, x)`` of one member: the nnx graph of an MLP ensemble, or a
+    :class:`rgnn.models.Model`'s ``apply`` (hashable: a static argument of the jitted loop)."""
+
+    graphdef: object = None
+    model: object = None
+
+    def __call__(self, state, x):
+        if self.model is not None:
+            return self.model.apply(state, x)
+        return nnx.merge(self.graphdef, state)(x)
+
+
+def _forward_of(ens: Ensemble) -> _Forward:
+    if ens.graphdef is None:
+        return _Forward(model=ens.arch)
+    return _Forward(graphdef=ens.graphdef)
+
+
 def _factor_tree(arch: MLP, in_dim: int, state, optimizer: str):
     """A pytree like one member's state: each leaf the learning-rate factor of its group."""
+    if not isinstance(arch, MLP):
+        return arch.lr_factors(state, optimizer)
     sc = arch.scales(in_dim)
     wf = sc.weight_lr_adam if optimizer == "adam" else sc.weight_lr
     bf = sc.bias_lr_adam if optimizer == "adam" else sc.bias_lr
@@ -189,11 +215,13 @@ def _check_int(name, value, low, high=None):
     return int(value)
 
 
-def _check_targets(y, n: int, arch: MLP, loss: str, dtype):
+def _check_targets(y, n: int, arch: MLP, loss: str, dtype, out_dim=None):
     try:
         arr = np.asarray(y)
     except Exception as err:  # noqa: BLE001 - anything unconvertible is bad input
         raise ValueError(f"y: expected an array, got {type(y).__name__}") from err
+    if out_dim is None:
+        out_dim = arch.out_dim
     if arr.shape[:1] != (n,):
         raise ValueError(
             f"y: expected {n} targets (one per row of x) on the first axis, got shape {arr.shape}"
@@ -204,19 +232,19 @@ def _check_targets(y, n: int, arch: MLP, loss: str, dtype):
                 f"y: expected integer class labels of shape [{n}] for cross_entropy, "
                 f"got shape {arr.shape} and dtype {arr.dtype}"
             )
-        if arch.out_dim < 2:
-            raise ValueError(f"arch: expected out_dim >= 2 for cross_entropy, got {arch.out_dim}")
-        if arr.min() < 0 or arr.max() >= arch.out_dim:
+        if out_dim < 2:
+            raise ValueError(f"arch: expected out_dim >= 2 for cross_entropy, got {out_dim}")
+        if arr.min() < 0 or arr.max() >= out_dim:
             raise ValueError(
-                f"y: expected labels in 0..{arch.out_dim - 1} (arch.out_dim classes), "
+                f"y: expected labels in 0..{out_dim - 1} (arch.out_dim classes), "
                 f"got {arr.min()}..{arr.max()}"
             )
         return jnp.asarray(arr, jnp.int32)
     if arr.ndim == 1:
         arr = arr[:, None]
-    if arr.ndim != 2 or arr.shape[1] != arch.out_dim:
+    if arr.ndim != 2 or arr.shape[1] != out_dim:
         raise ValueError(
-            f"y: expected shape [{n}, {arch.out_dim}] (arch.out_dim outputs), got {arr.shape}"
+            f"y: expected shape [{n}, {out_dim}] (arch.out_dim outputs), got {arr.shape}"
         )
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
         raise ValueError("y: expected finite real targets")
@@ -254,7 +282,7 @@ def _opt_init(state, *, optimizer):
     return jax.vmap(_transform(optimizer).init)(state)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_kind", "optimizer", "batch_size"))
+@partial(jax.jit, static_argnames=("forward", "loss_kind", "optimizer", "batch_size"))
 def _advance(
     state,
     opt_state,
@@ -266,7 +294,7 @@ def _advance(
     start,
     stop,
     *,
-    graphdef,
+    forward,
     loss_kind,
     optimizer,
     batch_size,
@@ -278,7 +306,7 @@ def _advance(
     n = x.shape[0]
 
     def net_loss(s, xb, yb):
-        return loss_one(nnx.merge(graphdef, s)(xb), yb)
+        return loss_one(forward(s, xb), yb)
 
     def cond(carry):
         i, _, _, bad = carry
@@ -307,14 +335,13 @@ def _advance(
     return state, opt_state, bad
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_kind"))
-def _observe(state, x, y, x_test, *, graphdef, loss_kind):
+@partial(jax.jit, static_argnames=("forward", "loss_kind"))
+def _observe(state, x, y, x_test, *, forward, loss_kind):
     loss_one = _loss_fn(loss_kind)
 
     def one(s):
-        net = nnx.merge(graphdef, s)
-        out = net(x)
-        return loss_one(out, y), out, None if x_test is None else net(x_test)
+        out = forward(s, x)
+        return loss_one(out, y), out, None if x_test is None else forward(s, x_test)
 
     return jax.vmap(one)(state)
 
@@ -340,7 +367,11 @@ def train(
     """Train ``n_networks`` networks of ``arch`` on ``(x, y)`` in parallel, recording kernels.
 
     Args:
-      arch: the :class:`~rgnn.MLP` (any parameterization, ``"mup"`` included).
+      arch: the :class:`~rgnn.MLP` (any parameterization, ``"mup"`` included), or any
+        architecture :func:`rgnn.models.as_model` takes (a neural-tangents stax triple, a
+        flax nnx module or a :class:`rgnn.models.Model`): its networks are drawn by its own
+        ``init`` and trained with one learning rate for every parameter; the recorded kernels
+        are then the output layer's only, ``[T, M, 1, N, N]``.
       x: ``[N, n_0]`` training inputs.
       y: ``[N, out_dim]`` (or ``[N]`` when ``out_dim == 1``) targets for ``"mse"``; ``[N]``
         integer labels in ``0..out_dim-1`` for ``"cross_entropy"``.
@@ -373,7 +404,9 @@ def train(
       (10, 4, 3, 16, 16)
     """
     if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+        from rgnn.models import as_model
+
+        arch = as_model(arch)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
     if loss not in LOSSES:
@@ -396,7 +429,12 @@ def train(
         x_test = None if x_test is None else x_test.astype(dtype)
     dtype = x.dtype
     n, in_dim = x.shape
-    targets = _check_targets(y, n, arch, loss, dtype)
+    out_dim = None
+    if not isinstance(arch, MLP):
+        # one draw first: a model that cannot run on x fails here with a one-line error
+        ensemble(arch, in_dim, n_networks=1, key=jax.random.key(0), dtype=dtype)
+        out_dim = arch.output_dim(x)
+    targets = _check_targets(y, n, arch, loss, dtype, out_dim)
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1, n)
     if optimizer == "sgd" and batch_size is None:
@@ -411,10 +449,10 @@ def train(
         arch, in_dim, n_networks=n_networks, key=jax.random.fold_in(key, 0), dtype=dtype
     )
     batch_key = jax.random.fold_in(key, 1)
-    graphdef = ens0.graphdef
+    graphdef, forward = ens0.graphdef, _forward_of(ens0)
     one_state = jax.tree_util.tree_map(lambda a: a[0], ens0.state)
     factors = _factor_tree(arch, in_dim, one_state, optimizer)
-    static = dict(graphdef=graphdef, loss_kind=loss, optimizer=optimizer, batch_size=batch_size)
+    static = dict(forward=forward, loss_kind=loss, optimizer=optimizer, batch_size=batch_size)
     eta_arr = jnp.asarray(eta, dtype)
 
     def advance(state, opt_state, start, stop):
@@ -423,7 +461,7 @@ def train(
         )
 
     def observe(state):
-        return _observe(state, x, targets, x_test, graphdef=graphdef, loss_kind=loss)
+        return _observe(state, x, targets, x_test, forward=forward, loss_kind=loss)
 
     state, opt_state = ens0.state, _opt_init(ens0.state, optimizer=optimizer)
     rec = dict(loss=[], outputs=[], test_outputs=[], nngp=[], ntk=[])
