@@ -4,7 +4,7 @@ The Gaussian fixed point (infinite-width NNGP/NTK, layer by layer), the perturba
 flow, and finite networks measured against both.
 """
 
-from rgnn import data, sharding
+from rgnn import data, models, sharding
 from rgnn._compat import import_neural_tangents
 from rgnn.activations import KNOWN_ACTIVATIONS, Activation, get_activation, leaky_relu
 from rgnn.architecture import MLP, MLPNetwork
@@ -67,6 +67,7 @@ __all__ = [
     "leaky_relu",
     "linearized_prediction",
     "measure",
+    "models",
     "perturbative",
     "vertex",
     "rbf_kernel",

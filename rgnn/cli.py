@@ -36,6 +36,40 @@ def _positive_int(text):
     return value
 
 
+BUILT_IN_DATA = ("digits", "teacher-student")
+CNN_WIDTHS = (8, 16, 32, 64)
+
+
+def _data_arg(text):
+    """``digits``, ``teacher-student`` or a path to the user's ``FILE.npz``."""
+    if text in BUILT_IN_DATA or text.endswith(".npz"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected digits, teacher-student or a FILE.npz (arrays x, y, optional x_test), "
+        f"got {text!r}"
+    )
+
+
+def _load_npz(path):
+    """``(x, y, x_test)`` of the user's file, or a one-line failure."""
+    from rgnn import data
+
+    try:
+        return data.load_npz(path)
+    except ValueError as err:
+        raise _Fail(str(err)) from None
+
+
+def _npz_targets(y, loss="mse"):
+    """Targets of a user's file: integer labels kept for cross-entropy, else float ``[N, C]``."""
+    import numpy as np
+
+    if loss == "cross_entropy":
+        return y
+    y = np.asarray(y, np.float64)
+    return y[:, None] if y.ndim == 1 else y
+
+
 def _add_common(p):
     p.add_argument("--out", type=Path, default=Path("rgnn-out"), help="output directory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -56,6 +90,12 @@ def _fixed_point_parser(sub):
     p.add_argument("--bias-var", type=float, default=0.0, help="C_b")
     p.add_argument("--parameterization", default="ntk", choices=["ntk", "standard"])
     p.add_argument("--n", type=_positive_int, default=128, help="number of digits images")
+    p.add_argument(
+        "--data",
+        type=_data_arg,
+        default="digits",
+        help="digits (default) or FILE.npz: its x (all rows; --n is ignored), y as labels",
+    )
     p.add_argument("--backend", default="native", choices=["native", "neural_tangents"])
     _add_common(p)
     _one_line_errors(p)
@@ -67,6 +107,10 @@ def _layer_table(fp, labels):
 
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(labels), dtype=bool)
+
+    def avg(v):
+        return float(v.mean()) if v.size else float("nan")
+
     rows = []
     for layer in range(fp.n_layers):
         k, t = np.asarray(fp.nngp[layer]), np.asarray(fp.ntk[layer])
@@ -76,11 +120,11 @@ def _layer_table(fp, labels):
             dict(
                 layer=layer + 1,
                 nngp_diag=float(np.mean(np.diagonal(k))),
-                nngp_corr_same_class=float(ck[same & off].mean()),
-                nngp_corr_other_class=float(ck[~same].mean()),
+                nngp_corr_same_class=avg(ck[same & off]),
+                nngp_corr_other_class=avg(ck[~same]),
                 ntk_diag=float(np.mean(np.diagonal(t))),
-                ntk_corr_same_class=float(ct[same & off].mean()),
-                ntk_corr_other_class=float(ct[~same].mean()),
+                ntk_corr_same_class=avg(ct[same & off]),
+                ntk_corr_other_class=avg(ct[~same]),
             )
         )
     return rows
@@ -105,6 +149,7 @@ def _print_table(rows, stream=None):
 
 def _run_fixed_point(args):
     import jax
+    import numpy as np
 
     import rgnn
     from rgnn import data, plotting
@@ -121,11 +166,23 @@ def _run_fixed_point(args):
             )
         except ValueError as err:
             raise _Fail(str(err)) from None
-        if args.n > 1797:
-            raise _Fail(f"n: expected at most 1797 digits, got {args.n}")
-        x, y = data.digits(args.n)
+        if args.data == "digits":
+            if args.n > 1797:
+                raise _Fail(f"n: expected at most 1797 digits, got {args.n}")
+            x, y = data.digits(args.n)
+            what = f"{args.n} digits"
+        elif args.data.endswith(".npz"):
+            x, y, _ = _load_npz(args.data)
+            args.n = x.shape[0]
+            what = f"{args.n} inputs of {args.data}"
+            y = y if y.ndim == 1 and y.dtype.kind in "iu" else np.zeros(len(x), int)
+        else:
+            raise _Fail("data: the fixed point takes digits or a FILE.npz")
         start = time.perf_counter()
-        fp = rgnn.fixed_point(arch, x, backend=args.backend)
+        try:
+            fp = rgnn.fixed_point(arch, x, backend=args.backend)
+        except ValueError as err:
+            raise _Fail(str(err)) from None
         fp.ntk.block_until_ready()
         seconds = time.perf_counter() - start
     rows = _layer_table(fp, y)
@@ -135,7 +192,7 @@ def _run_fixed_point(args):
         args.out / "fixed_point.png",
         labels=y,
         title=f"Gaussian fixed point: {arch.act.name} MLP, depth {arch.depth}, "
-        f"C_W={arch.weight_var:g}, C_b={arch.bias_var:g}, {args.n} digits",
+        f"C_W={arch.weight_var:g}, C_b={arch.bias_var:g}, {what}",
     )
     result = dict(
         architecture=dict(
@@ -147,6 +204,7 @@ def _run_fixed_point(args):
             parameterization=arch.parameterization,
         ),
         n_inputs=args.n,
+        data=args.data,
         backend=args.backend,
         seconds=seconds,
         layers=rows,
@@ -159,7 +217,7 @@ def _run_fixed_point(args):
         print(
             f"Gaussian fixed point of a {arch.act.name} MLP (depth {arch.depth}, "
             f"C_W={arch.weight_var:g}, C_b={arch.bias_var:g}, {arch.parameterization} "
-            f"parameterization) on {args.n} digits, {seconds:.2f} s ({args.backend} backend)"
+            f"parameterization) on {what}, {seconds:.2f} s ({args.backend} backend)"
         )
         print(
             "corr = kernel correlation K_ab / sqrt(K_aa K_bb), averaged over pairs of images "
@@ -230,7 +288,13 @@ def _add_network_options(p, *, width):
     g.add_argument("--weight-var", type=float, default=2.0, help="C_W (default 2: relu critical)")
     g.add_argument("--bias-var", type=float, default=0.0, help="C_b (default 0)")
     g.add_argument("--parameterization", default="ntk", help="ntk, standard or mup (default ntk)")
-    g.add_argument("--data", default="digits", choices=["digits", "teacher-student"])
+    g.add_argument(
+        "--data",
+        type=_data_arg,
+        default="digits",
+        help="digits (default), teacher-student, or FILE.npz with arrays x [N, n_0], y [N] or "
+        "[N, C] (all rows; --n is ignored)",
+    )
     g.add_argument("--n", type=_positive_int, default=32, help="training inputs (default 32)")
     g.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     g.add_argument("--n-networks", type=_positive_int, default=8, help="ensemble size (8)")
@@ -253,8 +317,16 @@ def _sweep_parser(sub):
     p.add_argument(
         "--widths",
         type=_int_list,
-        default=[32, 64, 128, 256, 512],
-        help="comma-separated hidden widths (default 32,64,128,256,512)",
+        help="comma-separated hidden widths (default 32,64,128,256,512; --arch cnn: "
+        f"{','.join(map(str, CNN_WIDTHS))} channels)",
+    )
+    p.add_argument(
+        "--arch",
+        default="mlp",
+        choices=["mlp", "cnn"],
+        help="mlp (default) or cnn: the built-in convolutional family on the 8x8 digits "
+        "(rgnn.models.cnn: --depth 3x3 relu convolutions of width channels, global average "
+        "pooling, a dense readout; NTK parameterization)",
     )
     p.add_argument("--seeds", type=_seed_list, default=[0], help="ensemble seeds (default 0)")
     p.add_argument("--depths", type=_int_list, help="sweep depths too (comma-separated)")
@@ -299,7 +371,10 @@ def _classify_parser(sub):
     g.add_argument("--weight-var", type=float, default=2.0)
     g.add_argument("--bias-var", type=float, default=0.0)
     g.add_argument("--parameterization", default="ntk")
-    g.add_argument("--data", default="digits", choices=["digits", "teacher-student"])
+    g.add_argument("--arch", default="mlp", choices=["mlp", "cnn"], help="mlp or cnn")
+    g.add_argument(
+        "--data", type=_data_arg, default="digits", help="digits, teacher-student or FILE.npz"
+    )
     g.add_argument("--n", type=_positive_int, default=32)
     g.add_argument("--steps", type=int, default=200)
     g.add_argument("--n-networks", type=_positive_int, default=8)
@@ -317,6 +392,9 @@ def _task(args):
 
     from rgnn import data
 
+    if args.data.endswith(".npz"):
+        x, y, _ = _load_npz(args.data)
+        return x, _npz_targets(y, getattr(args, "loss", "mse"))
     if args.data == "digits":
         if args.n > 1797:
             raise _Fail(f"n: expected at most 1797 digits, got {args.n}")
@@ -330,6 +408,18 @@ def _task(args):
 def _base_arch(args, width):
     import rgnn
 
+    if getattr(args, "arch", "mlp") == "cnn":
+        if args.activation != "relu" or args.parameterization != "ntk":
+            raise _Fail(
+                "arch: the cnn family is relu in NTK parameterization; expected --activation "
+                "relu and --parameterization ntk"
+            )
+        try:
+            return rgnn.models.cnn(
+                width, depth=args.depth, weight_var=args.weight_var, bias_var=args.bias_var
+            )
+        except ValueError as err:
+            raise _Fail(str(err)) from None
     try:
         return rgnn.MLP(
             args.depth,
@@ -418,6 +508,8 @@ def _run_sweep(args):
 
     import rgnn
 
+    if args.widths is None:
+        args.widths = list(CNN_WIDTHS) if args.arch == "cnn" else [32, 64, 128, 256, 512]
     base = _base_arch(args, args.widths[0])
     x, y = _task(args)
     if args.steps < 0:
@@ -548,7 +640,13 @@ def _wilsonian_parser(sub):
         "OUT/wilsonian.json, OUT/wilsonian.png and OUT/scale_resolved.png.",
     )
     g = p.add_argument_group("the flow")
-    g.add_argument("--data", default="digits", choices=["digits", "teacher-student"])
+    g.add_argument(
+        "--data",
+        type=_data_arg,
+        default="digits",
+        help="digits (default), teacher-student, or FILE.npz: x and y train, x_test tests (no "
+        "x_test: a random quarter of the rows); --n, --n-test are then ignored",
+    )
     g.add_argument("--n", type=_positive_int, default=100, help="training inputs (default 100)")
     g.add_argument("--n-test", type=_positive_int, default=300, help="test inputs (default 300)")
     g.add_argument("--kernel", default="nngp", choices=["nngp", "ntk"])
@@ -587,6 +685,20 @@ def _wilsonian_task(args, n):
 
     from rgnn import data
 
+    if args.data.endswith(".npz"):
+        x, y, x_test = _load_npz(args.data)
+        y = _npz_targets(y)
+        if x_test is None:
+            if len(x) < 2:
+                raise _Fail(f"data: expected at least 2 rows of x in {args.data}, got {len(x)}")
+            perm = np.random.RandomState(args.seed).permutation(len(x))
+            x, y = x[perm], y[perm]
+            args.n_test = max(1, len(x) // 4)
+            args.n = len(x) - args.n_test
+            return x, y
+        args.n, args.n_test = len(x), len(x_test)
+        pad = np.zeros((len(x_test), y.shape[1]))  # test targets are never used
+        return np.concatenate([x, x_test]), np.concatenate([y, pad])
     if args.data == "digits":
         if n > 1797:
             raise _Fail(f"n: expected at most 1797 digits in all, got {n}")
@@ -605,6 +717,10 @@ def _scale_task(args):
 
     from rgnn import data
 
+    if args.data.endswith(".npz"):
+        x, y, _ = _load_npz(args.data)
+        perm = np.random.RandomState(args.seed).permutation(len(x))[: args.n_scale]
+        return x[perm], _npz_targets(y)[perm]
     if args.data == "digits":
         if args.n_scale > 360:
             raise _Fail(f"n-scale: expected at most 360 digits 0 and 1, got {args.n_scale}")
@@ -686,7 +802,10 @@ def _run_wilsonian(args):
         except ValueError as err:
             raise _Fail(str(err)) from None
         x, y = _wilsonian_task(args, args.n + args.n_test)
-        fp = rgnn.fixed_point(arch, x)
+        try:
+            fp = rgnn.fixed_point(arch, x)
+        except ValueError as err:
+            raise _Fail(str(err)) from None
         w = rgnn.wilsonian_fixed_point(
             fp,
             y[: args.n],

@@ -230,10 +230,20 @@ def gaussian_reference(arch: MLP, x1, x2=None, *, quadrature_order: int = 96):
 
 
 def _model_reference(model, x, x_test):
-    """A :class:`rgnn.models.Model`'s output-layer reference, ``[1, N, N]`` each (NaN where
-    the model has none)."""
+    """A :class:`rgnn.models.Model`'s output-layer reference, ``[1, N, N]`` each (the NNGP NaN
+    where the model has none; without an NTK there is nothing to compare: ``ValueError``)."""
     nan = jnp.full((x.shape[0], x.shape[0]), jnp.nan, x.dtype)
     k, t = model.reference(x)
+    if t is None:
+        how = (
+            "its kernel_fn computes no NTK"
+            if model.kind == "stax"
+            else "no reference=(x1, x2) -> (nngp, ntk) was given"
+        )
+        raise ValueError(
+            f"arch: the {model.kind} model {model.name!r} has no infinite-width NTK ({how}); "
+            "rgnn.compare needs it for ntk_distance and the linearized prediction"
+        )
     t_test = None
     if x_test is not None:
         t_test = model.reference(x_test, x)[1]

@@ -642,8 +642,9 @@ def cnn(
 def _takes_rngs(fn) -> bool:
     import inspect
 
+    target = fn.__init__ if isinstance(fn, type) else fn
     try:
-        return "rngs" in inspect.signature(fn).parameters
+        return "rngs" in inspect.signature(target).parameters
     except (TypeError, ValueError):
         return False
 
@@ -765,7 +766,7 @@ class FlaxModel(Model):
                     f"layer: no submodule {layer!r} is called in {self.name!r}"
                 ) from None
         try:
-            h = node["__call__"].value[0]
+            h = node["__call__"].get_value()[0]
         except (KeyError, TypeError, IndexError, AttributeError):
             raise ValueError(
                 f"layer: {layer!r} is not a called submodule of {self.name!r}"

@@ -781,9 +781,11 @@ def _pair_stacks(fp, rows, cols):
     return kd, td, ks, ts
 
 
-def _check_arch_order(arch, quadrature_order, minimum: int) -> None:
+def _check_arch_order(arch, quadrature_order, minimum: int, what: str = "rgnn.perturbative"):
     if not isinstance(arch, MLP):
-        raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
+        from rgnn.models import require_mlp
+
+        require_mlp(arch, what)
     if (
         isinstance(quadrature_order, bool)
         or not isinstance(quadrature_order, int)
@@ -1134,7 +1136,7 @@ def vertex(arch: MLP, x, *, quadrature_order: int = 48) -> FourPoint:
       quadrature_order: nodes per dimension of the two-input rule (the three/four-input rule
         uses as many as fit its budget, :func:`_multi_order`).
     """
-    _check_arch_order(arch, quadrature_order, 4)
+    _check_arch_order(arch, quadrature_order, 4, "rgnn.vertex")
     p = perturbative(arch, x, quadrature_order=quadrature_order, ntk=False, full=True, warn=False)
     return FourPoint(
         vertex=p.vertex,

@@ -540,8 +540,9 @@ def classify(
     Args:
       result: a :class:`~rgnn.study.Sweep`, a sweep's results directory (``str`` or
         ``Path``), one point's record (a ``dict`` from ``Sweep.records``), or an
-        :class:`~rgnn.MLP`, which is then trained on ``(x, y)`` and compared as one sweep
-        point (:func:`rgnn.study.run_point` with ``seed`` and ``settings``: ``steps``,
+        :class:`~rgnn.MLP` (or a stax triple, flax module or :class:`rgnn.models.Model`,
+        :func:`rgnn.models.as_model`), which is then trained on ``(x, y)`` and compared as one
+        sweep point (:func:`rgnn.study.run_point` with ``seed`` and ``settings``: ``steps``,
         ``learning_rate``, ``optimizer``, ``loss``, ``n_networks``, ``predict``).
       group: for a sweep with several groups (depths, activations, ...), which one, as a dict
         of :data:`rgnn.study.GROUP_FIELDS` values (``Sweep.groups`` lists them).
@@ -575,8 +576,12 @@ def classify(
         raise ValueError(f"tolerance: expected a positive number, got {tolerance!r}")
     if isinstance(result, str | Path):
         result = load_sweep(result)
-    if isinstance(result, MLP):
-        from rgnn.study import run_point
+    from rgnn.models import as_model, is_model_like
+
+    if is_model_like(result):  # a stax triple, a flax module or a model: one point, as an MLP
+        result = as_model(result)
+    if isinstance(result, MLP) or is_model_like(result):
+        from rgnn.study import _depth_over_width, run_point
 
         if x is None or y is None:
             raise ValueError("x, y: expected inputs and targets to train the architecture on")
@@ -588,17 +593,18 @@ def classify(
             raise ValueError(f"settings: unknown {sorted(unknown)}; expected {sorted(defaults)}")
         defaults.update(settings)
         out = run_point(result, x, y, seed=seed, settings=defaults)
+        mlp = isinstance(result, MLP)
         record = dict(
             out,
             point=dict(
                 depth=result.depth,
-                width=max(result.widths),
-                activation=result.act.name,
+                width=max(result.widths) if mlp else result.width,
+                activation=result.act.name if mlp else result.activation,
                 parameterization=result.parameterization,
                 learning_rate=defaults["learning_rate"],
                 seed=seed,
             ),
-            depth_over_width=float(np.sum(1.0 / np.asarray(result.widths, float))),
+            depth_over_width=_depth_over_width(result),
         )
         return _classify_point(record, **kw)
     if settings:
