@@ -19,7 +19,8 @@ Three implementations:
 * :class:`FlaxModel`: a user's flax nnx module (or a function from width to module) and a
   reference the user supplies (a function ``(x1, x2) -> (nngp, ntk)``, either may be ``None``,
   or a stax ``kernel_fn``).
-* :func:`cnn`: the built-in convolutional family on 8x8 images (a :class:`StaxModel`).
+* :class:`CNN` (:func:`cnn`): the built-in convolutional family on the 8x8 digits, with
+  structural (exact, Jacobian-free) empirical kernels and neural-tangents' reference kernels.
 
 **What exists for these models, and what does not.** Only the output layer: a
 :class:`~rgnn.FixedPoint` of a model has a layer axis of length 1 holding the output layer
@@ -320,7 +321,7 @@ class StaxModel(Model):
         docstring), or ``None`` to estimate them from :data:`VARIANCE_DRAWS` draws.
       width, depth, activation, parameterization: descriptive (sweeps and the verdict's
         trust bound ``depth / width``).
-      family: a function ``width -> triple`` (set by :func:`as_family` or :func:`cnn`), for
+      family: a function ``width -> triple`` (set by :func:`as_family`), for
         :meth:`at_width`.
     """
 
@@ -657,11 +658,13 @@ class FlaxModel(Model):
       model: an nnx module ``model(x) -> [N, out_dim]`` used as it is (one network), or a
         function ``width -> module``; a function with an ``rngs`` keyword,
         ``make(width, rngs=nnx.Rngs(key))``, draws a new network per key (ensembles need it).
-      reference: the user's infinite-width kernels of the output: a function
+      reference_fn: the user's infinite-width kernels of the output: a function
         ``(x1, x2) -> (nngp, ntk)`` (``x2`` may be ``None``; either kernel may be ``None``),
-        or a neural-tangents ``kernel_fn``; ``None``: no reference (distances are NaN).
+        or a neural-tangents ``kernel_fn`` (its ``Kernel``'s ``nngp`` and ``ntk`` are used);
+        ``None``: no reference (:func:`rgnn.compare` then refuses the model).
       name: a label.
       width: the width passed to a function ``model`` (sweeps set it).
+      depth: hidden layers, if the user wants the verdict's trust bound ``depth / width``.
 
     The parameters are the module's ``nnx.Param`` variables; every other state (e.g. an
     ``nnx.Rngs``) is taken from the module built with ``jax.random.key(0)`` and held fixed.
