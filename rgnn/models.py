@@ -224,7 +224,8 @@ class Model:
 
     @property
     def depth_over_width(self) -> float:
-        """``sum_l 1/n_l`` over the hidden layers (the expansion parameter; NaN if unknown)."""
+        """``depth / width`` (the expansion parameter); NaN when the depth is unknown, and the
+        verdict's trust bound (:mod:`rgnn.regime`) is then not applied."""
         if self.width is None or self.depth is None:
             return float("nan")
         return self.depth / self.width

@@ -118,6 +118,19 @@ def test_cnn_sweep_table_verdict_and_resume(tmp_path):
     assert [r["seconds"] for r in again.records] == [r["seconds"] for r in s.records]
 
 
+def test_sweep_of_a_function_from_width_to_triple():
+    stax = _stax()
+    x, y = _digits(6)
+
+    def family(n):
+        return stax.serial(stax.Dense(n, W_std=1.5), stax.Erf(), stax.Dense(1, W_std=1.5))
+
+    s = rgnn.sweep(family, x, y, widths=[3, 6], seeds=[0], steps=2, n_networks=2, progress=False)
+    assert s.config["base"]["model"] == "stax" and len(s.records) == 2
+    # the readout metric exists (a Dense readout), so every measure is finite
+    assert all(math.isfinite(v["value"]) for r in s.records for v in r["measures"].values())
+
+
 def test_custom_activation_sweeps_and_resumes(tmp_path):
     x, y = _digits(8)
     kw = dict(widths=[4, 8], seeds=[0], steps=2, n_networks=2, predict=False, plots=False)
