@@ -37,7 +37,7 @@ def _positive_int(text):
 
 
 BUILT_IN_DATA = ("digits", "teacher-student")
-CNN_WIDTHS = (8, 16, 32, 64)
+CNN_WIDTHS = (4, 8, 16, 32)
 
 
 def _data_arg(text):
