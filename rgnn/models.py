@@ -224,11 +224,14 @@ class Model:
 
     @property
     def depth_over_width(self) -> float:
-        """``depth / width`` (the expansion parameter); NaN when the depth is unknown, and the
-        verdict's trust bound (:mod:`rgnn.regime`) is then not applied."""
-        if self.width is None or self.depth is None:
-            return float("nan")
-        return self.depth / self.width
+        """``depth / width``, the expansion parameter the verdict's trust bound reads
+        (:mod:`rgnn.regime`). An unknown depth counts as one hidden layer (a lower bound: the
+        bound then refuses only what a single layer of this width would); an unknown width
+        (one module, no family) gives 0, no bound (the record then cannot be trusted more than
+        its measures say)."""
+        if self.width is None:
+            return 0.0
+        return (1 if self.depth is None else self.depth) / self.width
 
     def at_width(self, width: int) -> Model:
         """The same family at another width (for sweeps)."""

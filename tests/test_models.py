@@ -112,7 +112,7 @@ def test_cnn_sweep_table_verdict_and_resume(tmp_path):
         assert all(math.isfinite(r[name]) for r in rows), name
     assert "kurtosis_predicted" not in rows[0]  # no 1/n rules for a CNN: measured, not predicted
     assert s.config["base"]["model"] == "cnn"
-    assert rgnn.classify(s).label in ("gaussian", "perturbative", "non-perturbative")
+    assert rgnn.classify(s).label in rgnn.regime.LABELS
     assert (tmp_path / "table.csv").exists()
     again = rgnn.sweep(models.cnn(2, depth=1), x, y, out=tmp_path, progress=False, **kw)
     assert [r["seconds"] for r in again.records] == [r["seconds"] for r in s.records]
@@ -138,11 +138,15 @@ def test_custom_activation_sweeps_and_resumes(tmp_path):
     s = rgnn.sweep(rgnn.MLP(1, 4, lambda z: jnp.tanh(z)), x, y, **kw)
     (label,) = s.config["activations"]
     assert label.startswith("custom:<lambda>@")
-    # another object computing the same function resumes; a different one is refused
+    # another object computing the same function resumes; a different function with the same
+    # name gets another label, so its points are computed, never taken from the first's
     again = rgnn.sweep(rgnn.MLP(1, 4, lambda z: jnp.tanh(z)), x, y, **kw)
     assert [r["seconds"] for r in again.records] == [r["seconds"] for r in s.records]
-    with pytest.raises(ValueError, match="holds a different sweep"):
-        rgnn.sweep(rgnn.MLP(1, 4, lambda z: jnp.sin(z)), x, y, **kw)
+    other = rgnn.sweep(rgnn.MLP(1, 4, lambda z: jnp.sin(z)), x, y, **kw)
+    (label2,) = set(other.config["activations"]) - {label}  # the folder is extended
+    assert label2.startswith("custom:<lambda>@")
+    new = {r["key"] for r in other.records if r["point"]["activation"] == label2}
+    assert len(new) == 2 and not new & {r["key"] for r in s.records}
 
 
 class _Net(nnx.Module):
