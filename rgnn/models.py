@@ -5,7 +5,11 @@ enters through one small protocol, :class:`Model`: a finite network is a paramet
 drawn by ``init(key, x)`` and evaluated by ``apply(params, x) -> [N, C]``; its infinite-width
 reference is ``reference(x1, x2) -> (K, Theta)`` of the *output layer*; its empirical kernels
 are ``empirical_nngp`` and ``empirical_ntk`` of the output layer; ``lr_factors`` gives every
-parameter's learning-rate factor (1 by default). :func:`rgnn.fixed_point`,
+parameter's learning-rate factor (1 by default); ``output_dim(x)`` the number of outputs;
+``at_width(n)`` the same family at width ``n`` (sweeps); ``depth_over_width`` the expansion
+parameter the verdict's trust bound reads; ``check_output`` the shape check behind the
+one-line errors. Subclass :class:`Model` (a frozen dataclass, hashable) to add an
+architecture. :func:`rgnn.fixed_point`,
 :func:`rgnn.ensemble`, :func:`rgnn.train`, :func:`rgnn.compare`, :func:`rgnn.sweep` and
 :func:`rgnn.classify` dispatch on it at their entry (:func:`as_model` turns a raw triple or an
 nnx module into one) and run the same measurements as for an MLP on the one layer they know.
@@ -76,8 +80,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# ``Model``, the protocol (no constructor arguments, so no signature for the reference site's
+# check), is described in this module's docstring; it is public all the same
 __all__ = [
-    "Model",
     "StaxModel",
     "FlaxModel",
     "cnn",
@@ -174,6 +179,7 @@ def as_model(obj, *, name: str | None = None, input_shape=None) -> Model:
 
 
 # ----------------------------------------------------------------------------- the protocol
+@dataclasses.dataclass(frozen=True)
 class Model:
     """The adapter protocol (module docstring). Subclasses are frozen dataclasses, so a model
     is hashable and can be a static argument of ``jit``.
