@@ -630,9 +630,10 @@ def compare(
         x, x_test = check_pair(x, x_test, ("x", "x_test"))
     k_ref, t_ref, t_test = _reference(arch, x, x_test, quadrature_order)
     fields = _kernel_measures(nngp, ntk, k_ref, t_ref)
-    if arch.is_residual:  # hidden residual layers: z is not a zero-mean Gaussian of covariance
-        # G given the layer below, so the metric-based kurtosis and variance do not apply there
-        # (rgnn.measure estimates them from the preactivations)
+    if isinstance(arch, MLP) and arch.is_residual:
+        # hidden residual layers: z is not a zero-mean Gaussian of covariance G given the layer
+        # below, so the metric-based kurtosis and variance do not apply there (rgnn.measure
+        # estimates them from the preactivations)
         hidden = slice(1, arch.n_layers - 1)
         for name in ("kurtosis", "kurtosis_se", "nngp_variance", "nngp_variance_se"):
             fields[name] = fields[name].at[hidden].set(jnp.nan)
