@@ -1,0 +1,232 @@
+"""Monte Carlo check of :func:`rgnn.end_of_training` against trained networks.
+
+For each width, ``--networks`` networks (antithetic pairs: the second of each pair has its
+output layer's sign flipped, ``f -> -f`` at initialization) are trained by full-batch gradient
+descent exactly as :func:`rgnn.train` trains them (``loss="mse"``, ``optimizer="gd"``; checked
+against it by ``--self-check``). Each network's own infinite-width linearized trajectory
+(kernel gradient descent with the fixed-point NTK from the network's own initial outputs,
+whose ensemble mean is ``mean`` exactly) is subtracted as a control variate. The departure
+``n (E[f_T(x_test)] - mean)`` and the NTK change ``n E[Theta_T - Theta_0]`` are fitted across
+widths as ``c + d / n`` (weighted by their standard errors) and ``c`` is compared with the
+predicted ``n * correction`` and ``n * ntk_change``.
+
+Usage::
+
+    python tools/end_of_training_mc.py --activation tanh --depth 2 --widths 32,64,128,256 \
+        --networks 4096 --steps 100 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import rgnn
+
+
+def problem(n_train: int, n_test: int, in_dim: int, seed: int):
+    """Fixed inputs on the sphere of radius ``sqrt(n_0)`` and smooth targets."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_train + n_test, in_dim))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) * math.sqrt(in_dim)
+    y = np.sin(x[:n_train, :1]) + 0.5 * x[:n_train, 1:2]
+    return x[:n_train], y, x[n_train:]
+
+
+def flip_output(ens: rgnn.Ensemble) -> rgnn.Ensemble:
+    """The ensemble with every output-layer parameter negated (``f -> -f``)."""
+    last = ens.arch.n_layers - 1
+
+    def flip(path, leaf):
+        keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+        return -leaf if last in keys else leaf
+
+    return rgnn.Ensemble(
+        jax.tree_util.tree_map_with_path(flip, ens.state), ens.graphdef, ens.arch, ens.in_dim
+    )
+
+
+def make_trainer(graphdef, steps: int):
+    """Full-batch gradient descent on ``0.5 mean((f - y)^2)``, every factor 1 (NTK
+    parameterization), vmapped over the ensemble axis; as :func:`rgnn.train`."""
+
+    @jax.jit
+    def run(state, x, y, eta):
+        def loss(s):
+            return 0.5 * jnp.mean((nnx.merge(graphdef, s)(x) - y) ** 2)
+
+        def one(s):
+            def body(_, s):
+                g = jax.grad(loss)(s)
+                return jax.tree_util.tree_map(lambda p, d: p - eta * d, s, g)
+
+            return jax.lax.fori_loop(0, steps, body, s)
+
+        return jax.vmap(one)(state)
+
+    return run
+
+
+def outputs(ens: rgnn.Ensemble, x):
+    """``[M, N, C]`` outputs of every member."""
+    return jax.jit(jax.vmap(lambda s: nnx.merge(ens.graphdef, s)(x)))(ens.state)
+
+
+def self_check(arch, x, y, eta, steps):
+    """The trainer here equals :func:`rgnn.train` on one small ensemble (max abs diff)."""
+    key = jax.random.key(3)
+    run = rgnn.train(
+        arch, x, y, steps=steps, learning_rate=eta, n_networks=4, key=key, record_kernels=False,
+        record_steps=[steps],
+    )
+    ens = rgnn.ensemble(arch, x.shape[1], n_networks=4, key=jax.random.fold_in(key, 0),
+                        dtype=x.dtype)
+    state = make_trainer(ens.graphdef, steps)(ens.state, x, y, eta)
+    mine = outputs(rgnn.Ensemble(state, ens.graphdef, arch, ens.in_dim), x)
+    return float(jnp.max(jnp.abs(mine - run.outputs[-1])))
+
+
+def measure(arch, x_tr, y, x_te, *, eta, steps, n_networks, chunk, seed, theta):
+    """Per-pair residuals ``[pairs, N*]`` of the test outputs (control variate subtracted) and
+    ``[pairs, N+N*, N+N*]`` NTK changes of the output unit."""
+    x_all = jnp.concatenate([x_tr, x_te])
+    ntr = x_tr.shape[0]
+    lam, v = np.linalg.eigh(np.asarray(theta[:ntr, :ntr]))
+    e = eta / (ntr * arch.out_dim)
+    decay = v @ np.diag((1 - e * lam) ** steps) @ v.T
+    reg = np.asarray(theta[ntr:, :ntr]) @ v @ np.diag(1 / lam) @ v.T
+    lin = jnp.asarray(reg @ (np.eye(ntr) - decay))  # test <- (y - z0_train)
+    trainer = None
+    res, dntk = [], []
+    for start in range(0, n_networks, chunk):
+        half = min(chunk, n_networks - start) // 2
+        ens = rgnn.ensemble(arch, x_tr.shape[1], n_networks=half,
+                            key=jax.random.fold_in(jax.random.key(seed), start), dtype=x_tr.dtype)
+        pair = [ens, flip_output(ens)]
+        if trainer is None:
+            trainer = make_trainer(ens.graphdef, steps)
+        r_pair, d_pair = [], []
+        for member in pair:
+            z0 = outputs(member, x_all)[..., 0]
+            k0 = rgnn.empirical_ntk(member, x_all)[:, -1]
+            state = trainer(member.state, x_tr, y, eta)
+            fin = rgnn.Ensemble(state, member.graphdef, arch, member.in_dim)
+            zt = outputs(fin, x_te)[..., 0]
+            kt = rgnn.empirical_ntk(fin, x_all)[:, -1]
+            zlin = z0[:, ntr:] + (y[:, 0][None] - z0[:, :ntr]) @ lin.T
+            r_pair.append(zt - zlin)
+            d_pair.append(kt - k0)
+        res.append(0.5 * (r_pair[0] + r_pair[1]))
+        dntk.append(0.5 * (d_pair[0] + d_pair[1]))
+    return np.concatenate(res), np.concatenate(dntk)
+
+
+def fit(widths, values, ses):
+    """Weighted least squares ``n * value = c + d / n``: ``(c, se_c, d, chi2/dof)``."""
+    n = np.asarray(widths, float)
+    yv, sv = n * np.asarray(values), n * np.asarray(ses)
+    a = np.stack([np.ones_like(n), 1 / n], axis=1) / sv[:, None]
+    b = yv / sv
+    coef, *_ = np.linalg.lstsq(a, b, rcond=None)
+    cov = np.linalg.inv(a.T @ a)
+    chi2 = float(np.sum((a @ coef - b) ** 2))
+    dof = max(len(n) - 2, 1)
+    return float(coef[0]), float(np.sqrt(cov[0, 0])), float(coef[1]), chi2 / dof
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--activation", default="tanh")
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--widths", default="32,64,128,256")
+    ap.add_argument("--networks", type=int, default=2048, help="networks per width (even)")
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--stability", type=float, default=1.0,
+                    help="e * lambda_max of the training NTK (sets the learning rate)")
+    ap.add_argument("--n-train", type=int, default=4)
+    ap.add_argument("--n-test", type=int, default=2)
+    ap.add_argument("--bias-var", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--self-check", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        print(f"--widths: expected comma-separated integers, got {args.widths!r}", file=sys.stderr)
+        return 2
+    jax.config.update("jax_enable_x64", True)
+    x_tr, y, x_te = problem(args.n_train, args.n_test, 3, args.seed)
+    x_tr, y, x_te = (jnp.asarray(a) for a in (x_tr, y, x_te))
+
+    def arch_of(w):
+        return rgnn.MLP(args.depth, w, activation=args.activation, bias_var=args.bias_var)
+
+    t0 = time.time()
+    theory0 = rgnn.end_of_training(arch_of(widths[0]), x_tr, y, x_te, learning_rate=1.0,
+                                   steps=args.steps)
+    lam_max = float(np.linalg.eigvalsh(np.asarray(theory0.ntk[: args.n_train, : args.n_train]))[-1])
+    eta = args.stability * args.n_train / lam_max
+    theory = rgnn.end_of_training(arch_of(widths[0]), x_tr, y, x_te, learning_rate=eta,
+                                  steps=args.steps)
+    t_theory = time.time() - t0
+    if args.self_check:
+        print("self-check (max |trainer - rgnn.train|):",
+              self_check(arch_of(widths[0]), x_tr, y, eta, 5))
+    n0 = widths[0]
+    pred = np.asarray(theory.correction[:, 0]) * n0
+    pred_k = np.asarray(theory.ntk_change) * n0
+    t1 = time.time()
+    means, ses, kmeans, kses = [], [], [], []
+    for w in widths:
+        res, dk = measure(arch_of(w), x_tr, y, x_te, eta=eta, steps=args.steps,
+                          n_networks=args.networks, chunk=args.chunk, seed=args.seed + w,
+                          theta=theory.ntk)
+        means.append(res.mean(0))
+        ses.append(res.std(0, ddof=1) / math.sqrt(res.shape[0]))
+        kmeans.append(dk.mean(0))
+        kses.append(dk.std(0, ddof=1) / math.sqrt(dk.shape[0]))
+    t_mc = time.time() - t1
+    rows = []
+    for j in range(args.n_test):
+        c, se, d, chi = fit(widths, [m[j] for m in means], [s[j] for s in ses])
+        rows.append(dict(kind="test_output", index=j, predicted=float(pred[j]), fitted=c,
+                         se=se, slope=d, chi2_dof=chi, z=(c - pred[j]) / se))
+    n_all = args.n_train + args.n_test
+    for a in range(n_all):
+        for b in range(a, n_all):
+            c, se, d, chi = fit(widths, [m[a, b] for m in kmeans], [s[a, b] for s in kses])
+            rows.append(dict(kind="ntk_change", index=[a, b], predicted=float(pred_k[a, b]),
+                             fitted=c, se=se, slope=d, chi2_dof=chi,
+                             z=(c - pred_k[a, b]) / se))
+    for r in rows:
+        print(f"{r['kind']:12s} {str(r['index']):8s} predicted {r['predicted']:+.5f}  "
+              f"fitted {r['fitted']:+.5f} +- {r['se']:.5f}  z {r['z']:+.2f}  "
+              f"chi2/dof {r['chi2_dof']:.2f}")
+    zs = np.array([r["z"] for r in rows])
+    print(f"{args.activation} depth {args.depth} widths {widths} networks/width {args.networks} "
+          f"steps {args.steps} eta {eta:.4g} (stability {theory.stability:.3f}): "
+          f"max |z| {np.max(np.abs(zs)):.2f} over {len(zs)}; theory {t_theory:.1f} s, "
+          f"MC {t_mc:.1f} s")
+    parts = {k: (np.asarray(getattr(theory, "correction_" + k))[:, 0] * n0).tolist()
+             for k in ("ntk_mean", "ntk_fluctuation", "dntk", "ddntk1", "ddntk2")}
+    print("predicted parts (n * part):", json.dumps(parts))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(args=vars(args), eta=eta, rows=rows, parts=parts,
+                           theory_s=t_theory, mc_s=t_mc,
+                           mean=np.asarray(theory.mean[:, 0]).tolist()), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
