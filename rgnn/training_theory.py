@@ -93,7 +93,8 @@ import numpy as np
 
 from rgnn._validate import check_pair
 from rgnn.architecture import MLP
-from rgnn.perturbative import perturbative
+from rgnn.fixed_point import fixed_point
+from rgnn.perturbative import Perturbative, perturbative
 
 __all__ = ["EndOfTraining", "end_of_training"]
 
@@ -266,6 +267,7 @@ def end_of_training(
     steps: int | None = None,
     quadrature_order: int = 48,
     memory_limit: float = 8 * 2**30,
+    statistics: Perturbative | None = None,
 ) -> EndOfTraining:
     """The mean output of trained networks of ``arch``'s widths, to O(1/n).
 
@@ -283,6 +285,10 @@ def end_of_training(
       steps: the number of gradient-descent steps, or ``None`` (default) for convergence.
       quadrature_order: passed to :func:`rgnn.perturbative`.
       memory_limit: bytes the statistics may use (:func:`rgnn.perturbative`).
+      statistics: the statistics, if already computed: ``rgnn.perturbative(arch,
+        concatenate([x_train, x_test]), full=True, ddntk=True)`` (with ``kinks="pointwise"``
+        for relu and leaky relu); several learning rates or step counts then share one
+        computation of the costly part.
 
     Returns:
       An :class:`EndOfTraining`. The statistics cost grows like ``(N + N*)^5`` per layer.
@@ -323,17 +329,8 @@ def end_of_training(
     kinked = act.scale_invariant and act.negative_slope not in (None, 1.0)
     x_all = jnp.concatenate([x_train, x_test], axis=0)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="depth/width", category=UserWarning)
-        p = perturbative(
-            arch,
-            x_all,
-            full=True,
-            ddntk=True,
-            kinks="pointwise" if kinked else "distributional",
-            quadrature_order=quadrature_order,
-            memory_limit=memory_limit,
-        )
-    theta = p.ntk[-1]
+        warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
+        theta = fixed_point(arch, x_all, quadrature_order=quadrature_order).ntk[-1]
     lam, vec = jnp.linalg.eigh(theta[:ntr, :ntr])
     if not bool(lam[0] > 1e3 * jnp.finfo(dtype).eps * lam[-1]):
         raise ValueError(
@@ -348,6 +345,36 @@ def end_of_training(
             f"{2 * ntr * c_out / float(lam[-1]):.6g} of full-batch gradient descent "
             f"(lambda_max = {float(lam[-1]):.6g}), got {eta!r}"
         )
+    if statistics is None:
+        p = perturbative(
+            arch,
+            x_all,
+            full=True,
+            ddntk=True,
+            kinks="pointwise" if kinked else "distributional",
+            quadrature_order=quadrature_order,
+            memory_limit=memory_limit,
+        )
+    else:
+        p = statistics
+        n_all = x_all.shape[0]
+        if not isinstance(p, Perturbative) or p.ddntk_u is None:
+            raise ValueError(
+                "statistics: expected an rgnn.Perturbative with the ddNTK fields "
+                "(perturbative(..., full=True, ddntk=True))"
+            )
+        if p.ddntk_u.shape != (arch.n_layers, n_all, n_all, n_all, n_all):
+            raise ValueError(
+                f"statistics: expected full fields [L+1, N, N, N, N] on the {n_all} inputs "
+                f"[x_train; x_test] of this {arch.n_layers}-layer architecture, got "
+                f"ddntk_u of shape {tuple(p.ddntk_u.shape)}"
+            )
+        if not np.allclose(np.asarray(p.ntk[-1]), np.asarray(theta), rtol=1e-6, atol=1e-9):
+            raise ValueError(
+                "statistics: its NTK differs from this architecture's on [x_train; x_test] "
+                "(computed for other inputs or another architecture?)"
+            )
+    theta = p.ntk[-1]
     if kinked:
         scaling = (
             f"unverified: {act.name} has a kink; a finite step moves units across it, which the "

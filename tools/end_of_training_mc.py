@@ -94,25 +94,42 @@ def self_check(arch, x, y, eta, steps):
     return float(jnp.max(jnp.abs(mine - run.outputs[-1])))
 
 
-def measure(arch, x_tr, y, x_te, *, eta, steps, n_networks, chunk, seed, theta):
-    """Per-pair residuals ``[pairs, N*]`` of the test outputs (control variate subtracted) and
-    ``[pairs, N+N*, N+N*]`` NTK changes of the output unit."""
+def kernel_gd(k, z0, y, e, steps, ntr):
+    """Test outputs after ``steps`` steps of kernel gradient descent with kernel ``k``
+    (``[M, N+N*, N+N*]`` or ``[N+N*, N+N*]``) from initial outputs ``z0`` (``[M, N+N*]``)."""
+    k = jnp.broadcast_to(k, z0.shape[:1] + k.shape[-2:])
+    lam, v = jnp.linalg.eigh(k[:, :ntr, :ntr])
+    filt = (1 - (1 - e * lam) ** steps) / lam  # [M, ntr]
+    resid = jnp.einsum("mab,ma->mb", v, y[None] - z0[:, :ntr])
+    return z0[:, ntr:] + jnp.einsum("mta,mab,mb->mt", k[:, ntr:, :ntr], v, filt * resid)
+
+
+def measure(arch, x_tr, y, x_te, *, eta, steps, n_networks, n_init, chunk, seed, theta):
+    """Per-pair estimates of the test-output departure and of the NTK change.
+
+    Two stages, each over antithetic pairs: trained networks give ``f_T - z^elin_T`` (``z^elin``
+    the kernel-GD trajectory with the network's own initial NTK: the two differ by O(1/n) per
+    network), and ``n_init`` untrained networks give ``z^elin_T - z^lin_T`` (``z^lin`` with the
+    fixed-point NTK, whose mean is ``mean`` exactly). Returns the two residual arrays
+    ``[pairs, N*]`` and the NTK changes ``[pairs, N+N*, N+N*]``."""
     x_all = jnp.concatenate([x_tr, x_te])
     ntr = x_tr.shape[0]
-    lam, v = np.linalg.eigh(np.asarray(theta[:ntr, :ntr]))
     e = eta / (ntr * arch.out_dim)
-    decay = v @ np.diag((1 - e * lam) ** steps) @ v.T
-    reg = np.asarray(theta[ntr:, :ntr]) @ v @ np.diag(1 / lam) @ v.T
-    lin = jnp.asarray(reg @ (np.eye(ntr) - decay))  # test <- (y - z0_train)
+    yv = y[:, 0]
     trainer = None
-    res, dntk = [], []
+    stage1, stage2, dntk = [], [], []
+
+    def draw(count, offset):
+        ens = rgnn.ensemble(arch, x_tr.shape[1], n_networks=count,
+                            key=jax.random.fold_in(jax.random.key(seed), offset),
+                            dtype=x_tr.dtype)
+        return [ens, flip_output(ens)]
+
     for start in range(0, n_networks, chunk):
         half = min(chunk, n_networks - start) // 2
-        ens = rgnn.ensemble(arch, x_tr.shape[1], n_networks=half,
-                            key=jax.random.fold_in(jax.random.key(seed), start), dtype=x_tr.dtype)
-        pair = [ens, flip_output(ens)]
+        pair = draw(half, start)
         if trainer is None:
-            trainer = make_trainer(ens.graphdef, steps)
+            trainer = make_trainer(pair[0].graphdef, steps)
         r_pair, d_pair = [], []
         for member in pair:
             z0 = outputs(member, x_all)[..., 0]
@@ -121,12 +138,20 @@ def measure(arch, x_tr, y, x_te, *, eta, steps, n_networks, chunk, seed, theta):
             fin = rgnn.Ensemble(state, member.graphdef, arch, member.in_dim)
             zt = outputs(fin, x_te)[..., 0]
             kt = rgnn.empirical_ntk(fin, x_all)[:, -1]
-            zlin = z0[:, ntr:] + (y[:, 0][None] - z0[:, :ntr]) @ lin.T
-            r_pair.append(zt - zlin)
+            r_pair.append(zt - kernel_gd(k0, z0, yv, e, steps, ntr))
             d_pair.append(kt - k0)
-        res.append(0.5 * (r_pair[0] + r_pair[1]))
+        stage1.append(0.5 * (r_pair[0] + r_pair[1]))
         dntk.append(0.5 * (d_pair[0] + d_pair[1]))
-    return np.concatenate(res), np.concatenate(dntk)
+    for start in range(0, n_init, chunk):
+        half = min(chunk, n_init - start) // 2
+        r_pair = []
+        for member in draw(half, 10**7 + start):
+            z0 = outputs(member, x_all)[..., 0]
+            k0 = rgnn.empirical_ntk(member, x_all)[:, -1]
+            r_pair.append(kernel_gd(k0, z0, yv, e, steps, ntr)
+                          - kernel_gd(theta, z0, yv, e, steps, ntr))
+        stage2.append(0.5 * (r_pair[0] + r_pair[1]))
+    return np.concatenate(stage1), np.concatenate(stage2), np.concatenate(dntk)
 
 
 def fit(widths, values, ses):
@@ -148,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--widths", default="32,64,128,256")
     ap.add_argument("--networks", type=int, default=2048, help="networks per width (even)")
+    ap.add_argument("--init-factor", type=int, default=16,
+                    help="untrained networks per trained one (second stage)")
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--stability", type=float, default=1.0,
@@ -188,11 +215,13 @@ def main(argv=None) -> int:
     t1 = time.time()
     means, ses, kmeans, kses = [], [], [], []
     for w in widths:
-        res, dk = measure(arch_of(w), x_tr, y, x_te, eta=eta, steps=args.steps,
-                          n_networks=args.networks, chunk=args.chunk, seed=args.seed + w,
-                          theta=theory.ntk)
-        means.append(res.mean(0))
-        ses.append(res.std(0, ddof=1) / math.sqrt(res.shape[0]))
+        r1, r2, dk = measure(arch_of(w), x_tr, y, x_te, eta=eta, steps=args.steps,
+                             n_networks=args.networks, n_init=args.networks * args.init_factor,
+                             chunk=args.chunk, seed=args.seed + w, theta=theory.ntk)
+        means.append(r1.mean(0) + r2.mean(0))
+        print(f"width {w}: n*SE trained stage {w * r1.std(0, ddof=1) / math.sqrt(len(r1))}, "
+              f"untrained stage {w * r2.std(0, ddof=1) / math.sqrt(len(r2))}", flush=True)
+        ses.append(np.sqrt(r1.var(0, ddof=1) / r1.shape[0] + r2.var(0, ddof=1) / r2.shape[0]))
         kmeans.append(dk.mean(0))
         kses.append(dk.std(0, ddof=1) / math.sqrt(dk.shape[0]))
     t_mc = time.time() - t1
