@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stability", type=float, default=1.0)
     ap.add_argument("--target", type=float, default=0.1)
     ap.add_argument("--pilot", type=int, default=256)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "end_of_training.json"))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "end_of_training.json")
+    )
     args = ap.parse_args(argv)
     for name in ("n_train", "n_test", "in_dim", "depth", "width", "steps", "pilot"):
         if getattr(args, name) < 1:
@@ -90,16 +92,33 @@ def main(argv=None) -> int:
 
     def pilot(key):
         run = rgnn.train(
-            arch, x_tr, y, steps=args.steps, learning_rate=eta, n_networks=args.pilot,
-            key=key, record_steps=[args.steps], x_test=x_te, record_kernels=False,
+            arch,
+            x_tr,
+            y,
+            steps=args.steps,
+            learning_rate=eta,
+            n_networks=args.pilot,
+            key=key,
+            record_steps=[args.steps],
+            x_test=x_te,
+            record_kernels=False,
         )
         z0_tr, z0_te = run.outputs[0][..., 0], run.test_outputs[0][..., 0]
         zlin = z0_te + (y[:, 0][None] - z0_tr) @ lin.T
         return run.test_outputs[-1][..., 0] - zlin
 
-    rgnn.train(arch, x_tr, y, steps=args.steps, learning_rate=eta, n_networks=args.pilot,
-               key=jax.random.key(0), record_steps=[args.steps], x_test=x_te,
-               record_kernels=False)  # compile
+    rgnn.train(
+        arch,
+        x_tr,
+        y,
+        steps=args.steps,
+        learning_rate=eta,
+        n_networks=args.pilot,
+        key=jax.random.key(0),
+        record_steps=[args.steps],
+        x_test=x_te,
+        record_kernels=False,
+    )  # compile
     res, t_pilot = _timed(lambda: pilot(jax.random.key(1)))
     res = np.asarray(res)
     sd = res.std(0, ddof=1)
@@ -139,8 +158,7 @@ def main(argv=None) -> int:
         f"{args.width}: {needed} networks, {t_mc:.1f} s; ratio {t_mc / t_pred:.1f} "
         f"({t_mc / t_first:.1f} against the first call)"
     )
-    print(f"pilot ({args.pilot} networks): departure {measured} +- {se}, predicted {corr} "
-          f"(z {z})")
+    print(f"pilot ({args.pilot} networks): departure {measured} +- {se}, predicted {corr} (z {z})")
     return 0
 
 

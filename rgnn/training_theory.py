@@ -234,8 +234,10 @@ def _two_eps(stats, pieces, m2, ntr):
         tens = (stats["R"],) * 3 if kind == "I" else (stats["S"], stats["T"], stats["U"])
         for order, tensor in zip(_PAIRINGS, tens, strict=True):
             axes = "".join(labels[p] for p in order)
-            pairs = {frozenset((labels[order[0]], labels[order[1]])),
-                     frozenset((labels[order[2]], labels[order[3]]))}
+            pairs = {
+                frozenset((labels[order[0]], labels[order[1]])),
+                frozenset((labels[order[2]], labels[order[3]])),
+            }
             key = "free" if frozenset("de") in pairs else "cross"
             g = jnp.einsum(f"{axes}->deyz", _slice(tensor, axes, stats, ntr))
             out[kind] = out[kind] + g[:, :, None] * m2[key][None, None]
@@ -502,8 +504,14 @@ def _predict(theta, k_all, dtheta, raw, y, lam, v, *, e, n, steps):
         # X: x = tau@t, y = sigma@s, z = rho@r (r < s < t)
         (
             -(e**3) / n,
-            [("I", "dyxz"), ("II", "dyxz"), ("II", "dxyz"), ("I", "xydz"), ("II", "xydz"),
-             ("II", "xdyz")],
+            [
+                ("I", "dyxz"),
+                ("II", "dyxz"),
+                ("II", "dxyz"),
+                ("I", "xydz"),
+                ("II", "xydz"),
+                ("II", "xdyz"),
+            ],
             [ra * rb * rc, ra * rb * ones3, ra * ones3],
             ra**2 * rb * ones3,
         ),
@@ -570,8 +578,14 @@ def _predict(theta, k_all, dtheta, raw, y, lam, v, *, e, n, steps):
         # X: y = sigma@s, z = rho@r (r < s < T)
         (
             e**2 / n,
-            [("I", "dyez"), ("II", "dyez"), ("II", "deyz"), ("I", "eydz"), ("II", "eydz"),
-             ("II", "edyz")],
+            [
+                ("I", "dyez"),
+                ("II", "dyez"),
+                ("II", "deyz"),
+                ("I", "eydz"),
+                ("II", "eydz"),
+                ("II", "edyz"),
+            ],
             [rb2 * rc2, rb2 * ones2],
             rb2 * ones2,
         ),

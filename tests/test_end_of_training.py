@@ -225,9 +225,10 @@ def test_two_steps_against_trained_networks(x64):
         kmeans.append(k.mean(0))
         kses.append(k.std(0, ddof=1) / math.sqrt(len(k)))
     means, ses, kmeans, kses = map(np.asarray, (means, ses, kmeans, kses))
-    predicted = np.concatenate(
-        [np.asarray(pred.correction[:, 0]), np.asarray(pred.ntk_change).ravel()]
-    ) * widths[0]
+    predicted = (
+        np.concatenate([np.asarray(pred.correction[:, 0]), np.asarray(pred.ntk_change).ravel()])
+        * widths[0]
+    )
     measured = np.concatenate([means, kmeans], axis=1)
     errors = np.concatenate([ses, kses], axis=1)
     for j in range(measured.shape[1]):

@@ -84,11 +84,19 @@ def self_check(arch, x, y, eta, steps):
     """The trainer here equals :func:`rgnn.train` on one small ensemble (max abs diff)."""
     key = jax.random.key(3)
     run = rgnn.train(
-        arch, x, y, steps=steps, learning_rate=eta, n_networks=4, key=key, record_kernels=False,
+        arch,
+        x,
+        y,
+        steps=steps,
+        learning_rate=eta,
+        n_networks=4,
+        key=key,
+        record_kernels=False,
         record_steps=[steps],
     )
-    ens = rgnn.ensemble(arch, x.shape[1], n_networks=4, key=jax.random.fold_in(key, 0),
-                        dtype=x.dtype)
+    ens = rgnn.ensemble(
+        arch, x.shape[1], n_networks=4, key=jax.random.fold_in(key, 0), dtype=x.dtype
+    )
     state = make_trainer(ens.graphdef, steps)(ens.state, x, y, eta)
     mine = outputs(rgnn.Ensemble(state, ens.graphdef, arch, ens.in_dim), x)
     return float(jnp.max(jnp.abs(mine - run.outputs[-1])))
@@ -120,9 +128,13 @@ def measure(arch, x_tr, y, x_te, *, eta, steps, n_networks, n_init, chunk, seed,
     stage1, stage2, dntk = [], [], []
 
     def draw(count, offset):
-        ens = rgnn.ensemble(arch, x_tr.shape[1], n_networks=count,
-                            key=jax.random.fold_in(jax.random.key(seed), offset),
-                            dtype=x_tr.dtype)
+        ens = rgnn.ensemble(
+            arch,
+            x_tr.shape[1],
+            n_networks=count,
+            key=jax.random.fold_in(jax.random.key(seed), offset),
+            dtype=x_tr.dtype,
+        )
         return [ens, flip_output(ens)]
 
     for start in range(0, n_networks, chunk):
@@ -148,8 +160,9 @@ def measure(arch, x_tr, y, x_te, *, eta, steps, n_networks, n_init, chunk, seed,
         for member in draw(half, 10**7 + start):
             z0 = outputs(member, x_all)[..., 0]
             k0 = rgnn.empirical_ntk(member, x_all)[:, -1]
-            r_pair.append(kernel_gd(k0, z0, yv, e, steps, ntr)
-                          - kernel_gd(theta, z0, yv, e, steps, ntr))
+            r_pair.append(
+                kernel_gd(k0, z0, yv, e, steps, ntr) - kernel_gd(theta, z0, yv, e, steps, ntr)
+            )
         stage2.append(0.5 * (r_pair[0] + r_pair[1]))
     return np.concatenate(stage1), np.concatenate(stage2), np.concatenate(dntk)
 
@@ -173,12 +186,20 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--widths", default="32,64,128,256")
     ap.add_argument("--networks", type=int, default=2048, help="networks per width (even)")
-    ap.add_argument("--init-factor", type=int, default=16,
-                    help="untrained networks per trained one (second stage)")
+    ap.add_argument(
+        "--init-factor",
+        type=int,
+        default=16,
+        help="untrained networks per trained one (second stage)",
+    )
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--stability", type=float, default=1.0,
-                    help="e * lambda_max of the training NTK (sets the learning rate)")
+    ap.add_argument(
+        "--stability",
+        type=float,
+        default=1.0,
+        help="e * lambda_max of the training NTK (sets the learning rate)",
+    )
     ap.add_argument("--n-train", type=int, default=4)
     ap.add_argument("--n-test", type=int, default=2)
     ap.add_argument("--bias-var", type=float, default=0.1)
@@ -199,28 +220,45 @@ def main(argv=None) -> int:
         return rgnn.MLP(args.depth, w, activation=args.activation, bias_var=args.bias_var)
 
     t0 = time.time()
-    theory0 = rgnn.end_of_training(arch_of(widths[0]), x_tr, y, x_te, learning_rate=1.0,
-                                   steps=args.steps)
+    theory0 = rgnn.end_of_training(
+        arch_of(widths[0]), x_tr, y, x_te, learning_rate=1.0, steps=args.steps
+    )
     lam_max = float(np.linalg.eigvalsh(np.asarray(theory0.ntk[: args.n_train, : args.n_train]))[-1])
     eta = args.stability * args.n_train / lam_max
-    theory = rgnn.end_of_training(arch_of(widths[0]), x_tr, y, x_te, learning_rate=eta,
-                                  steps=args.steps)
+    theory = rgnn.end_of_training(
+        arch_of(widths[0]), x_tr, y, x_te, learning_rate=eta, steps=args.steps
+    )
     t_theory = time.time() - t0
     if args.self_check:
-        print("self-check (max |trainer - rgnn.train|):",
-              self_check(arch_of(widths[0]), x_tr, y, eta, 5))
+        print(
+            "self-check (max |trainer - rgnn.train|):",
+            self_check(arch_of(widths[0]), x_tr, y, eta, 5),
+        )
     n0 = widths[0]
     pred = np.asarray(theory.correction[:, 0]) * n0
     pred_k = np.asarray(theory.ntk_change) * n0
     t1 = time.time()
     means, ses, kmeans, kses = [], [], [], []
     for w in widths:
-        r1, r2, dk = measure(arch_of(w), x_tr, y, x_te, eta=eta, steps=args.steps,
-                             n_networks=args.networks, n_init=args.networks * args.init_factor,
-                             chunk=args.chunk, seed=args.seed + w, theta=theory.ntk)
+        r1, r2, dk = measure(
+            arch_of(w),
+            x_tr,
+            y,
+            x_te,
+            eta=eta,
+            steps=args.steps,
+            n_networks=args.networks,
+            n_init=args.networks * args.init_factor,
+            chunk=args.chunk,
+            seed=args.seed + w,
+            theta=theory.ntk,
+        )
         means.append(r1.mean(0) + r2.mean(0))
-        print(f"width {w}: n*SE trained stage {w * r1.std(0, ddof=1) / math.sqrt(len(r1))}, "
-              f"untrained stage {w * r2.std(0, ddof=1) / math.sqrt(len(r2))}", flush=True)
+        print(
+            f"width {w}: n*SE trained stage {w * r1.std(0, ddof=1) / math.sqrt(len(r1))}, "
+            f"untrained stage {w * r2.std(0, ddof=1) / math.sqrt(len(r2))}",
+            flush=True,
+        )
         ses.append(np.sqrt(r1.var(0, ddof=1) / r1.shape[0] + r2.var(0, ddof=1) / r2.shape[0]))
         kmeans.append(dk.mean(0))
         kses.append(dk.std(0, ddof=1) / math.sqrt(dk.shape[0]))
@@ -228,32 +266,67 @@ def main(argv=None) -> int:
     rows = []
     for j in range(args.n_test):
         c, se, d, chi = fit(widths, [m[j] for m in means], [s[j] for s in ses])
-        rows.append(dict(kind="test_output", index=j, predicted=float(pred[j]), fitted=c,
-                         se=se, slope=d, chi2_dof=chi, z=(c - pred[j]) / se))
+        rows.append(
+            dict(
+                kind="test_output",
+                index=j,
+                predicted=float(pred[j]),
+                fitted=c,
+                se=se,
+                slope=d,
+                chi2_dof=chi,
+                z=(c - pred[j]) / se,
+            )
+        )
     n_all = args.n_train + args.n_test
     for a in range(n_all):
         for b in range(a, n_all):
             c, se, d, chi = fit(widths, [m[a, b] for m in kmeans], [s[a, b] for s in kses])
-            rows.append(dict(kind="ntk_change", index=[a, b], predicted=float(pred_k[a, b]),
-                             fitted=c, se=se, slope=d, chi2_dof=chi,
-                             z=(c - pred_k[a, b]) / se))
+            rows.append(
+                dict(
+                    kind="ntk_change",
+                    index=[a, b],
+                    predicted=float(pred_k[a, b]),
+                    fitted=c,
+                    se=se,
+                    slope=d,
+                    chi2_dof=chi,
+                    z=(c - pred_k[a, b]) / se,
+                )
+            )
     for r in rows:
-        print(f"{r['kind']:12s} {str(r['index']):8s} predicted {r['predicted']:+.5f}  "
-              f"fitted {r['fitted']:+.5f} +- {r['se']:.5f}  z {r['z']:+.2f}  "
-              f"chi2/dof {r['chi2_dof']:.2f}")
+        print(
+            f"{r['kind']:12s} {str(r['index']):8s} predicted {r['predicted']:+.5f}  "
+            f"fitted {r['fitted']:+.5f} +- {r['se']:.5f}  z {r['z']:+.2f}  "
+            f"chi2/dof {r['chi2_dof']:.2f}"
+        )
     zs = np.array([r["z"] for r in rows])
-    print(f"{args.activation} depth {args.depth} widths {widths} networks/width {args.networks} "
-          f"steps {args.steps} eta {eta:.4g} (stability {theory.stability:.3f}): "
-          f"max |z| {np.max(np.abs(zs)):.2f} over {len(zs)}; theory {t_theory:.1f} s, "
-          f"MC {t_mc:.1f} s")
-    parts = {k: (np.asarray(getattr(theory, "correction_" + k))[:, 0] * n0).tolist()
-             for k in ("ntk_mean", "ntk_fluctuation", "dntk", "ddntk1", "ddntk2")}
+    print(
+        f"{args.activation} depth {args.depth} widths {widths} networks/width {args.networks} "
+        f"steps {args.steps} eta {eta:.4g} (stability {theory.stability:.3f}): "
+        f"max |z| {np.max(np.abs(zs)):.2f} over {len(zs)}; theory {t_theory:.1f} s, "
+        f"MC {t_mc:.1f} s"
+    )
+    parts = {
+        k: (np.asarray(getattr(theory, "correction_" + k))[:, 0] * n0).tolist()
+        for k in ("ntk_mean", "ntk_fluctuation", "dntk", "ddntk1", "ddntk2")
+    }
     print("predicted parts (n * part):", json.dumps(parts))
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(dict(args=vars(args), eta=eta, rows=rows, parts=parts,
-                           theory_s=t_theory, mc_s=t_mc,
-                           mean=np.asarray(theory.mean[:, 0]).tolist()), fh, indent=1)
+            json.dump(
+                dict(
+                    args=vars(args),
+                    eta=eta,
+                    rows=rows,
+                    parts=parts,
+                    theory_s=t_theory,
+                    mc_s=t_mc,
+                    mean=np.asarray(theory.mean[:, 0]).tolist(),
+                ),
+                fh,
+                indent=1,
+            )
     return 0
 
 
