@@ -263,6 +263,15 @@ def main(argv=None) -> int:
         kmeans.append(dk.mean(0))
         kses.append(dk.std(0, ddof=1) / math.sqrt(dk.shape[0]))
     t_mc = time.time() - t1
+    for w, m, s_ in zip(widths, means, ses, strict=True):
+        print(f"width {w}: departure E[f_T] - mean = {m} +- {s_}; n * departure = {w * m}")
+    if len(widths) >= 2:
+        # the measured power law |departure| ~ n^-p between the widths (per test output)
+        lw = np.log(np.asarray(widths, float))
+        for j in range(args.n_test):
+            dep = np.abs([m[j] for m in means])
+            p = -np.polyfit(lw, np.log(dep), 1, w=dep / np.asarray([s_[j] for s_ in ses]))[0]
+            print(f"test output {j}: |departure| ~ n^-{p:.2f} (log-log fit)")
     rows = []
     for j in range(args.n_test):
         c, se, d, chi = fit(widths, [m[j] for m in means], [s[j] for s in ses])
