@@ -102,11 +102,11 @@ def gelu_runs():
     with jax.enable_x64(True):
         x_tr, y, x_te = _problem()
         arch = _arch(activation="gelu")
-        conv = rgnn.end_of_training(arch, x_tr, y, x_te, learning_rate=1.0)
         stats = rgnn.perturbative(
             arch, jnp.concatenate([x_tr, x_te]), full=True, ddntk=True, warn=False
         )
         kw = dict(learning_rate=1.0, statistics=stats)
+        conv = rgnn.end_of_training(arch, x_tr, y, x_te, **kw)
         zero = rgnn.end_of_training(arch, x_tr, y, x_te, steps=0, **kw)
         long = rgnn.end_of_training(arch, x_tr, y, x_te, steps=3000, **kw)
         return conv, zero, long
@@ -207,9 +207,10 @@ def _fit(widths, values, ses):
 
 @pytest.mark.slow
 def test_two_steps_against_trained_networks(x64):
-    """Two steps at a large learning rate (e lambda_max = 1.5), tanh, depth 1, widths 32-256:
-    fitted ``c`` of ``n * departure = c + d / n`` within MC_SIGMAS of ``n * correction`` for
-    the test output and for every entry of the NTK change."""
+    """Two steps at a large learning rate (e lambda_max = 1.5), tanh, depth 1, widths 32-256,
+    1024 antithetic pairs each: fitted ``c`` of ``n * departure = c + d / n`` within MC_SIGMAS
+    of ``n * correction`` for the test output and every entry of the NTK change (with 2048
+    pairs: |z| <= 1.72 over the 10 entries, fit standard errors 1-12% of the predictions)."""
     x_tr, y, x_te = _problem()
     widths = (32, 64, 128, 256)
     steps = 2
@@ -219,7 +220,7 @@ def test_two_steps_against_trained_networks(x64):
     pred = rgnn.end_of_training(arch0, x_tr, y, x_te, learning_rate=eta, steps=steps)
     means, ses, kmeans, kses = [], [], [], []
     for w in widths:
-        r, k = _pairs(_arch(w), x_tr, y, x_te, eta, steps, 2048, seed=w)
+        r, k = _pairs(_arch(w), x_tr, y, x_te, eta, steps, 1024, seed=w)
         means.append(r.mean(0))
         ses.append(r.std(0, ddof=1) / math.sqrt(len(r)))
         kmeans.append(k.mean(0))
@@ -231,6 +232,10 @@ def test_two_steps_against_trained_networks(x64):
     )
     measured = np.concatenate([means, kmeans], axis=1)
     errors = np.concatenate([ses, kses], axis=1)
+    resolved = 0
     for j in range(measured.shape[1]):
         c, se = _fit(widths, measured[:, j], errors[:, j])
         assert abs(c - predicted[j]) < MC_SIGMAS * se, (j, c, se, predicted[j])
+        resolved += abs(predicted[j]) > MC_SIGMAS * se
+    # not vacuous: most predicted coefficients are themselves resolved from zero
+    assert resolved >= measured.shape[1] // 2
