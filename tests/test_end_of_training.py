@@ -148,9 +148,9 @@ def test_parts_sum_to_correction(x64, gelu_runs):
 
 
 @pytest.mark.slow
-def test_relu_says_unverified(x64):
+def test_relu_says_not_one_over_n(x64):
     x_tr, y, x_te = _problem()
-    with pytest.warns(UserWarning, match="unverified"):
+    with pytest.warns(UserWarning, match="not 1/n"):
         r = rgnn.end_of_training(_arch(activation="relu"), x_tr, y, x_te, learning_rate=1.0)
     assert not r.valid
 
