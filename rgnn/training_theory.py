@@ -15,7 +15,7 @@ parameterization, so the learning-rate-weighted gradient is ``g_{i delta} = grad
 and the NTK ``H = g^T g`` has the width-independent mean ``Theta``). :func:`rgnn.train`'s loss
 ``(1 / 2NC) sum (z - y)^2`` makes one step ``Delta theta = -e sum_A g_A eps_A`` with
 ``e = eta / (N C)``, ``eps_A = z_A - y_A`` on training inputs ``A = (i, alpha)``. The exact
-Taylor expansion of one step (PDLT eq. inf.4-inf.6, derived here for the discrete step):
+Taylor expansion of one step (as in PDLT ch. infinity, written out here for the discrete step):
 
 .. math::
 
