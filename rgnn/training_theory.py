@@ -74,6 +74,15 @@ accumulated source propagated by the kernel-regression map,
 NTK change. ``E[H_ii(T) - H_ii(0)]`` at O(1/n): the first two sums of ``H(t)`` above, with
 ``E[dH z(0)]`` (``P, Q``) and the ddNTK means times the Gaussian second moment of ``eps``.
 
+Checked against trained networks (tools/end_of_training_mc.py: 4 training and 2 test inputs,
+50 steps, widths 32-256, antithetic pairs and two control variates, fit ``n * departure =
+c + d / n``; fitted ``c`` vs predicted ``n * correction``): tanh depth 2 (``e lambda_max = 1``,
+1024 networks per width): test outputs ``-1.350 +- 0.108`` vs ``-1.377`` and ``-0.604 +- 0.109``
+vs ``-0.630``, the 21 NTK-change entries within 3.0 SE (largest ``-4.52 +- 0.10`` vs ``-4.74``);
+gelu depth 2 (``e lambda_max = 0.5``, 512): ``-1.13 +- 0.21`` vs ``-1.27``, ``-0.81 +- 0.14`` vs
+``-0.76``, NTK change within 1.5 SE (``13.67 +- 0.22`` vs ``13.48``); gelu depth 1 within 1.8 SE;
+two steps, two output units (tests and a script): within 1.7 SE.
+
 Scale-invariant activations (relu, leaky relu). Their ddNTK exists only pointwise
 (:func:`rgnn.perturbative`'s ``kinks``); a finite step moves a unit across the kink with
 probability O(step), which the Taylor expansion does not see. Measured (tools/
