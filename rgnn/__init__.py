@@ -17,6 +17,7 @@ from rgnn.perturbative import FourPoint, Perturbative, perturbative, vertex
 from rgnn.regime import Regime, classify
 from rgnn.study import ScalingFit, Sweep, sweep
 from rgnn.training import Training, batch_indices, ensemble_kernels, train
+from rgnn.training_theory import EndOfTraining, end_of_training
 from rgnn.wilsonian import (
     ScaleResolved,
     Wilsonian,
@@ -35,6 +36,7 @@ __all__ = [
     "Comparison",
     "Criticality",
     "data",
+    "EndOfTraining",
     "Ensemble",
     "FixedPoint",
     "FourPoint",
@@ -58,6 +60,7 @@ __all__ = [
     "criticality",
     "empirical_nngp",
     "empirical_ntk",
+    "end_of_training",
     "ensemble",
     "ensemble_kernels",
     "fixed_point",
