@@ -61,8 +61,8 @@ maps likewise; inputs of different norms use the direct pair quadrature.
 The NTK side (PDLT ch. 8: mean shift, variance, ``A, B, D, F``)
 ----------------------------------------------------------------
 
-Derivation (PDLT ch. 8 in the language of conditional averages; notation as above). With ``W ~ N(0, C_W / n_l)`` the NTK of unit ``i`` of layer ``l+1``
-obeys (PDLT eq. 8.12)
+Derivation (PDLT ch. 8 in the language of conditional averages; notation as above). With
+``W ~ N(0, C_W / n_l)`` the NTK of unit ``i`` of layer ``l+1`` obeys (PDLT eq. 8.12)
 
 .. math::
 
@@ -346,9 +346,7 @@ def _engine_raw(
 
 
 @partial(jax.jit, static_argnames=("act", "stats", "pointwise"))
-def _engine_sets(
-    act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, table, *, stats, pointwise
-):
+def _engine_sets(act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, table, *, stats, pointwise):
     """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``)."""
     ks = jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     ts = jnp.moveaxis(jnp.moveaxis(t, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
