@@ -372,7 +372,7 @@ class Moments:
         ``<A(z_a) B(z_b)>`` on each pair of the set (``[U, S]``)."""
         keys1, layout = _flat_layout(tuple(specs), tuple(singles), self.m)
         zz, w1, fz = self._grids()["grid1"]
-        tab1 = jnp.stack([jnp.sum(self._product(fz, zz, key) * w1, axis=-1) for key in keys1])
+        tab1 = jnp.stack([jnp.sum(self._product(fz, zz, key) * w1[None], axis=-1) for key in keys1])
         if self.m < 2:
             return tab1.reshape(-1)
         u, v, w, fu, fv = self._grids()["grid2"]
@@ -381,7 +381,9 @@ class Moments:
         keys_b = list(dict.fromkeys(b for _, b in combos))
         ua = jnp.stack([self._product(fu, u, key) for key in keys_a])  # [nA, S, Q]
         # the inner integral of each product as it is formed (a fused multiply-and-reduce)
-        inner = jnp.stack([jnp.sum(self._product(fv, v, key) * w, axis=-1) for key in keys_b])
+        inner = jnp.stack(
+            [jnp.sum(self._product(fv, v, key) * w[None, None], axis=-1) for key in keys_b]
+        )
         ia = np.array([keys_a.index(a) for a, _ in combos], np.int32)
         ib = np.array([keys_b.index(b) for _, b in combos], np.int32)
         tab2 = jnp.einsum("csx,csx,x->cs", take(ua, (ia,)), take(inner, (ib,)), w)  # [U, S]
@@ -558,7 +560,9 @@ class Moments:
             u = s1[:, None] * x[None, :]  # [S, Q]
             v = c[:, None, None] * x[None, :, None] + s2[:, None, None] * x[None, None, :]
             pts += [u.ravel(), v.ravel()]
-        ders = self._derivs(jnp.concatenate(pts))
+        # computed once and stored: without the barrier the compiler fuses the derivatives
+        # into every product that reads them and evaluates them once per product
+        ders = _barrier(self._derivs(jnp.concatenate(pts)))
         sizes = np.cumsum([p.size for p in pts])[:-1]
         split = [jnp.split(dv, sizes) for dv in ders]
         out = {"grid1": (zz, w1, [sp[0].reshape(zz.shape) for sp in split])}
@@ -601,20 +605,21 @@ class Moments:
             for _ in range(8):
                 upow.append(upow[-1] * u)
                 vpow.append(vpow[-1] * v)
+            # stored once (see _grids): the trigonometric grid is read by every form
+            u, v, aw, upow, vpow = _barrier((u, v, aw, upow, vpow))
             self._cache["polar"] = (kaa, kab, kbb, u, v, aw, upow, vpow)
         return self._cache["polar"]
 
     def _pair_homogeneous(self, spec, pats, pairs):
         geo = self._polar(pairs)
         out = []
-        cache = {}
         for pat in pats:
             fa = self._canon([spec[s] for s in range(len(spec)) if pat[s] == 0])
             fb = self._canon([spec[s] for s in range(len(spec)) if pat[s] == 1])
-            key = (fa, fb)
-            if key not in cache:
-                cache[key] = self._pair_form(fa, fb, *geo)
-            out.append(cache[key])
+            key = ("form", fa, fb)  # shared by every spec of the layer
+            if key not in self._cache:
+                self._cache[key] = self._pair_form(fa, fb, *geo)
+            out.append(self._cache[key])
         return jnp.stack(out, axis=1)
 
     def _pair_form(self, fa, fb, kaa, kab, kbb, u, v, aw, upow, vpow):
@@ -790,6 +795,15 @@ def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bo
         "4": gaussian.hermite_rule(order_multi, dtype, rule="hermite"),
         "4lo": gaussian.hermite_rule(max(2, order_multi - 2), dtype, rule="hermite"),
     }
+
+
+def _barrier(x):
+    """``x``, materialised once (``NOBARRIER`` in the environment: let the compiler fuse)."""
+    import os
+
+    if os.environ.get("NOBARRIER"):
+        return x
+    return jax.lax.optimization_barrier(x)
 
 
 def _replace(ix: str, old: str, new: str) -> str:
