@@ -79,10 +79,19 @@ def _angular_grid(s1, c, s2, nodes: int = ARC_NODES):
     include the ``1 / 2 pi``). A product of homogeneous pieces of total degree ``p`` then has
     ``E = 2^(p/2) Gamma(p/2 + 1) sum(w * angular part)`` (the radial integral in closed form)."""
     t0 = jnp.arctan2(-c, s2)  # where c cos t + s2 sin t = 0 (mod pi)
-    cuts = jnp.sort(
-        jnp.stack(
-            [jnp.pi / 2, 3 * jnp.pi / 2, jnp.mod(t0, 2 * jnp.pi), jnp.mod(t0 + jnp.pi, 2 * jnp.pi)]
-        )
+    # the four cuts in order: pi/2 < 3 pi/2, and the two kinks of z_b are pi apart, so the
+    # smaller one lies in [0, pi) and the larger in [pi, 2 pi): a merge of two sorted pairs
+    # (no sort, which is slow when vmapped over many pairs)
+    k1 = jnp.mod(t0, jnp.pi)
+    k2 = k1 + jnp.pi
+    half = jnp.asarray(jnp.pi / 2, k1.dtype)
+    cuts = jnp.stack(
+        [
+            jnp.minimum(half, k1),
+            jnp.maximum(half, k1),
+            jnp.minimum(3 * half, k2),
+            jnp.maximum(3 * half, k2),
+        ]
     )
     edges = jnp.concatenate([jnp.zeros((1,), cuts.dtype), cuts, jnp.full((1,), 2 * jnp.pi)])
     gx, gw = np.polynomial.legendre.leggauss(nodes)
@@ -605,8 +614,6 @@ class Moments:
             for _ in range(8):
                 upow.append(upow[-1] * u)
                 vpow.append(vpow[-1] * v)
-            # stored once (see _grids): the trigonometric grid is read by every form
-            u, v, aw, upow, vpow = _barrier((u, v, aw, upow, vpow))
             self._cache["polar"] = (kaa, kab, kbb, u, v, aw, upow, vpow)
         return self._cache["polar"]
 
