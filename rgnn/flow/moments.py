@@ -805,11 +805,7 @@ def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bo
 
 
 def _barrier(x):
-    """``x``, materialised once (``NOBARRIER`` in the environment: let the compiler fuse)."""
-    import os
-
-    if os.environ.get("NOBARRIER"):
-        return x
+    """``x``, materialised once (not fused into, and recomputed by, each of its readers)."""
     return jax.lax.optimization_barrier(x)
 
 
