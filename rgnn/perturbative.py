@@ -197,11 +197,14 @@ class Perturbative:
         + d_{i1 i3} d_{i2 i4} T_{s1 s3 s4 s2} + d_{i1 i4} d_{i2 i3} U_{s1 s4 s2 s3}) / n_{l-1}``
         (PDLT ch. infinity; recursions in :mod:`rgnn.flow.rules`).
       quadrature_order: nodes per dimension used for quadrature (static).
-      quadrature_error: estimated relative error of every field from quadrature,
-        ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
-        (0 when everything is exact), plus, where correlation tables were used (one-norm
-        layers, many pairs: :mod:`rgnn.flow.table`), ``L + 1`` times their largest measured
-        relative error (in float32 that measurement is dominated by roundoff, about ``1e-6``).
+      quadrature_error: estimated relative error of every field from quadrature (0 when
+        everything is exact): the largest ``|q - q_shifted| / max |q|`` over the statistics
+        on the first chunk of pairs (or the one full set), ``q_shifted`` the same computation
+        with the half-spacing-shifted rules and no tables, plus the three/four-input rule's
+        estimate, the leading-order kernels' own, and, where correlation tables were used
+        (one-norm layers, many pairs: :mod:`rgnn.flow.table`), ``L + 1`` times their largest
+        measured relative error (in float32 that measurement is dominated by roundoff, about
+        ``1e-6``).
     """
 
     nngp: jax.Array
