@@ -11,6 +11,10 @@ Ratio = Monte Carlo time / perturbative time (> 1: the prediction is cheaper).
 Uses only the public API; writes benchmarks/results/perturbative.json.
 
     python benchmarks/perturbative_benchmark.py [--n 512] [--depth 10] [--width 512]
+
+``--x64`` runs in float64; ``--no-monte-carlo`` times only ``rgnn.perturbative`` on all
+``N (N - 1) / 2`` pairs (first and second call: the many-pairs case of the flow engine, with
+the correlation tables for tanh's one-norm layers).
 """
 
 import argparse
@@ -41,6 +45,13 @@ def _run_case(name, args, x):
         warnings.simplefilter("ignore", UserWarning)
         _, t_first = _timed(lambda: rgnn.perturbative(arch, x).vertex)
         pred, t_pred = _timed(lambda: rgnn.perturbative(arch, x))
+    if args.no_monte_carlo:
+        return dict(
+            activation=name,
+            perturbative_first_call_s=t_first,
+            perturbative_s=t_pred,
+            quadrature_error=pred.quadrature_error,
+        )
     pilot = args.pilot
     rgnn.measure(arch, x[:8], n_networks=4, key=jax.random.key(0))  # compile
     meas, t_pilot = _timed(
@@ -85,8 +96,13 @@ def main():
     parser.add_argument("--target", type=float, default=0.01, help="relative standard error")
     parser.add_argument("--activations", default="relu,tanh")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--x64", action="store_true", help="float64 (default float32)")
+    parser.add_argument("--no-monte-carlo", action="store_true", help="time rgnn.perturbative only")
     args = parser.parse_args()
-    x = np.random.RandomState(0).randn(args.n, args.dim).astype(np.float32)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    dtype = np.float64 if args.x64 else np.float32
+    x = np.random.RandomState(0).randn(args.n, args.dim).astype(dtype)
     x /= np.sqrt(np.mean(x**2, axis=1, keepdims=True))
     results = dict(
         vars(args),
@@ -98,6 +114,15 @@ def main():
     for name in args.activations.split(","):
         case = _run_case(name, args, x)
         results["cases"].append(case)
+        if args.no_monte_carlo:
+            print(
+                f"{name:5s} N={args.n} depth={args.depth} width={args.width} {dtype.__name__}: "
+                f"perturbative {case['perturbative_s']:.2f} s (first call "
+                f"{case['perturbative_first_call_s']:.1f} s, quadrature error "
+                f"{case['quadrature_error']:.1e})",
+                flush=True,
+            )
+            continue
         print(
             f"{name:5s} N={args.n} depth={args.depth} width={args.width}: perturbative "
             f"{case['perturbative_s']:.2f} s "

@@ -50,9 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import _pair_table, gaussian
+from rgnn import gaussian
 from rgnn._validate import check_pair
 from rgnn.architecture import MLP, Recursion
+from rgnn.flow import table as flow_table
 
 __all__ = [
     "FixedPoint",
@@ -160,7 +161,7 @@ def _residual_update(new, old, factors):
 def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabulate: bool = False):
     """The recursion on all layers; with ``tabulate`` (``same`` inputs, quadrature activations)
     a layer whose inputs share one norm takes its off-diagonal maps from a table in the
-    correlation (:mod:`rgnn._pair_table`), and a fifth output is the tables' largest measured
+    correlation (:mod:`rgnn.flow.table`), and a fifth output is the tables' largest measured
     relative error.
 
     With ``same`` inputs the diagonal is the single-input recursion: its layer-1 entries are the
@@ -188,7 +189,7 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
         kw = dict(order=order, rule=rule)
         if tabulate:
             n = k11.shape[0]
-            (f, df), err = _pair_table.tabulated(
+            (f, df), err = flow_table.tabulated(
                 lambda a, c, b: pair_maps(rec, a, b, c, **kw),
                 jnp.broadcast_to(k11[:, None], (n, n)).ravel(),
                 k12.ravel(),
@@ -636,7 +637,7 @@ def fixed_point(
 def _fixed_point_tabulated(arch: MLP, x, *, quadrature_order: int) -> tuple[FixedPoint, float]:
     """:func:`fixed_point` of ``x`` with itself (native backend, trapezoid rule) and the
     off-diagonal maps of one-norm layers from the correlation table of
-    :mod:`rgnn._pair_table` when that is cheaper; also returns the tables' largest measured
+    :mod:`rgnn.flow.table` when that is cheaper; also returns the tables' largest measured
     relative error (``0.0`` without tables). For :func:`rgnn.perturbative`, which checks its
     own memory and estimates its own quadrature error: here neither is done (the result's
     ``quadrature_error`` is ``None``, not estimated, for quadrature activations)."""
@@ -644,7 +645,7 @@ def _fixed_point_tabulated(arch: MLP, x, *, quadrature_order: int) -> tuple[Fixe
     n = x.shape[0]
     rec = arch.recursion(x.shape[1])
     order = 0 if arch.act.closed_form else quadrature_order
-    tabulate = bool(order) and _pair_table.worth_it(n * n // 2)
+    tabulate = bool(order) and flow_table.worth_it(n * n // 2)
     out = _native(rec, x, x, order=order, rule="trapezoid", same=True, tabulate=tabulate)
     nngp, ntk, d1, d2 = out[:4]
     fp = FixedPoint(

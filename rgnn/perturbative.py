@@ -43,25 +43,73 @@ Observables (THEORY.md):
   quartic coupling, which grows roughly like depth / width.
 
 Components on pairs. Every quantity on two inputs ``(a, b)`` needs ``V`` only on the three
-entries ``(aa), (ab), (bb)``, so all-pairs quantities cost ``O(N^2 L)``: each pair carries a 3x3
-``V``, a 3-vector ``Delta`` and the 3x3 (x3) Jacobian (Hessian) of its kernel map, vmapped over
-the ``N (N - 1) / 2`` pairs; single inputs carry 1x1 versions.
+entries ``(aa), (ab), (bb)``, so all-pairs quantities cost ``O(N^2 L)``: the flow engine
+(:mod:`rgnn.flow`) runs on every pair as a set of two inputs, carrying each statistic's
+``[2, 2, 2, 2]`` tensor (its single-input entries included), vmapped over the
+``N (N - 1) / 2`` pairs.
 
-Gaussian expectations: the two-point map ``phi`` uses the activation's closed form when it has
-one (its derivatives by automatic differentiation), else the 2-D quadrature of
-:mod:`rgnn.gaussian`; the four-point moments ``<s_a^i s_b^j>`` (``i + j = 4``) use the same
-quadrature, except for the scale-invariant activations (relu, leaky relu, linear), whose moments
-are integrated exactly in polar coordinates (the radial integral in closed form, the angular one
-by Gauss-Legendre on the arcs between the kinks). On many pairs (``N (N - 1) / 2 >= 4096``) a
-layer whose inputs all have one norm ``q`` (normalized inputs) takes every pair statistic of a
-quadrature activation -- the fixed point's maps included -- from a table in the correlation
-``rho = K_ab / q`` (``1025`` direct quadratures, degree-5 local interpolation, its error
-measured at every midpoint and on the pairs whose norms deviate most, then multiplied by the
-number of layers and folded into ``quadrature_error``; :mod:`rgnn._pair_table`); inputs of
-different norms use the direct pair quadrature.
+Gaussian expectations: every moment comes from the one moment engine of :mod:`rgnn.flow`
+(:class:`rgnn.flow.moments.Moments`): the 2-D quadrature of :mod:`rgnn.gaussian` for smooth
+activations, the exact polar integrals for the scale-invariant class (relu, leaky relu,
+linear). On many pairs (``N (N - 1) / 2 >= 4096``) of a quadrature activation whose layers
+all have one norm (normalized inputs), the engine evaluates each layer's two-input moments once
+on a table in the correlation ``rho = K_ab / q`` (``1025`` nodes, degree-5 local
+interpolation, its error measured at every midpoint on every layer, multiplied by the number
+of layers and added to ``quadrature_error``; :mod:`rgnn.flow.table`), and the fixed point's
+maps likewise; inputs of different norms use the direct pair quadrature.
 
-NTK side: :mod:`rgnn._ntk_flow` (mean shift, variance, PDLT's ``A, B, D, F``). dNTK side
-(``perturbative(..., dntk=True)``): :mod:`rgnn.flow.rules` (PDLT's ``P, Q`` on pairs).
+The NTK side (PDLT ch. 8: mean shift, variance, ``A, B, D, F``)
+----------------------------------------------------------------
+
+Derivation (PDLT ch. 8 in the language of conditional averages; notation as above). With
+``W ~ N(0, C_W / n_l)`` the NTK of unit ``i`` of layer ``l+1`` obeys (PDLT eq. 8.12)
+
+.. math::
+
+    \\hat H^{(l+1)}_{i_1 i_2; ab} = \\delta_{i_1 i_2} \\Big[\\lambda_b + \\frac{\\lambda_W}{n_l}
+        \\sum_j \\sigma_{ja} \\sigma_{jb}\\Big]
+        + \\sum_{j_1 j_2} W_{i_1 j_1} W_{i_2 j_2} \\sigma'_{j_1 a} \\sigma'_{j_2 b}
+        \\hat H^{(l)}_{j_1 j_2; ab} .
+
+Given layer ``l``, row ``i`` of ``W`` is Gaussian, so ``H_{ii} = \\tilde H^{(l+1)} + \\xi_i``
+with the *NTK metric*
+
+.. math::
+
+    \\tilde H^{(l+1)}_{ab} = \\lambda_b + \\frac{1}{n_l} \\sum_j \\big[\\lambda_W
+        \\sigma_{ja}\\sigma_{jb} + C_W \\sigma'_{ja}\\sigma'_{jb} \\hat H^{(l)}_{jj;ab}\\big]
+
+(an average over neurons, like the stochastic metric ``G``) and ``xi_i = w^T M w - E[.]`` a
+quadratic form in the row, ``M_{j_1 j_2} = \\sigma'_{j_1 a}\\sigma'_{j_2 b} H_{j_1 j_2; ab}``.
+Four quantities close the recursion at O(1/n):
+
+* the joint covariance of ``(G, H~)`` on the entries ``(aa, ab, bb)`` of a pair: the blocks
+  ``V_GG = V`` (four-point vertex), ``V_GH`` (PDLT's ``D``) and ``V_HH`` (PDLT's ``A``), all
+  ``n_{l-1}`` times a covariance. The neurons of layer ``l`` are independent given layer
+  ``l-1``, so (delta method, as for ``V``) ``V' = Cov_1 + (n_l / n_{l-1}) J V J^T`` with the
+  one-neuron covariance of ``y = (C_W s s, lambda_W s s + C_W s' s' Theta)`` and the Jacobian of
+  the conditional means ``(C_b + C_W phi(G), lambda_b + lambda_W phi(G) + C_W psi(G) H~)``,
+  ``phi_ab = <s_a s_b>``, ``psi_ab = <s'_a s'_b>``;
+* ``B`` (PDLT eq. 8.89), the covariance of the off-diagonal NTK entries,
+  ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n``:
+  ``B' = C_W^2 <s'_{a1} s'_{a2} s'_{a3} s'_{a4}> Theta_{a1a2} Theta_{a3a4}
+  + (n_l / n_{l-1}) C_W^2 <s'_{a1} s'_{a3}><s'_{a2} s'_{a4}> B``; the quadratic form has
+  ``E Var(xi) = (B_{aabb} + B_{abba}) / n``;
+* ``F`` (PDLT's ``F``), the correlation of the off-diagonal NTK with the preactivations,
+  ``E[H_{12;xy} z_{1c} z_{2d}] = F_{xy;cd} / n``, from Stein's lemma on the two rows:
+  ``F' = C_W^2 <s'_x s_c s'_y s_d> Theta_xy + (n_l / n_{l-1}) P^x F P^{yT}`` with
+  ``P^x_{ce} = C_W <d_e (s'_x s_c)>``;
+* the mean shift ``Delta_H = E H~ - Theta``: the delta method's ``J Delta + (1/2n) Hess : V``
+  (the cross term ``d^2 / dG dH~`` included) plus the correlation of ``xi`` with the neuron's
+  own preactivations, ``C_W E[s'_a s'_b xi] = (C_W / n) sum_cd F_{ab;cd} <d_c d_d (s'_a s'_b)>``
+  (Stein's lemma: ``Cov(w^T M w, f(z)) = s^2 sum M_{k_1 k_2} E d_{k_1} d_{k_2} f``).
+
+Observables: ``E H_{ii;ab} = Theta_ab + Delta_H`` and
+``Var H_{ii;ab} = (A_{(ab)(ab)} + B_{aabb} + B_{abba}) / n_{l-1}`` (PDLT eq. 8.? for the NTK
+variance of one output; Guillen, Misof & Gerken for several inputs).
+
+The update rules of every statistic, written once, are in :mod:`rgnn.flow.rules` (the dNTK
+and ddNTK sides' derivations there too).
 """
 
 from __future__ import annotations
@@ -75,14 +123,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn import _ntk_flow, _pair_table, gaussian
 from rgnn._validate import check_inputs
-from rgnn.activations import Activation
 from rgnn.architecture import MLP
 from rgnn.fixed_point import _fixed_point_tabulated, fixed_point
 from rgnn.flow import engine as flow_engine
 from rgnn.flow import moments as flow_moments
 from rgnn.flow import rules as flow_rules
+from rgnn.flow import table as flow_table
 
 __all__ = ["FourPoint", "Perturbative", "perturbative", "vertex", "TRUST_DEPTH_OVER_WIDTH"]
 
@@ -130,8 +177,8 @@ class Perturbative:
         ``n_{l-1} Cov(G_P, H~_Q)``, the NNGP-NTK cross covariance.
       ntk_b: ``[L+1, N, N, 2]`` PDLT's ``B`` on the pair: ``(B_aabb, B_abba)``, with
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
-        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
-        recursions: :mod:`rgnn._ntk_flow`.)
+      (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
+      recursions: this module's docstring and :mod:`rgnn.flow.rules`.)
       dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
         and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
         with slot 0 the input ``a`` and slot 1 the input ``b``,
@@ -150,11 +197,14 @@ class Perturbative:
         + d_{i1 i3} d_{i2 i4} T_{s1 s3 s4 s2} + d_{i1 i4} d_{i2 i3} U_{s1 s4 s2 s3}) / n_{l-1}``
         (PDLT ch. infinity; recursions in :mod:`rgnn.flow.rules`).
       quadrature_order: nodes per dimension used for quadrature (static).
-      quadrature_error: estimated relative error of every field from quadrature,
-        ``max |q(order) - q(2 order)| / max |q(2 order)|`` over the fields on up to four inputs
-        (0 when everything is exact), plus, where correlation tables were used (one-norm
-        layers, many pairs: :mod:`rgnn._pair_table`), ``L + 1`` times their largest measured
-        relative error (in float32 that measurement is dominated by roundoff, about ``1e-6``).
+      quadrature_error: estimated relative error of every field from quadrature (0 when
+        everything is exact): the largest ``|q - q_shifted| / max |q|`` over the statistics
+        on the first chunk of pairs (or the one full set), ``q_shifted`` the same computation
+        with the half-spacing-shifted rules and no tables, plus the three/four-input rule's
+        estimate, the leading-order kernels' own, and, where correlation tables were used
+        (one-norm layers, many pairs: :mod:`rgnn.flow.table`), ``L + 1`` times their largest
+        measured relative error (in float32 that measurement is dominated by roundoff, about
+        ``1e-6``).
     """
 
     nngp: jax.Array
@@ -178,215 +228,6 @@ class Perturbative:
     ddntk_u: jax.Array | None = None
     quadrature_order: int = dataclasses.field(default=0, metadata=dict(static=True))
     quadrature_error: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-
-
-# ----------------------------------------------------------------------------- expectations
-def _homogeneous_moment(slope: float, s1, c, s2, i: int, j: int, nodes: int = _ntk_flow.ARC_NODES):
-    """``E[sigma(u)^i sigma(v)^j]`` for ``sigma(x) = x (x > 0), slope x (x < 0)`` and
-    ``u = s1 xi_1``, ``v = c xi_1 + s2 xi_2``, exactly: with ``xi = r (cos t, sin t)`` the
-    integrand is ``r^(i+j)`` times a piecewise-trigonometric function of ``t``; the radial
-    integral is ``E|xi|^p`` over ``2 pi``; the angular one is split at the kinks
-    ``cos t = 0`` and ``c cos t + s2 sin t = 0`` and integrated by Gauss-Legendre on each arc."""
-    p = i + j
-    radial = 2 ** (p / 2) * math.gamma(p / 2 + 1)  # int_0^inf r^(p+1) exp(-r^2/2) dr
-    u, v, w = _ntk_flow._angular_grid(s1, c, s2, nodes)
-
-    def sig(x):
-        return jnp.where(x > 0, x, slope * x)
-
-    return radial * jnp.sum(w * sig(u) ** i * sig(v) ** j)
-
-
-def _pair_moments(act: Activation, kaa, kab, kbb, order: int):
-    """``(m40, m31, m22, m13, m04, m20, m11, m02)``, ``m_ij = <sigma(z_a)^i sigma(z_b)^j>``."""
-    s1, c, s2 = _ntk_flow._cholesky2((kaa, kab, kbb))
-    powers = [(4, 0), (3, 1), (2, 2), (1, 3), (0, 4), (2, 0), (1, 1), (0, 2)]
-    if act.scale_invariant:
-        slope = 1.0 if act.negative_slope is None else act.negative_slope
-        return tuple(_homogeneous_moment(slope, s1, c, s2, i, j) for i, j in powers)
-    x, w = gaussian.hermite_rule(order, jnp.result_type(kaa))
-    u = s1 * x[:, None]
-    v = c * x[:, None] + s2 * x[None, :]
-    su, sv = act.fn(u), act.fn(v)
-    ww = w[:, None] * w[None, :]
-    return tuple(jnp.sum(ww * su**i * sv**j) for i, j in powers)
-
-
-def _phi_pair(act: Activation):
-    """``k = (kaa, kab, kbb) -> (<s_a^2>, <s_a s_b>, <s_b^2>)`` from the activation's closed form,
-    differentiated by autodiff (the diagonal of a scale-invariant activation is ``A_2 k``)."""
-
-    def phi(k):
-        kaa, kab, kbb = k[0], k[1], k[2]
-        f = act.maps(kaa, kbb, kab)[0]
-        gaa = act.maps(kaa, kaa, kaa)[0] if not act.scale_invariant else _a2(act) * kaa
-        gbb = act.maps(kbb, kbb, kbb)[0] if not act.scale_invariant else _a2(act) * kbb
-        return jnp.stack([gaa, f, gbb])
-
-    return phi
-
-
-def _a2(act: Activation) -> float:
-    a = 1.0 if act.negative_slope is None else act.negative_slope
-    return (1 + a * a) / 2
-
-
-def _single_stats(act: Activation, order: int):
-    """``k -> (g, g', g'', <s^4> - g^2)`` with ``g(k) = <sigma(z)^2>_k``."""
-    if act.scale_invariant:
-        a = 1.0 if act.negative_slope is None else act.negative_slope
-        a2, a4 = (1 + a**2) / 2, (1 + a**4) / 2
-
-        def stats(k):
-            return a2 * k, a2 * jnp.ones_like(k), jnp.zeros_like(k), (3 * a4 - a2**2) * k * k
-
-        return stats
-
-    def g(k):
-        if act.closed_form:
-            return act.maps(k, k, k)[0]
-        return gaussian.expect(lambda z: act.fn(z) ** 2, k, order=order)
-
-    def stats(k):
-        g1 = jax.grad(g)
-        m4 = gaussian.expect(lambda z: act.fn(z) ** 4, k, order=order)
-        gk = g(k)
-        return gk, g1(k), jax.grad(g1)(k), m4 - gk * gk
-
-    return stats
-
-
-def _pair_stats_quadrature(act: Activation, k, order: int):
-    """``(phi, J, H, moments)`` of one pair from one quadrature grid, for activations without a
-    closed form. Derivatives of Gaussian expectations come from the Gaussian identities
-    ``d<f>/dK_cd = (1 / (1 + delta_cd)) <d_c d_d f>`` (Price's theorem), so only the first four
-    derivatives of sigma are evaluated on the nodes, and nothing is differentiated through the
-    quadrature (whose Cholesky factor is singular for parallel inputs):
-
-    * ``J[ab] = (<s2_a s_b> / 2, <s1_a s1_b>, <s_a s2_b> / 2)``, ``J[aa, aa] = <s1^2 + s s2>_a``
-      (``sk`` the k-th derivative);
-    * ``H[ab]`` holds ``<sk_a sj_b>`` (``k + j = 4``) with weights 1/4, 1/2, 1 for two, one, zero
-      diagonal derivatives; ``H[aa, aa, aa] = <s s4 + 4 s1 s3 + 3 s2^2>_a / 2``.
-    """
-    kaa, kab, kbb = k[0], k[1], k[2]
-    s1, c, s2 = _ntk_flow._cholesky2((kaa, kab, kbb))
-    x, w = gaussian.hermite_rule(order, jnp.result_type(kaa))
-    ds = _ntk_flow._derivatives(act.fn, 4)
-    u = s1 * x  # [Q]
-    v = c * x[:, None] + s2 * x[None, :]  # [Q, Q]
-    ub = jnp.sqrt(kbb) * x  # the marginal of z_b, for its own diagonal
-    uu = jnp.stack([d(u) for d in ds])  # [5, Q]
-    vv = jnp.stack([d(v) for d in ds])  # [5, Q, Q]
-    bb = jnp.stack([d(ub) for d in ds])  # [5, Q]
-    vbar = jnp.einsum("kxy,y->kx", vv, w)  # [5, Q]
-    e = jnp.einsum("x,ix,jx->ij", w, uu, vbar)  # e[i, j] = <s^(i)_a s^(j)_b>
-
-    def diag(t):
-        f0, f1, f2, f3, f4 = t
-        g = jnp.sum(w * f0 * f0)
-        g1 = jnp.sum(w * (f1 * f1 + f0 * f2))
-        g2 = 0.5 * jnp.sum(w * (f0 * f4 + 4 * f1 * f3 + 3 * f2 * f2))
-        return g, g1, g2
-
-    ga, ga1, ga2 = diag(uu)
-    gb, gb1, gb2 = diag(bb)
-    zero = jnp.zeros((), e.dtype)
-    phi = jnp.stack([ga, e[0, 0], gb])
-    jac = jnp.stack(
-        [
-            jnp.stack([ga1, zero, zero]),
-            jnp.stack([e[2, 0] / 2, e[1, 1], e[0, 2] / 2]),
-            jnp.stack([zero, zero, gb1]),
-        ]
-    )
-    h_ab = jnp.stack(
-        [
-            jnp.stack([e[4, 0] / 4, e[3, 1] / 2, e[2, 2] / 4]),
-            jnp.stack([e[3, 1] / 2, e[2, 2], e[1, 3] / 2]),
-            jnp.stack([e[2, 2] / 4, e[1, 3] / 2, e[0, 4] / 4]),
-        ]
-    )
-    h_aa = jnp.zeros((3, 3), e.dtype).at[0, 0].set(ga2)
-    h_bb = jnp.zeros((3, 3), e.dtype).at[2, 2].set(gb2)
-    hess = jnp.stack([h_aa, h_ab, h_bb])
-    vpow = jnp.einsum("jxy,y->jx", jnp.stack([vv[0] ** j for j in range(5)]), w)
-    upow = jnp.stack([uu[0] ** i for i in range(5)])
-    m = jnp.einsum("x,ix,jx->ij", w, upow, vpow)  # m[i, j] = <s_a^i s_b^j>
-    moments = (m[4, 0], m[3, 1], m[2, 2], m[1, 3], m[0, 4], m[2, 0], m[1, 1], m[0, 2])
-    return phi, jac, hess, moments
-
-
-# ----------------------------------------------------------------------------- recursions
-@partial(jax.jit, static_argnames=("act", "order", "tabulate"))
-def _flow(act, cw, ks, kd_a, kd_b, ratios, inv_prev, *, order, tabulate=False):
-    """Pair recursion over layers for ``P`` pairs.
-
-    With ``tabulate``, a layer whose inputs share one norm takes its pair statistics from a
-    table in the correlation (:mod:`rgnn._pair_table`).
-
-    Args:
-      ks: ``[L+1, P]`` leading-order ``K_ab`` per layer.
-      kd_a, kd_b: ``[L+1, P]`` ``K_aa`` and ``K_bb``.
-      ratios: ``[L]`` ``n_l / n_{l-1}`` for the step l -> l+1 (l = 1..L).
-      inv_prev: ``[L]`` ``1 / n_{l-1}`` for the step l -> l+1.
-    Returns:
-      ``V [L+1, P, 3, 3]``, ``Delta [L+1, P, 3]`` and the largest measured relative error of
-      the tables (``0`` without them).
-    """
-    phi = _phi_pair(act)
-    jac = jax.jacfwd(phi)
-    hess = jax.jacfwd(jax.jacfwd(phi))
-
-    def stats(k):
-        if act.closed_form:
-            j, h = jac(k), hess(k)
-            m40, m31, m22, m13, m04, m20, m11, m02 = _pair_moments(act, k[0], k[1], k[2], order)
-        else:
-            _, j, h, moments = _pair_stats_quadrature(act, k, order)
-            m40, m31, m22, m13, m04, m20, m11, m02 = moments
-        cov4 = jnp.array(
-            [
-                [m40 - m20 * m20, m31 - m20 * m11, m22 - m20 * m02],
-                [m31 - m20 * m11, m22 - m11 * m11, m13 - m11 * m02],
-                [m22 - m20 * m02, m13 - m11 * m02, m04 - m02 * m02],
-            ]
-        )
-        return cw * j, cw * h, cw * cw * cov4
-
-    p = ks.shape[1]
-    dtype = ks.dtype
-
-    def step(carry, inp):
-        v, delta = carry
-        kvec, ratio, inv = inp
-        (j, h, cov4), table_err = _pair_table.pair_stats(stats, kvec, tabulate=tabulate)
-        v_new = cov4 + ratio * jnp.einsum("pik,pkl,pjl->pij", j, v, j)
-        d_new = jnp.einsum("pik,pk->pi", j, delta) + 0.5 * inv * jnp.einsum("pikl,pkl->pi", h, v)
-        return (v_new, d_new), (v_new, d_new, table_err)
-
-    kvecs = jnp.stack([kd_a, ks, kd_b], axis=-1)[:-1]  # the kernel entering each step
-    v0 = jnp.zeros((p, 3, 3), dtype)
-    d0 = jnp.zeros((p, 3), dtype)
-    _, (vs, ds, errs) = jax.lax.scan(step, (v0, d0), (kvecs, ratios, inv_prev))
-    return jnp.concatenate([v0[None], vs]), jnp.concatenate([d0[None], ds]), jnp.max(errs)
-
-
-@partial(jax.jit, static_argnames=("act", "order"))
-def _flow_single(act, cw, kd, ratios, inv_prev, *, order):
-    """Single-input recursion: ``V [L+1, N]`` and ``Delta [L+1, N]`` of ``(aa)``."""
-    stats = jax.vmap(_single_stats(act, order))
-
-    def step(carry, inp):
-        v, delta = carry
-        k, ratio, inv = inp
-        _, g1, g2, cov4 = stats(k)
-        v_new = cw * cw * cov4 + ratio * (cw * g1) ** 2 * v
-        d_new = cw * g1 * delta + 0.5 * inv * cw * g2 * v
-        return (v_new, d_new), (v_new, d_new)
-
-    zero = jnp.zeros(kd.shape[1], kd.dtype)
-    _, (vs, ds) = jax.lax.scan(step, (zero, zero), (kd[:-1], ratios, inv_prev))
-    return jnp.concatenate([zero[None], vs]), jnp.concatenate([zero[None], ds])
 
 
 _STATS_NNGP = ("V", "DG")
@@ -438,21 +279,53 @@ _CHUNK = 256
 compilation (fewer pairs than this: one call on exactly those), memory stays bounded, and
 the quadrature's error estimate runs on one chunk."""
 
+_CHUNK_TABLE = 2048
+"""Pairs per call when no pair needs a quadrature grid (the two-input moments from tables, or
+the scale-invariant class's polar integrals on 60 angles): a pair's working set is small, so
+larger calls fit and amortise the per-call cost (relu, N = 256: 3.0 s instead of 3.5 s)."""
 
-def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, first_only=False):
+
+def _tables_apply(arch, fp, n: int, full: bool) -> bool:
+    """Whether the pair layout takes its two-input moments from correlation tables
+    (:mod:`rgnn.flow.table`): a quadrature activation, enough pairs to pay for the tables
+    (:func:`rgnn.flow.table.worth_it`) and every layer entering a step of one norm (decided
+    here, outside jit, from the fixed point's diagonal: a static choice)."""
+    return (
+        not full
+        and not arch.act.scale_invariant
+        and not arch.is_residual
+        and flow_table.worth_it(n * (n - 1) // 2)
+        and flow_table.one_norm(np.asarray(fp.nngp_diag1)[:-1])
+    )
+
+
+def _engine_raw(
+    arch, x, fp, order, stats, pointwise, *, full, shifted=False, first_only=False, tables=False
+):
     """The engine's statistics ``{name: [L+1, S, m, ...]}`` on the input sets (every pair, in
-    chunks of :data:`_CHUNK`, or one set of all inputs), and the three/four-input rule's
-    estimated error; ``first_only``: the first chunk only."""
+    chunks of :data:`_CHUNK`, or one set of all inputs), the three/four-input rule's estimated
+    error and the correlation tables' measured error (``0`` without them); ``first_only``: the
+    first chunk only; ``tables``: the two-input moments from one table per layer
+    (:func:`rgnn.flow.engine.moment_table`, built once for all chunks)."""
     n = x.shape[0]
-    _, ratios, inv_prev, lam_w = _flow_constants(arch, x, fp.nngp.dtype)
+    dtype = fp.nngp.dtype
+    _, ratios, inv_prev, lam_w = _flow_constants(arch, x, dtype)
     residual = None
     if arch.is_residual:  # (gamma, xi) of layer l + 1 for the step l -> l + 1
-        residual = tuple(jnp.asarray(v[1:], fp.nngp.dtype) for v in arch.residual())
+        residual = tuple(jnp.asarray(v[1:], dtype) for v in arch.residual())
     sets = _sets(n, full)
     rules = flow_moments.rules(
-        order, 4 * order, _multi_order(sets.shape[1], order), fp.nngp.dtype, shifted=shifted
+        order, 4 * order, _multi_order(sets.shape[1], order), dtype, shifted=shifted
     )
-    size = min(len(sets), _CHUNK)
+    table, table_err = None, 0.0
+    if tables:
+        q = jnp.mean(fp.nngp_diag1[:-1], axis=1)
+        table, errs = flow_engine.moment_table(
+            arch.act, q, rules, stats=tuple(stats), pointwise=pointwise
+        )
+        table_err = float(jnp.max(errs))
+    big = table is not None or arch.act.scale_invariant  # no quadrature grid per pair
+    size = min(len(sets), _CHUNK_TABLE if big else _CHUNK)
     outs, errs = [], []
     for start in range(0, len(sets), size):
         chunk = sets[start : start + size]
@@ -468,6 +341,7 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
             fp.ntk,
             rules,
             jnp.asarray(chunk),
+            table,
             stats=tuple(stats),
             pointwise=pointwise,
             residual=residual,
@@ -477,15 +351,16 @@ def _engine_raw(arch, x, fp, order, stats, pointwise, *, full, shifted=False, fi
         if first_only:
             break
     out = outs[0] if len(outs) == 1 else jax.tree.map(lambda *v: jnp.concatenate(v, 1), *outs)
-    return out, max(float(e) for e in errs)
+    return out, max(float(e) for e in errs), table_err
 
 
 @partial(jax.jit, static_argnames=("act", "stats", "pointwise"))
 def _engine_sets(
-    act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, *, stats, pointwise, residual=None
+    act, cw, lam_w, ratios, inv_prev, k, t, rules, sets, table, *, stats, pointwise, residual=None
 ):
     """The flow on the input sets ``sets [S, m]`` (indices into the inputs of ``k, t``);
-    ``residual``: ``None`` or the ``[L]`` residual factors ``(gamma, xi)`` of each step."""
+    ``table``: ``None`` or the layers' moment tables; ``residual``: ``None`` or the ``[L]``
+    residual factors ``(gamma, xi)`` of each step."""
     ks = jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     ts = jnp.moveaxis(jnp.moveaxis(t, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 0)
     return flow_engine.flow(
@@ -497,6 +372,7 @@ def _engine_sets(
         ks,
         ts,
         rules,
+        table,
         stats=stats,
         pointwise=pointwise,
         residual=residual,
@@ -634,23 +510,38 @@ def _run(
     ddntk: bool = False,
     full: bool = False,
 ):
-    """:class:`Perturbative`: the correlation tables' path for many pairs of a quadrature
-    activation (its ``quadrature_error`` without the rule's own estimate, which
-    :func:`perturbative` adds), the flow engine otherwise (with every estimate)."""
+    """:class:`Perturbative` by the flow engine, with every error estimate: the rules' own
+    (the half-spacing-shifted rule, on the first chunk of sets), the three/four-input rule's,
+    the leading-order kernels' and, where correlation tables were used, ``L + 1`` times their
+    largest measured error."""
     n = x.shape[0]
-    if not full and _pair_table.worth_it(n * (n - 1) // 2) and not arch.is_residual:
-        # thousands of pairs: the specialised pair recursions (3x3 pair components, and the
-        # correlation tables for quadrature activations) still run 1.8x faster than the
-        # engine's 16-component pair sets (relu, N = 256, depth 10), so they keep this case
-        return _run_tabulated(arch, x, order, ntk, dntk, ddntk)
+    order_fp = 0 if arch.act.closed_form else order
+    many = (
+        not full
+        and not arch.act.closed_form
+        and not arch.is_residual
+        and flow_table.worth_it(n * (n - 1) // 2)
+    )
     with warnings.catch_warnings():
         # the leading-order kernels' quadrature is part of this result's own error estimate
         warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
-        fp = fixed_point(arch, x, quadrature_order=order)
+        if many:
+            # the kernel maps of one-norm layers from correlation tables too; their rule's
+            # error estimated on a few inputs (it varies smoothly with the kernel)
+            fp, fp_table_err = _fixed_point_tabulated(arch, x, quadrature_order=order)
+            fp_err = fixed_point(arch, x[: min(n, 8)], quadrature_order=order).quadrature_error
+            fp_err = float(fp_err or 0.0) + arch.n_layers * fp_table_err
+        else:
+            fp = fixed_point(arch, x, quadrature_order=order)
+            fp_err = float(getattr(fp, "quadrature_error", 0.0) or 0.0) if order_fp else 0.0
     stats = _STATS_NNGP + (_STATS_NTK if ntk else ())
     if dntk is not None:
         stats = stats + _STATS_DNTK + (_STATS_DDNTK if ddntk else ())
-    out, err = _engine_raw(arch, x, fp, order, stats, dntk == "pointwise", full=full)
+    pointwise = dntk == "pointwise"
+    tables = _tables_apply(arch, fp, n, full)
+    out, err, table_err = _engine_raw(
+        arch, x, fp, order, stats, pointwise, full=full, tables=tables
+    )
     result = _assemble(
         arch,
         x,
@@ -661,19 +552,12 @@ def _run(
         quadrature_error=err,
     )
     if result.quadrature_order:
-        # the same computation with the half-spacing-shifted rules (on the first chunk of
-        # pairs): equal shapes, so the compilation is reused; the difference of the two rules
-        # estimates the error of either
-        lo, _ = _engine_raw(
-            arch,
-            x,
-            fp,
-            order,
-            stats,
-            dntk == "pointwise",
-            full=full,
-            shifted=True,
-            first_only=True,
+        # the same computation with the half-spacing-shifted rules, directly (no tables), on
+        # the first chunk of sets: equal shapes, so the direct engine's compilation is
+        # reused; the difference of the two estimates the error of either (and, with tables,
+        # their error as well)
+        lo, _, _ = _engine_raw(
+            arch, x, fp, order, stats, pointwise, full=full, shifted=True, first_only=True
         )
         rule_err = 0.0
         for name, b in lo.items():
@@ -682,103 +566,9 @@ def _run(
             scale = np.nanmax(np.abs(a)) if a.size else 0.0
             if scale > 0:
                 rule_err = max(rule_err, float(np.nanmax(np.abs(a - b)) / scale))
-        # plus the leading-order kernels' own estimate, where the fixed point reports one
-        fp_err = float(getattr(fp, "quadrature_error", 0.0) or 0.0)
-        result = dataclasses.replace(result, quadrature_error=err + rule_err + fp_err)
+        total = err + rule_err + fp_err + arch.n_layers * table_err
+        result = dataclasses.replace(result, quadrature_error=total)
     return result
-
-
-def _run_tabulated(
-    arch: MLP, x, order: int, ntk: bool = True, dntk: str | None = None, ddntk: bool = False
-):
-    """Many pairs: the NNGP and NTK fields by the specialised pair recursions (with the
-    correlation tables of :mod:`rgnn._pair_table` for a quadrature activation), the dNTK ones
-    by the engine."""
-    fp, table_err = _fixed_point_tabulated(arch, x, quadrature_order=order)
-    k = fp.nngp
-    kd = fp.nngp_diag1
-    n = x.shape[0]
-    dims = np.asarray(arch.layer_dims(x.shape[1]), dtype=float)  # n_0 .. n_{L+1}
-    prev = dims[: arch.n_layers]  # n_{l-1} for l = 1..L+1
-    ratios = jnp.asarray(prev[1:] / prev[:-1], k.dtype)  # n_l / n_{l-1}, steps l = 1..L
-    inv_prev = jnp.asarray(1 / prev[:-1], k.dtype)  # 1 / n_{l-1}
-    act = arch.act
-    cw = arch.weight_var
-    # single inputs cost O(N): integrate them with 4x the nodes
-    v1, d1 = _flow_single(act, cw, kd, ratios, inv_prev, order=4 * order)
-    rows, cols = np.triu_indices(n, k=1)
-    # quadrature activations on many pairs: one-norm layers use the correlation tables
-    tab = not act.scale_invariant and _pair_table.worth_it(rows.size)
-    if rows.size:
-        vp, dp, err = _flow(
-            act,
-            cw,
-            k[:, rows, cols],
-            kd[:, rows],
-            kd[:, cols],
-            ratios,
-            inv_prev,
-            order=order,
-            tabulate=tab,
-        )
-        table_err = max(table_err, float(err))
-    else:
-        vp = jnp.zeros((arch.n_layers, 0, 3, 3), k.dtype)
-        dp = jnp.zeros((arch.n_layers, 0, 3), k.dtype)
-    inv_n = jnp.asarray(1 / prev, k.dtype)[:, None, None]
-    # assemble [L+1, N, N, ...]
-    vertex = jnp.zeros((arch.n_layers, n, n, 3, 3), k.dtype)
-    diag = jnp.arange(n)
-    vertex = vertex.at[:, diag, diag].set(
-        jnp.broadcast_to(v1[:, :, None, None], (arch.n_layers, n, 3, 3))
-    )
-    swap = jnp.array([2, 1, 0])
-    vertex = vertex.at[:, rows, cols].set(vp)
-    vertex = vertex.at[:, cols, rows].set(vp[:, :, swap][:, :, :, swap])
-    corr = jnp.zeros((arch.n_layers, n, n), k.dtype)
-    corr = corr.at[:, diag, diag].set(d1)
-    corr = corr.at[:, rows, cols].set(dp[:, :, 1]).at[:, cols, rows].set(dp[:, :, 1])
-    variance = vertex[:, :, :, 1, 1] * inv_n
-    variance = variance.at[:, diag, diag].set(v1 * inv_n[:, :, 0])
-    kurt = 3 * v1 * inv_n[:, :, 0] / kd**2
-    coupling = jnp.mean(v1 * inv_n[:, :, 0] / kd**2, axis=1)
-    ntk_fields = {}
-    if ntk:
-        ntk_fields, err = _run_ntk(
-            arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols, tab
-        )
-        table_err = max(table_err, err)
-    if dntk is not None:
-        stats = _STATS_DNTK + (_STATS_DDNTK if ddntk else ())
-        out, _ = _engine_raw(arch, x, fp, order, stats, dntk == "pointwise", full=False)
-        fields = _engine_layout(out, n=x.shape[0], full=False)
-        ntk_fields.update({k: v for k, v in fields.items() if k.startswith(("dntk", "ddntk"))})
-    return Perturbative(
-        nngp=k,
-        nngp_correction=corr,
-        nngp_variance=variance,
-        kurtosis=kurt,
-        vertex=vertex,
-        coupling=coupling,
-        widths=jnp.asarray(prev, k.dtype),
-        **ntk_fields,
-        # everything but the scale-invariant class integrates its 4-point moments numerically
-        quadrature_order=0 if act.scale_invariant else order,
-        # the tables' measured error, accumulated over the layers (perturbative adds the
-        # quadrature's own estimate)
-        quadrature_error=arch.n_layers * table_err,
-    )
-
-
-def _pair_stacks(fp, rows, cols):
-    """``(kd, td, ks, ts)``: the diagonal kernel and NTK ``[L+1, N]`` and both on the pairs
-    ``(rows, cols)`` as ``[L+1, P, 3]`` on ``(aa, ab, bb)``."""
-    k, t = fp.nngp, fp.ntk
-    kd = fp.nngp_diag1
-    td = jnp.diagonal(t, axis1=1, axis2=2)
-    ks = jnp.stack([kd[:, rows], k[:, rows, cols], kd[:, cols]], axis=-1)
-    ts = jnp.stack([td[:, rows], t[:, rows, cols], td[:, cols]], axis=-1)
-    return kd, td, ks, ts
 
 
 def _check_arch_order(arch, quadrature_order, minimum: int, what: str = "rgnn.perturbative"):
@@ -794,64 +584,6 @@ def _check_arch_order(arch, quadrature_order, minimum: int, what: str = "rgnn.pe
         raise ValueError(
             f"quadrature_order: expected an integer >= {minimum}, got {quadrature_order!r}"
         )
-
-
-def _run_ntk(arch, x, fp, order, ratios, inv_prev, v1, d1, vp, dp, rows, cols, tabulate=False):
-    """The NTK fields of :class:`Perturbative` (recursions in :mod:`rgnn._ntk_flow`) and the
-    largest measured error of the correlation tables (``0.0`` without them)."""
-    k, t = fp.nngp, fp.ntk
-    kd, td, ks, ts = _pair_stacks(fp, rows, cols)
-    n = x.shape[0]
-    n_layers = arch.n_layers
-    rec = arch.recursion(x.shape[1])
-    lam_w = jnp.asarray(rec.lambda_w[1:], k.dtype)
-    act, cw = arch.act, arch.weight_var
-    dims = np.asarray(arch.layer_dims(x.shape[1]), dtype=float)
-    inv_n = jnp.asarray(1 / dims[:n_layers], k.dtype)
-    vgh1, vhh1, dh1, b1, _ = _ntk_flow.ntk_single_flow(
-        act, cw, lam_w, kd, td, v1, d1, ratios, inv_prev, order=4 * order
-    )
-    diag = jnp.arange(n)
-    swap = jnp.array([2, 1, 0])
-    a_full = jnp.zeros((n_layers, n, n, 3, 3), k.dtype)
-    a_full = a_full.at[:, diag, diag].set(
-        jnp.broadcast_to(vhh1[:, :, None, None], (n_layers, n, 3, 3))
-    )
-    d_full = (
-        jnp.zeros_like(a_full)
-        .at[:, diag, diag]
-        .set(jnp.broadcast_to(vgh1[:, :, None, None], (n_layers, n, 3, 3)))
-    )
-    b_full = jnp.zeros((n_layers, n, n, 2), k.dtype)
-    b_full = b_full.at[:, diag, diag].set(jnp.broadcast_to(b1[:, :, None], (n_layers, n, 2)))
-    corr = jnp.zeros((n_layers, n, n), k.dtype).at[:, diag, diag].set(dh1)
-    var = jnp.zeros((n_layers, n, n), k.dtype)
-    var = var.at[:, diag, diag].set((vhh1 + 2 * b1) * inv_n[:, None])
-    table_err = 0.0
-    if rows.size:
-        out = _ntk_flow.ntk_pair_flow(
-            act, cw, lam_w, ks, ts, vp, dp, ratios, inv_prev, order=order, tabulate=tabulate
-        )
-        vgh, vhh, dh, b = out[:4]
-        if tabulate:
-            table_err = float(out[5])
-        a_full = a_full.at[:, rows, cols].set(vhh)
-        a_full = a_full.at[:, cols, rows].set(vhh[:, :, swap][:, :, :, swap])
-        d_full = d_full.at[:, rows, cols].set(vgh)
-        d_full = d_full.at[:, cols, rows].set(vgh[:, :, swap][:, :, :, swap])
-        b_full = b_full.at[:, rows, cols].set(b).at[:, cols, rows].set(b)
-        corr = corr.at[:, rows, cols].set(dh[:, :, 1]).at[:, cols, rows].set(dh[:, :, 1])
-        off = (vhh[:, :, 1, 1] + b[:, :, 0] + b[:, :, 1]) * inv_n[:, None]
-        var = var.at[:, rows, cols].set(off).at[:, cols, rows].set(off)
-    fields = dict(
-        ntk=t,
-        ntk_correction=corr,
-        ntk_variance=var,
-        ntk_vertex=a_full,
-        mixed_vertex=d_full,
-        ntk_b=b_full,
-    )
-    return fields, table_err
 
 
 def _check_memory(
@@ -998,31 +730,6 @@ def perturbative(
     if arch.is_residual and arch.act.name != "linear":
         return _run_residual_single(arch, x, quadrature_order, warn)
     result = _run(arch, x, quadrature_order, ntk, mode, ddntk, full)
-    n = x.shape[0]
-    tabulated = not full and _pair_table.worth_it(n * (n - 1) // 2)
-    if result.quadrature_order and tabulated:
-        table = result.quadrature_error  # the tables' share
-        # the first m inputs' entries of the full result are exactly what a run on those
-        # m inputs gives, so only the 2x-order run is new work
-        m = min(4, n)
-        hi = _run(arch, x[:m], 2 * quadrature_order, ntk, mode, ddntk)
-        err = 0.0
-        names = ["vertex", "nngp_variance", "nngp_correction", "kurtosis"]
-        if ntk:
-            names += ["ntk_vertex", "ntk_variance", "ntk_correction"]
-        if dntk:
-            names += ["dntk_p", "dntk_q"]
-        if ddntk:
-            names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
-        for name in names:
-            a = np.asarray(getattr(result, name))[:, :m]
-            if a.ndim >= 3:
-                a = a[:, :, :m]
-            b = np.asarray(getattr(hi, name))
-            scale = np.max(np.abs(b))
-            if scale > 0:
-                err = max(err, float(np.max(np.abs(a - b)) / scale))
-        result = dataclasses.replace(result, quadrature_error=err + table)
     bad = np.isnan(np.asarray(result.vertex)).any(axis=(0, 3, 4))
     if bad.any():
         n_bad = int(np.triu(bad, 1).sum())

@@ -9,7 +9,7 @@ average under ``K``, ``s_a = sigma(z_a)``, primes derivatives, ``D_c(f) = <d_c f
 ``lambda_W`` the weights' learning-rate scaling of layer ``l + 1``. Sources: PDLT ch. 4
 (``V``, ``Delta``), ch. 8 (``A, B, D, F`` and the NTK mean shift), ch. 11 (``P, Q``), ch. infinity
 (``R, S, T, U``), written with derivatives instead of inverse kernels; the derivations by
-conditional averages are in :mod:`rgnn._ntk_flow` and below.
+conditional averages are in :mod:`rgnn.perturbative` and below.
 
 ================  ============================================================  ==============
 statistic         meaning (all ``n_{l-1}`` times a covariance or mean)            needs
@@ -27,7 +27,7 @@ statistic         meaning (all ``n_{l-1}`` times a covariance or mean)          
 ================  ============================================================  ==============
 
 The tensors' index layouts follow the docstrings of :class:`rgnn.Perturbative`. The NTK side's
-derivation (``A, B, D, F`` and the mean shift) is in :mod:`rgnn._ntk_flow`; the dNTK side's
+derivation (``A, B, D, F`` and the mean shift) is in :mod:`rgnn.perturbative`; the dNTK side's
 follows.
 
 The dNTK and ddNTK statistics
@@ -50,7 +50,7 @@ preactivations); at O(1/n) its statistics are the cross-correlation with one pre
         + \\delta_{i_0 i_1} \\delta_{i_2 i_3} Q_{a_0 a_1 a_2 a_3}
         + \\delta_{i_0 i_2} \\delta_{i_1 i_3} Q_{a_0 a_2 a_1 a_3}\\big] .
 
-Derivation (conditional averages, as in :mod:`rgnn._ntk_flow`; ``n = n_l``, ``m = n_{l-1}``,
+Derivation (conditional averages, as in :mod:`rgnn.perturbative`; ``n = n_l``, ``m = n_{l-1}``,
 ``s_{ja} = sigma(z^{(l)}_{ja})``, ``W = W^{(l+1)}``). Splitting the parameters into those of
 layer ``l+1`` (learning rate ``lambda_W / n`` for the weights; the biases do not enter
 ``dH``) and the lower ones gives
@@ -72,7 +72,7 @@ layer ``l+1`` (learning rate ``lambda_W / n`` for the weights; the biases do not
 up to four entries), then over layer ``l``. Sums over one neuron give Gaussian averages
 ``<.>`` under ``K^{(l)}``; sums over two different neurons pick up, at the same order, the
 O(1/m) correlations of layer ``l``: ``E[H_{jk;xy} f(z_j) g(z_k)] = (1/m) sum_cd F_{xy;cd}
-<d_c f><d_d g>`` (``F`` of :mod:`rgnn._ntk_flow`), ``E[H_{jk;x_1y_1} H_{jk;x_2y_2} f g] =
+<d_c f><d_d g>`` (``F`` of :mod:`rgnn.perturbative`), ``E[H_{jk;x_1y_1} H_{jk;x_2y_2} f g] =
 B_{x_1 x_2 y_1 y_2} <f><g> / m`` and, by the same Stein argument,
 ``E[dH_{j_0 j_1 j_2} f(z)] = sum_{kc} E[dH_{j_0 j_1 j_2} z_{kc}] <d_{kc} f>``. Everything else
 (three-neuron correlations, fluctuations of diagonal entries times off-diagonal ones) is
@@ -100,7 +100,7 @@ with ``P^{(1)} = Q^{(1)} = 0`` (the first layer's NTK does not depend on the par
 ``F`` and ``B`` are carried along on all components of the pair:
 ``F'_{xy;cd} = C_W^2 <s'_x s_c s'_y s_d> Theta_xy + r C_W^2 sum_ef D_e(s'_x s_c) F_{xy;ef}
 D_f(s'_y s_d)`` and ``B'_{xyzw} = C_W^2 <s'_x s'_y s'_z s'_w> Theta_xz Theta_yw
-+ r C_W^2 <s'_x s'_y><s'_z s'_w> B_{xyzw}`` (as in :mod:`rgnn._ntk_flow`).
++ r C_W^2 <s'_x s'_y><s'_z s'_w> B_{xyzw}`` (as in :mod:`rgnn.perturbative`).
 
 Gaussian expectations. Smooth activations: the 2-D quadrature grid of :mod:`rgnn.gaussian`,
 derivatives of sigma (to third order) by autodiff, ``D_c`` by the product rule. Scale-invariant

@@ -1,12 +1,13 @@
-"""Pair statistics tabulated in the correlation, for layers whose inputs all have one norm.
+"""Correlation tables: the caching strategy of the moment engine for one-norm layers.
 
-Every statistic of a pair of inputs that the perturbative flow needs -- the kernel maps
-``<sigma(z_a) sigma(z_b)>``, their derivatives by Price's identity, the four-point moments --
-is a Gaussian expectation ``S(K_aa, K_bb, K_ab)``. When a layer's variances are all equal,
-``K_aa = q`` for every input (normalized inputs: every layer then keeps one norm), each
-statistic is a function of the correlation ``rho = K_ab / q`` alone, and the ``N (N - 1) / 2``
-pair quadratures of the layer (``order^2`` nodes each) can be replaced by ``G + 1`` of them on
-the nodes ``rho_g = -1 + 2 g / G`` and a local interpolation:
+Every two-input moment the flow needs -- the kernel maps ``<sigma(z_a) sigma(z_b)>``, the
+moments of products of ``sigma`` and its derivatives that the update rules and their Price
+operators read (:class:`rgnn.flow.moments.Moments`) -- is a Gaussian expectation
+``S(K_aa, K_bb, K_ab)``. When a layer's variances are all equal, ``K_aa = q`` for every input
+(normalized inputs: every layer then keeps one norm), each is a function of the correlation
+``rho = K_ab / q`` alone, and the ``N (N - 1) / 2`` pair quadratures of the layer
+(``order^2`` nodes each) can be replaced by ``G + 1`` of them on the nodes
+``rho_g = -1 + 2 g / G`` and a local interpolation:
 
 .. math::
 
@@ -24,27 +25,23 @@ with ``ell_k`` the degree-5 Lagrange basis on the six nodes ``s .. s+5`` around 
         G^{(n)}(z_b) \\rangle
 
 (Price's identity): finite up to ``rho = +-1`` for smooth activations, so the error falls like
-``G^-6`` (``G = 1024``: below ``1e-8`` of each statistic's scale for tanh at ``q <= 1``).
+``G^-6`` (``G = 1024``: below ``1e-8`` of each moment's scale for tanh at ``q <= 1``).
 Kinks (relu) make ``d^2 S / d rho^2`` singular at ``rho = 1``; the scale-invariant class is
-never tabulated.
+never tabulated (its exact polar integrals are cheap).
 
-Honesty of the result. The error is *measured* on every layer, not assumed:
+Honesty of the result. The error is *measured* on every layer, not assumed: at every midpoint
+``(rho_g + rho_{g+1}) / 2``, where the Lagrange remainder is largest, the direct quadrature is
+compared with the interpolant. Twice the largest difference, relative to the largest value of
+the same moment on the table, is the layer's table error; the factor 2 covers the remainder's
+peak off the midpoint in the first and last interval (the node polynomial there is up to 15%
+larger than at the midpoint).
 
-* at every midpoint ``(rho_g + rho_{g+1}) / 2``, where the Lagrange remainder is largest, the
-  direct quadrature is compared with the interpolant;
-* variances within a relative ``spread <= 32 eps`` (the rounding of normalized inputs) count as
-  one norm ``q = mean K_aa``; on the eight pairs whose variances deviate most from ``q`` the
-  direct quadrature at their own ``(K_aa, K_bb, K_ab)`` is compared with the interpolant at
-  their correlation ``K_ab / sqrt(K_aa K_bb)``, which measures the effect of that rounding.
-
-Twice the largest difference, relative to the largest value of the same statistic on the
-table, is returned as the layer's table error (``0`` when the layer falls back); the factor 2
-covers the remainder's peak off the midpoint in the first and last interval (the node
-polynomial there is up to 15% larger than at the midpoint). A layer whose
-variances differ by more, or whose variance is not positive, falls back to the direct pair
-quadrature (``lax.cond``: both branches are compiled, only one runs), so inputs of different
-norms give exactly the direct results. Everything is jit-able and the dtype follows the
-kernel.
+Two users: the moment engine (:func:`rgnn.flow.engine.moment_table`: the table of every moment
+a set of statistics records, built once per layer outside the map over pairs, whose values
+each pair's :class:`~rgnn.flow.moments.Moments` interpolates instead of integrating; the
+update rules read the same moments either way), and the fixed point's kernel maps
+(:func:`tabulated`, which decides the one-norm test per layer at run time and falls back to the
+direct maps). Everything is jit-able and the dtype follows the kernel.
 """
 
 from __future__ import annotations
@@ -164,16 +161,31 @@ def tabulated(
     return jax.lax.cond(one_norm, table_branch, direct_branch, (kaa, kab, kbb))
 
 
-def pair_stats(
-    stats_fn: Callable, ks: jax.Array, *, tabulate: bool, intervals: int | None = None
-) -> tuple[object, jax.Array]:
-    """``(vmap(stats_fn)(ks), table_error)`` for the pairs ``ks [P, 3]`` on ``(aa, ab, bb)``:
-    :func:`tabulated` when ``tabulate`` (static), else the direct statistics and ``0``."""
-    direct = jax.vmap(stats_fn)
-    if not tabulate:
-        return direct(ks), jnp.zeros((), ks.dtype)
+def one_norm(kd) -> bool:
+    """Whether every row of the variances ``kd [L, N]`` (NumPy, outside jit) is one positive
+    norm within the rounding of normalized inputs (a relative spread of ``32 eps``), so that
+    the layer's two-input moments are functions of the correlation alone. The residual spread
+    changes a moment by about ``32 eps`` times its logarithmic derivative in the variance:
+    rounding level."""
+    kd = np.asarray(kd)
+    q = np.mean(kd, axis=-1, keepdims=True)
+    eps = np.finfo(kd.dtype).eps
+    return bool(np.all(q > 0) and np.all(np.abs(kd - q) <= _SPREAD_EPS * eps * q))
 
-    def batch_fn(kaa, kab, kbb):
-        return direct(jnp.stack([kaa, kab, kbb], axis=-1))
 
-    return tabulated(batch_fn, ks[:, 0], ks[:, 1], ks[:, 2], intervals=intervals)
+def midpoints(intervals: int, dtype):
+    """The ``G`` midpoints of the table's intervals, where its error is measured."""
+    rho = _nodes(intervals, dtype)
+    return 0.5 * (rho[1:] + rho[:-1])
+
+
+def table_error(exact, approx, table):
+    """Twice the largest ``|exact - approx|`` over the midpoints (``[G, F]``), relative to each
+    moment's largest value on the table (``[G + 1, F]``); a moment that vanishes on the whole
+    table (by symmetry, up to rounding: below ``64 eps`` of the largest moment) is measured
+    against the largest moment instead, so its rounding does not count as a relative error."""
+    scale = jnp.max(jnp.abs(table), axis=0)
+    top = jnp.max(scale)
+    floor = 64 * jnp.finfo(table.dtype).eps * top
+    scale = jnp.where(scale > floor, scale, jnp.maximum(top, jnp.finfo(table.dtype).tiny))
+    return 2 * jnp.max(jnp.max(jnp.abs(exact - approx), axis=0) / scale)
