@@ -133,60 +133,193 @@ def diag_maps(rec_or_act, k, *, order: int = 96, rule: str = "trapezoid"):
     )
 
 
+_BLOCK = 128
+"""Target side of the blocks of the symmetric layout (:class:`_Layout`)."""
+
+_MAX_BLOCKS = 16
+"""At most this many blocks along each side of the symmetric layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where :func:`_native` keeps the kernel entries while it runs through the layers.
+
+    The entries are ``[P, b1, b2]``: ``P`` blocks of ``b1 x b2`` entries of the ``[N1, N2]``
+    kernel, block ``p`` at block row ``rows[p]`` and block column ``cols[p]``.
+
+    * ``symmetric`` (``x2`` omitted): the kernel is symmetric, so only the blocks on and above
+      the diagonal of an ``nb x nb`` grid of ``b x b`` blocks are computed, ``P = nb (nb + 1)
+      / 2`` of them (``(nb + 1) / (2 nb)`` of the entries: 53% for ``nb = 16``), the inputs
+      padded to ``nb b`` with copies of the first one. :meth:`unpack` mirrors them into the
+      full kernel once, at the end.
+    * otherwise one block is the whole kernel (``P = 1``, ``b1, b2 = N1, N2``).
+
+    ``entrywise`` is the layout of :func:`_probe_flow`: entries ``[P]`` with their own
+    variances ``[P]`` (``rows`` and ``cols`` are the identity).
+    """
+
+    n1: int
+    n2: int
+    nb: int = 1
+    symmetric: bool = False
+    entrywise: bool = False
+
+    @staticmethod
+    def of(n1: int, n2: int, *, same: bool) -> _Layout:
+        if not same:
+            return _Layout(n1, n2)
+        return _Layout(n1, n1, max(1, min(_MAX_BLOCKS, round(n1 / _BLOCK))), symmetric=True)
+
+    @property
+    def b(self) -> int:
+        """The side of a block of the symmetric layout."""
+        return -(-self.n1 // self.nb)
+
+    @property
+    def blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Block row and block column of each block, ``([P], [P])``."""
+        return np.triu_indices(self.nb)
+
+    def pad(self, v):
+        """``[N1, ...]`` -> ``[nb b, ...]``, padded with copies of the first row."""
+        extra = self.nb * self.b - self.n1
+        if not extra:
+            return v
+        return jnp.concatenate([v, jnp.broadcast_to(v[:1], (extra,) + v.shape[1:])])
+
+    def rows(self, v):
+        """Per-input values of ``x1`` ``[N1, ...]`` at the entries' rows: ``[P, b1, 1, ...]``."""
+        if self.entrywise:
+            return v
+        if not self.symmetric:
+            return v[None, :, None]
+        v = self.pad(v).reshape((self.nb, self.b) + v.shape[1:])[self.blocks[0]]
+        return v[:, :, None]
+
+    def cols(self, v):
+        """Per-input values of ``x2`` at the entries' columns: ``[P, 1, b2, ...]``."""
+        if self.entrywise:
+            return v
+        if not self.symmetric:
+            return v[None, None, :]
+        v = self.pad(v).reshape((self.nb, self.b) + v.shape[1:])[self.blocks[1]]
+        return v[:, None, :]
+
+    def on_diagonal(self, at_pairs, at_inputs):
+        """``at_pairs`` with the entries of an input with itself replaced by ``at_inputs``
+        ``[N1]`` (symmetric layout; the others have no such entries and return ``at_pairs``)."""
+        if not self.symmetric:
+            return at_pairs
+        r, c = self.blocks
+        i = jax.lax.broadcasted_iota(jnp.int32, (1, self.b, self.b), 1)
+        j = jax.lax.broadcasted_iota(jnp.int32, (1, self.b, self.b), 2)
+        mask = jnp.asarray(r == c)[:, None, None] & (i == j)
+        return jnp.where(mask, self.rows(at_inputs), at_pairs)
+
+    def unpack(self, first, rest):
+        """The full ``[L+1, N1, N2]`` kernel from layer 1's entries ``[P, b1, b2]`` and the
+        other layers' ``[L, P, b1, b2]``: for the symmetric layout each block below the diagonal
+        is the transpose of its mirror image (one gather, fused with the transpose and the
+        crop of the padding)."""
+        stack = jnp.concatenate([first[None], rest])
+        if not self.symmetric:
+            return stack[:, 0]
+        r, c = self.blocks
+        index = np.zeros((self.nb, self.nb), np.int32)
+        index[r, c] = index[c, r] = np.arange(r.size)
+        below = np.tril(np.ones((self.nb, self.nb), bool), -1)[None, :, :, None, None]
+        g = stack[:, index]  # [L+1, nb, nb, b, b]
+        g = jnp.where(below, jnp.swapaxes(g, -1, -2), g)
+        g = jnp.transpose(g, (0, 1, 3, 2, 4)).reshape(stack.shape[0], self.nb * self.b, -1)
+        return g[:, : self.n1, : self.n1]
+
+
+def _next_nngp(rec: Recursion, f):
+    """``K^{(l+1)} = C_b + C_W <sigma sigma>`` (PDLT eq. 4.118)."""
+    return rec.bias_var + rec.weight_var * f
+
+
+def _next_ntk(rec: Recursion, lam, f, df, theta):
+    """``Theta^{(l+1)} = lambda_b + lambda_W <sigma sigma> + C_W <sigma' sigma'> Theta^{(l)}``
+    (PDLT eq. 9.4); ``lam = (lambda_b, lambda_W)`` of layer ``l + 1``."""
+    return lam[0] + lam[1] * f + rec.weight_var * df * theta
+
+
+def _layer(rec: Recursion, layout: _Layout, carry, lam, *, order: int, rule: str, tabulate: bool):
+    """One layer of the recursion: ``carry = (K_12, Theta_12, K_11, K_22)`` of layer ``l``
+    (the pairs in ``layout``, the variances of the inputs) to those of layer ``l + 1``, and the
+    largest relative error of the correlation tables (``0`` without them).
+
+    With the symmetric layout, the pairs of an input with itself take the maps on one input
+    (:func:`diag_maps`), so that ``K_aa``, ``Theta_aa`` are exactly the scalar recursion."""
+    k12, theta, k11, k22 = carry
+    kw = dict(order=order, rule=rule)
+    a, b = layout.rows(k11), layout.cols(k22)
+    if tabulate:
+        shape = k12.shape
+        (f, df), err = _pair_table.tabulated(
+            lambda a, c, b: pair_maps(rec, a, b, c, **kw),
+            jnp.broadcast_to(a, shape).ravel(),
+            k12.ravel(),
+            jnp.broadcast_to(b, shape).ravel(),
+        )
+        f, df = f.reshape(shape), df.reshape(shape)
+    else:
+        f, df = pair_maps(rec, a, b, k12, **kw)
+        err = jnp.zeros((), k12.dtype)
+    f11, df11 = diag_maps(rec, k11, **kw)
+    f, df = layout.on_diagonal(f, f11), layout.on_diagonal(df, df11)
+    f22 = f11 if layout.symmetric else diag_maps(rec, k22, **kw)[0]
+    new = (
+        _next_nngp(rec, f),
+        _next_ntk(rec, lam, f, df, theta),
+        _next_nngp(rec, f11),
+        _next_nngp(rec, f22),
+    )
+    return new, err
+
+
 @partial(jax.jit, static_argnames=("rec", "order", "rule", "same", "tabulate"))
 def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabulate: bool = False):
-    """The recursion on all layers; with ``tabulate`` (``same`` inputs, quadrature activations)
-    a layer whose inputs share one norm takes its off-diagonal maps from a table in the
-    correlation (:mod:`rgnn._pair_table`), and a fifth output is the tables' largest measured
-    relative error.
+    """The recursion on all layers, one :func:`_layer` per step of a ``lax.scan``; with
+    ``same`` inputs on the upper triangle of blocks of the kernel (:class:`_Layout`). With
+    ``tabulate`` (``same`` inputs, quadrature activations) a layer whose inputs share one norm
+    takes its off-diagonal maps from a table in the correlation (:mod:`rgnn._pair_table`), and
+    a fifth output is the tables' largest measured relative error.
 
     With ``same`` inputs the diagonal is the single-input recursion: its layer-1 entries are the
     variances themselves (one sum, not a second one inside the matrix product) and on every
     layer its maps are :func:`diag_maps`, written over the pair maps' diagonal, so that
     ``K_aa``, ``Theta_aa`` are exactly what the scalar recursion gives."""
     n0 = x1.shape[1]
-    cw, cb = rec.weight_var, rec.bias_var
+    layout = _Layout.of(x1.shape[0], x2.shape[0], same=same)
     lam_b = jnp.asarray(rec.lambda_b, x1.dtype)
     lam_w = jnp.asarray(rec.lambda_w, x1.dtype)
-    dot = x1 @ x2.T / n0
     d1 = jnp.sum(x1 * x1, axis=1) / n0
     d2 = d1 if same else jnp.sum(x2 * x2, axis=1) / n0
-    diag = jnp.arange(x1.shape[0])
     if same:
-        dot = dot.at[diag, diag].set(d1)
-    k12 = cb + cw * dot
-    k11 = cb + cw * d1
-    k22 = k11 if same else cb + cw * d2
-    theta = lam_b[0] + lam_w[0] * dot
+        x = layout.pad(x1).reshape(layout.nb, layout.b, n0)
+        r, c = layout.blocks
+        dot = jnp.einsum("pim,pjm->pij", x[r], x[c]) / n0
+        dot = layout.on_diagonal(dot, d1)
+    else:
+        dot = (x1 @ x2.T / n0)[None]
+    k11 = _next_nngp(rec, d1)
+    first = (
+        _next_nngp(rec, dot),
+        lam_b[0] + lam_w[0] * dot,
+        k11,
+        k11 if same else _next_nngp(rec, d2),
+    )
 
-    def layer(carry, lams):
-        k12, k11, k22, theta = carry
-        lb, lw = lams
-        kw = dict(order=order, rule=rule)
-        if tabulate:
-            n = k11.shape[0]
-            (f, df), err = _pair_table.tabulated(
-                lambda a, c, b: pair_maps(rec, a, b, c, **kw),
-                jnp.broadcast_to(k11[:, None], (n, n)).ravel(),
-                k12.ravel(),
-                jnp.broadcast_to(k22[None, :], (n, n)).ravel(),
-            )
-            f, df = f.reshape(n, n), df.reshape(n, n)
-        else:
-            f, df = pair_maps(rec, k11[:, None], k22[None, :], k12, **kw)
-            err = jnp.zeros((), k12.dtype)
-        f11, df11 = diag_maps(rec, k11, **kw)
-        if same:
-            f, df, f22 = f.at[diag, diag].set(f11), df.at[diag, diag].set(df11), f11
-        else:
-            f22 = diag_maps(rec, k22, **kw)[0]
-        new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lb + lw * f + cw * df * theta)
+    def step(carry, lam):
+        new, err = _layer(rec, layout, carry, lam, order=order, rule=rule, tabulate=tabulate)
         return new, (new, err)
 
-    first = (k12, k11, k22, theta)
-    _, (rest, errs) = jax.lax.scan(layer, first, (lam_b[1:], lam_w[1:]))
-    stack = [jnp.concatenate([a[None], b], axis=0) for a, b in zip(first, rest, strict=True)]
-    k12s, k11s, k22s, thetas = stack
+    _, (rest, errs) = jax.lax.scan(step, first, (lam_b[1:], lam_w[1:]))
+    k12s, thetas = layout.unpack(first[0], rest[0]), layout.unpack(first[1], rest[1])
+    k11s = jnp.concatenate([first[2][None], rest[2]])
+    k22s = k11s if same else jnp.concatenate([first[3][None], rest[3]])
     if tabulate:
         return k12s, thetas, k11s, k22s, jnp.max(errs, initial=0.0)
     return k12s, thetas, k11s, k22s
@@ -199,38 +332,36 @@ def _probe_flow(rec: Recursion, k11, k22, k12, theta, kd, thetad, *, order: int,
     ``k11, k22, k12, theta`` are ``[P]`` layer-1 values of ``P`` off-diagonal entries and
     ``kd, thetad`` ``[D]`` layer-1 values of ``D`` diagonal entries (the same input twice). An
     entry's recursion depends on its own layer-1 values only, so these are the entries
-    :func:`_native` gives (the pair maps for the former, :func:`diag_maps` for the latter).
+    :func:`_native` gives (the pair maps for the former, :func:`diag_maps` for the latter):
+    the same :func:`_layer`, on entries that carry their own variances.
 
     Returns:
       ``((k12, theta), (kd, thetad))`` at ``order`` and the same at ``2 order``: ``[L+1, P]``
       and ``[L+1, D]`` arrays.
     """
-    cw, cb = rec.weight_var, rec.bias_var
     lams = (jnp.asarray(rec.lambda_b[1:], k12.dtype), jnp.asarray(rec.lambda_w[1:], k12.dtype))
+    entrywise = _Layout(k12.shape[0], k12.shape[0], entrywise=True)
 
     def stacked(first, rest):
         return tuple(jnp.concatenate([a[None], b]) for a, b in zip(first, rest, strict=True))
 
     def flows(o):
-        kw = dict(order=o, rule=rule)
+        kw = dict(order=o, rule=rule, tabulate=False)
 
         def pair_layer(carry, lam):
-            k12, k11, k22, theta = carry
-            f, df = pair_maps(rec, k11, k22, k12, **kw)
-            f11, f22 = diag_maps(rec, k11, **kw)[0], diag_maps(rec, k22, **kw)[0]
-            new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lam[0] + lam[1] * f + cw * df * theta)
+            new = _layer(rec, entrywise, carry, lam, **kw)[0]
             return new, new
 
         def diag_layer(carry, lam):
             k, theta = carry
-            f, df = diag_maps(rec, k, **kw)
-            new = (cb + cw * f, lam[0] + lam[1] * f + cw * df * theta)
+            f, df = diag_maps(rec, k, order=o, rule=rule)
+            new = (_next_nngp(rec, f), _next_ntk(rec, lam, f, df, theta))
             return new, new
 
-        first = (k12, k11, k22, theta)
+        first = (k12, theta, k11, k22)
         pairs = stacked(first, jax.lax.scan(pair_layer, first, lams)[1])
         diag = stacked((kd, thetad), jax.lax.scan(diag_layer, (kd, thetad), lams)[1])
-        return (pairs[0], pairs[3]), diag
+        return (pairs[0], pairs[1]), diag
 
     return flows(order), flows(2 * order)
 
