@@ -133,7 +133,7 @@ def diag_maps(rec_or_act, k, *, order: int = 96, rule: str = "trapezoid"):
     )
 
 
-_BLOCK = 128
+_BLOCK = 250
 """Target side of the blocks of the symmetric layout (:class:`_Layout`)."""
 
 _MAX_BLOCKS = 16
@@ -150,7 +150,7 @@ class _Layout:
     * ``symmetric`` (``x2`` omitted): the kernel is symmetric, so only the blocks on and above
       the diagonal of an ``nb x nb`` grid of ``b x b`` blocks are computed, ``P = nb (nb + 1)
       / 2`` of them (``(nb + 1) / (2 nb)`` of the entries: 53% for ``nb = 16``), the inputs
-      padded to ``nb b`` with copies of the first one. :meth:`unpack` mirrors them into the
+      padded to ``nb b`` with copies of the last one. :meth:`unpack` mirrors them into the
       full kernel once, at the end.
     * otherwise one block is the whole kernel (``P = 1``, ``b1, b2 = N1, N2``).
 
@@ -181,11 +181,18 @@ class _Layout:
         return np.triu_indices(self.nb)
 
     def pad(self, v):
-        """``[N1, ...]`` -> ``[nb b, ...]``, padded with copies of the first row."""
+        """``[N1, ...]`` -> ``[nb b, ...]``, padded with copies of the last row."""
         extra = self.nb * self.b - self.n1
         if not extra:
             return v
-        return jnp.concatenate([v, jnp.broadcast_to(v[:1], (extra,) + v.shape[1:])])
+        return jnp.concatenate([v, jnp.broadcast_to(v[-1:], (extra,) + v.shape[1:])])
+
+    def pack(self, full):
+        """The entries ``[P, b, b]`` of a full symmetric ``[N1, N1]`` matrix (one matrix
+        product gives layer 1: XLA's batched products of small blocks are far slower)."""
+        full = jnp.pad(full, (0, self.nb * self.b - self.n1), mode="edge")
+        grid = jnp.swapaxes(full.reshape(self.nb, self.b, self.nb, self.b), 1, 2)
+        return grid[self.blocks]
 
     def rows(self, v):
         """Per-input values of ``x1`` ``[N1, ...]`` at the entries' rows: ``[P, b1, 1, ...]``."""
@@ -216,22 +223,22 @@ class _Layout:
         mask = jnp.asarray(r == c)[:, None, None] & (i == j)
         return jnp.where(mask, self.rows(at_inputs), at_pairs)
 
-    def unpack(self, first, rest):
-        """The full ``[L+1, N1, N2]`` kernel from layer 1's entries ``[P, b1, b2]`` and the
-        other layers' ``[L, P, b1, b2]``: for the symmetric layout each block below the diagonal
-        is the transpose of its mirror image (one gather, fused with the transpose and the
-        crop of the padding)."""
-        stack = jnp.concatenate([first[None], rest])
+    def unpack(self, entries):
+        """The full ``[N1, N2]`` kernel of one layer from its entries ``[P, b1, b2]``.
+
+        For the symmetric layout, each block below the diagonal is the transpose of its
+        mirror image: the blocks are transposed (``b x b`` tiles, which stay in cache), then
+        every block of the full grid is taken from the blocks or their transposes (one gather
+        of whole blocks), and the padding is cropped."""
         if not self.symmetric:
-            return stack[:, 0]
+            return entries[0]
         r, c = self.blocks
         index = np.zeros((self.nb, self.nb), np.int32)
-        index[r, c] = index[c, r] = np.arange(r.size)
-        below = np.tril(np.ones((self.nb, self.nb), bool), -1)[None, :, :, None, None]
-        g = stack[:, index]  # [L+1, nb, nb, b, b]
-        g = jnp.where(below, jnp.swapaxes(g, -1, -2), g)
-        g = jnp.transpose(g, (0, 1, 3, 2, 4)).reshape(stack.shape[0], self.nb * self.b, -1)
-        return g[:, : self.n1, : self.n1]
+        index[r, c] = np.arange(r.size)
+        index[c, r] = np.arange(r.size) + r.size  # below the diagonal: the transposes
+        both = jnp.concatenate([entries, jnp.swapaxes(entries, -1, -2)])
+        full = jnp.swapaxes(both[index], 1, 2).reshape(self.nb * self.b, self.nb * self.b)
+        return full[: self.n1, : self.n1]
 
 
 def _next_nngp(rec: Recursion, f):
@@ -298,28 +305,36 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
     d1 = jnp.sum(x1 * x1, axis=1) / n0
     d2 = d1 if same else jnp.sum(x2 * x2, axis=1) / n0
     if same:
-        x = layout.pad(x1).reshape(layout.nb, layout.b, n0)
-        r, c = layout.blocks
-        dot = jnp.einsum("pim,pjm->pij", x[r], x[c]) / n0
+        dot = layout.pack(x1 @ x1.T / n0)
         dot = layout.on_diagonal(dot, d1)
     else:
         dot = (x1 @ x2.T / n0)[None]
     k11 = _next_nngp(rec, d1)
-    first = (
-        _next_nngp(rec, dot),
-        lam_b[0] + lam_w[0] * dot,
-        k11,
-        k11 if same else _next_nngp(rec, d2),
-    )
+    k22 = k11 if same else _next_nngp(rec, d2)
+    # K and Theta stacked: XLA computes both in one loop over the entries
+    first = (jnp.stack([_next_nngp(rec, dot), lam_b[0] + lam_w[0] * dot]), k11, k22)
+    n_layers = lam_b.shape[0]
 
-    def step(carry, lam):
-        new, err = _layer(rec, layout, carry, lam, order=order, rule=rule, tabulate=tabulate)
-        return new, (new, err)
+    def layer(carry, lam):
+        kt, k11, k22 = carry
+        new, err = _layer(rec, layout, (kt[0], kt[1], k11, k22), lam, **kw)
+        return (jnp.stack(new[:2]), new[2], new[3]), err
 
-    _, (rest, errs) = jax.lax.scan(step, first, (lam_b[1:], lam_w[1:]))
-    k12s, thetas = layout.unpack(first[0], rest[0]), layout.unpack(first[1], rest[1])
-    k11s = jnp.concatenate([first[2][None], rest[2]])
-    k22s = k11s if same else jnp.concatenate([first[3][None], rest[3]])
+    def step(carry, xs):
+        # emit layer l (the full kernels: the result is written once) and compute layer
+        # l + 1 from it, except after the last layer
+        l, lam = xs
+        out = (layout.unpack(carry[0][0]), layout.unpack(carry[0][1]), carry[1], carry[2])
+        last = lambda c, _: (c, jnp.zeros((), x1.dtype))  # noqa: E731
+        carry, err = jax.lax.cond(l + 1 < n_layers, layer, last, carry, lam)
+        return carry, (out, err)
+
+    kw = dict(order=order, rule=rule, tabulate=tabulate)
+    zero = jnp.zeros(1, x1.dtype)  # the scalings "after" the last layer: not used
+    lams = (jnp.concatenate([lam_b[1:], zero]), jnp.concatenate([lam_w[1:], zero]))
+    _, ((k12s, thetas, k11s, k22s), errs) = jax.lax.scan(step, first, (jnp.arange(n_layers), lams))
+    if same:
+        k22s = k11s
     if tabulate:
         return k12s, thetas, k11s, k22s, jnp.max(errs, initial=0.0)
     return k12s, thetas, k11s, k22s
@@ -422,15 +437,16 @@ up to 2.1 on single entries)."""
 def _memory_bytes(n1: int, n2: int, n_layers: int, n0: int, itemsize: int, order: int) -> int:
     """Peak memory of :func:`_native` on ``[n1, n0]`` and ``[n2, n0]`` inputs, in bytes.
 
-    The outputs are ``2 (L+1)`` kernel-sized arrays, the scan's stacked carries and the maps'
-    temporaries about ``(L+1) + 8`` more; a quadrature whose inner sum is vectorized
+    The outputs are ``2 (L+1)`` kernel-sized arrays, written once; the layer being computed
+    (about half a kernel per array with the symmetric layout), its maps' temporaries and the
+    layer being mirrored about 8 more; a quadrature whose inner sum is vectorized
     (``entries * order <= 2^24``, :func:`rgnn.gaussian.expect_pairs`) holds ``3 order`` more
-    per entry. Calibrated on XLA's own memory analysis of the compiled function: 1.01 to 1.42
-    times its peak (relu and tanh, 256 to 2048 inputs, ``x2`` or not, depths 2 to 30).
+    per entry. Calibrated on XLA's own memory analysis of the compiled function: 1.09 to 1.70
+    times its peak (relu, gelu and tanh, 512 to 2000 inputs, ``x2`` or not, depths 2 to 30).
     """
     entries = n1 * n2
     quad = 3 * order * entries if 0 < entries * order <= 2**24 else 0
-    return itemsize * (entries * (3 * n_layers + 8) + quad + (n1 + n2) * (n0 + 4 * n_layers))
+    return itemsize * (entries * (2 * n_layers + 8) + quad + (n1 + n2) * (n0 + 4 * n_layers))
 
 
 def _check_memory(arch: MLP, x1, x2, order: int, memory_limit) -> None:
@@ -643,7 +659,7 @@ def fixed_point(
       memory_limit: the most memory, in bytes, the computation may need (default
         ``MEMORY_LIMIT``, 8 GiB); a larger request raises a ``ValueError`` before anything is
         allocated. The need is estimated as the native backend's peak, about
-        ``itemsize * N1 * N2 * (3 (L+1) + 8)`` bytes plus, for quadrature on fewer than
+        ``itemsize * N1 * N2 * (2 (L+1) + 8)`` bytes plus, for quadrature on fewer than
         ``2^24 / order`` entries, ``3 order`` more per entry (the ``neural_tangents`` backend's
         own peak is not modelled).
 
