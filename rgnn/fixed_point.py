@@ -19,6 +19,16 @@ Two backends compute the same numbers: ``"native"`` (one jitted pass through the
 layers at once) and ``"neural_tangents"`` (``stax`` kernel functions, one per prefix of the
 network, run under :mod:`rgnn._compat`).
 
+How the native pass is organised (for speed; benchmarks/README.md has the numbers): one
+``lax.scan`` step per layer, whose update is one function (:func:`_layer`, over
+:func:`_next_nngp` and :func:`_next_ntk`); with ``x2`` omitted the kernel is symmetric and the
+recursion runs on the blocks on and above the diagonal only (:class:`_Layout`), each layer
+mirrored into the full ``[N, N]`` result as the scan writes it (the result is written once);
+``K`` and ``Theta`` are carried as one complex array so that XLA computes both, and their
+maps once, in one loop over the entries; the
+angles of the closed forms come from a polynomial arctangent that XLA vectorizes
+(:mod:`rgnn._arctan`; ``jnp.arctan2`` is a scalar library call per entry on the CPU).
+
 Exact where exact is possible, honest elsewhere:
 
 * The diagonal is the single-input recursion, with the activation's own map on one input
@@ -311,20 +321,23 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
         dot = (x1 @ x2.T / n0)[None]
     k11 = _next_nngp(rec, d1)
     k22 = k11 if same else _next_nngp(rec, d2)
-    # K and Theta stacked: XLA computes both in one loop over the entries
-    first = (jnp.stack([_next_nngp(rec, dot), lam_b[0] + lam_w[0] * dot]), k11, k22)
+    # K and Theta as the real and imaginary parts of one complex array: XLA computes both in
+    # one loop over the entries and shares their maps (two real outputs take two loops, or
+    # one loop, stacked, that computes the maps once for each)
+    first = (jax.lax.complex(_next_nngp(rec, dot), lam_b[0] + lam_w[0] * dot), k11, k22)
     n_layers = lam_b.shape[0]
 
     def layer(carry, lam):
         kt, k11, k22 = carry
-        new, err = _layer(rec, layout, (kt[0], kt[1], k11, k22), lam, **kw)
-        return (jnp.stack(new[:2]), new[2], new[3]), err
+        new, err = _layer(rec, layout, (jnp.real(kt), jnp.imag(kt), k11, k22), lam, **kw)
+        return (jax.lax.complex(new[0], new[1]), new[2], new[3]), err
 
     def step(carry, xs):
         # emit layer l (the full kernels: the result is written once) and compute layer
         # l + 1 from it, except after the last layer
         l, lam = xs
-        out = (layout.unpack(carry[0][0]), layout.unpack(carry[0][1]), carry[1], carry[2])
+        full = layout.unpack(carry[0])
+        out = (jnp.real(full), jnp.imag(full), carry[1], carry[2])
         last = lambda c, _: (c, jnp.zeros((), x1.dtype))  # noqa: E731
         carry, err = jax.lax.cond(l + 1 < n_layers, layer, last, carry, lam)
         return carry, (out, err)
