@@ -159,9 +159,9 @@ class _Layout:
 
     * ``symmetric`` (``x2`` omitted): the kernel is symmetric, so only the blocks on and above
       the diagonal of an ``nb x nb`` grid of ``b x b`` blocks are computed, ``P = nb (nb + 1)
-      / 2`` of them (``(nb + 1) / (2 nb)`` of the entries: 53% for ``nb = 16``), the inputs
-      padded to ``nb b`` with copies of the last one. :meth:`unpack` mirrors them into the
-      full kernel once, at the end.
+      / 2`` of them (``(nb + 1) / (2 nb)`` of the entries: 56% for ``N = 2000``, ``nb = 8``),
+      the inputs padded to ``nb b`` with copies of the last one. :meth:`unpack` mirrors each
+      layer into the full kernel as the scan writes it into the result.
     * otherwise one block is the whole kernel (``P = 1``, ``b1, b2 = N1, N2``).
 
     ``entrywise`` is the layout of :func:`_probe_flow`: entries ``[P]`` with their own
