@@ -5,56 +5,153 @@
 (b) every layer's NNGP + NTK: native (the same single pass) vs neural-tangents, which needs
     one kernel_fn per prefix of the network (L + 1 of them).
 
-Ratios are neural-tangents time / native time, measured in the same run (> 1: native faster).
-Uses only the public API. Results go to benchmarks/results/fixed_point.json.
+Ratios are neural-tangents time / native time (> 1: native faster). The goals: (a) >= 2 and
+(b) >= L (the depth) in float32, (a) and (b) >= 1 in float64. Every timed function runs once
+to compile, then the repetitions go round-robin over all of them (native, NT output, NT
+prefixes, and the bandwidth reference below), so that they share the machine's load; the
+minimum over the repetitions is reported (the median too, in the JSON), with the load
+average before and after each case. The first and second calls of ``rgnn.fixed_point`` (not
+jitted by the caller, as a user calls it) are timed in a fresh state of its cache.
 
-    python benchmarks/fixed_point_benchmark.py [--n 2000] [--dim 64] [--depth 10] [--repeats 5]
+Memory bandwidth: the result, ``2 (L+1) N^2`` numbers, must be written at least once; a
+jitted ``a * b + c`` over ``N x N`` arrays (3 read, 1 written) measures the bandwidth a plain
+elementwise pass reaches in the same run. Reported: that bandwidth, the native pass's
+"achieved" bandwidth (the result's bytes over its time) and the native time over the time of
+writing the result at the reference bandwidth (1 would be the floor).
+
+Accuracy: the output NTK and NNGP of each float32 result against rgnn's float64 result
+(largest difference relative to the largest entry), and in float64 rgnn against
+neural-tangents. Uses only the public API. Results go to benchmarks/results/fixed_point.json.
+
+    python benchmarks/fixed_point_benchmark.py [--n 2000] [--dim 64] [--depth 10] [--repeats 7]
+        [--dtypes float32,float64] [--activations relu,gelu]
 """
 
 import argparse
 import json
+import os
 import platform
+import statistics
+import time
 import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from _timing import timed
 
 import rgnn
 
 
+def _once(fn):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """``{name: (min, median)}`` seconds of each ``fns[name]()``, compiled and warmed first,
+    then ``repeats`` round-robin rounds over all of them."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_once(fn))
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+
+
+def _rel(a, ref) -> float:
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
+
+
 def _run_case(arch, x, repeats):
-    """Time and check one architecture; returns the case's entry for the results JSON."""
+    """Time and check one architecture on inputs ``x``; the case's entry for the JSON."""
+    n, itemsize = x.shape[0], x.dtype.itemsize
+    load_before = os.getloadavg()[0]
+    xj = jnp.asarray(x)
+    first = _once(lambda: rgnn.fixed_point(arch, xj))
+    second = _once(lambda: rgnn.fixed_point(arch, xj))
     native = jax.jit(lambda a: rgnn.fixed_point(arch, a))
-    t_native, _ = timed(lambda: native(x), repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = jax.jit(lambda a: arch.stax()[2](a, None, ("nngp", "ntk")))
-        t_nt_out, _ = timed(lambda: full(x), repeats)
         prefixes = [
             jax.jit(lambda a, l=l: arch.stax(layer=l)[2](a, None, ("nngp", "ntk")))
             for l in range(1, arch.n_layers + 1)
         ]
-        t_nt_all, _ = timed(lambda: [p(x) for p in prefixes], repeats)
-    # accuracy of both against a float64 native reference
-    with jax.enable_x64(True):
-        ref = np.asarray(rgnn.fixed_point(arch, x.astype(np.float64)).ntk[-1])
-
-    def rel_err(k):
-        return float(np.max(np.abs(np.asarray(k, np.float64) - ref)) / np.max(np.abs(ref)))
-
-    err_native, err_nt = rel_err(native(x).ntk[-1]), rel_err(full(x).ntk)
-    return dict(
+        nt_first = _once(lambda: full(xj))
+        rng = np.random.RandomState(1)
+        a, b, c = (jnp.asarray(rng.rand(n, n).astype(x.dtype)) for _ in range(3))
+        fma = jax.jit(lambda a, b, c: a * b + c)
+        t = _interleaved(
+            {
+                "native": lambda: native(xj),
+                "nt_output": lambda: full(xj),
+                "nt_prefixes": lambda: [p(xj) for p in prefixes],
+                "elementwise": lambda: fma(a, b, c),
+            },
+            repeats,
+        )
+        got, nt = native(xj), full(xj)
+    load_after = os.getloadavg()[0]
+    ref_bw = 4 * n * n * itemsize / t["elementwise"][0]
+    result_bytes = 2 * arch.n_layers * n * n * itemsize
+    case = dict(
         activation=arch.activation,
-        native_all_layers_s=t_native,
-        nt_output_layer_s=t_nt_out,
-        nt_all_layers_s=t_nt_all,
-        ratio_output_layer=t_nt_out / t_native,
-        ratio_all_layers=t_nt_all / t_native,
-        goal_all_layers=arch.depth / 2,
-        native_max_rel_err_vs_float64=err_native,
-        nt_max_rel_err_vs_float64=err_nt,
+        dtype=str(x.dtype),
+        load_average_before=load_before,
+        load_average_after=load_after,
+        native_first_call_s=first,
+        native_second_call_s=second,
+        nt_output_first_call_s=nt_first,
+        times_min_median_s={k: list(v) for k, v in t.items()},
+        native_s=t["native"][0],
+        nt_output_layer_s=t["nt_output"][0],
+        nt_all_layers_s=t["nt_prefixes"][0],
+        ratio_output_layer=t["nt_output"][0] / t["native"][0],
+        ratio_all_layers=t["nt_prefixes"][0] / t["native"][0],
+        goal_output_layer=2.0 if x.dtype == np.float32 else 1.0,
+        goal_all_layers=float(arch.depth) if x.dtype == np.float32 else 1.0,
+        elementwise_bandwidth_GBps=ref_bw / 1e9,
+        native_result_GB=result_bytes / 1e9,
+        native_achieved_bandwidth_GBps=result_bytes / t["native"][0] / 1e9,
+        native_over_write_floor=t["native"][0] / (result_bytes / ref_bw),
+    )
+    if x.dtype == np.float64:
+        case["native_vs_nt_ntk_rel"] = _rel(got.ntk[-1], nt.ntk)
+        case["native_vs_nt_nngp_rel"] = _rel(got.nngp[-1], nt.nngp)
+    else:
+        with jax.enable_x64(True):
+            ref = rgnn.fixed_point(arch, x.astype(np.float64))
+            ref_ntk, ref_nngp = np.asarray(ref.ntk[-1]), np.asarray(ref.nngp[-1])
+        case["native_ntk_rel_err_vs_float64"] = _rel(got.ntk[-1], ref_ntk)
+        case["native_nngp_rel_err_vs_float64"] = _rel(got.nngp[-1], ref_nngp)
+        case["nt_ntk_rel_err_vs_float64"] = _rel(nt.ntk, ref_ntk)
+        case["nt_nngp_rel_err_vs_float64"] = _rel(nt.nngp, ref_nngp)
+    return case
+
+
+def _line(case, args) -> str:
+    acc = (
+        f"NTK error vs float64: native {case['native_ntk_rel_err_vs_float64']:.1e}, "
+        f"NT {case['nt_ntk_rel_err_vs_float64']:.1e}"
+        if "native_ntk_rel_err_vs_float64" in case
+        else f"native vs NT: NTK {case['native_vs_nt_ntk_rel']:.1e}"
+    )
+    return (
+        f"{case['activation']:5s} N={args.n} depth={args.depth} {case['dtype']}: "
+        f"native {case['native_s'] * 1e3:7.1f} ms (1st call {case['native_first_call_s']:.2f} s, "
+        f"2nd {case['native_second_call_s'] * 1e3:.0f} ms) | (a) NT output layer "
+        f"{case['nt_output_layer_s'] * 1e3:7.1f} ms, ratio {case['ratio_output_layer']:5.2f} "
+        f"(goal >= {case['goal_output_layer']:g}) | (b) NT all layers "
+        f"{case['nt_all_layers_s'] * 1e3:7.1f} ms, ratio {case['ratio_all_layers']:5.2f} "
+        f"(goal >= {case['goal_all_layers']:g}) | bandwidth: a*b+c "
+        f"{case['elementwise_bandwidth_GBps']:.1f} GB/s, native "
+        f"{case['native_achieved_bandwidth_GBps']:.1f} GB/s "
+        f"({case['native_over_write_floor']:.1f}x the write floor) | {acc} | "
+        f"load {case['load_average_before']:.1f}-{case['load_average_after']:.1f}"
     )
 
 
@@ -63,42 +160,39 @@ def main():
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--depth", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--x64", action="store_true", help="float64 (default: float32)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--activations", default="relu,gelu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    jax.config.update("jax_enable_x64", args.x64)
-    x = (
-        np.random.RandomState(0)
-        .randn(args.n, args.dim)
-        .astype(np.float64 if args.x64 else np.float32)
-    )
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"float32", "float64"}:
+        parser.exit(2, f"--dtypes: expected float32 and/or float64, got {args.dtypes!r}\n")
+    settings = {"relu": 2.0, "gelu": 1.8}
+    activations = args.activations.split(",")
+    if not set(activations) <= set(settings):
+        parser.exit(2, f"--activations: expected relu and/or gelu, got {args.activations!r}\n")
+    x = np.random.RandomState(0).randn(args.n, args.dim)
     results = dict(
         n=args.n,
         dim=args.dim,
         depth=args.depth,
         repeats=args.repeats,
-        dtype=str(x.dtype),
         device=str(jax.devices()[0]),
+        cpu_count=os.cpu_count(),
         platform=platform.platform(),
+        jax=jax.__version__,
         cases=[],
     )
-    for activation, cw in (("relu", 2.0), ("gelu", 1.8)):
-        arch = rgnn.MLP(args.depth, 512, activation, weight_var=cw, bias_var=0.05)
-        case = _run_case(arch, x, args.repeats)
-        results["cases"].append(case)
-        print(
-            f"{activation:5s} N={args.n} depth={args.depth} {x.dtype}: "
-            f"native {case['native_all_layers_s'] * 1e3:8.1f} ms | "
-            f"(a) NT output layer {case['nt_output_layer_s'] * 1e3:8.1f} ms, "
-            f"ratio {case['ratio_output_layer']:5.2f} | "
-            f"(b) NT all layers {case['nt_all_layers_s'] * 1e3:8.1f} ms, "
-            f"ratio {case['ratio_all_layers']:5.2f} "
-            f"(goal >= {arch.depth / 2:g}) | output NTK error vs float64: "
-            f"native {case['native_max_rel_err_vs_float64']:.1e}, "
-            f"NT {case['nt_max_rel_err_vs_float64']:.1e}",
-            flush=True,
-        )
+    for dtype in dtypes:
+        with jax.enable_x64(dtype == "float64"):
+            for activation in activations:
+                arch = rgnn.MLP(
+                    args.depth, 512, activation, weight_var=settings[activation], bias_var=0.05
+                )
+                case = _run_case(arch, x.astype(dtype), args.repeats)
+                results["cases"].append(case)
+                print(_line(case, args), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fixed_point.json"
     path.write_text(json.dumps(results, indent=2))

@@ -20,9 +20,11 @@ Closed forms (``rho = k12 / sqrt(k11 k22)``, ``theta = arccos(rho)``):
   ``F = (1 + a^2) J(theta) - 2 a J(pi - theta)`` with ``J`` the relu ``F`` above written in
   ``theta``, and ``dF = ((1 + a^2)(pi - theta) + 2 a theta) / (2 pi)``. With
   ``sqrt(k11 k22) sin theta = sqrt(det)``, ``det = k11 k22 - k12^2``, this is
-  ``F = (1 - a)^2 sqrt(det) / (2 pi) + dF k12`` and ``theta = atan2(sqrt(det), k12)``: two
-  square roots and one arctangent per entry, and ``theta = 0`` or ``pi`` exactly for
-  (anti)parallel inputs (:func:`_leaky_relu_maps`). On one input the maps are
+  ``F = (1 - a)^2 sqrt(det) / (2 pi) + dF k12``, ``dF = a + (1 - a)^2 (pi - theta) / (2 pi)``
+  with ``pi - theta = atan2(sqrt(det), -k12)``: one square root and one arctangent per entry
+  (the roots of the variances are per input), the arctangent a polynomial that XLA
+  vectorizes (:mod:`rgnn._arctan`), and ``theta = 0`` or ``pi`` exactly for (anti)parallel
+  inputs (:func:`_leaky_relu_maps`). On one input the maps are
   ``(A_2 k, A_2)``, ``A_2 = (1 + a^2) / 2`` (``Activation.diag_maps``), never the pair map.
 * ``erf`` (arcsine kernel, Williams 1997):
   ``F = (2/pi) arcsin(2 k12 / sqrt((1 + 2 k11)(1 + 2 k22)))``,
@@ -43,6 +45,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from rgnn._arctan import arctan2
 
 __all__ = ["Activation", "get_activation", "KNOWN_ACTIVATIONS"]
 
@@ -110,25 +114,27 @@ def _leaky_relu_maps(slope: float) -> tuple[KernelMap, KernelMap, Callable, Call
 
     Written so that the exact cases are exact in floating point:
 
-    * ``dF = A_2 - ((1 - a)^2 / 2) (theta / pi)`` with ``A_2 = (1 + a^2) / 2`` and
-      ``F = dF k12 + (1 - a)^2 sqrt(det) / (2 pi)``, with ``dF`` set to its exact values
+    * ``dF = a + (1 - a)^2 (pi - theta) / (2 pi)`` (``= A_2 - ((1 - a)^2 / 2) (theta / pi)``,
+      ``A_2 = (1 + a^2) / 2``) and ``F = dF k12 + (1 - a)^2 sqrt(det) / (2 pi)``, with
+      ``pi - theta = atan2(sqrt(det), -k12)`` taken directly (so that ``dF`` keeps its
+      relative accuracy near ``theta = pi``, where it is small) by the vectorized
+      :func:`rgnn._arctan.arctan2`, and ``dF`` set to its exact values
       ``A_2`` at ``rho = 1`` and ``a`` at ``rho = -1``, where ``sqrt(det) = 0``: there
       ``(F, dF)`` is ``(A_2 k12, A_2)`` to the last bit, the values of the diagonal map
       ``(A_2 k, A_2)``, and ``(a k12, a)`` (``(0, 0)`` for relu);
-    * ``theta = atan2(sqrt(det), k12)`` with ``sqrt(det) = sqrt(k11) sqrt(k22)
-      sqrt((1 - rho)(1 + rho))``. Near ``rho = +-1`` the angle is ill-conditioned
-      (``theta ~ sqrt(2 (1 - rho))``: one ulp of ``rho`` is ``2e-8`` of ``theta`` in float64),
-      so ``rho`` within ``32 eps`` of ``+-1`` is snapped to ``+-1`` (``_RHO_SNAP_EPS``). That
-      covers the rounding of ``rho`` itself: the dot product of two (anti)parallel inputs and
-      their norms are sums over the input features, computed apart (measured: ``|rho|`` of
-      exactly (anti)parallel inputs is up to ``7.5 eps`` from 1 on digits and on Gaussian
-      inputs of 3 to 784 features, and stays there over 200 layers; the old threshold of
-      ``4 eps`` missed it, and the diagonal of a depth-10 relu NTK was off by ``8.6e-8``).
-      Such a pair then has ``theta = 0`` or ``pi`` exactly, as its inputs do. A pair whose
-      true ``1 - |rho|`` is below ``32 eps`` is treated as (anti)parallel: its ``dF`` changes
-      by at most ``(1 - a)^2 sqrt(64 eps) / (2 pi)`` (``1.9e-8`` in float64, ``4.4e-4`` in
-      float32): 16 times the ``1.2e-9`` (``2.7e-5``) that 4 eps of rounding in its ``rho``
-      already put into ``dF`` there, a price paid only by pairs that close to parallel.
+    * ``sqrt(det) = sqrt(k11) sqrt(k22) sqrt((1 - rho)(1 + rho))``. Near ``rho = +-1`` the angle is
+      ill-conditioned (``theta ~ sqrt(2 (1 - rho))``: one ulp of ``rho`` is ``2e-8`` of ``theta`` in
+      float64), so ``rho`` within ``32 eps`` of ``+-1`` is snapped to ``+-1`` (``_RHO_SNAP_EPS``).
+      That covers the rounding of ``rho`` itself: the dot product of two (anti)parallel inputs and
+      their norms are sums over the input features, computed apart (measured: ``|rho|`` of exactly
+      (anti)parallel inputs is up to ``7.5 eps`` from 1 on digits and on Gaussian inputs of 3 to 784
+      features, and stays there over 200 layers; the old threshold of ``4 eps`` missed it, and the
+      diagonal of a depth-10 relu NTK was off by ``8.6e-8``). Such a pair then has ``theta = 0`` or
+      ``pi`` exactly, as its inputs do. A pair whose true ``1 - |rho|`` is below ``32 eps`` is
+      treated as (anti)parallel: its ``dF`` changes by at most ``(1 - a)^2 sqrt(64 eps) / (2 pi)``
+      (``1.9e-8`` in float64, ``4.4e-4`` in float32): 16 times the ``1.2e-9`` (``2.7e-5``) that 4
+      eps of rounding in its ``rho`` already put into ``dF`` there, a price paid only by pairs
+      that close to parallel.
     """
     a = float(slope)
     a2 = (1 + a * a) / 2
@@ -148,12 +154,10 @@ def _leaky_relu_maps(slope: float) -> tuple[KernelMap, KernelMap, Callable, Call
         snap = 1 - _RHO_SNAP_EPS * jnp.finfo(rho.dtype).eps
         rho = jnp.where(jnp.abs(rho) >= snap, jnp.sign(rho), rho)
         root = (s1 * s2) * jnp.sqrt((1 - rho) * (1 + rho))
-        theta = jnp.arctan2(root, k12)
-        # (anti)parallel: the exact values, selected (XLA turns theta / pi into a product with
-        # 1 / pi and fuses it, which leaves dF one rounding off 0 for antiparallel relu pairs)
-        dF = jnp.where(
-            rho == 1.0, a2, jnp.where(rho == -1.0, a, a2 - (kink / 2) * (theta / jnp.pi))
-        )
+        phi = arctan2(root, -k12)  # pi - theta: relative accuracy where dF is small
+        # (anti)parallel: the exact values, selected (a product with 1 / pi would leave dF one
+        # rounding off its exact value)
+        dF = jnp.where(rho == 1.0, a2, jnp.where(rho == -1.0, a, a + kink * phi / (2 * jnp.pi)))
         return dF * k12 + kink * root / (2 * jnp.pi), dF
 
     return (lambda *k: joint(*k)[0]), (lambda *k: joint(*k)[1]), joint, diag

@@ -26,6 +26,16 @@ Two backends compute the same numbers: ``"native"`` (one jitted pass through the
 layers at once) and ``"neural_tangents"`` (``stax`` kernel functions, one per prefix of the
 network, run under :mod:`rgnn._compat`).
 
+How the native pass is organised (for speed; benchmarks/README.md has the numbers): one
+``lax.scan`` step per layer, whose update is one function (:func:`_layer`, over
+:func:`_next_nngp` and :func:`_next_ntk`); with ``x2`` omitted the kernel is symmetric and the
+recursion runs on the blocks on and above the diagonal only (:class:`_Layout`), each layer
+mirrored into the full ``[N, N]`` result as the scan writes it (the result is written once);
+``K`` and ``Theta`` are carried as one complex array so that XLA computes both, and their
+maps once, in one loop over the entries; the
+angles of the closed forms come from a polynomial arctangent that XLA vectorizes
+(:mod:`rgnn._arctan`; ``jnp.arctan2`` is a scalar library call per entry on the CPU).
+
 Exact where exact is possible, honest elsewhere:
 
 * The diagonal is the single-input recursion, with the activation's own map on one input
@@ -157,64 +167,214 @@ def _residual_update(new, old, factors):
     return tuple(x2 * a + g2 * b for a, b in zip(new, old, strict=True))
 
 
+_BLOCK = 250
+"""Target side of the blocks of the symmetric layout (:class:`_Layout`)."""
+
+_MAX_BLOCKS = 16
+"""At most this many blocks along each side of the symmetric layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where :func:`_native` keeps the kernel entries while it runs through the layers.
+
+    The entries are ``[P, b1, b2]``: ``P`` blocks of ``b1 x b2`` entries of the ``[N1, N2]``
+    kernel, block ``p`` at block row ``rows[p]`` and block column ``cols[p]``.
+
+    * ``symmetric`` (``x2`` omitted): the kernel is symmetric, so only the blocks on and above
+      the diagonal of an ``nb x nb`` grid of ``b x b`` blocks are computed, ``P = nb (nb + 1)
+      / 2`` of them (``(nb + 1) / (2 nb)`` of the entries: 56% for ``N = 2000``, ``nb = 8``),
+      the inputs padded to ``nb b`` with copies of the last one. :meth:`unpack` mirrors each
+      layer into the full kernel as the scan writes it into the result.
+    * otherwise one block is the whole kernel (``P = 1``, ``b1, b2 = N1, N2``).
+
+    ``entrywise`` is the layout of :func:`_probe_flow`: entries ``[P]`` with their own
+    variances ``[P]`` (``rows`` and ``cols`` are the identity).
+    """
+
+    n1: int
+    n2: int
+    nb: int = 1
+    symmetric: bool = False
+    entrywise: bool = False
+
+    @staticmethod
+    def of(n1: int, n2: int, *, same: bool) -> _Layout:
+        if not same:
+            return _Layout(n1, n2)
+        return _Layout(n1, n1, max(1, min(_MAX_BLOCKS, round(n1 / _BLOCK))), symmetric=True)
+
+    @property
+    def b(self) -> int:
+        """The side of a block of the symmetric layout."""
+        return -(-self.n1 // self.nb)
+
+    @property
+    def blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Block row and block column of each block, ``([P], [P])``."""
+        return np.triu_indices(self.nb)
+
+    def pad(self, v):
+        """``[N1, ...]`` -> ``[nb b, ...]``, padded with copies of the last row."""
+        extra = self.nb * self.b - self.n1
+        if not extra:
+            return v
+        return jnp.concatenate([v, jnp.broadcast_to(v[-1:], (extra,) + v.shape[1:])])
+
+    def pack(self, full):
+        """The entries ``[P, b, b]`` of a full symmetric ``[N1, N1]`` matrix (one matrix
+        product gives layer 1: XLA's batched products of small blocks are far slower)."""
+        full = jnp.pad(full, (0, self.nb * self.b - self.n1), mode="edge")
+        grid = jnp.swapaxes(full.reshape(self.nb, self.b, self.nb, self.b), 1, 2)
+        return grid[self.blocks]
+
+    def rows(self, v):
+        """Per-input values of ``x1`` ``[N1, ...]`` at the entries' rows: ``[P, b1, 1, ...]``."""
+        if self.entrywise:
+            return v
+        if not self.symmetric:
+            return v[None, :, None]
+        v = self.pad(v).reshape((self.nb, self.b) + v.shape[1:])[self.blocks[0]]
+        return v[:, :, None]
+
+    def cols(self, v):
+        """Per-input values of ``x2`` at the entries' columns: ``[P, 1, b2, ...]``."""
+        if self.entrywise:
+            return v
+        if not self.symmetric:
+            return v[None, None, :]
+        v = self.pad(v).reshape((self.nb, self.b) + v.shape[1:])[self.blocks[1]]
+        return v[:, None, :]
+
+    def on_diagonal(self, at_pairs, at_inputs):
+        """``at_pairs`` with the entries of an input with itself replaced by ``at_inputs``
+        ``[N1]`` (symmetric layout; the others have no such entries and return ``at_pairs``)."""
+        if not self.symmetric:
+            return at_pairs
+        r, c = self.blocks
+        i = jax.lax.broadcasted_iota(jnp.int32, (1, self.b, self.b), 1)
+        j = jax.lax.broadcasted_iota(jnp.int32, (1, self.b, self.b), 2)
+        mask = jnp.asarray(r == c)[:, None, None] & (i == j)
+        return jnp.where(mask, self.rows(at_inputs), at_pairs)
+
+    def unpack(self, entries):
+        """The full ``[N1, N2]`` kernel of one layer from its entries ``[P, b1, b2]``.
+
+        For the symmetric layout, each block below the diagonal is the transpose of its
+        mirror image: the blocks are transposed (``b x b`` tiles, which stay in cache), then
+        every block of the full grid is taken from the blocks or their transposes (one gather
+        of whole blocks), and the padding is cropped."""
+        if not self.symmetric:
+            return entries[0]
+        r, c = self.blocks
+        index = np.zeros((self.nb, self.nb), np.int32)
+        index[r, c] = np.arange(r.size)
+        index[c, r] = np.arange(r.size) + r.size  # below the diagonal: the transposes
+        both = jnp.concatenate([entries, jnp.swapaxes(entries, -1, -2)])
+        full = jnp.swapaxes(both[index], 1, 2).reshape(self.nb * self.b, self.nb * self.b)
+        return full[: self.n1, : self.n1]
+
+
+def _next_nngp(rec: Recursion, f):
+    """``K^{(l+1)} = C_b + C_W <sigma sigma>`` (PDLT eq. 4.118)."""
+    return rec.bias_var + rec.weight_var * f
+
+
+def _next_ntk(rec: Recursion, lam, f, df, theta):
+    """``Theta^{(l+1)} = lambda_b + lambda_W <sigma sigma> + C_W <sigma' sigma'> Theta^{(l)}``
+    (PDLT eq. 9.4); ``lam = (lambda_b, lambda_W)`` of layer ``l + 1``."""
+    return lam[0] + lam[1] * f + rec.weight_var * df * theta
+
+
+def _layer(rec: Recursion, layout: _Layout, carry, lam, *, order: int, rule: str, tabulate: bool):
+    """One layer of the recursion: ``carry = (K_12, Theta_12, K_11, K_22)`` of layer ``l``
+    (the pairs in ``layout``, the variances of the inputs) to those of layer ``l + 1``, and the
+    largest relative error of the correlation tables (``0`` without them).
+
+    With the symmetric layout, the pairs of an input with itself take the maps on one input
+    (:func:`diag_maps`), so that ``K_aa``, ``Theta_aa`` are exactly the scalar recursion."""
+    k12, theta, k11, k22 = carry
+    kw = dict(order=order, rule=rule)
+    a, b = layout.rows(k11), layout.cols(k22)
+    if tabulate:
+        shape = k12.shape
+        (f, df), err = flow_table.tabulated(
+            lambda a, c, b: pair_maps(rec, a, b, c, **kw),
+            jnp.broadcast_to(a, shape).ravel(),
+            k12.ravel(),
+            jnp.broadcast_to(b, shape).ravel(),
+        )
+        f, df = f.reshape(shape), df.reshape(shape)
+    else:
+        f, df = pair_maps(rec, a, b, k12, **kw)
+        err = jnp.zeros((), k12.dtype)
+    f11, df11 = diag_maps(rec, k11, **kw)
+    f, df = layout.on_diagonal(f, f11), layout.on_diagonal(df, df11)
+    f22 = f11 if layout.symmetric else diag_maps(rec, k22, **kw)[0]
+    new = (
+        _next_nngp(rec, f),
+        _next_ntk(rec, lam, f, df, theta),
+        _next_nngp(rec, f11),
+        _next_nngp(rec, f22),
+    )
+    if rec.shortcut is not None:  # lam = (lambda_b, lambda_W, gamma^2, xi^2)
+        new = _residual_update(new, carry, lam[2:])
+    return new, err
+
+
 @partial(jax.jit, static_argnames=("rec", "order", "rule", "same", "tabulate"))
 def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabulate: bool = False):
-    """The recursion on all layers; with ``tabulate`` (``same`` inputs, quadrature activations)
-    a layer whose inputs share one norm takes its off-diagonal maps from a table in the
-    correlation (:mod:`rgnn.flow.table`), and a fifth output is the tables' largest measured
-    relative error.
+    """The recursion on all layers, one :func:`_layer` per step of a ``lax.scan``; with
+    ``same`` inputs on the upper triangle of blocks of the kernel (:class:`_Layout`). With
+    ``tabulate`` (``same`` inputs, quadrature activations) a layer whose inputs share one norm
+    takes its off-diagonal maps from a table in the correlation (:mod:`rgnn.flow.table`), and
+    a fifth output is the tables' largest measured relative error.
 
     With ``same`` inputs the diagonal is the single-input recursion: its layer-1 entries are the
     variances themselves (one sum, not a second one inside the matrix product) and on every
     layer its maps are :func:`diag_maps`, written over the pair maps' diagonal, so that
     ``K_aa``, ``Theta_aa`` are exactly what the scalar recursion gives."""
     n0 = x1.shape[1]
-    cw, cb = rec.weight_var, rec.bias_var
+    layout = _Layout.of(x1.shape[0], x2.shape[0], same=same)
     lam_b = jnp.asarray(rec.lambda_b, x1.dtype)
     lam_w = jnp.asarray(rec.lambda_w, x1.dtype)
-    dot = x1 @ x2.T / n0
     d1 = jnp.sum(x1 * x1, axis=1) / n0
     d2 = d1 if same else jnp.sum(x2 * x2, axis=1) / n0
-    diag = jnp.arange(x1.shape[0])
     if same:
-        dot = dot.at[diag, diag].set(d1)
-    k12 = cb + cw * dot
-    k11 = cb + cw * d1
-    k22 = k11 if same else cb + cw * d2
-    theta = lam_b[0] + lam_w[0] * dot
+        dot = layout.pack(x1 @ x1.T / n0)
+        dot = layout.on_diagonal(dot, d1)
+    else:
+        dot = (x1 @ x2.T / n0)[None]
+    k11 = _next_nngp(rec, d1)
+    k22 = k11 if same else _next_nngp(rec, d2)
+    # K and Theta as the real and imaginary parts of one complex array: XLA computes both in
+    # one loop over the entries and shares their maps (two real outputs take two loops, or
+    # one loop, stacked, that computes the maps once for each)
+    first = (jax.lax.complex(_next_nngp(rec, dot), lam_b[0] + lam_w[0] * dot), k11, k22)
+    n_layers = lam_b.shape[0]
 
-    def layer(carry, lams):
-        k12, k11, k22, theta = carry
-        lb, lw = lams[:2]
-        kw = dict(order=order, rule=rule)
-        if tabulate:
-            n = k11.shape[0]
-            (f, df), err = flow_table.tabulated(
-                lambda a, c, b: pair_maps(rec, a, b, c, **kw),
-                jnp.broadcast_to(k11[:, None], (n, n)).ravel(),
-                k12.ravel(),
-                jnp.broadcast_to(k22[None, :], (n, n)).ravel(),
-            )
-            f, df = f.reshape(n, n), df.reshape(n, n)
-        else:
-            f, df = pair_maps(rec, k11[:, None], k22[None, :], k12, **kw)
-            err = jnp.zeros((), k12.dtype)
-        f11, df11 = diag_maps(rec, k11, **kw)
-        if same:
-            f, df, f22 = f.at[diag, diag].set(f11), df.at[diag, diag].set(df11), f11
-        else:
-            f22 = diag_maps(rec, k22, **kw)[0]
-        new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lb + lw * f + cw * df * theta)
-        if rec.shortcut is not None:
-            new = _residual_update(new, carry, lams[2:])
-        return new, (new, err)
+    def layer(carry, lam):
+        kt, k11, k22 = carry
+        new, err = _layer(rec, layout, (jnp.real(kt), jnp.imag(kt), k11, k22), lam, **kw)
+        return (jax.lax.complex(new[0], new[1]), new[2], new[3]), err
 
-    first = (k12, k11, k22, theta)
-    _, (rest, errs) = jax.lax.scan(
-        layer, first, (lam_b[1:], lam_w[1:], *_residual_inputs(rec, x1.dtype))
-    )
-    stack = [jnp.concatenate([a[None], b], axis=0) for a, b in zip(first, rest, strict=True)]
-    k12s, k11s, k22s, thetas = stack
+    def step(carry, xs):
+        # emit layer l (the full kernels: the result is written once) and compute layer
+        # l + 1 from it, except after the last layer
+        l, lam = xs
+        full = layout.unpack(carry[0])
+        out = (jnp.real(full), jnp.imag(full), carry[1], carry[2])
+        last = lambda c, _: (c, jnp.zeros((), x1.dtype))  # noqa: E731
+        carry, err = jax.lax.cond(l + 1 < n_layers, layer, last, carry, lam)
+        return carry, (out, err)
+
+    kw = dict(order=order, rule=rule, tabulate=tabulate)
+    zero = jnp.zeros(1, x1.dtype)  # the scalings "after" the last layer: not used
+    lams = (jnp.concatenate([lam_b[1:], zero]), jnp.concatenate([lam_w[1:], zero]))
+    lams = lams + tuple(jnp.concatenate([v, zero]) for v in _residual_inputs(rec, x1.dtype))
+    _, ((k12s, thetas, k11s, k22s), errs) = jax.lax.scan(step, first, (jnp.arange(n_layers), lams))
+    if same:
+        k22s = k11s
     if tabulate:
         return k12s, thetas, k11s, k22s, jnp.max(errs, initial=0.0)
     return k12s, thetas, k11s, k22s
@@ -227,43 +387,39 @@ def _probe_flow(rec: Recursion, k11, k22, k12, theta, kd, thetad, *, order: int,
     ``k11, k22, k12, theta`` are ``[P]`` layer-1 values of ``P`` off-diagonal entries and
     ``kd, thetad`` ``[D]`` layer-1 values of ``D`` diagonal entries (the same input twice). An
     entry's recursion depends on its own layer-1 values only, so these are the entries
-    :func:`_native` gives (the pair maps for the former, :func:`diag_maps` for the latter).
+    :func:`_native` gives (the pair maps for the former, :func:`diag_maps` for the latter):
+    the same :func:`_layer`, on entries that carry their own variances.
 
     Returns:
       ``((k12, theta), (kd, thetad))`` at ``order`` and the same at ``2 order``: ``[L+1, P]``
       and ``[L+1, D]`` arrays.
     """
-    cw, cb = rec.weight_var, rec.bias_var
     lams = (jnp.asarray(rec.lambda_b[1:], k12.dtype), jnp.asarray(rec.lambda_w[1:], k12.dtype))
+    entrywise = _Layout(k12.shape[0], k12.shape[0], entrywise=True)
     lams = lams + _residual_inputs(rec, k12.dtype)
 
     def stacked(first, rest):
         return tuple(jnp.concatenate([a[None], b]) for a, b in zip(first, rest, strict=True))
 
     def flows(o):
-        kw = dict(order=o, rule=rule)
+        kw = dict(order=o, rule=rule, tabulate=False)
 
         def pair_layer(carry, lam):
-            k12, k11, k22, theta = carry
-            f, df = pair_maps(rec, k11, k22, k12, **kw)
-            f11, f22 = diag_maps(rec, k11, **kw)[0], diag_maps(rec, k22, **kw)[0]
-            new = (cb + cw * f, cb + cw * f11, cb + cw * f22, lam[0] + lam[1] * f + cw * df * theta)
-            if rec.shortcut is not None:
-                new = _residual_update(new, carry, lam[2:])
+            new = _layer(rec, entrywise, carry, lam, **kw)[0]
             return new, new
 
         def diag_layer(carry, lam):
             k, theta = carry
-            f, df = diag_maps(rec, k, **kw)
-            new = (cb + cw * f, lam[0] + lam[1] * f + cw * df * theta)
+            f, df = diag_maps(rec, k, order=o, rule=rule)
+            new = (_next_nngp(rec, f), _next_ntk(rec, lam, f, df, theta))
             if rec.shortcut is not None:
                 new = _residual_update(new, carry, lam[2:])
             return new, new
 
-        first = (k12, k11, k22, theta)
+        first = (k12, theta, k11, k22)
         pairs = stacked(first, jax.lax.scan(pair_layer, first, lams)[1])
         diag = stacked((kd, thetad), jax.lax.scan(diag_layer, (kd, thetad), lams)[1])
-        return (pairs[0], pairs[3]), diag
+        return (pairs[0], pairs[1]), diag
 
     return flows(order), flows(2 * order)
 
@@ -332,15 +488,16 @@ up to 2.1 on single entries)."""
 def _memory_bytes(n1: int, n2: int, n_layers: int, n0: int, itemsize: int, order: int) -> int:
     """Peak memory of :func:`_native` on ``[n1, n0]`` and ``[n2, n0]`` inputs, in bytes.
 
-    The outputs are ``2 (L+1)`` kernel-sized arrays, the scan's stacked carries and the maps'
-    temporaries about ``(L+1) + 8`` more; a quadrature whose inner sum is vectorized
+    The outputs are ``2 (L+1)`` kernel-sized arrays, written once; the layer being computed
+    (about half a kernel per array with the symmetric layout), its maps' temporaries and the
+    layer being mirrored about 8 more; a quadrature whose inner sum is vectorized
     (``entries * order <= 2^24``, :func:`rgnn.gaussian.expect_pairs`) holds ``3 order`` more
-    per entry. Calibrated on XLA's own memory analysis of the compiled function: 1.01 to 1.42
-    times its peak (relu and tanh, 256 to 2048 inputs, ``x2`` or not, depths 2 to 30).
+    per entry. Calibrated on XLA's own memory analysis of the compiled function: 1.09 to 1.70
+    times its peak (relu, gelu and tanh, 512 to 2000 inputs, ``x2`` or not, depths 2 to 30).
     """
     entries = n1 * n2
     quad = 3 * order * entries if 0 < entries * order <= 2**24 else 0
-    return itemsize * (entries * (3 * n_layers + 8) + quad + (n1 + n2) * (n0 + 4 * n_layers))
+    return itemsize * (entries * (2 * n_layers + 8) + quad + (n1 + n2) * (n0 + 4 * n_layers))
 
 
 def _check_memory(arch: MLP, x1, x2, order: int, memory_limit) -> None:
@@ -557,7 +714,7 @@ def fixed_point(
       memory_limit: the most memory, in bytes, the computation may need (default
         ``MEMORY_LIMIT``, 8 GiB); a larger request raises a ``ValueError`` before anything is
         allocated. The need is estimated as the native backend's peak, about
-        ``itemsize * N1 * N2 * (3 (L+1) + 8)`` bytes plus, for quadrature on fewer than
+        ``itemsize * N1 * N2 * (2 (L+1) + 8)`` bytes plus, for quadrature on fewer than
         ``2^24 / order`` entries, ``3 order`` more per entry (the ``neural_tangents`` backend's
         own peak is not modelled).
 

@@ -531,3 +531,31 @@ def test_memory_limit_is_a_parameter():
     for bad in (0, -1e-6, "1e-6", True):
         with pytest.raises(ValueError, match="rtol"):
             rgnn.fixed_point(arch, x, rtol=bad)
+
+
+# ------------------------------------------------------- the vectorized arctangent
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vectorized_arctan2_is_within_3_ulp(dtype):
+    """``rgnn._arctan.arctan2`` (the angle of the relu-family and gelu maps) against NumPy's
+    ``arctan2`` in ``long double``: within 3 ulp of the true angle on points spread over every
+    octant and over 40 orders of magnitude of the radius, exact on the axes and at signed
+    zeros as ``jnp.arctan2``, and its derivative is the exact ``(x dy - y dx) / (x^2 + y^2)``."""
+    from rgnn._arctan import arctan2
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(-np.pi, np.pi, 200_000)
+    r = np.exp(rng.uniform(-20, 20, t.size))
+    y, x = (r * np.sin(t)).astype(dtype), (r * np.cos(t)).astype(dtype)
+    with jax.enable_x64(dtype == np.float64):
+        got = np.asarray(jax.jit(arctan2)(y, x))
+        assert got.dtype == dtype
+        special = np.array([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 1.0, 0.0], dtype)
+        other = np.array([0.0, 0.0, -0.0, -0.0, 0.0, 0.0, -1.0, -2.0], dtype)
+        np.testing.assert_array_equal(arctan2(special, other), jnp.arctan2(special, other))
+        grad = jax.grad(arctan2, argnums=(0, 1))(dtype(0.3), dtype(-0.7))
+        np.testing.assert_allclose(grad, (-0.7 / 0.58, -0.3 / 0.58), rtol=4 * np.finfo(dtype).eps)
+    ref = np.arctan2(y.astype(np.longdouble), x.astype(np.longdouble))
+    ulp = np.spacing(np.abs(ref).astype(dtype)).astype(np.longdouble)
+    assert np.max(np.abs(got - ref) / ulp) <= 3.0
