@@ -552,9 +552,11 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
 #: The most training inputs for which the sweep computes the end-of-training prediction: its
 #: full-field statistics (:func:`rgnn.perturbative` with ``full=True, ddntk=True``) grow like
 #: ``N^4`` in memory and ``N^5`` in time per layer. Measured (tanh depth 2, one test input, on a
-#: loaded 2-core machine, compilation included, which dominates here): 4 inputs 24 s, 8 inputs
-#: 56 s, 12 inputs 38 s, 16 inputs 56 s; 34 inputs did not finish in 22 minutes. Above it the
-#: razor says so instead.
+#: loaded 2-core machine, compilation included, which dominates up to ~24 inputs): 4 inputs
+#: 24 s, 8: 56 s, 12: 38 s, 16: 56 s, 24: 64 s, 32: 156 s (the four-input rule's ~C(N+1, 4)
+#: nodes take over); 34 inputs at depth 3 under heavier load did not finish in 22 minutes.
+#: The limit keeps the prediction within about a minute per sweep group; above it the razor
+#: says so instead.
 END_OF_TRAINING_MAX_INPUTS = 16
 
 # The computed predictions, keyed by everything but the width (the prediction's O(1/n) part is
