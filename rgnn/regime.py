@@ -27,8 +27,15 @@ carries them, :func:`rgnn.study.run_point`), at every width that has one:
   ensemble underestimates them);
 * else *perturbative*.
 
-**Measures without a prediction** (the trained networks' distances, until the
-end-of-training prediction is wired: :func:`rgnn.study._end_of_training`), at the widest
+**Trained networks.** Where :func:`rgnn.end_of_training` applies (an MLP in the NTK
+parameterization trained by full-batch gd on the mse loss, a smooth activation, few training
+inputs: :func:`rgnn.study._end_of_training`), the measured ensemble-mean NTK change
+``mean_ntk_movement`` is held against its O(1/n) prediction as above. Where it does not (relu
+and leaky relu: their trained departure is not 1/n, measured ~n^-0.5; more training inputs
+than :data:`rgnn.study.END_OF_TRAINING_MAX_INPUTS`; ...), :attr:`Regime.trained_prediction`
+says why, in the printout and ``regime.json``.
+
+**Measures without a prediction** (the trained networks' distances), at the widest
 width, with ``q exponent +- se_p`` the fitted exponent against width, ``[e_fast, e]`` the
 exponents perturbation theory allows (``[-1, -1]`` for an ensemble mean, ``[-1, -1/2]`` for a
 single network's measure: an O(1/n) mean shift plus an O(1/sqrt(n)) fluctuation) and
@@ -141,6 +148,10 @@ class Regime:
       evidence: one :class:`Evidence` per measure (static tuple of pytrees).
       group: the group's settings, ``((field, value), ...)`` (static).
       widths: the widths the verdict rests on (static).
+      trained_prediction: for trained networks, whether the end-of-training O(1/n) prediction
+        (:func:`rgnn.end_of_training`) applied to them, and if not, why (e.g. relu's trained
+        departure is not 1/n; too many training inputs for its statistics); ``""`` when the
+        points do not say (networks at initialization, older sweeps) (static).
     """
 
     depth_over_width: float
@@ -150,6 +161,7 @@ class Regime:
     evidence: tuple = dataclasses.field(default=(), metadata=dict(static=True))
     group: tuple = dataclasses.field(default=(), metadata=dict(static=True))
     widths: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    trained_prediction: str = dataclasses.field(default="", metadata=dict(static=True))
 
     def as_dict(self) -> dict:
         """JSON-ready (``nan`` becomes ``None``)."""
@@ -164,6 +176,7 @@ class Regime:
             widths=list(self.widths),
             depth_over_width=self.depth_over_width,
             trust=self.trust,
+            trained_prediction=self.trained_prediction,
             evidence=[
                 {f.name: clean(getattr(e, f.name)) for f in dataclasses.fields(e)}
                 for e in self.evidence
@@ -214,6 +227,8 @@ class Regime:
                 "  O(1/n) predictions: "
                 + "; ".join(f"{e.measure} {_PREDICTION_WORDS[e.prediction]}" for e in told)
             )
+        if self.trained_prediction:
+            lines.append(f"  end-of-training O(1/n) prediction: {self.trained_prediction}")
         lines.append("  why:")
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
@@ -397,7 +412,23 @@ def _rate(fastest, slowest):
     return f"n^{slowest:g}" if fastest == slowest else f"n^{fastest:g} to n^{slowest:g}"
 
 
-def _verdict(evidence, depth_over_width, trust, group, widths) -> Regime:
+def _trained_prediction(records) -> str:
+    """What the points say about the end-of-training prediction (their ``end_of_training``
+    entries, :func:`rgnn.study._end_of_training`), in one line."""
+    said = [r["end_of_training"] for r in records if r.get("end_of_training")]
+    if not said:
+        return ""
+    if all(s["applies"] for s in said):
+        return "applies: the trained measures with an O(1/n) column are held against it"
+    reasons = list(dict.fromkeys(s["reason"] for s in said if not s["applies"]))
+    some = "" if not any(s["applies"] for s in said) else " at some points"
+    return (
+        f"none{some}: " + "; ".join(reasons) + " (the trained measures are judged by their "
+        "size and scaling with width only)"
+    )
+
+
+def _verdict(evidence, depth_over_width, trust, group, widths, trained="") -> Regime:
     reasons = []
     untrusted = depth_over_width > trust
     if untrusted:
@@ -432,6 +463,7 @@ def _verdict(evidence, depth_over_width, trust, group, widths) -> Regime:
         evidence=tuple(evidence),
         group=tuple(group),
         widths=tuple(widths),
+        trained_prediction=trained,
     )
 
 
@@ -478,7 +510,9 @@ def _classify_group(result: Sweep, group: dict, **kw) -> Regime:
         )
     dow = float(np.mean([r["depth_over_width"] for r in widest]))
     group_t = tuple((f, group[f]) for f in GROUP_FIELDS)
-    return _verdict(evidence, dow, TRUST_DEPTH_OVER_WIDTH, group_t, widths)
+    return _verdict(
+        evidence, dow, TRUST_DEPTH_OVER_WIDTH, group_t, widths, _trained_prediction(recs)
+    )
 
 
 def _threshold(name, tolerance):
@@ -515,7 +549,12 @@ def _classify_point(record: dict, **kw) -> Regime:
         )
     group_t = tuple((f, p[f]) for f in GROUP_FIELDS if f in p)
     return _verdict(
-        evidence, record["depth_over_width"], TRUST_DEPTH_OVER_WIDTH, group_t, (p["width"],)
+        evidence,
+        record["depth_over_width"],
+        TRUST_DEPTH_OVER_WIDTH,
+        group_t,
+        (p["width"],),
+        _trained_prediction([record]),
     )
 
 

@@ -433,7 +433,9 @@ def run_point(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
 
     Returns:
       ``dict(measures={name: dict(value, se, predicted, ...)}, couplings=[L+1] or None,
-      layers={name: [L+1 values]})``.
+      layers={name: [L+1 values]}, end_of_training=dict(applies, reason))`` (the last for
+      trained networks only: whether an end-of-training O(1/n) prediction applied and, if not,
+      why; :func:`_end_of_training`).
 
     **A measure's record** (what a custom ``point`` function returns, and what
     :func:`rgnn.classify` holds against each other): ``value`` and ``se`` (the measurement and
@@ -492,7 +494,11 @@ def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
     out["measures"]["ntk_fluctuation"] = _ntk_fluctuation(arch, x, ntk0, predict=predict)
     if steps > 0:
         eot = _end_of_training(arch, x, y, settings)
-        out["measures"].update(_trained_predictions(eot, cmp, n_train=x.shape[0]))
+        if isinstance(eot, str):  # no prediction applies, and why
+            out["end_of_training"] = dict(applies=False, reason=eot)
+        elif eot is not None:
+            out["end_of_training"] = dict(applies=True, reason="")
+            out["measures"].update(_trained_predictions(eot, cmp, n_train=x.shape[0]))
     return out
 
 
@@ -540,22 +546,133 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
 # ============================================================================================
 # THE PLUG-IN POINT for the trained-network predictions (issue: the end of training at O(1/n)).
 # `_end_of_training` is the one place that calls `rgnn.end_of_training`; `_trained_predictions`
-# turns its result into measures with predictions. Until it is wired, it returns None and the
-# sweep has no trained-network predictions (its trained measures are judged by their scaling).
+# turns its result into measures with predictions. Where no prediction applies (relu, too many
+# training inputs, another optimizer...) it returns the reason, which the razor prints.
 # ============================================================================================
-def _end_of_training(arch: MLP, x, y, settings: dict):
-    """The O(1/n) end-of-training prediction for the networks of this point, or ``None``.
+#: The most training inputs for which the sweep computes the end-of-training prediction: its
+#: full-field statistics (:func:`rgnn.perturbative` with ``full=True, ddntk=True``) grow like
+#: ``N^4`` in memory and ``N^5`` in time per layer. Measured (tanh depth 2, one test input, on a
+#: loaded 2-core machine, compilation included, which dominates up to ~24 inputs): 4 inputs
+#: 24 s, 8: 56 s, 12: 38 s, 16: 56 s, 24: 64 s, 32: 156 s (the four-input rule's ~C(N+1, 4)
+#: nodes take over); 34 inputs at depth 3 under heavier load did not finish in 22 minutes.
+#: The limit keeps the prediction within about a minute per sweep group; above it the razor
+#: says so instead.
+END_OF_TRAINING_MAX_INPUTS = 16
 
-    To wire: return ``rgnn.end_of_training(arch, x, y, x_test, learning_rate=...)`` (with
-    ``x_test`` the test inputs, or ``x`` itself when there are none: only the training block of
-    ``ntk_change`` is then used) for ``settings["optimizer"] == "gd"`` and
-    ``settings["loss"] == "mse"``, in a parameterization it covers, with ``steps=`` if it
-    predicts a finite number of steps (else only when the networks have converged); ``None``
-    otherwise. Expected fields: ``ntk_change`` (``E[Theta_T - Theta_0]`` at O(1/n) on
-    ``[train; test]``), ``correction`` (``E[f_T] - mean`` on the test inputs, divided by the
-    width) and ``mean``.
+# The computed predictions, keyed by everything but the width (the prediction's O(1/n) part is
+# ``c / n`` with ``c`` width independent for equal hidden widths): a sweep group computes the
+# costly statistics once and divides by each width. Small: a sweep visits one group at a time.
+_EOT_CACHE: dict = {}
+_EOT_CACHE_SIZE = 8
+_EOT_SCALED = (
+    "correction",
+    "correction_ntk_mean",
+    "correction_ntk_fluctuation",
+    "correction_dntk",
+    "correction_ddntk1",
+    "correction_ddntk2",
+    "train_correction",
+    "ntk_change",
+)
+
+
+def _kinked(arch: MLP) -> bool:
+    """Whether ``arch``'s activation has a kink (relu, leaky relu): the test
+    :func:`rgnn.end_of_training` uses to set ``scaling`` to "not 1/n", made here before the
+    costly statistics so that the main job's relu sweep learns it at no cost."""
+    act = arch.act
+    return bool(act.scale_invariant and act.negative_slope not in (None, 1.0))
+
+
+def _end_of_training(arch: MLP, x, y, settings: dict):
+    """The O(1/n) end-of-training prediction for the networks of this point
+    (:func:`rgnn.end_of_training` with ``steps=settings["steps"]``, one test input: only the
+    training block of ``ntk_change`` is used), or a sentence saying why none applies.
+
+    A prediction applies to an :class:`~rgnn.MLP` in the NTK parameterization trained with
+    ``optimizer="gd"``, ``loss="mse"``, whose trained departure scales like ``1/n``
+    (``EndOfTraining.scaling``; not relu and leaky relu, measured ~``n^-0.5``), on at most
+    :data:`END_OF_TRAINING_MAX_INPUTS` training inputs (the statistics cost ``~N^5``), with
+    ``predict`` on. The statistics are computed once per sweep group: for equal hidden widths
+    the prediction's O(1/n) fields are ``c / n`` with ``c`` width independent, so the result
+    at one width is rescaled to the others (``_EOT_CACHE``).
+
+    Returns:
+      An :class:`rgnn.EndOfTraining`, or a ``str``: the reason no trained-network prediction
+      applies (recorded in the point's ``end_of_training`` and printed by the razor).
     """
-    return None
+    if not isinstance(arch, MLP):
+        return (
+            f"{type(arch).__name__}: the end-of-training prediction covers rgnn.MLP "
+            "architectures only"
+        )
+    why = []  # every cheap reason, so that the printout names them all
+    if not settings.get("predict", True):
+        why.append("predictions are off (predict=False)")
+    if settings["optimizer"] != "gd" or settings["loss"] != "mse":
+        why.append(
+            f"optimizer {settings['optimizer']!r}, loss {settings['loss']!r}: the end-of-training "
+            "prediction covers full-batch gradient descent on the mse loss only"
+        )
+    if arch.parameterization != "ntk":
+        why.append(
+            f"{arch.parameterization} parameterization: the end-of-training prediction covers "
+            "the NTK parameterization only (width-independent NTK and learning rate)"
+        )
+    if _kinked(arch):
+        why.append(
+            f"{arch.act.name}: trained departure not 1/n (a finite step moves units across the "
+            "kink; measured ~n^-0.5 by Monte Carlo), so no O(1/n) prediction describes it"
+        )
+    n_train = int(x.shape[0])
+    if n_train > END_OF_TRAINING_MAX_INPUTS:
+        why.append(
+            f"{n_train} training inputs: above the end-of-training limit of "
+            f"{END_OF_TRAINING_MAX_INPUTS} (its statistics cost ~N^5 time and ~N^4 memory per "
+            "layer)"
+        )
+    if why:
+        return "; ".join(why)
+    widths = tuple(int(w) for w in arch.widths)
+    uniform = len(set(widths)) == 1
+    xa, ya = np.asarray(x), np.asarray(y)
+    key = (
+        repr(dataclasses.replace(arch, width=1)) if uniform else repr(arch),
+        _data_hash(xa, ya),
+        str(xa.dtype),
+        float(settings["learning_rate"]),
+        int(settings["steps"]),
+    )
+    if key not in _EOT_CACHE:
+        from rgnn.training_theory import end_of_training
+
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "end_of_training:", UserWarning)
+                eot = end_of_training(
+                    arch,
+                    x,
+                    y,
+                    x[:1],
+                    learning_rate=settings["learning_rate"],
+                    steps=int(settings["steps"]),
+                )
+        except ValueError as err:
+            eot = f"not computed: {err}"
+        if not isinstance(eot, str) and not eot.valid:
+            eot = f"{arch.act.name}: {eot.scaling}"
+        if len(_EOT_CACHE) >= _EOT_CACHE_SIZE:
+            _EOT_CACHE.pop(next(iter(_EOT_CACHE)))
+        _EOT_CACHE[key] = (widths[-1], eot)
+    n_ref, eot = _EOT_CACHE[key]
+    if isinstance(eot, str) or n_ref == widths[-1]:
+        return eot
+    factor = n_ref / widths[-1]
+    return dataclasses.replace(
+        eot,
+        width=widths[-1],
+        **{f: getattr(eot, f) * factor for f in _EOT_SCALED},
+    )
 
 
 def _trained_predictions(eot, cmp, *, n_train: int) -> dict:
@@ -677,7 +794,8 @@ class Sweep:
         activation, parameterization, learning_rate, seed), ``measures`` (name ->
         ``{value, se, predicted}``), ``layers`` (name -> per-layer values), ``couplings``
         (``[L+1]`` perturbative quartic coupling, or ``None``), ``depth_over_width``,
-        ``seconds``.
+        ``seconds``, and for trained points ``end_of_training`` (``applies``, ``reason``:
+        whether an end-of-training O(1/n) prediction applied, and why not).
       fits: one :class:`ScalingFit` per group and measure.
       out: the results directory, or ``None``.
     """
@@ -1089,6 +1207,8 @@ def sweep(
                 depth_over_width=_depth_over_width(a),
                 seconds=seconds,
             )
+            if result.get("end_of_training") is not None:  # whether a trained prediction applied
+                record["end_of_training"] = result["end_of_training"]
             record = _strict(record)  # as it is stored: NaN -> None
             if store is not None:
                 store.add(record)

@@ -9,6 +9,7 @@ import pytest
 
 import rgnn
 from rgnn.regime import LABELS
+from tests.tolerances import EXACT
 
 WIDTHS = [32, 64, 128, 256]
 
@@ -323,3 +324,62 @@ def test_trained_predictions_plug_in(monkeypatch):
     scale["c"] = 10 * ev.value
     failed = rgnn.classify(arch, x, y, **kw)
     assert failed.label == "non-perturbative" and "mean_ntk_movement FAILS" in str(failed)
+
+
+@pytest.fixture(scope="module")
+def tanh_trained():
+    """A tiny tanh sweep where the end-of-training prediction applies: 4 digits, depth 1, NTK
+    parameterization, 30 gd steps at ``e lambda_max = 0.52``, 128 networks per width."""
+    x, labels = rgnn.data.digits(4)
+    y = np.where(labels % 2 == 0, 1.0, -1.0)
+    arch = rgnn.MLP(1, 64, "tanh")
+    kw = dict(widths=[64, 128, 256], seeds=[0], n_networks=128, steps=30, learning_rates=[1.0])
+    return rgnn.sweep(arch, x, y, progress=False, **kw)
+
+
+def test_end_of_training_prediction_holds_for_a_tanh_sweep(tanh_trained):
+    """Known answer: for a smooth activation the ensemble-mean NTK change of trained networks
+    is the O(1/n) prediction of rgnn.end_of_training (checked in its own tests against Monte
+    Carlo); the razor holds them together at every width, and the measurement falls like 1/n
+    (weighted fit across widths)."""
+    regime = rgnn.classify(tanh_trained)
+    (ev,) = [e for e in regime.evidence if e.measure == "mean_ntk_movement"]
+    assert ev.prediction == "holds" and ev.se < abs(ev.predicted), str(regime)
+    assert regime.trained_prediction.startswith("applies"), str(regime)
+    assert "end-of-training O(1/n) prediction: applies" in str(regime)
+    assert regime.as_dict()["trained_prediction"] == regime.trained_prediction
+    fit = tanh_trained.fits_of(tanh_trained.groups[0])["mean_ntk_movement"]
+    assert fit.exponent_low <= -1.0 <= fit.exponent_high, fit
+    # the prediction is computed once per group and divided by each width
+    rows = [r for r in tanh_trained.table()]
+    pred = np.array([r["mean_ntk_movement_predicted"] for r in rows])
+    widths = np.array([r["width"] for r in rows])
+    np.testing.assert_allclose(pred * widths, pred[0] * widths[0], **EXACT[np.dtype("float64")])
+
+
+def test_no_end_of_training_prediction_says_why(wide_ntk):
+    """relu (the main job's activation): its trained departure is not 1/n, so no prediction
+    applies and the razor says so in the printout and regime.json; too many training inputs,
+    another optimizer or parameterization are refused by name, before any statistics."""
+    import rgnn.study as study
+
+    s, _ = wide_ntk
+    regime = rgnn.classify(s)
+    assert "mean_ntk_movement" not in [e.measure for e in regime.evidence]
+    assert regime.trained_prediction.startswith("none: relu: trained departure not 1/n")
+    assert "end-of-training O(1/n) prediction: none: relu" in str(regime)
+    assert regime.as_dict()["trained_prediction"] == regime.trained_prediction
+    assert all(r["end_of_training"]["applies"] is False for r in s.records)
+    x = np.random.default_rng(0).normal(size=(study.END_OF_TRAINING_MAX_INPUTS + 1, 3))
+    y = np.ones(len(x))
+    st = dict(predict=True, optimizer="gd", loss="mse", learning_rate=0.1, steps=10)
+    why = study._end_of_training(rgnn.MLP(1, 16, "tanh"), x, y, st)
+    limit = study.END_OF_TRAINING_MAX_INPUTS
+    assert why == (
+        f"{len(x)} training inputs: above the end-of-training limit of {limit} (its "
+        "statistics cost ~N^5 time and ~N^4 memory per layer)"
+    )
+    why = study._end_of_training(
+        rgnn.MLP(1, 16, "tanh", parameterization="mup"), x[:2], y[:2], dict(st, optimizer="adam")
+    )
+    assert why.startswith("optimizer 'adam'") and "mup parameterization" in why
