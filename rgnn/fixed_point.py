@@ -53,6 +53,7 @@ Exact where exact is possible, honest elsewhere:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from functools import partial
 
@@ -322,8 +323,18 @@ def _layer(rec: Recursion, layout: _Layout, carry, lam, *, order: int, rule: str
     return new, err
 
 
-@partial(jax.jit, static_argnames=("rec", "order", "rule", "same", "tabulate"))
-def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabulate: bool = False):
+@partial(jax.jit, static_argnames=("rec", "order", "rule", "same", "tabulate", "last"))
+def _native(
+    rec: Recursion,
+    x1,
+    x2,
+    *,
+    order: int,
+    rule: str,
+    same: bool,
+    tabulate: bool = False,
+    last: bool = False,
+):
     """The recursion on all layers, one :func:`_layer` per step of a ``lax.scan``; with
     ``same`` inputs on the upper triangle of blocks of the kernel (:class:`_Layout`). With
     ``tabulate`` (``same`` inputs, quadrature activations) a layer whose inputs share one norm
@@ -333,7 +344,10 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
     With ``same`` inputs the diagonal is the single-input recursion: its layer-1 entries are the
     variances themselves (one sum, not a second one inside the matrix product) and on every
     layer its maps are :func:`diag_maps`, written over the pair maps' diagonal, so that
-    ``K_aa``, ``Theta_aa`` are exactly what the scalar recursion gives."""
+    ``K_aa``, ``Theta_aa`` are exactly what the scalar recursion gives.
+
+    With ``last`` only the output layer is returned (a layer axis of length 1): the layers
+    below stay in the scan's packed carry, never unpacked into full kernels nor written."""
     n0 = x1.shape[1]
     layout = _Layout.of(x1.shape[0], x2.shape[0], same=same)
     lam_b = jnp.asarray(rec.lambda_b, x1.dtype)
@@ -369,6 +383,15 @@ def _native(rec: Recursion, x1, x2, *, order: int, rule: str, same: bool, tabula
         return carry, (out, err)
 
     kw = dict(order=order, rule=rule, tabulate=tabulate)
+    if last:
+        # the output layer only: the layers below stay in the packed carry, never unpacked or
+        # written (a layer axis of length 1)
+        steps = (lam_b[1:], lam_w[1:]) + _residual_inputs(rec, x1.dtype)
+        (kt, k11, k22), errs = jax.lax.scan(layer, first, steps)
+        full = layout.unpack(kt)
+        out = (jnp.real(full)[None], jnp.imag(full)[None], k11[None])
+        out = out + ((k11 if same else k22)[None],)
+        return out + (jnp.max(errs, initial=0.0),) if tabulate else out
     zero = jnp.zeros(1, x1.dtype)  # the scalings "after" the last layer: not used
     lams = (jnp.concatenate([lam_b[1:], zero]), jnp.concatenate([lam_w[1:], zero]))
     lams = lams + tuple(jnp.concatenate([v, zero]) for v in _residual_inputs(rec, x1.dtype))
@@ -500,11 +523,10 @@ def _memory_bytes(n1: int, n2: int, n_layers: int, n0: int, itemsize: int, order
     return itemsize * (entries * (2 * n_layers + 8) + quad + (n1 + n2) * (n0 + 4 * n_layers))
 
 
-def _check_memory(arch: MLP, x1, x2, order: int, memory_limit) -> None:
+def _check_memory(arch: MLP, x1, x2, order: int, memory_limit, n_out: int | None = None) -> None:
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
-    need = _memory_bytes(
-        x1.shape[0], n2, arch.n_layers, x1.shape[1], jnp.dtype(x1.dtype).itemsize, order
-    )
+    n_out = arch.n_layers if n_out is None else n_out  # layers written to the result
+    need = _memory_bytes(x1.shape[0], n2, n_out, x1.shape[1], jnp.dtype(x1.dtype).itemsize, order)
     if need > memory_limit:
         names = "x1" if x2 is None else "x1, x2"
         raise ValueError(
@@ -684,6 +706,7 @@ def fixed_point(
     quadrature_rule: str = "trapezoid",
     rtol: float | None = None,
     memory_limit: float = MEMORY_LIMIT,
+    layers: str = "all",
 ) -> FixedPoint:
     """Per-layer infinite-width NNGP and NTK of ``arch`` on ``x1`` (and ``x2``).
 
@@ -717,9 +740,15 @@ def fixed_point(
         ``itemsize * N1 * N2 * (2 (L+1) + 8)`` bytes plus, for quadrature on fewer than
         ``2^24 / order`` entries, ``3 order`` more per entry (the ``neural_tangents`` backend's
         own peak is not modelled).
+      layers: ``"all"`` (default: every layer, ``[L+1, ...]``) or ``"output"``: the output
+        layer alone, on a layer axis of length 1 (``fp.nngp[0]`` is ``K^{(L+1)}``; the native
+        backend then never forms the lower layers' full kernels, which is most of the time and
+        memory of a large kernel). Its ``quadrature_error`` (quadrature activations) is
+        estimated on the kernels of all layers on up to 64 of the inputs.
 
     Returns:
-      A :class:`FixedPoint` with ``nngp`` and ``ntk`` of shape ``[L+1, N1, N2]``. The dtype
+      A :class:`FixedPoint` with ``nngp`` and ``ntk`` of shape ``[L+1, N1, N2]``
+      (``[1, N1, N2]`` with ``layers="output"``). The dtype
       follows the inputs (float64 inputs under ``jax.enable_x64`` give float64 kernels).
 
     Raises:
@@ -756,17 +785,22 @@ def fixed_point(
         or not memory_limit > 0
     ):
         raise ValueError(f"memory_limit: expected a number of bytes > 0, got {memory_limit!r}")
+    if layers not in ("all", "output"):
+        raise ValueError(f"layers: expected 'all' or 'output', got {layers!r}")
+    last = layers == "output"
     x1, x2 = check_pair(x1, x2)
     order = 0 if arch.act.closed_form else quadrature_order
-    _check_memory(arch, x1, x2, order, memory_limit)
+    _check_memory(arch, x1, x2, order, memory_limit, n_out=1 if last else None)
     rec = arch.recursion(x1.shape[1])  # raises for muP
     same = x2 is None
     if backend == "native":
         nngp, ntk, d1, d2 = _native(
-            rec, x1, x1 if same else x2, order=order, rule=quadrature_rule, same=same
+            rec, x1, x1 if same else x2, order=order, rule=quadrature_rule, same=same, last=last
         )
     else:
         nngp, ntk, d1, d2 = _neural_tangents(arch, x1, x2, order=quadrature_order)
+        if last:
+            nngp, ntk, d1, d2 = (a[-1:] for a in (nngp, ntk, d1, d2))
     fp = FixedPoint(nngp, ntk, d1, d2, backend=backend, quadrature_order=order)
     if not order:
         return fp
@@ -776,7 +810,19 @@ def fixed_point(
     if rtol == float("inf"):  # any error is accepted: nothing to estimate
         return dataclasses.replace(fp, quadrature_error=None)
     rule = quadrature_rule if backend == "native" else "hermite"
-    err = _estimate_quadrature_error(rec, fp, order=order, rule=rule, same=same, rtol=rtol)
+    probe = fp
+    if last:  # the estimate needs every layer: on a subset of the inputs
+        sub1, sub2 = x1[:64], None if same else x2[:64]
+        probe = fixed_point(
+            arch,
+            sub1,
+            sub2,
+            backend=backend,
+            quadrature_order=quadrature_order,
+            quadrature_rule=quadrature_rule,
+            rtol=math.inf,
+        )
+    err = _estimate_quadrature_error(rec, probe, order=order, rule=rule, same=same, rtol=rtol)
     if err > rtol:
         warnings.warn(
             f"fixed_point: the quadrature of activation {arch.act.name!r} with "

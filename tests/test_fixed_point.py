@@ -559,3 +559,34 @@ def test_vectorized_arctan2_is_within_3_ulp(dtype):
     ref = np.arctan2(y.astype(np.longdouble), x.astype(np.longdouble))
     ulp = np.spacing(np.abs(ref).astype(dtype)).astype(np.longdouble)
     assert np.max(np.abs(got - ref) / ulp) <= 3.0
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        rgnn.MLP(3, 64, "relu", weight_var=2.0),
+        rgnn.MLP(2, 64, "gelu", weight_var=1.5, bias_var=0.1, parameterization="standard"),
+        rgnn.MLP(2, 64, "tanh", bias_var=0.1),
+        rgnn.MLP(3, 64, "erf", shortcut=0.6, branch=0.8),
+    ],
+    ids=["relu", "gelu-standard", "tanh", "erf-residual"],
+)
+def test_output_layer_alone_equals_the_last_layer(x64, arch):
+    """``layers="output"`` is the same recursion without forming the lower layers' kernels:
+    its one layer equals the last layer of ``layers="all"`` (one input set and two), with the
+    same quadrature error estimate's order of magnitude for a quadrature activation."""
+    x = np.asarray(jax.random.normal(jax.random.key(3), (300, 5)))
+    for x2 in (None, x[:7] * 1.3):
+        full = rgnn.fixed_point(arch, x, x2)
+        out = rgnn.fixed_point(arch, x, x2, layers="output")
+        assert out.nngp.shape == (1,) + full.nngp.shape[1:]
+        for name in ("nngp", "ntk", "nngp_diag1", "nngp_diag2"):
+            np.testing.assert_allclose(
+                getattr(out, name)[0], getattr(full, name)[-1], **tol(EXACT, jnp.float64)
+            )
+        if full.quadrature_order:
+            assert 0 < out.quadrature_error < 1e-6
+        else:
+            assert out.quadrature_error == 0.0
+    with pytest.raises(ValueError, match="layers"):
+        rgnn.fixed_point(arch, x, layers="last")
