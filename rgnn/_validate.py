@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +49,30 @@ def check_pair(x1, x2, names=("x1", "x2")) -> tuple[jax.Array, jax.Array | None]
         )
     dtype = jnp.promote_types(x1.dtype, x2.dtype)
     return x1.astype(dtype), x2.astype(dtype)
+
+
+def check_finite(name: str, value) -> float:
+    """``value`` as a float; a ``ValueError`` naming ``name`` for a bool, a non-number or a
+    non-finite number."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return f
+
+
+def check_learning_rate(learning_rate) -> float:
+    """``learning_rate`` as a float > 0 (``ValueError`` naming it otherwise)."""
+    if isinstance(learning_rate, bool):
+        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
+    try:
+        eta = float(learning_rate)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"learning_rate: expected a positive number, got {learning_rate!r}"
+        ) from None
+    if not math.isfinite(eta) or eta <= 0:
+        raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate!r}")
+    return eta

@@ -105,6 +105,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rgnn._validate import check_finite
 from rgnn.activations import Activation, get_activation
 
 __all__ = ["MLP", "MLPNetwork", "Recursion", "Scales", "PARAMETERIZATIONS"]
@@ -254,13 +255,7 @@ class MLP:
                 vals = (value,)
             out = []
             for v in vals:
-                try:
-                    f = float(v)
-                except (TypeError, ValueError):
-                    raise ValueError(f"{name}: expected a finite number, got {v!r}") from None
-                if isinstance(v, bool) or not math.isfinite(f):
-                    raise ValueError(f"{name}: expected a finite number, got {v!r}")
-                out.append(f)
+                out.append(check_finite(name, v))
             return tuple(out) if len(vals) != 1 or isinstance(value, Sequence) else out[0]
 
         if self.shortcut is None:

@@ -131,6 +131,7 @@ import numpy as np
 import scipy.optimize
 
 from rgnn import gaussian
+from rgnn._validate import check_finite
 from rgnn.activations import Activation, get_activation
 
 __all__ = ["Criticality", "criticality", "critical_point", "UNIVERSALITY_CLASSES"]
@@ -665,13 +666,7 @@ def criticality(
 def _check_residual(shortcut, branch) -> tuple[float, float]:
     vals = []
     for name, v in (("shortcut", shortcut), ("branch", branch)):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected a finite number, got {v!r}") from None
-        if isinstance(v, bool) or not math.isfinite(f):
-            raise ValueError(f"{name}: expected a finite number, got {v!r}")
-        vals.append(f)
+        vals.append(check_finite(name, v))
     gamma, xi = vals
     if not gamma * gamma < 1.0:
         raise ValueError(

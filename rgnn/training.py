@@ -46,7 +46,6 @@ returns the records taken before it, with ``diverged_at`` set to that step.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import warnings
 from functools import partial
@@ -57,7 +56,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rgnn._validate import check_pair
+from rgnn._validate import check_learning_rate, check_pair
 from rgnn.architecture import MLP
 from rgnn.empirical import empirical_nngp, empirical_ntk
 from rgnn.networks import Ensemble, ensemble
@@ -413,14 +412,7 @@ def train(
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
     steps = _check_int("steps", steps, 1)
     n_networks = _check_int("n_networks", n_networks, 1)
-    try:
-        eta = float(learning_rate)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"learning_rate: expected a positive number, got {learning_rate!r}"
-        ) from None
-    if not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate!r}")
+    eta = check_learning_rate(learning_rate)
     x, x_test = check_pair(x, x_test, ("x", "x_test"))
     if dtype is not None:
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):

@@ -101,14 +101,13 @@ no kink and follows the derivation.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgnn._validate import check_pair
+from rgnn._validate import check_learning_rate, check_pair
 from rgnn.architecture import MLP
 from rgnn.fixed_point import fixed_point
 from rgnn.perturbative import Perturbative, perturbative
@@ -262,18 +261,6 @@ def _two_eps(stats, pieces, m2, ntr):
 
 
 # ----------------------------------------------------------------------------- the prediction
-def _check_learning_rate(learning_rate) -> float:
-    if isinstance(learning_rate, bool):
-        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
-    try:
-        eta = float(learning_rate)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"learning_rate: expected a positive number, got {learning_rate!r}"
-        ) from None
-    if not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate!r}")
-    return eta
 
 
 def end_of_training(
@@ -322,7 +309,7 @@ def end_of_training(
             "arch: expected parameterization='ntk' (the only one here whose NTK and learning "
             f"rate are width independent), got {arch.parameterization!r}"
         )
-    eta = _check_learning_rate(learning_rate)
+    eta = check_learning_rate(learning_rate)
     if steps is not None and (
         isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0
     ):
