@@ -438,7 +438,7 @@ def end_of_training(
     Returns:
       An :class:`EndOfTraining`. The statistics' time is the Gaussian moments on every four
       distinct inputs, ``C(N + N*, 4)`` tensor-product quadratures per layer step
-      (:func:`_statistics`; their einsums grow like ``(N + N*)^5``, their memory like
+      (``_statistics`` in this module; their einsums grow like ``(N + N*)^5``, their memory like
       ``(N + N*)^4``). From 13 inputs on that rule has 12 nodes per dimension (the node budget
       of :func:`rgnn.perturbative`); for tanh, depth 3, 12 + 2 inputs (12 nodes), one test
       output's correction is 21% and an NTK-change entry 5% away from the same computation
