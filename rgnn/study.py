@@ -550,14 +550,16 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
 # training inputs, another optimizer...) it returns the reason, which the razor prints.
 # ============================================================================================
 #: The most training inputs for which the sweep computes the end-of-training prediction: its
-#: full-field statistics (:func:`rgnn.perturbative` with ``full=True, ddntk=True``) grow like
-#: ``N^4`` in memory and ``N^5`` in time per layer. Measured (tanh depth 2, one test input, on a
-#: loaded 2-core machine, compilation included, which dominates up to ~24 inputs): 4 inputs
-#: 24 s, 8: 56 s, 12: 38 s, 16: 56 s, 24: 64 s, 32: 156 s (the four-input rule's ~C(N+1, 4)
-#: nodes take over); 34 inputs at depth 3 under heavier load did not finish in 22 minutes.
-#: The limit keeps the prediction within about a minute per sweep group; above it the razor
-#: says so instead.
-END_OF_TRAINING_MAX_INPUTS = 16
+#: full-field statistics grow like ``C(N + 1, 4)`` four-input quadratures per layer step in
+#: time (the bulk of it) and ``N^4`` in memory. Measured on a loaded 2-core machine, compilation
+#: included in first calls: tanh depth 2, one test input, statistics run twice (before
+#: :func:`rgnn.training_theory._statistics`; load ~5): 4 inputs 24 s, 8: 56 s, 12: 38 s, 16:
+#: 56 s, 24: 64 s, 32: 156 s. Run once (load ~16, about three times slower): 24 inputs, depth 2,
+#: 193 s first call, 78.5 s second; 32 + 2 inputs, depth 3, 663 s / 547 s. The limit keeps a
+#: sweep group's prediction near a minute on a quieter machine; above it the razor says so.
+#: From 13 inputs on the four-input rule has 12 nodes (its ``quadrature_error`` says how far
+#: to trust the prediction; 0.36-0.38 for tanh depth 3).
+END_OF_TRAINING_MAX_INPUTS = 24
 
 # The computed predictions, keyed by everything but the width (the prediction's O(1/n) part is
 # ``c / n`` with ``c`` width independent for equal hidden widths): a sweep group computes the
