@@ -101,6 +101,7 @@ no kink and follows the derivation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 
@@ -570,8 +571,10 @@ def end_of_training(
     )
 
 
+@functools.partial(jax.jit, static_argnames=("steps",))
 def _predict(theta, k_all, dtheta, raw, y, lam, v, *, e, n, steps):
-    """Every field of :class:`EndOfTraining` from the output layer's statistics."""
+    """Every field of :class:`EndOfTraining` from the output layer's statistics (one jitted
+    program: op by op, its hundred small einsums each compiled on their own)."""
     ntr, c_out = y.shape
     rho = 1 - e * lam
     yh = v.T @ y  # [ntr, C]
