@@ -512,8 +512,9 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     mean's own O(1/n) shift enters the ratio at O(1/n^2)). For relu the exact ratio grows like
     ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
     deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
-    the NTK-parameterized twin's) or without ``predict``; ``predicted_se`` is the prediction's
-    quadrature error."""
+    the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`) or a
+    residual MLP (its NTK-side 1/n statistics are not derived: :func:`rgnn.perturbative`), or
+    without ``predict``; ``predicted_se`` is the prediction's quadrature error."""
     d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]
     m = d.shape[0]
     value = se = None
@@ -527,7 +528,8 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
             jack = np.array([ratio(np.delete(d, i, 0)) for i in range(m)])
             se = float(np.sqrt((m - 1) / m * np.sum((jack - jack.mean()) ** 2)))
     predicted = predicted_se = None
-    if predict and arch.parameterization != "mup":
+    has_rules = isinstance(arch, MLP) and not arch.is_residual and arch.parameterization != "mup"
+    if predict and has_rules:
         from rgnn.perturbative import perturbative
 
         p = perturbative(arch, x, warn=False)
@@ -609,6 +611,11 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
             "architectures only"
         )
     why = []  # every cheap reason, so that the printout names them all
+    if arch.is_residual:
+        why.append(
+            "residual MLP: the NTK-side 1/n statistics of residual layers (NTK variance, dNTK, "
+            "ddNTK) are not derived, so there is no end-of-training prediction"
+        )
     if not settings.get("predict", True):
         why.append("predictions are off (predict=False)")
     if settings["optimizer"] != "gd" or settings["loss"] != "mse":
