@@ -153,13 +153,16 @@ def _ntk_block(net: MLPNetwork, x1, x2, units):
             block = gram[start : start + u, start : start + u]
             theta[top] = block if top not in theta else theta[top] + block
         if k > 0:
+            # a residual layer (not the plain output layer, whose width may differ):
+            # dz^(k)/dz^(k-1) = xi W sigma' + gamma I
+            residual = res is not None and k < len(net.layers) - 1
             w = layer.a_w * layer.w[...]
-            if res is not None:  # dz^(k)/dz^(k-1) = xi W sigma' + gamma I
+            if residual:
                 w = res[1][k] * w
             d1_next = dact(z1[k - 1])[None] * (d1 @ w.T)
             if not same:
                 d2_next = dact(z2[k - 1])[None] * (d2 @ w.T)
-            if res is not None:
+            if residual:
                 d1_next = d1_next + res[0][k] * d1
                 if not same:
                     d2_next = d2_next + res[0][k] * d2
