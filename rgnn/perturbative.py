@@ -281,7 +281,7 @@ the quadrature's error estimate runs on one chunk."""
 
 _CHUNK_TABLE = 2048
 """Pairs per call when no pair needs a quadrature grid (the two-input moments from tables, or
-the scale-invariant class's polar integrals on 60 angles): a pair's working set is small, so
+the scale-invariant class's polar integrals on 10 angles): a pair's working set is small, so
 larger calls fit and amortise the per-call cost (relu, N = 256: 3.0 s instead of 3.5 s)."""
 
 
