@@ -674,7 +674,12 @@ class Moments:
         w, pw = self._arc_powers(alpha, nodes, max(p, q))
         sb2 = c * c + s2 * s2  # K_bb as the Cholesky entries give it
         sb_q = sb2 ** (q // 2) * (jnp.sqrt(sb2) if q % 2 else 1.0)
-        small = sb_q * jnp.sum(w * pw[p] * pw[q][:, ::-1], axis=-1)
+        terms = w * pw[p] * pw[q][:, ::-1]
+        # summed by elementwise additions (fused), not a reduction (a library call per form)
+        small = terms[:, 0]
+        for i in range(1, nodes):
+            small = small + terms[:, i]
+        small = sb_q * small
         coef = _arc_coefficients(p, q)
         half = 0.0
         for k, ck in enumerate(coef):
