@@ -281,7 +281,7 @@ the quadrature's error estimate runs on one chunk."""
 
 _CHUNK_TABLE = 2048
 """Pairs per call when no pair needs a quadrature grid (the two-input moments from tables, or
-the scale-invariant class's polar integrals on 60 angles): a pair's working set is small, so
+the scale-invariant class's polar integrals on 10 angles): a pair's working set is small, so
 larger calls fit and amortise the per-call cost (relu, N = 256: 3.0 s instead of 3.5 s)."""
 
 
@@ -403,7 +403,8 @@ def _engine_layout(out, *, n, full):
 def _pair_layout(out, n, sets):
     """``[L+1, N, N, ...]`` pair-layout fields from the engine's per-pair tensors: entry
     ``(a, b)`` is the pair's tensor (slots flipped when ``a > b``), entry ``(a, a)`` the single
-    value of ``a`` broadcast over the slots."""
+    value of ``a`` broadcast over the slots. Only the components a field keeps are taken from
+    each pair (and its flip) before they are spread over the ``N x N`` entries."""
     n_sets = sets.shape[0]
     sel = np.zeros((n, n), np.int32)
     own = [[] for _ in range(n)]
@@ -414,37 +415,43 @@ def _pair_layout(out, n, sets):
     own = np.array(own, np.int32)  # [N, N - 1, 2]: every (pair, slot) holding input a
     eye = np.eye(n, dtype=bool)
 
-    def layout(x):  # x [L+1, P, 2, ..., 2]
+    def layout(x, comps):
+        """``[L+1, N, N, K]``: the slot tuples ``comps [K, r]`` of every pair's tensor
+        ``x [L+1, P, 2, ..., 2]``."""
         r = x.ndim - 2
-        flipped = jnp.flip(x, axis=tuple(range(2, x.ndim)))
-        both = jnp.concatenate([x, flipped], axis=1)[:, jnp.asarray(sel)]  # [L+1, N, N, 2..]
+        comps = np.asarray(comps, np.int32).reshape(-1, r)
+        pick = x[(slice(None), slice(None)) + tuple(jnp.asarray(comps[:, j]) for j in range(r))]
+        flip = x[(slice(None), slice(None)) + tuple(jnp.asarray(1 - comps[:, j]) for j in range(r))]
+        both = jnp.concatenate([pick, flip], axis=1)[:, jnp.asarray(sel)]  # [L+1, N, N, K]
         # an input's single values are the same in every pair that holds it; the mean over
         # its pairs ignoring NaN keeps them when one pair is exactly parallel (relu)
         cand = x[(slice(None), jnp.asarray(own[..., 0])) + (jnp.asarray(own[..., 1]),) * r]
         single = jnp.nanmean(cand, axis=2)  # [L+1, N]
-        single = jnp.broadcast_to(single[(Ellipsis,) + (None,) * (r + 1)], both.shape)
-        mask = jnp.asarray(eye)[(None, Ellipsis) + (None,) * r]
-        return jnp.where(mask, single, both)
+        return jnp.where(jnp.asarray(eye)[None, :, :, None], single[:, :, None, None], both)
 
+    c = _COMPS
+    vertex_comps = np.concatenate(
+        [np.repeat(c, 3, axis=0), np.tile(c, (3, 1))], axis=1
+    )  # [9, 4]: (c_i, c_j) in row-major order
     fields = {}
     for name, s in _FOUR.items():
         if s in out:
-            full4 = layout(out[s])
             if name in ("vertex", "ntk_vertex", "mixed_vertex"):
-                c = jnp.asarray(_COMPS)
-                full4 = full4[
-                    :, :, :, c[:, 0][:, None], c[:, 1][:, None], c[:, 0][None, :], c[:, 1][None, :]
-                ]
-            fields[name] = full4
+                v = layout(out[s], vertex_comps)
+                fields[name] = v.reshape(v.shape[:3] + (3, 3))
+            else:
+                v = layout(out[s], list(np.ndindex((2,) * 4)))
+                fields[name] = v.reshape(v.shape[:3] + (2,) * 4)
     if "B" in out and "A" in out:
-        b = layout(out["B"])
-        fields["ntk_b"] = jnp.stack([b[..., 0, 0, 1, 1], b[..., 0, 1, 1, 0]], axis=-1)
+        fields["ntk_b"] = layout(out["B"], [(0, 0, 1, 1), (0, 1, 1, 0)])
         fields["_ntk_var"] = (
-            layout(out["A"])[..., 0, 1, 0, 1] + fields["ntk_b"][..., 0] + fields["ntk_b"][..., 1]
+            layout(out["A"], [(0, 1, 0, 1)])[..., 0]
+            + fields["ntk_b"][..., 0]
+            + fields["ntk_b"][..., 1]
         )
     for name, s in (("nngp_correction", "DG"), ("ntk_correction", "DH")):
         if s in out:
-            fields[name] = layout(out[s])[..., 0, 1]
+            fields[name] = layout(out[s], [(0, 1)])[..., 0]
     return fields
 
 

@@ -107,7 +107,7 @@ def flow(
 
     def one(old, k, t, lw, r, inv, res, values):
         specs, singles = _record(act, names, k, t, rules, pointwise=pointwise, kmax=kmax, res=res)
-        mom = Moments(act, k, rules, pointwise=pointwise, kmax=kmax)
+        mom = Moments(act, k, rules, pointwise=pointwise, kmax=kmax, fence=lw)
         mom.prepare(specs, singles, values)
         layer = Layer(mom, old, t, cw=cw, lw=lw, r=r, inv=inv)
         new = {n: _update(layer, n, res).x for n in names}
