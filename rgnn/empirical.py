@@ -133,7 +133,9 @@ def _ntk_block(net: MLPNetwork, x1, x2, units):
             gram = d1.reshape(u * n1, -1) @ d2.reshape(u * n2, -1).T
             gram = gram.reshape(u, n1, u, n2).transpose(0, 2, 1, 3)
             theta = theta + gram * feat[None, None]
-            if k > 0 and res is not None:  # dz^(k)/dz^(k-1) = xi W sigma' + gamma I
+            if 0 < k < len(net.layers) - 1 and res is not None:
+                # a residual layer: dz^(k)/dz^(k-1) = xi W sigma' + gamma I (the output layer
+                # is plain, and its width may differ)
                 w = res[1][k] * layer.a_w * layer.w[...]
                 d1 = dact(z1[k - 1])[None] * (d1 @ w.T) + res[0][k] * d1
                 d2 = dact(z2[k - 1])[None] * (d2 @ w.T) + res[0][k] * d2
@@ -763,8 +765,13 @@ def measure(
     *different* units' conditional second moments, the connected four-point function) and
     ``nngp_variance`` (``vertex / n``) subtract from the metric's covariance its same-unit
     part, estimated per network from the unit spread of ``gamma^2 z_a z_b``:
-    ``V = n Cov(G, G) - n/(n-1) E[gamma^4 Cov_units(z_a z_b, z_c z_d)]``. The NTK
-    four-index fields, the dNTK and the ddNTK are not estimated for residual MLPs
+    ``V = n Cov(G, G) - n/(n-1) E[gamma^4 Cov_units(z_a z_b, z_c z_d)]``. The NTK fields
+    keep their estimators, which measure the definitions of :class:`rgnn.Perturbative` on a
+    residual layer too: ``ntk_vertex`` is ``n Cov(H_ii, H_jj)`` and ``ntk_b`` ``n E[H_ij H_ij]``
+    for different units ``i != j``; ``mixed_vertex`` is ``n Cov(G, H_ii)`` (``G`` the metric
+    above), which is ``n Cov(z_ka z_kb, H_ii;cd)``, ``k != i``, up to ``O(1/n)`` (the unit
+    ``i`` itself in ``G``: ``Cov(E[z_i z_i | below], H_ii)`` is ``O(1/n)``; a weighted fit
+    across widths absorbs it). The dNTK and the ddNTK are not estimated for residual MLPs
     (``ValueError``).
 
     ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
@@ -782,11 +789,10 @@ def measure(
     from rgnn.networks import ensemble
 
     require_mlp(arch, "rgnn.measure")
-    if arch.is_residual and (ntk and (vertex or full) or dntk or ddntk):
+    if arch.is_residual and (dntk or ddntk):
         raise ValueError(
-            "ntk: the four-index NTK fields, the dNTK and the ddNTK of a residual MLP are not "
-            "estimated (their predictions are not derived); pass vertex/full with ntk=False, "
-            "and dntk=ddntk=False"
+            "dntk: the dNTK and the ddNTK of a residual MLP are not estimated (their "
+            "predictions are not derived); pass dntk=ddntk=False"
         )
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 4:
         raise ValueError(f"n_networks: expected an integer >= 4, got {n_networks!r}")

@@ -637,14 +637,15 @@ def perturbative(
 
     Args:
       arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed). A residual MLP
-        (``shortcut=...``) needs ``ntk=False`` (its NTK-side statistics are not derived; a
-        ``ValueError`` names them). With ``activation="linear"`` the vertex, the kernel
-        correction and their views are exact on any inputs (:mod:`rgnn.flow.rules`, "Residual
-        layers"); with a nonlinear activation they are given on one input only
-        (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`: a residual layer breaks
-        the rotation symmetry among units, so the vertex alone does not carry the two-unit
-        correlations and the pair recursion does not close; more inputs raise a
-        ``ValueError``). There ``nngp_variance`` is
+        (``shortcut=...``): with ``activation="linear"`` the vertex, the kernel correction,
+        the NTK mean shift, the NTK variance, ``A``, ``B``, ``D`` and their views are exact on
+        any inputs (:mod:`rgnn.flow.rules`, "Residual layers"; the dNTK and ddNTK are not
+        derived: ``dntk=True`` raises a ``ValueError``); with a nonlinear activation the
+        vertex, the kernel correction and their views are given on one input only, with
+        ``ntk=False`` (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`: a residual
+        layer breaks the rotation symmetry among units, so the vertex alone does not carry the
+        two-unit correlations and the pair recursion does not close; more inputs, or the NTK
+        side, raise a ``ValueError``). There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
         :func:`rgnn.measure` estimates for a residual layer).
@@ -713,14 +714,21 @@ def perturbative(
             "close on V on pairs (it is exact for activation='linear'); the single-input flow "
             "carries the whole two-unit correlation (rgnn._residual_single)"
         )
-    if arch.is_residual and (ntk or dntk):
-        names = "ntk_correction, ntk_variance, ntk_vertex (A), mixed_vertex (D), ntk_b (B), F"
-        if dntk:
-            names += ", dntk_p/dntk_q (P, Q)" + (", ddntk_r/s/t/u (R, S, T, U)" if ddntk else "")
+    if arch.is_residual and dntk:
+        names = "dntk_p/dntk_q (P, Q)" + (", ddntk_r/s/t/u (R, S, T, U)" if ddntk else "")
         raise ValueError(
-            f"arch: the residual-layer recursions of the NTK statistics ({names}) are not "
-            "derived in rgnn yet (the vertex V, the kernel correction, kurtosis and "
-            "nngp_variance are); pass ntk=False (and dntk=ddntk=False) for a residual MLP"
+            f"dntk: the residual-layer recursions of the dNTK statistics ({names}) are not "
+            "derived in rgnn yet (the vertex, the kernel correction and, for "
+            "activation='linear', the NTK mean shift, variance, A, B, D, F are); pass "
+            "dntk=ddntk=False for a residual MLP"
+        )
+    if arch.is_residual and ntk and arch.act.name != "linear":
+        raise ValueError(
+            "ntk: the NTK-side statistics of a residual MLP (ntk_correction, ntk_variance, "
+            "ntk_vertex (A), mixed_vertex (D), ntk_b (B), F) are derived for "
+            f"activation='linear' only, not for {arch.act.name!r}: a residual layer breaks the "
+            "rotation symmetry among units that lets V, D, A, F carry every cross-unit "
+            "correlation of a nonlinear activation; pass ntk=False"
         )
     x = check_inputs(x, "x")
     _check_memory(

@@ -243,8 +243,65 @@ Carlo). For a nonlinear activation they are wrong from the second residual layer
 (Monte Carlo: 5 to 14 standard errors off for relu and gelu at 4096 networks), so
 :func:`rgnn.perturbative` uses them for ``activation="linear"`` only and runs the single-input
 flow of :mod:`rgnn._residual_single`, which carries the whole two-unit bilinear form, for the
-others. The NTK-side statistics (``A, B, D, F``, the NTK mean shift, ``P, Q``, ``R, S, T, U``)
-of residual layers are not derived: the engine refuses them (:data:`RESIDUAL`).
+others.
+
+**The NTK side of residual layers** (derived here; PDLT appendix B gives the residual kernel
+recursions at leading order, not these). The parameters of layer ``l + 1`` enter through the
+branch only, the lower ones through ``dz'_i = sum_j M_ij dz_j`` with
+``M_ij = xi W_ij s'_j + gamma delta_ij`` (the backward signal
+``delta^{(l)} = s' * (xi W^T delta^{(l+1)}) + gamma delta^{(l+1)}``), so
+
+.. math::
+
+    H'_{ij;ab} = \\xi^2 \\big[\\delta_{ij} (\\lambda_b + \\tfrac{\\lambda_W}{n_l} \\textstyle\\sum_k
+        s_{ka} s_{kb}) + \\sum_{kl} W_{ik} W_{jl} s'_{ka} s'_{lb} H_{kl;ab}\\big]
+      + \\xi\\gamma \\textstyle\\sum_k \\big(W_{ik} s'_{ka} H_{kj;ab}
+        + W_{jk} s'_{kb} H_{ik;ab}\\big)
+      + \\gamma^2 H_{ij;ab},
+
+the bracket being the plain layer's NTK. Definitions as for ``V`` (for two different units
+``i != j``, all ``n`` times): ``A = n Cov(H_ii, H_jj)``, ``D_{(ab)(cd)} = n Cov(z_ia z_ib,
+H_jj;cd)``, ``B_{xyzw} = n E[H_ij;xz H_ij;yw]``, ``F_{xy;cd} = n E[H_ij;xy z_ic z_jd]``,
+``DH = n (E H_ii - Theta)``. Given layer ``l``, units ``i != j`` use different rows of ``W``,
+so ``(z'_i, H'_ii)`` and ``(z'_j, H'_jj)`` are independent, and every covariance is that of
+the conditional means ``E[H'_ii | l] = xi^2 H~ + gamma^2 H_ii`` (``H~`` the plain NTK metric;
+the cross term is linear in ``W``) and ``E[z'_ia z'_ib | l] = xi^2 G_ab + gamma^2 z_ia z_ib``.
+For ``B`` and ``F``, average the products of the four terms over the two rows (only pairings
+with an even number of entries of each row survive). With ``r``, ``K``, ``Theta``,
+``D_e(f) = <d_e f>`` as above, ``J_cd(X) = sum_gh (dH~_cd / dG_gh) X_gh`` (``_jhk``:
+``lambda_W`` times Price's derivative of ``<s s>`` plus ``C_W Theta`` times that of
+``<s' s'>``) and ``X_{abgh} = r V_{(ab)(gh)} + K_ag K_bh + K_ah K_bg`` (``n_l`` times the
+covariance of one unit's ``z_a z_b`` with the layer's ``(1/n_l) sum_j z_jg z_jh``, by Stein's
+lemma and ``V``):
+
+.. math::
+
+    D' &= \\xi^4 D'^{\\rm plain} + \\gamma^4 r D + \\gamma^2\\xi^2 \\big[
+        r C_W \\textstyle\\sum_{ef} \\tfrac12 \\langle \\partial_e \\partial_f (s_a s_b)\\rangle
+        D_{(ef)(cd)} + J_{cd}(X_{ab\\cdot\\cdot})
+        + r C_W \\langle s'_c s'_d\\rangle D_{(ab)(cd)}\\big], \\\\
+    A' &= \\xi^4 A'^{\\rm plain} + \\gamma^4 r A + \\gamma^2\\xi^2 (Y_{abcd} + Y_{cdab}),
+        \\qquad Y_{abcd} = r \\big[J_{cd}(D_{\\cdot\\cdot(ab)})
+        + C_W \\langle s'_c s'_d\\rangle A_{(ab)(cd)}\\big]
+        = n\\,\\mathrm{Cov}(H_{ii;ab}, \\tilde H'_{cd}), \\\\
+    B'_{xyzw} &= \\xi^4 B'^{\\rm plain} + \\gamma^4 r B + \\gamma^2\\xi^2 C_W
+        \\big(\\langle s'_x s'_y\\rangle + \\langle s'_z s'_w\\rangle\\big)
+        \\big(\\Theta_{xz}\\Theta_{yw} + r B_{xyzw}\\big), \\\\
+    F'_{xy;cd} &= \\xi^4 F'^{\\rm plain} + \\gamma^4 r F + \\gamma^2\\xi^2 C_W \\big[
+        \\textstyle\\sum_e D_e(s'_x s_c) (\\Theta_{xy} K_{ed} + r F_{xy;ed})
+        + \\sum_f D_f(s'_y s_d) (\\Theta_{xy} K_{cf} + r F_{xy;cf})\\big], \\\\
+    DH' &= \\xi^2 DH'^{\\rm plain} + \\gamma^2 DH .
+
+The unit ``i``'s own share of ``H~`` or ``G`` in the cross terms is ``O(1/n^2)`` (its NTK is
+``Theta`` up to ``O(1/sqrt n)`` and correlates with its own ``z`` at ``O(1/n)``), unlike
+``V``'s, where ``Cov(z_i z_i, s_i s_i)`` is ``O(1)``. The NTK variance of one unit is again
+``(A_{(ab)(ab)} + B_{aabb} + B_{abba}) / n``: with the rotation symmetry the connected
+``E[H_{i1i2} H_{i3i4}]`` has only the three pairings. As for ``V``, the cross-unit steps use
+the rotation symmetry, so these rules are exact for ``activation="linear"`` and used only
+there; the tests check them against an exact finite-width Wick recursion of deep linear
+residual networks (their 1/n coefficients, to roundoff, on three inputs) and against Monte
+Carlo. The dNTK and ddNTK statistics (``P, Q, PH, QH, R, S, T, U``) of residual layers are
+not derived: the engine refuses them (:data:`RESIDUAL`).
 """
 
 from __future__ import annotations
@@ -524,12 +581,18 @@ def _u(c: Layer):
 
 
 # ----------------------------------------------------------------------------- residual layers
+def _res_stein(c: Layer) -> L:
+    """``X_{abgh} = r V_{(ab)(gh)} + K_ag K_bh + K_ah K_bg``: ``n_l`` times the covariance of
+    ``z_{ka} z_{kb}`` with ``z_{jg} z_{jh}`` summed over the units ``j`` of the layer (the unit
+    ``k`` itself by Stein's lemma, the others through ``V``)."""
+    k = c.M.k
+    return c.r * c.S("V", "abgh") + L(k, "ag") * L(k, "bh") + L(k, "ah") * L(k, "bg")
+
+
 def _res_v(c: Layer, plain: L, gamma, xi) -> L:
     """``V`` after a residual layer ``z' = gamma z + xi h`` (module docstring)."""
     M, cw, r = c.M, c.cw, c.r
-    k = M.k
-    x = r * c.S("V", "abgh") + L(k, "ag") * L(k, "bh") + L(k, "ah") * L(k, "bg")
-    one = M.price1(0, x, "gh", "cd").to("abcd")
+    one = M.price1(0, _res_stein(c), "gh", "cd").to("abcd")
     cross = one + one.rename("cdab").to("abcd")
     g2, x2 = gamma * gamma, xi * xi
     return (x2 * x2 * plain + g2 * g2 * r * c.S("V", "abcd") + g2 * x2 * cw * cross).to("abcd")
@@ -540,7 +603,64 @@ def _res_dg(c: Layer, plain: L, gamma, xi) -> L:
     return (xi * xi * plain + gamma * gamma * c.S("DG", "ab")).to("ab")
 
 
-RESIDUAL = {"V": _res_v, "DG": _res_dg}
+def _res_d(c: Layer, plain: L, gamma, xi) -> L:
+    """``D`` after a residual layer (module docstring, "NTK side of residual layers")."""
+    M, cw, r = c.M, c.cw, c.r
+    jcd = cw * M.e((1, 1), "cd")
+    cross = (
+        r * cw * M.price1(0, c.S("D", "efcd"), "ef", "ab")
+        + _jhk(c, _res_stein(c), "gh", "cd")
+        + r * jcd * c.S("D", "abcd")
+    )
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("D", "abcd") + g2 * x2 * cross).to("abcd")
+
+
+def _res_a(c: Layer, plain: L, gamma, xi) -> L:
+    """``A`` after a residual layer (module docstring)."""
+    M, cw, r = c.M, c.cw, c.r
+    y = r * (_jhk(c, c.S("D", "efab"), "ef", "cd") + cw * M.e((1, 1), "cd") * c.S("A", "abcd"))
+    y = y.to("abcd")
+    cross = y + y.rename("cdab").to("abcd")
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("A", "abcd") + g2 * x2 * cross).to("abcd")
+
+
+def _res_b(c: Layer, plain: L, gamma, xi) -> L:
+    """``B`` after a residual layer (module docstring)."""
+    M, cw, r = c.M, c.cw, c.r
+    own = M.e((1, 1), "ab") + M.e((1, 1), "cd")
+    cross = cw * own * (c.T("ac") * c.T("bd") + r * c.S("B", "abcd"))
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("B", "abcd") + g2 * x2 * cross).to("abcd")
+
+
+def _res_f(c: Layer, plain: L, gamma, xi) -> L:
+    """``F`` after a residual layer (module docstring)."""
+    M, cw, r = c.M, c.cw, c.r
+    k = L(M.k, "ed")
+    one = ein("abcd", M.d((1, 0), "eac"), c.T("ab") * k + r * c.S("F", "abed"))
+    two = ein("abcd", M.d((1, 0), "fbd"), c.T("ab") * k.rename("cf") + r * c.S("F", "abcf"))
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("F", "abcd") + g2 * x2 * cw * (one + two)).to(
+        "abcd"
+    )
+
+
+def _res_dh(c: Layer, plain: L, gamma, xi) -> L:
+    """The NTK mean shift after a residual layer: ``xi^2 DH'_plain + gamma^2 DH``."""
+    return (xi * xi * plain + gamma * gamma * c.S("DH", "ab")).to("ab")
+
+
+RESIDUAL = {
+    "V": _res_v,
+    "DG": _res_dg,
+    "D": _res_d,
+    "A": _res_a,
+    "B": _res_b,
+    "F": _res_f,
+    "DH": _res_dh,
+}
 """The residual-layer form of each statistic whose residual recursion is derived and checked
 (module docstring); the engine refuses any other statistic on a residual network."""
 
