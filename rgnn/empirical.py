@@ -771,7 +771,8 @@ def measure(
     for different units ``i != j``; ``mixed_vertex`` is ``n Cov(G, H_ii)`` (``G`` the metric
     above), which is ``n Cov(z_ka z_kb, H_ii;cd)``, ``k != i``, up to ``O(1/n)`` (the unit
     ``i`` itself in ``G``: ``Cov(E[z_i z_i | below], H_ii)`` is ``O(1/n)``; a weighted fit
-    across widths absorbs it). The dNTK and the ddNTK are not estimated for residual MLPs
+    across widths absorbs it); ``dntk_p, dntk_q`` keep theirs (the dNTK by automatic
+    differentiation of the structural NTK). The ddNTK is not estimated for residual MLPs
     (``ValueError``).
 
     ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
@@ -789,10 +790,10 @@ def measure(
     from rgnn.networks import ensemble
 
     require_mlp(arch, "rgnn.measure")
-    if arch.is_residual and (dntk or ddntk):
+    if arch.is_residual and ddntk:
         raise ValueError(
-            "dntk: the dNTK and the ddNTK of a residual MLP are not estimated (their "
-            "predictions are not derived); pass dntk=ddntk=False"
+            "ddntk: the ddNTK means of a residual MLP are not estimated (their predictions are "
+            "not derived); pass ddntk=False"
         )
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 4:
         raise ValueError(f"n_networks: expected an integer >= 4, got {n_networks!r}")

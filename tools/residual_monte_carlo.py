@@ -3,8 +3,11 @@
 For each activation and residual setting, ``rgnn.measure`` estimates the vertex ``V``
 (pair layout), ``n_{l-1} x nngp_correction`` and ``n_{l-1} x kurtosis`` at several widths; a
 weighted fit ``y(n) = a + b / n`` (weights 1 / SE^2) gives the intercept ``a`` and its standard
-error, compared with ``rgnn.perturbative`` (``ntk=False``): on three inputs for the linear
-activation, on one input for the nonlinear ones (where ``rgnn.perturbative`` is restricted).
+error, compared with ``rgnn.perturbative``: on three inputs for the linear activation, with the
+NTK side too (``ntk_vertex`` A, ``mixed_vertex`` D, ``ntk_b`` B, ``n x ntk_variance``,
+``n x ntk_correction``, the dNTK correlators ``dntk_p`` P and ``dntk_q`` Q; three outputs, so
+that these are defined on the output layer), on one
+input with ``ntk=False`` for the nonlinear ones (where ``rgnn.perturbative`` is restricted).
 Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
 and entries, the median SE relative to the largest predicted entry, and whether every entry is
 within ``--sigmas``.
@@ -29,6 +32,15 @@ SETTINGS = {  # (shortcut, branch)
     "gamma=1,xi=0.5": (1.0, 0.5),
 }
 CW = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98, "linear": 1.0}
+NTK_FIELDS = {  # the NTK side (linear only): field -> whether it is multiplied by n_{l-1}
+    "ntk_vertex": False,
+    "mixed_vertex": False,
+    "ntk_b": False,
+    "ntk_variance": True,
+    "ntk_correction": True,
+    "dntk_p": False,
+    "dntk_q": False,
+}
 
 
 def _fit(widths, y, se):
@@ -64,8 +76,12 @@ def main() -> None:
             x = x3 if act == "linear" else x3[1:2]
             for label, (gamma, xi) in SETTINGS.items():
                 t0 = time.time()
-                rows = {"vertex": [], "correction": [], "kurtosis": []}
-                ses = {"vertex": [], "correction": [], "kurtosis": []}
+                linear = act == "linear"
+                names = ["vertex", "correction", "kurtosis"]
+                if linear:
+                    names += list(NTK_FIELDS)
+                rows = {name: [] for name in names}
+                ses = {name: [] for name in names}
                 pred = None
                 for width in args.widths:
                     arch = rgnn.MLP(
@@ -76,15 +92,17 @@ def main() -> None:
                         bias_var=0.1,
                         shortcut=gamma,
                         branch=xi,
+                        out_dim=3 if linear else 1,
                     )
                     if pred is None:
-                        pred = rgnn.perturbative(arch, x, ntk=False, warn=False)
+                        pred = rgnn.perturbative(arch, x, ntk=linear, dntk=linear, warn=False)
                     m = rgnn.measure(
                         arch,
                         x,
                         n_networks=args.networks,
                         key=jax.random.key(args.seed + width),
-                        ntk=False,
+                        ntk=linear,
+                        dntk=linear,
                         vertex=True,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
@@ -96,20 +114,29 @@ def main() -> None:
                     ses["correction"].append(np.asarray(m.nngp_correction_se) * nn[:, None, None])
                     rows["kurtosis"].append(np.asarray(m.kurtosis) * nn[:, None])
                     ses["kurtosis"].append(np.asarray(m.kurtosis_se) * nn[:, None])
+                    for name, per_width in NTK_FIELDS.items() if linear else ():
+                        s = nn[:, None, None] if per_width else 1.0
+                        rows[name].append(np.asarray(getattr(m, name)) * s)
+                        ses[name].append(np.asarray(getattr(m, name + "_se")) * s)
                 nn0 = np.asarray(pred.widths)
                 preds = {
                     "vertex": np.asarray(pred.vertex),
                     "correction": np.asarray(pred.nngp_correction) * nn0[:, None, None],
                     "kurtosis": np.asarray(pred.kurtosis) * nn0[:, None],
                 }
+                for name, per_width in NTK_FIELDS.items() if linear else ():
+                    s = nn0[:, None, None] if per_width else 1.0
+                    preds[name] = np.asarray(getattr(pred, name)) * s
                 for field in rows:
                     y, se = np.stack(rows[field]), np.stack(ses[field])
                     a, sa = _fit(args.widths, y[:, 1:], se[:, 1:])
                     ref = preds[field][1:]
                     z = np.abs(a - ref) / sa
-                    scale = np.max(np.abs(ref))
+                    # relative to the largest predicted entry; absolute where the prediction
+                    # vanishes (the linear network's mean shifts)
+                    scale = np.max(np.abs(ref)) or 1.0
                     print(
-                        f"{act:5s} {label:17s} {field:10s} max|z| {np.nanmax(z):5.2f}  "
+                        f"{act:6s} {label:17s} {field:14s} max|z| {np.nanmax(z):5.2f}  "
                         f"median SE/max {np.nanmedian(sa) / scale:.3f}  "
                         f"{'ok' if np.nanmax(z) <= args.sigmas else 'FAIL'}  "
                         f"({time.time() - t0:.0f} s)",

@@ -300,8 +300,39 @@ The unit ``i``'s own share of ``H~`` or ``G`` in the cross terms is ``O(1/n^2)``
 the rotation symmetry, so these rules are exact for ``activation="linear"`` and used only
 there; the tests check them against an exact finite-width Wick recursion of deep linear
 residual networks (their 1/n coefficients, to roundoff, on three inputs) and against Monte
-Carlo. The dNTK and ddNTK statistics (``P, Q, PH, QH, R, S, T, U``) of residual layers are
-not derived: the engine refuses them (:data:`RESIDUAL`).
+Carlo.
+
+**The dNTK of linear residual layers** (derived here, for ``activation="linear"`` only). With
+``s = z`` a residual layer is a linear layer ``z' = xi b + M z`` with ``M = xi W + gamma``, and
+the dNTK of layer ``l + 1`` (module docstring above, the Hessian of ``z'`` coupling ``W`` to
+the lower parameters through ``dz'/dW_pk = xi delta_{ip} z_k``) is
+
+.. math::
+
+    \\widehat{dH}'_{i_0 i_1 i_2} = \\frac{\\xi^2 \\lambda_W}{n_l} \\Big[\\delta_{i_0 i_1}
+        \\textstyle\\sum_{kl} z_{k0} M_{i_2 l} H_{kl;12} + \\delta_{i_0 i_2} \\sum_{kl} z_{k0}
+        M_{i_1 l} H_{lk;12} + \\delta_{i_1 i_2} \\sum_{kj} M_{i_0 k} (z_{j1} H_{kj;02}
+        + z_{j2} H_{kj;01})\\Big] + \\sum M_{i_0 k_0} M_{i_1 k_1} M_{i_2 k_2}
+        \\widehat{dH}_{k_0 k_1 k_2} .
+
+Multiply by ``z'_{i_3; 3} = xi b_{i_3} + sum_m M_{i_3 m} z_{m3}`` and average over ``M``
+(mean ``gamma delta``, two or four entries of ``W`` paired; ``E[M M] = gamma^2 + xi^2 C_W / n``
+on matching indices, ``chi = gamma^2 + xi^2 C_W``): at O(1/n), with ``r, K, Theta, F`` as
+above,
+
+.. math::
+
+    P'_{0123} &= \\chi^2 r P_{0123} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{01} K_{23}
+        + \\Theta_{02} K_{13} + r F_{01;32} + r F_{02;31}\\big], \\\\
+    Q'_{0123} &= \\chi^2 r Q_{0123} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{12} K_{03}
+        + r F_{12;03}\\big]
+
+(``gamma = 0, xi = 1`` is the plain rule at ``s = z``; the terms of ``P, Q`` with two
+different units' dNTK enter at O(1/n^2)). Checked, like the NTK side, against the exact Wick
+recursion (to roundoff) and Monte Carlo. For a nonlinear activation these would miss the
+``sigma''`` terms and the broken rotation symmetry: not used there. The ddNTK statistics
+(``PH, QH, R, S, T, U``) of residual layers are not derived: the engine refuses them
+(:data:`RESIDUAL`).
 """
 
 from __future__ import annotations
@@ -652,6 +683,33 @@ def _res_dh(c: Layer, plain: L, gamma, xi) -> L:
     return (xi * xi * plain + gamma * gamma * c.S("DH", "ab")).to("ab")
 
 
+def _res_pq_factors(c: Layer, gamma, xi):
+    """``(chi^2 r, xi^2 lambda_W chi)`` with ``chi = gamma^2 + xi^2 C_W``."""
+    chi = gamma * gamma + xi * xi * c.cw
+    return chi * chi * c.r, xi * xi * c.lw * chi
+
+
+def _res_p(c: Layer, plain: L, gamma, xi) -> L:
+    """``P`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k, r = c.M.k, c.r
+    out = prop * c.S("P", "abcd") + src * (
+        c.T("ab") * L(k, "cd")
+        + c.T("ac") * L(k, "bd")
+        + r * c.S("F", "abdc")
+        + r * c.S("F", "acdb")
+    )
+    return out.to("abcd")
+
+
+def _res_q(c: Layer, plain: L, gamma, xi) -> L:
+    """``Q`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k = c.M.k
+    out = prop * c.S("Q", "abcd") + src * (c.T("bc") * L(k, "ad") + c.r * c.S("F", "bcad"))
+    return out.to("abcd")
+
+
 RESIDUAL = {
     "V": _res_v,
     "DG": _res_dg,
@@ -660,6 +718,8 @@ RESIDUAL = {
     "B": _res_b,
     "F": _res_f,
     "DH": _res_dh,
+    "P": _res_p,
+    "Q": _res_q,
 }
 """The residual-layer form of each statistic whose residual recursion is derived and checked
 (module docstring); the engine refuses any other statistic on a residual network."""
