@@ -771,9 +771,8 @@ def measure(
     for different units ``i != j``; ``mixed_vertex`` is ``n Cov(G, H_ii)`` (``G`` the metric
     above), which is ``n Cov(z_ka z_kb, H_ii;cd)``, ``k != i``, up to ``O(1/n)`` (the unit
     ``i`` itself in ``G``: ``Cov(E[z_i z_i | below], H_ii)`` is ``O(1/n)``; a weighted fit
-    across widths absorbs it); ``dntk_p, dntk_q`` keep theirs (the dNTK by automatic
-    differentiation of the structural NTK). The ddNTK is not estimated for residual MLPs
-    (``ValueError``).
+    across widths absorbs it); the dNTK and ddNTK fields keep theirs (automatic
+    differentiation of the residual network).
 
     ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
     ``ntk_vertex``, ``mixed_vertex``, ``ntk_b`` and, when asked for, the dNTK and ddNTK fields --
@@ -790,11 +789,6 @@ def measure(
     from rgnn.networks import ensemble
 
     require_mlp(arch, "rgnn.measure")
-    if arch.is_residual and ddntk:
-        raise ValueError(
-            "ddntk: the ddNTK means of a residual MLP are not estimated (their predictions are "
-            "not derived); pass ddntk=False"
-        )
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 4:
         raise ValueError(f"n_networks: expected an integer >= 4, got {n_networks!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -638,9 +638,9 @@ def perturbative(
     Args:
       arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed). A residual MLP
         (``shortcut=...``): with ``activation="linear"`` the vertex, the kernel correction,
-        the NTK mean shift, the NTK variance, ``A``, ``B``, ``D``, the dNTK ``P, Q`` and their
-        views are exact on any inputs (:mod:`rgnn.flow.rules`, "Residual layers"; the ddNTK is
-        not derived: ``ddntk=True`` raises a ``ValueError``); with a nonlinear activation the
+        the NTK mean shift, the NTK variance, ``A``, ``B``, ``D``, the dNTK ``P, Q``, the
+        ddNTK ``R, S, T, U`` and their views are exact on any inputs (:mod:`rgnn.flow.rules`,
+        "Residual layers"); with a nonlinear activation the
         vertex, the kernel correction and their views are given on one input only, with
         ``ntk=False`` (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`: a residual
         layer breaks the rotation symmetry among units, so the vertex alone does not carry the
@@ -714,21 +714,14 @@ def perturbative(
             "close on V on pairs (it is exact for activation='linear'); the single-input flow "
             "carries the whole two-unit correlation (rgnn._residual_single)"
         )
-    if arch.is_residual and ddntk:
-        raise ValueError(
-            "ddntk: the residual-layer recursions of the ddNTK means (ddntk_r/s/t/u: R, S, T, "
-            "U) are not derived in rgnn yet (the vertex, the kernel correction and, for "
-            "activation='linear', the NTK mean shift, variance, A, B, D, F and the dNTK P, Q "
-            "are); pass ddntk=False for a residual MLP"
-        )
     if arch.is_residual and (ntk or dntk) and arch.act.name != "linear":
         raise ValueError(
             "ntk: the NTK-side statistics of a residual MLP (ntk_correction, ntk_variance, "
-            "ntk_vertex (A), mixed_vertex (D), ntk_b (B), F, dntk_p/dntk_q (P, Q)) are "
-            "derived for "
+            "ntk_vertex (A), mixed_vertex (D), ntk_b (B), F, dntk_p/dntk_q (P, Q), "
+            "ddntk_r/s/t/u (R, S, T, U)) are derived for "
             f"activation='linear' only, not for {arch.act.name!r}: a residual layer breaks the "
             "rotation symmetry among units that lets V, D, A, F carry every cross-unit "
-            "correlation of a nonlinear activation; pass ntk=False (and dntk=False)"
+            "correlation of a nonlinear activation; pass ntk=False (and dntk=ddntk=False)"
         )
     x = check_inputs(x, "x")
     _check_memory(

@@ -5,8 +5,9 @@ For each activation and residual setting, ``rgnn.measure`` estimates the vertex 
 weighted fit ``y(n) = a + b / n`` (weights 1 / SE^2) gives the intercept ``a`` and its standard
 error, compared with ``rgnn.perturbative``: on three inputs for the linear activation, with the
 NTK side too (``ntk_vertex`` A, ``mixed_vertex`` D, ``ntk_b`` B, ``n x ntk_variance``,
-``n x ntk_correction``, the dNTK correlators ``dntk_p`` P and ``dntk_q`` Q; three outputs, so
-that these are defined on the output layer), on one
+``n x ntk_correction``, the dNTK correlators ``dntk_p`` P and ``dntk_q`` Q, the ddNTK means
+``ddntk_r, ddntk_s, ddntk_t, ddntk_u``; three outputs, so that these are defined on the output
+layer; entries that vanish in every network, such as R on layer 2, are skipped), on one
 input with ``ntk=False`` for the nonlinear ones (where ``rgnn.perturbative`` is restricted).
 Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
 and entries, the median SE relative to the largest predicted entry, and whether every entry is
@@ -40,6 +41,10 @@ NTK_FIELDS = {  # the NTK side (linear only): field -> whether it is multiplied 
     "ntk_correction": True,
     "dntk_p": False,
     "dntk_q": False,
+    "ddntk_r": False,
+    "ddntk_s": False,
+    "ddntk_t": False,
+    "ddntk_u": False,
 }
 
 
@@ -95,7 +100,7 @@ def main() -> None:
                         out_dim=3 if linear else 1,
                     )
                     if pred is None:
-                        pred = rgnn.perturbative(arch, x, ntk=linear, dntk=linear, warn=False)
+                        pred = rgnn.perturbative(arch, x, ntk=linear, ddntk=linear, warn=False)
                     m = rgnn.measure(
                         arch,
                         x,
@@ -103,6 +108,7 @@ def main() -> None:
                         key=jax.random.key(args.seed + width),
                         ntk=linear,
                         dntk=linear,
+                        ddntk=linear,
                         vertex=True,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
@@ -128,9 +134,10 @@ def main() -> None:
                     s = nn0[:, None, None] if per_width else 1.0
                     preds[name] = np.asarray(getattr(pred, name)) * s
                 for field in rows:
-                    y, se = np.stack(rows[field]), np.stack(ses[field])
-                    a, sa = _fit(args.widths, y[:, 1:], se[:, 1:])
-                    ref = preds[field][1:]
+                    y, se = np.stack(rows[field])[:, 1:], np.stack(ses[field])[:, 1:]
+                    live = np.any(se > 0, axis=0)  # entries that vary over networks
+                    a, sa = _fit(args.widths, y[:, live], se[:, live])
+                    ref = preds[field][1:][live]
                     z = np.abs(a - ref) / sa
                     # relative to the largest predicted entry; absolute where the prediction
                     # vanishes (the linear network's mean shifts)

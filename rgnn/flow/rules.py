@@ -329,10 +329,32 @@ above,
 
 (``gamma = 0, xi = 1`` is the plain rule at ``s = z``; the terms of ``P, Q`` with two
 different units' dNTK enter at O(1/n^2)). Checked, like the NTK side, against the exact Wick
-recursion (to roundoff) and Monte Carlo. For a nonlinear activation these would miss the
-``sigma''`` terms and the broken rotation symmetry: not used there. The ddNTK statistics
-(``PH, QH, R, S, T, U``) of residual layers are not derived: the engine refuses them
-(:data:`RESIDUAL`).
+recursion (to roundoff) and Monte Carlo.
+
+The ddNTKs likewise (linear only). ``z'`` is linear in ``W`` and in ``z``, so
+``Hess(z'_i)[u, v] = xi sum_k (u_{W_ik} v.grad z_k + v_{W_ik} u.grad z_k)
++ sum_k M_ik Hess(z_k)[u, v]`` (lower components of ``u, v``), the third derivative has only
+the terms ``xi u_{W_ik} Hess(z_k)[v, w]`` (and permutations) and ``sum_k M_ik D^3 z_k``, and
+the layer's weight part of a gradient is ``g'_i|_{W_pk} = (lambda_W / n) xi delta_ip z_k``.
+Inserting, and averaging over ``M`` as for ``P, Q``:
+
+.. math::
+
+    \\hat Q'_{0123} &= \\chi^2 r \\hat Q_{0123} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{02}
+        K_{13} + r F_{02;13}\\big], \\qquad \\hat P' = \\chi^2 r \\hat P, \\quad
+        R' = \\chi^2 r R, \\quad U' = \\chi^2 r U, \\\\
+    S'_{1234} &= \\chi^2 r S_{1234} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{13}\\Theta_{24}
+        + r B_{1234}\\big], \\\\
+    T'_{1342} &= \\chi^2 r T_{1342} + \\xi^4 \\lambda_W^2 \\big[\\Theta_{12} K_{34}
+        + r F_{12;34}\\big] + \\xi^2 \\lambda_W \\chi\\, r \\big[\\hat Q_{2413}
+        + \\hat Q_{1324}\\big]
+
+(``P^, R, U`` have no source in a linear network and stay zero; the ``xi^4 lambda_W^2`` term
+pairs the layer's weight part of both gradients, the ``xi^2 lambda_W chi`` terms one of them
+with the Hessian of the lower layers, whose weight ``M`` averages to ``chi``). Checked by
+Monte Carlo (``rgnn.measure`` differentiates the residual network), and ``gamma = 0, xi = 1``
+against the plain rules. For a nonlinear activation these rules would miss the ``sigma''``
+terms and the broken rotation symmetry: :func:`rgnn.perturbative` refuses the NTK side there.
 """
 
 from __future__ import annotations
@@ -710,6 +732,47 @@ def _res_q(c: Layer, plain: L, gamma, xi) -> L:
     return out.to("abcd")
 
 
+def _res_propagated(name):
+    """``chi^2 r X``: the residual rule of a linear layer for the ddNTK statistics that have no
+    source there (``PH, R, U``: zero for a linear network)."""
+
+    def rule(c: Layer, plain: L, gamma, xi) -> L:
+        prop, _ = _res_pq_factors(c, gamma, xi)
+        return (prop * c.S(name, "abcd")).to("abcd")
+
+    rule.__doc__ = f"``{name}`` after a residual layer, linear activation only: ``chi^2 r {name}``."
+    return rule
+
+
+def _res_qh(c: Layer, plain: L, gamma, xi) -> L:
+    """``Q^`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k = c.M.k
+    out = prop * c.S("QH", "abcd") + src * (c.T("ac") * L(k, "bd") + c.r * c.S("F", "acbd"))
+    return out.to("abcd")
+
+
+def _res_s(c: Layer, plain: L, gamma, xi) -> L:
+    """``S`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    out = prop * c.S("S", "abcd") + src * (c.T("ac") * c.T("bd") + c.r * c.S("B", "abcd"))
+    return out.to("abcd")
+
+
+def _res_t(c: Layer, plain: L, gamma, xi) -> L:
+    """``T`` after a residual layer, linear activation only (module docstring); ``T_{abcd}``
+    is ``T_{1342}`` (inputs 1 = a, 3 = b, 4 = c, 2 = d), as in the plain rule."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k, r, lw = c.M.k, c.r, c.lw
+    x2 = xi * xi
+    out = (
+        prop * c.S("T", "abcd")
+        + x2 * x2 * lw * lw * (c.T("ad") * L(k, "bc") + r * c.S("F", "adbc"))
+        + src * r * (c.S("QH", "dcab") + c.S("QH", "abdc"))
+    )
+    return out.to("abcd")
+
+
 RESIDUAL = {
     "V": _res_v,
     "DG": _res_dg,
@@ -720,9 +783,17 @@ RESIDUAL = {
     "DH": _res_dh,
     "P": _res_p,
     "Q": _res_q,
+    "PH": _res_propagated("PH"),
+    "QH": _res_qh,
+    "R": _res_propagated("R"),
+    "S": _res_s,
+    "T": _res_t,
+    "U": _res_propagated("U"),
 }
-"""The residual-layer form of each statistic whose residual recursion is derived and checked
-(module docstring); the engine refuses any other statistic on a residual network."""
+"""The residual-layer form of each statistic (module docstring): ``V`` and ``DG`` written for
+any activation but exact only for a linear one (the rotation symmetry), the NTK side, the dNTK
+and the ddNTK derived for the linear activation; :func:`rgnn.perturbative` uses them only
+there (a nonlinear residual MLP has the single-input flow of :mod:`rgnn._residual_single`)."""
 
 
 RULES = {
