@@ -641,11 +641,13 @@ def perturbative(
         the NTK mean shift, the NTK variance, ``A``, ``B``, ``D``, the dNTK ``P, Q``, the
         ddNTK ``R, S, T, U`` and their views are exact on any inputs (:mod:`rgnn.flow.rules`,
         "Residual layers"); with a nonlinear activation the
-        vertex, the kernel correction and their views are given on one input only, with
-        ``ntk=False`` (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`: a residual
-        layer breaks the rotation symmetry among units, so the vertex alone does not carry the
-        two-unit correlations and the pair recursion does not close; more inputs, or the NTK
-        side, raise a ``ValueError``). There ``nngp_variance`` is
+        vertex, the kernel correction, their views and the NTK mean shift ``ntk_correction``
+        are given on one input only (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`:
+        a residual layer breaks the rotation symmetry among units, so the vertex alone does not
+        carry the two-unit correlations and the pair recursion does not close; more inputs, or
+        the dNTK, raise a ``ValueError``; ``ntk_variance``, ``ntk_vertex``, ``mixed_vertex``
+        and ``ntk_b`` are not derived there and are ``None``, with a warning unless
+        ``ntk=False``). There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
         :func:`rgnn.measure` estimates for a residual layer).
@@ -714,14 +716,13 @@ def perturbative(
             "close on V on pairs (it is exact for activation='linear'); the single-input flow "
             "carries the whole two-unit correlation (rgnn._residual_single)"
         )
-    if arch.is_residual and (ntk or dntk) and arch.act.name != "linear":
+    if arch.is_residual and dntk and arch.act.name != "linear":
         raise ValueError(
-            "ntk: the NTK-side statistics of a residual MLP (ntk_correction, ntk_variance, "
-            "ntk_vertex (A), mixed_vertex (D), ntk_b (B), F, dntk_p/dntk_q (P, Q), "
+            "dntk: the dNTK and ddNTK statistics of a residual MLP (dntk_p/dntk_q (P, Q), "
             "ddntk_r/s/t/u (R, S, T, U)) are derived for "
             f"activation='linear' only, not for {arch.act.name!r}: a residual layer breaks the "
-            "rotation symmetry among units that lets V, D, A, F carry every cross-unit "
-            "correlation of a nonlinear activation; pass ntk=False (and dntk=ddntk=False)"
+            "rotation symmetry among units that lets the pair statistics carry every cross-unit "
+            "correlation of a nonlinear activation; pass dntk=ddntk=False"
         )
     x = check_inputs(x, "x")
     _check_memory(
@@ -729,7 +730,7 @@ def perturbative(
     )
     mode = kinks if dntk else None
     if arch.is_residual and arch.act.name != "linear":
-        return _run_residual_single(arch, x, quadrature_order, warn)
+        return _run_residual_single(arch, x, quadrature_order, warn, ntk)
     result = _run(arch, x, quadrature_order, ntk, mode, ddntk, full)
     bad = np.isnan(np.asarray(result.vertex)).any(axis=(0, 3, 4))
     if bad.any():
@@ -754,23 +755,34 @@ def perturbative(
     return result
 
 
-def _run_residual_single(arch: MLP, x, order: int, warn: bool) -> Perturbative:
+def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on one input, from the single-input
     flow of :mod:`rgnn._residual_single` (NumPy grid; its ``quadrature_error`` is the relative
-    change of every field between 1201 and 801 grid nodes, the kernel correction's relative to
-    the kernel)."""
+    change of every field between 1201 and 801 grid nodes, the kernel and NTK corrections'
+    relative to the kernels they correct). ``ntk``: also the NTK and its mean shift (the NTK
+    variance, ``A, B, D`` are not derived there: ``None``, with a warning)."""
     from rgnn._residual_single import single_input_flow
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
         fp = fixed_point(arch, x, quadrature_order=order)
     k1 = float(np.asarray(fp.nngp)[0, 0, 0])
-    fine, coarse = single_input_flow(arch, k1), single_input_flow(arch, k1, points=801)
+    kw = {}
+    if ntk:
+        rec = arch.recursion(x.shape[1])
+        kw["ntk"] = (float(np.asarray(fp.ntk)[0, 0, 0]), rec.lambda_b, rec.lambda_w)
+    fine = single_input_flow(arch, k1, **kw)
+    coarse = single_input_flow(arch, k1, points=801, **kw)
     err = 0.0
-    for name in ("vertex", "nngp_correction", "kurtosis"):
+    names = ("vertex", "nngp_correction", "kurtosis") + (("ntk_correction",) if ntk else ())
+    for name in names:
         a, b = getattr(fine, name), getattr(coarse, name)
-        # the kernel correction relative to the kernel it corrects (it vanishes for relu)
-        scale = np.max(np.abs(fine.nngp if name == "nngp_correction" else a))
+        # the corrections relative to the kernels they correct (they vanish for relu)
+        scale = np.max(np.abs(a))
+        if name == "nngp_correction":
+            scale = np.max(np.abs(fine.nngp))
+        elif name == "ntk_correction":
+            scale = np.max(np.abs(fine.ntk))
         if scale > 0:
             err = max(err, float(np.max(np.abs(a - b)) / scale))
     dtype = x.dtype
@@ -794,6 +806,21 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         quadrature_order=0,
         quadrature_error=err,
     )
+    if ntk:
+        result = dataclasses.replace(
+            result,
+            ntk=jnp.asarray(fp.ntk, dtype),
+            ntk_correction=arr(fine.ntk_correction / n, (-1, 1, 1)),
+        )
+        warnings.warn(
+            f"perturbative: for the residual MLP with the nonlinear activation {arch.act.name!r} "
+            "only the NTK and its mean shift (ntk, ntk_correction) are derived; ntk_variance, "
+            "ntk_vertex (A), mixed_vertex (D) and ntk_b (B) are None (a residual layer breaks "
+            "the units' rotation symmetry, and the NTK variance needs two-unit NTK-NTK "
+            "correlations not carried yet); pass ntk=False to silence this",
+            UserWarning,
+            stacklevel=3,
+        )
     if warn:
         depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
         if depth_over_width > TRUST_DEPTH_OVER_WIDTH:

@@ -183,12 +183,13 @@ def test_linear_residual_fixed_point_closed_form(x64):
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
-    with pytest.raises(ValueError, match=r"ntk: the NTK-side statistics of a residual MLP"):
-        rgnn.perturbative(arch, _inputs(1))
-    with pytest.raises(ValueError, match=r"ntk: the NTK-side statistics of a residual MLP"):
+    with pytest.raises(ValueError, match=r"dntk: the dNTK and ddNTK statistics of a residual"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True)
     with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are derived for"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
+    with pytest.warns(UserWarning, match=r"only the NTK and its mean shift"):
+        p = rgnn.perturbative(arch, _inputs(1), warn=False)
+    assert p.ntk_correction is not None and p.ntk_variance is None and p.ntk_b is None
     with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
         rgnn.perturbative(arch, _inputs(2), ntk=False)
     with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
@@ -204,12 +205,15 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     computations' estimated quadrature errors)."""
     linear = activation == "linear"
     x = _inputs(3 if linear else 1)
-    # linear: the NTK side, the dNTK and the ddNTK too
-    kw = dict(ntk=linear, ddntk=linear)
+    # linear: the NTK side, the dNTK and the ddNTK too; nonlinear: the NTK mean shift
+    kw = dict(ntk=True, ddntk=linear)
     plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, **kw)
-    res = rgnn.perturbative(
-        rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0), x, **kw
-    )
+    trivial = rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0)
+    if linear:
+        res = rgnn.perturbative(trivial, x, **kw)
+    else:
+        with pytest.warns(UserWarning, match="only the NTK and its mean shift"):
+            res = rgnn.perturbative(trivial, x, **kw)
     rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
     names = ["vertex", "nngp_variance", "kurtosis", "coupling"]
     if linear:
@@ -218,8 +222,10 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     for name in names:
         a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
-    scale = np.max(np.asarray(plain.nngp))  # the correction vanishes for relu and linear
-    np.testing.assert_allclose(res.nngp_correction, plain.nngp_correction, atol=rtol * scale)
+    # the corrections vanish for relu and linear: relative to the kernels they correct
+    for name, kernel in (("nngp_correction", "nngp"), ("ntk_correction", "ntk")):
+        scale = np.max(np.asarray(getattr(plain, kernel)))
+        np.testing.assert_allclose(getattr(res, name), getattr(plain, name), atol=rtol * scale)
 
 
 def test_deep_linear_residual_vertex_closed_form(x64):
