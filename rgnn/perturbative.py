@@ -177,8 +177,10 @@ class Perturbative:
         ``n_{l-1} Cov(G_P, H~_Q)``, the NNGP-NTK cross covariance.
       ntk_b: ``[L+1, N, N, 2]`` PDLT's ``B`` on the pair: ``(B_aabb, B_abba)``, with
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
-        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
-        recursions: this module's docstring and :mod:`rgnn.flow.rules`.)
+        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``, and all but
+        ``ntk`` and ``ntk_correction`` for a residual MLP with a nonlinear activation, where
+        only the NTK mean shift is derived. Derivation and recursions: this module's docstring,
+        :mod:`rgnn.flow.rules` and, for residual MLPs, :mod:`rgnn._residual_single`.)
       dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
         and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
         with slot 0 the input ``a`` and slot 1 the input ``b``,
