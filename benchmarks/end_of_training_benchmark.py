@@ -20,6 +20,7 @@ benchmarks/results/end_of_training.json.
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
         print("--stability: expected in (0, 2); --target: expected > 0", file=sys.stderr)
         return 2
     jax.config.update("jax_enable_x64", True)
+    load_start = os.getloadavg()
     x_tr, y, x_te = _problem(args.n_train, args.n_test, args.in_dim, 0)
     arch = rgnn.MLP(args.depth, args.width, activation=args.activation, bias_var=0.1)
     x_all = jnp.concatenate([x_tr, x_te])
@@ -132,6 +134,10 @@ def main(argv=None) -> int:
         learning_rate=float(eta),
         platform=platform.platform(),
         device=str(jax.devices()[0]),
+        cpus=os.cpu_count(),
+        load_average_start=list(load_start),
+        load_average_end=list(os.getloadavg()),
+        quadrature_error=float(pred.quadrature_error),
         prediction_first_call_s=t_first,
         prediction_s=t_pred,
         mean=np.asarray(pred.mean[:, 0]).tolist(),

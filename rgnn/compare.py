@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from functools import partial
 
 import jax
@@ -570,7 +571,9 @@ def compare(
         :class:`rgnn.models.Model`). For a model every layer field has one layer, the output
         (``[T, 1]``); its reference kernels are the model's own (a triple's ``kernel_fn``, a
         flax model's user-supplied reference; NaN fields where it has none); the predicted
-        kurtosis and kernel variance are NaN (no 1/n rules exist for it).
+        kurtosis and kernel variance are NaN (no 1/n rules exist for it). A flax model's
+        empirical NNGP needs its readout named (:class:`rgnn.models.FlaxModel` ``readout``):
+        without it every NNGP field is NaN, and ``compare`` warns.
       x: ``[N, n_0]`` the training inputs the record was taken on.
       training: a :class:`~rgnn.Training`, or an :class:`~rgnn.Ensemble` (step 0 only).
       y: targets (default: those stored in the training). A bare ensemble has no gaps (NaN).
@@ -584,9 +587,18 @@ def compare(
       A :class:`Comparison` (formulas in the module docstring).
     """
     if not isinstance(arch, MLP):
-        from rgnn.models import as_model
+        from rgnn.models import FlaxModel, as_model
 
         arch = as_model(arch)
+        if isinstance(arch, FlaxModel) and arch.readout is None:
+            warnings.warn(
+                f"arch: the flax model {arch.name!r} names no readout, so its output layer has "
+                "no empirical NNGP and every NNGP field (nngp_distance, mean_nngp_distance, "
+                "nngp_cka, kurtosis, nngp_variance) is NaN; name the submodule that computes "
+                "the output: rgnn.models.FlaxModel(..., readout='out')",
+                UserWarning,
+                stacklevel=2,
+            )
     x, _ = check_pair(x, None, ("x", "x2"))
     if isinstance(training, Ensemble):
         ens = training

@@ -102,49 +102,73 @@ def _ntk_block(net: MLPNetwork, x1, x2, units):
     empty tuple skips the layer, ``None`` in its place, and layers past ``len(units)`` are not
     computed); returns, per layer, ``[u_l, u_l, N1, N2]`` with entry ``[i, j, a, b]`` the NTK
     ``H_{k_i k_j; ab}`` of units ``k_i = units[l][i]`` and ``k_j`` (the formula of the module
-    docstring with one backward signal per unit). The backward signals of all units of a layer
-    travel together, so ``u`` units cost ``u`` backward passes and ``u^2`` signal Grams.
+    docstring with one backward signal per unit). ``x2=None`` means ``x2 = x1`` (one set of
+    backward signals serves both sides).
+
+    One backward sweep from the highest requested layer down to the input carries the signals
+    of every requested unit together: the signals of layer ``l``'s units join the sweep at
+    layer ``l``, so each weight matrix is read once per sweep (not once per requested layer
+    above it), and the ``U`` signals of all layers cost ``U^2`` signal Grams per layer.
     """
-    z1, z2 = net.preactivations(x1), net.preactivations(x2)
+    same = x2 is None
+    z1 = net.preactivations(x1)
+    z2 = z1 if same else net.preactivations(x2)
     h1 = [x1] + [net.activation(z) for z in z1[:-1]]
-    h2 = [x2] + [net.activation(z) for z in z2[:-1]]
+    h2 = h1 if same else [x2] + [net.activation(z) for z in z2[:-1]]
     dact = jax.vmap(jax.vmap(jax.grad(net.activation)))
-    n1, n2 = x1.shape[0], x2.shape[0]
-    out = []
-    for top, sel in enumerate(units):
-        if not sel:  # no unit asked for on this layer
-            out.append(None)
-            continue
-        u, width = len(sel), z1[top].shape[1]
-        e = np.zeros((u, 1, width))
-        e[np.arange(u), 0, np.asarray(sel)] = 1.0
-        d1 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n1, width))
-        d2 = jnp.broadcast_to(jnp.asarray(e, x1.dtype), (u, n2, width))
-        theta = jnp.zeros((u, u, n1, n2), x1.dtype)
-        res = net.residual
-        for k in range(top, -1, -1):
-            layer = net.layers[k]
-            feat = layer.a_w**2 * (h1[k] @ h2[k].T)
-            if layer.b is not None:
-                feat = feat + layer.a_b**2
-            if res is not None:
-                feat = res[1][k] ** 2 * feat
-            # every (unit, input) row of d1 against every one of d2: one matrix product
-            gram = d1.reshape(u * n1, -1) @ d2.reshape(u * n2, -1).T
-            gram = gram.reshape(u, n1, u, n2).transpose(0, 2, 1, 3)
-            theta = theta + gram * feat[None, None]
-            if 0 < k < len(net.layers) - 1 and res is not None:
-                # a residual layer: dz^(k)/dz^(k-1) = xi W sigma' + gamma I (the output layer
-                # is plain, and its width may differ)
-                w = res[1][k] * layer.a_w * layer.w[...]
-                d1 = dact(z1[k - 1])[None] * (d1 @ w.T) + res[0][k] * d1
-                d2 = dact(z2[k - 1])[None] * (d2 @ w.T) + res[0][k] * d2
-            elif k > 0:
-                w = layer.a_w * layer.w[...]
-                d1 = dact(z1[k - 1])[None] * (d1 @ w.T)
-                d2 = dact(z2[k - 1])[None] * (d2 @ w.T)
-        out.append(theta)
-    return out
+    n1 = x1.shape[0]
+    n2 = n1 if same else x2.shape[0]
+    tops = [layer for layer, sel in enumerate(units) if sel]
+    if not tops:
+        return [None] * len(units)
+    res = net.residual
+    spans = {}  # top -> (first signal row, unit count)
+    d1 = d2 = None  # [U, N, width of z^(k)]: the signals of every unit joined so far
+    theta = {}
+    for k in range(max(tops), -1, -1):
+        sel = units[k] if k < len(units) else None
+        if sel:
+            width = z1[k].shape[1]
+            e = np.zeros((len(sel), 1, width))
+            e[np.arange(len(sel)), 0, np.asarray(sel)] = 1.0
+            e = jnp.asarray(e, x1.dtype)
+            new1 = jnp.broadcast_to(e, (len(sel), n1, width))
+            new2 = jnp.broadcast_to(e, (len(sel), n2, width))
+            start = 0 if d1 is None else d1.shape[0]
+            spans[k] = (start, len(sel))
+            d1 = new1 if d1 is None else jnp.concatenate([d1, new1])
+            d2 = new2 if d2 is None else jnp.concatenate([d2, new2])
+        layer = net.layers[k]
+        feat = layer.a_w**2 * (h1[k] @ h2[k].T)
+        if layer.b is not None:
+            feat = feat + layer.a_b**2
+        if res is not None:
+            feat = res[1][k] ** 2 * feat
+        # every (unit, input) row against every other: one matrix product, blocks sliced below
+        rows = d1.shape[0]
+        right = d1 if same else d2
+        gram = d1.reshape(rows * n1, -1) @ right.reshape(rows * n2, -1).T
+        gram = gram.reshape(rows, n1, rows, n2).transpose(0, 2, 1, 3) * feat[None, None]
+        for top, (start, u) in spans.items():
+            block = gram[start : start + u, start : start + u]
+            theta[top] = block if top not in theta else theta[top] + block
+        if k > 0:
+            # a residual layer (not the plain output layer, whose width may differ):
+            # dz^(k)/dz^(k-1) = xi W sigma' + gamma I
+            residual = res is not None and k < len(net.layers) - 1
+            w = layer.a_w * layer.w[...]
+            if residual:
+                w = res[1][k] * w
+            d1_next = dact(z1[k - 1])[None] * (d1 @ w.T)
+            if not same:
+                d2_next = dact(z2[k - 1])[None] * (d2 @ w.T)
+            if residual:
+                d1_next = d1_next + res[0][k] * d1
+                if not same:
+                    d2_next = d2_next + res[0][k] * d2
+            d1 = d1_next
+            d2 = d1 if same else d2_next
+    return [theta.get(layer) for layer in range(len(units))]
 
 
 def _ntk_one(net: MLPNetwork, x1, x2, unit: int):
@@ -158,7 +182,7 @@ def _apply(graphdef, state, x1, x2, *, kind, option, batched):
     def one(s):
         net = nnx.merge(graphdef, s)
         if kind == "nngp":
-            return _nngp_one(net, x1, x2, option)
+            return _nngp_one(net, x1, x1 if x2 is None else x2, option)
         if kind == "ntk_block":
             return _ntk_block(net, x1, x2, option)
         return _ntk_one(net, x1, x2, option)
@@ -214,7 +238,6 @@ def _dispatch(model, x1, x2, kind, option, layer=None):
         raise ValueError(
             f"x1: expected {n0} features (the network's input dimension), got {x1.shape[1]}"
         )
-    x2 = x1 if x2 is None else x2
     is_mlp = isinstance(model, MLPNetwork) or (
         isinstance(model, Ensemble) and model.graphdef is not None
     )
@@ -231,6 +254,7 @@ def _dispatch(model, x1, x2, kind, option, layer=None):
                 "nesting) for the empirical NNGP of a flax model"
             )
         state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x1.dtype), state)
+        x2 = x1 if x2 is None else x2
         return _model_apply(arch, state, x1, x2, kind=kind, option=option, batched=batched)
     if layer is not None:
         raise ValueError("layer: feature layers are named in flax models only, not an rgnn.MLP")
@@ -436,7 +460,7 @@ def _dntk_correlators(graphdef, state, x, widths, *, units, chunk):
                 # flattened parameters, from the layer structure (no Jacobian is formed)
                 net = nnx.merge(graphdef, unravel(theta))
                 sel = ((),) * layer + (tuple(range(u)),)
-                return _ntk_block(net, x, x, sel)[layer]
+                return _ntk_block(net, x, None, sel)[layer]
 
             jac = jax.jacrev(flat_z)(flat)  # rows (a0, i0): the gradients of z_{i0; a0}
             dh = jax.vmap(lambda v, ntk=ntk: jax.jvp(ntk, (flat,), (v,))[1])(jac)
@@ -844,7 +868,7 @@ def measure(
             res_q.append(q)
         if ntk and four:
             blocks = _apply(
-                ens.graphdef, ens.state, x, x, kind="ntk_block", option=ntk_units, batched=True
+                ens.graphdef, ens.state, x, None, kind="ntk_block", option=ntk_units, batched=True
             )
             blocks = [np.asarray(b) for b in blocks]  # per layer [m, u, u, N, N]
             ts.append(np.stack([b[:, 0, 0] for b in blocks], axis=1))

@@ -61,11 +61,14 @@ everything below is
 the ``s``-weighted NTK of the readout (``C_W h_a h_b / n + C_b`` for a ``Dense`` readout in
 either parameterization). It is computed by the JVP/VJP method above, and is NaN (never a
 guess) when the output is not affine in ``phi`` on the given inputs (checked in the same
-pass: ``f(2 phi) + f(0) = 2 f(phi)``) or the parameters have no such group. ``s_k`` is given
+pass: ``f(2 phi) + f(0) = 2 f(phi)`` and ``f(phi) + f(-phi) = 2 f(0)``) or the parameters
+have no such group. ``s_k`` is given
 (:func:`cnn`: NTK parameterization, ``s = 1``) or estimated as the mean square of the leaf's
-entries over :data:`VARIANCE_DRAWS` draws of ``init_fn``. For a :class:`FlaxModel`,
-:func:`rgnn.empirical_nngp` with ``layer=`` gives the kernel ``h h^T / n`` of a named
-submodule's output instead.
+entries over :data:`VARIANCE_DRAWS` draws of ``init_fn``. A :class:`FlaxModel` has no
+parameter order that marks its readout: the user names it (``readout="out"``), and the same
+formula runs over that submodule's parameters; without it the output metric is NaN (and
+:func:`rgnn.compare` warns). :func:`rgnn.empirical_nngp` with ``layer=`` gives the kernel
+``h h^T / n`` of a named submodule's output of one flax module.
 """
 
 from __future__ import annotations
@@ -247,8 +250,17 @@ class Model:
         )
 
     def check_output(self, params, x) -> None:
-        """Raise a ``ValueError`` unless the output on ``x`` is ``[N, out_dim]``, floating."""
-        shape = jax.eval_shape(self.apply, params, x)
+        """Raise a ``ValueError`` unless the output on ``x`` is ``[N, out_dim]``, floating (also
+        when the model cannot run on ``x`` at all: the error it raised, in one line)."""
+        try:
+            shape = jax.eval_shape(self.apply, params, x)
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. a shape mismatch deep inside the model
+            raise ValueError(
+                f"x: the {self.kind} model {self.name!r} does not run on inputs of shape "
+                f"{tuple(x.shape)} ({type(err).__name__}: {str(err)[:200]})"
+            ) from None
         if shape.ndim != 2 or shape.shape[0] != x.shape[0]:
             raise ValueError(
                 f"arch: expected the {self.kind} model {self.name!r} to map [N, ...] inputs "
@@ -305,6 +317,18 @@ def ntk_jacobian(f, params, x1, x2):
         jnp.einsum("ap,bp->ab", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
         for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2), strict=True)
     )
+
+
+def _affine(f, phi, x):
+    """Whether ``f(phi, x)`` looks affine in ``phi`` (a scalar-valued jax bool): the two exact
+    identities of an affine map ``f(2 phi) + f(0) = 2 f(phi)`` and ``f(phi) + f(-phi) =
+    2 f(0)``, to rounding (1000 eps of the output's scale). The second catches a positively
+    homogeneous map, such as relu of a hidden layer, that passes the first."""
+    scaled = [jax.tree_util.tree_map(lambda a, c=c: c * a, phi) for c in (1.0, 2.0, 0.0, -1.0)]
+    f1, f2, f0, fm = (f(p, x) for p in scaled)
+    scale = jnp.max(jnp.abs(f1)) + jnp.max(jnp.abs(f0)) + jnp.max(jnp.abs(fm))
+    tol = 1e3 * jnp.finfo(f1.dtype).eps * (1 + scale)
+    return (jnp.max(jnp.abs(f2 + f0 - 2 * f1)) <= tol) & (jnp.max(jnp.abs(f1 + fm - 2 * f0)) <= tol)
 
 
 # ----------------------------------------------------------------------------- stax
@@ -415,13 +439,7 @@ class StaxModel(Model):
 
         phi = params[i]
         g = ntk_jvp(f, phi, x1, x2, weights=weights)
-        zero = jax.tree_util.tree_map(jnp.zeros_like, phi)
-        two = jax.tree_util.tree_map(lambda a: 2 * a, phi)
-        f1, f2, f0 = f(phi, x1), f(two, x1), f(zero, x1)
-        scale = jnp.max(jnp.abs(f1)) + jnp.max(jnp.abs(f0))
-        eps = jnp.finfo(x1.dtype).eps
-        affine = jnp.max(jnp.abs(f2 + f0 - 2 * f1)) <= 1e3 * eps * (1 + scale)
-        return jnp.where(affine, g, jnp.nan)
+        return jnp.where(_affine(f, phi, x1), g, jnp.nan)
 
     def _estimated_var(self, params, x):
         i = _last_group(params)
@@ -550,8 +568,7 @@ class CNN(Model):
 
     def init(self, key, x):
         self._check(x)
-        _, params = self.stax()[0](key, (-1, *self.image_shape))
-        return jax.tree_util.tree_map(lambda p: jnp.asarray(p, x.dtype), params)
+        return _cnn_params(self, key, jnp.dtype(x.dtype))
 
     def _forward(self, params, x, eps=None):
         """Output ``[N, C]``; ``eps`` (optional) adds a perturbation to each preactivation."""
@@ -587,8 +604,9 @@ class CNN(Model):
         shape = (-1, *self.image_shape)
         a = x1.reshape(shape)
         b = None if x2 is None else x2.reshape(shape)
-        k = self.stax()[2](a, b, ("nngp", "ntk"))
-        return jnp.asarray(k.nngp, x1.dtype), jnp.asarray(k.ntk, x1.dtype)
+        # the infinite-channel kernels do not depend on the width: one compilation per family
+        nngp, ntk = _cnn_reference(dataclasses.replace(self, width=1), a, b)
+        return jnp.asarray(nngp, x1.dtype), jnp.asarray(ntk, x1.dtype)
 
     def empirical_nngp(self, params, x1, x2):
         h1, h2 = self._forward(params, x1)[2], self._forward(params, x2)[2]
@@ -622,6 +640,22 @@ class CNN(Model):
 
     def at_width(self, width: int) -> CNN:
         return dataclasses.replace(self, width=int(width))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _cnn_params(model: CNN, key, dtype):
+    """``stax``'s ``init_fn`` draw of one network, compiled once per (network, dtype): eagerly,
+    each of its sampling operations would be compiled on its own for every width."""
+    _, params = model.stax()[0](key, (-1, *model.image_shape))
+    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _cnn_reference(model: CNN, a, b):
+    """``stax``'s ``kernel_fn`` NNGP and NTK of the output, compiled once per family and input
+    shapes (eagerly, neural-tangents' kernel functions compile operation by operation)."""
+    k = model.stax()[2](a, b, ("nngp", "ntk"))
+    return k.nngp, k.ntk
 
 
 def cnn(
@@ -675,6 +709,21 @@ class FlaxModel(Model):
       name: a label.
       width: the width passed to a function ``model`` (sweeps set it).
       depth: hidden layers, if the user wants the verdict's trust bound ``depth / width``.
+      readout: the attribute path (dots for nesting, e.g. ``"out"`` or ``"head.dense"``) of
+        the submodule whose parameters enter the output affinely, usually the last ``Linear``.
+        It gives the output layer's empirical metric (the empirical NNGP, module docstring):
+        ``G_ab = sum_k s_k df_a/dphi_k . df_b/dphi_k`` over that submodule's parameters
+        ``phi_k``, which is ``s_W h_a . h_b + s_b`` for a ``Linear`` readout of features
+        ``h``. ``None`` (the default): a flax model has no such layer that rgnn could find for
+        itself, and the empirical NNGP and every NNGP field of :func:`rgnn.compare` and
+        :func:`rgnn.sweep` are NaN (``compare`` warns once why).
+      readout_var: the variances ``s_k`` of the readout's parameter leaves at initialization,
+        one number per leaf in the order of ``jax.tree_util.tree_leaves`` of that submodule's
+        parameters (``nnx.Linear``: ``(bias, kernel)``; its defaults are ``(0.0, 1 / fan_in)``).
+        ``None``: estimated as the mean square of each leaf's entries over
+        :data:`VARIANCE_DRAWS` networks drawn by ``make(width, rngs=...)``, or, for a single
+        module that cannot draw, over the entries of its own readout (relative error about
+        ``sqrt(2 / size)`` of the leaf).
 
     The parameters are the module's ``nnx.Param`` variables; every other state (e.g. an
     ``nnx.Rngs``) is taken from the module built with ``jax.random.key(0)`` and held fixed.
@@ -685,7 +734,28 @@ class FlaxModel(Model):
     name: str = "flax"
     width: int | None = None
     depth: int | None = None
+    readout: str | None = None
+    readout_var: tuple | None = None
     kind = "flax"
+
+    def __post_init__(self):
+        if self.readout is not None and (not isinstance(self.readout, str) or not self.readout):
+            raise ValueError(
+                f"readout: expected the attribute path of a submodule (a str), got {self.readout!r}"
+            )
+        if self.readout_var is not None:
+            try:
+                var = tuple(float(v) for v in self.readout_var)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    "readout_var: expected a sequence of variances, one per parameter leaf of "
+                    f"the readout, got {self.readout_var!r}"
+                ) from None
+            if self.readout is None:
+                raise ValueError("readout_var: given without readout (the submodule it describes)")
+            if not all(math.isfinite(v) and v >= 0 for v in var):
+                raise ValueError(f"readout_var: expected finite variances >= 0, got {var}")
+            object.__setattr__(self, "readout_var", var)
 
     @property
     def is_family(self) -> bool:
@@ -724,7 +794,9 @@ class FlaxModel(Model):
             params = self._split[1]
         else:
             params = nnx.split(self._build(key), nnx.Param, ...)[1]
-        return jax.tree_util.tree_map(lambda p: jnp.asarray(p, x.dtype), params)
+        params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, x.dtype), params)
+        self.check_output(params, x)  # a module that cannot take x: one ValueError, here
+        return params
 
     def apply(self, params, x):
         from flax import nnx
@@ -762,6 +834,63 @@ class FlaxModel(Model):
             res.append(k)
         return tuple(res)
 
+    def _readout_split(self, params):
+        """``(phi, put)``: the readout's parameter leaves (a list) and a function
+        ``put(new_phi) -> params`` that puts others in their place."""
+        parts = tuple(self.readout.split("."))
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        sel = [i for i, (path, _) in enumerate(flat) if _path_names(path)[: len(parts)] == parts]
+        if not sel:
+            raise ValueError(
+                f"readout: no parameters under {self.readout!r} in {self.name!r} (expected the "
+                "attribute path of the submodule that computes the output, e.g. 'out')"
+            )
+        leaves = [leaf for _, leaf in flat]
+
+        def put(new):
+            vals = list(leaves)
+            for i, leaf in zip(sel, new, strict=True):
+                vals[i] = leaf
+            return jax.tree_util.tree_unflatten(treedef, vals)
+
+        return [leaves[i] for i in sel], put
+
+    def _readout_variances(self, params, dtype):
+        phi, _ = self._readout_split(params)
+        if self.readout_var is not None:
+            if len(self.readout_var) != len(phi):
+                raise ValueError(
+                    f"readout_var: expected {len(phi)} variances (one per parameter leaf of "
+                    f"{self.readout!r}), got {len(self.readout_var)}"
+                )
+            return [jnp.asarray(v, dtype) for v in self.readout_var]
+        if self.can_draw:
+            from flax import nnx
+
+            def draw(key):
+                drawn = nnx.split(self._build(key), nnx.Param, ...)[1]
+                return self._readout_split(drawn)[0]
+
+            keys = jax.random.split(jax.random.key(20260), VARIANCE_DRAWS)
+            draws = jax.vmap(draw)(keys)
+            return [jnp.mean(jnp.asarray(d, dtype) ** 2) for d in draws]
+        own = self._readout_split(self._split[1])[0]
+        return [jnp.mean(jnp.asarray(leaf, dtype) ** 2) for leaf in own]
+
+    def empirical_nngp(self, params, x1, x2):
+        """The output layer's stochastic metric ``[N1, N2]`` from the named ``readout``
+        (class docstring), NaN without one or where the output is not affine in it."""
+        if self.readout is None:
+            return super().empirical_nngp(params, x1, x2)
+        phi, put = self._readout_split(params)
+        weights = self._readout_variances(params, x1.dtype)
+
+        def f(new, x):
+            return self.apply(put(new), x)[:, 0]
+
+        g = ntk_jvp(f, phi, x1, x2, weights=weights)
+        return jnp.where(_affine(f, phi, x1), g, jnp.nan)
+
     def features(self, params, x, layer: str):
         """The output of the submodule at attribute path ``layer`` (dots for nesting),
         flattened to ``[N, n]``."""
@@ -790,6 +919,20 @@ class FlaxModel(Model):
         if not self.is_family:
             return super().at_width(width)
         return dataclasses.replace(self, width=int(width))
+
+
+def _path_names(path) -> tuple:
+    """The attribute names of a pytree path of an ``nnx.State`` (dict keys, sequence indices
+    and attributes as strings; the trailing ``value`` of a variable dropped)."""
+    names = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+    if names and names[-1] == "value":
+        names.pop()
+    return tuple(names)
 
 
 def fingerprint(model: Model, x) -> str:
@@ -821,7 +964,8 @@ def model_fixed_point(arch, x1, x2=None):
     n2 = n1 if x2 is None else x2.shape[0]
     try:
         k, t = model.reference(x1, x2)
-        k1 = model.reference(x1)[0]
+        # the diagonals: with x2 None the kernel above is already K(x1, x1)
+        k1 = k if x2 is None else model.reference(x1)[0]
         k2 = k1 if x2 is None else model.reference(x2)[0]
     except ValueError:
         raise

@@ -132,7 +132,11 @@ def _network_map(fn, graphdef, arch, in_dim, mesh, n_args):
         return fn(Ensemble(state, graphdef, arch, in_dim), *args)
 
     specs = (P(axis),) + (P(),) * n_args
-    return jax.jit(jax.shard_map(block, mesh=mesh, in_specs=specs, out_specs=P(axis)))
+    # check_vma=False: each block is independent (no collectives); the model path's VJPs
+    # (rgnn.models.ntk_jvp) would otherwise trip over the varying-axis types of shard_map
+    return jax.jit(
+        jax.shard_map(block, mesh=mesh, in_specs=specs, out_specs=P(axis), check_vma=False)
+    )
 
 
 def map_networks(fn, ens: Ensemble, *args, mesh: Mesh | None = None):

@@ -512,8 +512,9 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     mean's own O(1/n) shift enters the ratio at O(1/n^2)). For relu the exact ratio grows like
     ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
     deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
-    the NTK-parameterized twin's) or without ``predict``; ``predicted_se`` is the prediction's
-    quadrature error."""
+    the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`) or a
+    residual MLP (its NTK-side 1/n statistics are not derived: :func:`rgnn.perturbative`), or
+    without ``predict``; ``predicted_se`` is the prediction's quadrature error."""
     d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]
     m = d.shape[0]
     value = se = None
@@ -527,7 +528,8 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
             jack = np.array([ratio(np.delete(d, i, 0)) for i in range(m)])
             se = float(np.sqrt((m - 1) / m * np.sum((jack - jack.mean()) ** 2)))
     predicted = predicted_se = None
-    if predict and arch.parameterization != "mup":
+    has_rules = isinstance(arch, MLP) and not arch.is_residual and arch.parameterization != "mup"
+    if predict and has_rules:
         from rgnn.perturbative import perturbative
 
         p = perturbative(arch, x, warn=False)
@@ -550,14 +552,16 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
 # training inputs, another optimizer...) it returns the reason, which the razor prints.
 # ============================================================================================
 #: The most training inputs for which the sweep computes the end-of-training prediction: its
-#: full-field statistics (:func:`rgnn.perturbative` with ``full=True, ddntk=True``) grow like
-#: ``N^4`` in memory and ``N^5`` in time per layer. Measured (tanh depth 2, one test input, on a
-#: loaded 2-core machine, compilation included, which dominates up to ~24 inputs): 4 inputs
-#: 24 s, 8: 56 s, 12: 38 s, 16: 56 s, 24: 64 s, 32: 156 s (the four-input rule's ~C(N+1, 4)
-#: nodes take over); 34 inputs at depth 3 under heavier load did not finish in 22 minutes.
-#: The limit keeps the prediction within about a minute per sweep group; above it the razor
-#: says so instead.
-END_OF_TRAINING_MAX_INPUTS = 16
+#: full-field statistics grow like ``C(N + 1, 4)`` four-input quadratures per layer step in
+#: time (the bulk of it) and ``N^4`` in memory. Measured on a loaded 2-core machine, compilation
+#: included in first calls: tanh depth 2, one test input, statistics run twice (before
+#: :func:`rgnn.training_theory._statistics`; load ~5): 4 inputs 24 s, 8: 56 s, 12: 38 s, 16:
+#: 56 s, 24: 64 s, 32: 156 s. Run once (load ~16, about three times slower): 24 inputs, depth 2,
+#: 193 s first call, 78.5 s second; 32 + 2 inputs, depth 3, 663 s / 547 s. The limit keeps a
+#: sweep group's prediction near a minute on a quieter machine; above it the razor says so.
+#: From 13 inputs on the four-input rule has 12 nodes (its ``quadrature_error`` says how far
+#: to trust the prediction; 0.36-0.38 for tanh depth 3).
+END_OF_TRAINING_MAX_INPUTS = 24
 
 # The computed predictions, keyed by everything but the width (the prediction's O(1/n) part is
 # ``c / n`` with ``c`` width independent for equal hidden widths): a sweep group computes the
@@ -607,6 +611,11 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
             "architectures only"
         )
     why = []  # every cheap reason, so that the printout names them all
+    if arch.is_residual:
+        why.append(
+            "residual MLP: the NTK-side 1/n statistics of residual layers (NTK variance, dNTK, "
+            "ddNTK) are not derived, so there is no end-of-training prediction"
+        )
     if not settings.get("predict", True):
         why.append("predictions are off (predict=False)")
     if settings["optimizer"] != "gd" or settings["loss"] != "mse":

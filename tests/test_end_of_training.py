@@ -8,6 +8,7 @@ prediction (two steps exercise every term: the NTK fluctuations, the dNTK at bot
 nested ddNTK sums). The converged check over many widths is tools/end_of_training_mc.py.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -98,18 +99,42 @@ def test_time_kernels_against_brute_force(x64):
 
 # ----------------------------------------------------------------------------- exact limits
 @pytest.fixture(scope="module")
-def gelu_runs():
+def gelu_stats():
+    # under the suite's strict rank promotion, as the tests run (one compilation for both)
+    with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
+        x_tr, _, x_te = _problem()
+        x_all = jnp.concatenate([x_tr, x_te])
+        arch = _arch(activation="gelu")
+        return arch, x_all, rgnn.perturbative(arch, x_all, full=True, ddntk=True, warn=False)
+
+
+@pytest.fixture(scope="module")
+def gelu_runs(gelu_stats):
     with jax.enable_x64(True):
         x_tr, y, x_te = _problem()
-        arch = _arch(activation="gelu")
-        stats = rgnn.perturbative(
-            arch, jnp.concatenate([x_tr, x_te]), full=True, ddntk=True, warn=False
-        )
+        arch, _, stats = gelu_stats
         kw = dict(learning_rate=1.0, statistics=stats)
         conv = rgnn.end_of_training(arch, x_tr, y, x_te, **kw)
         zero = rgnn.end_of_training(arch, x_tr, y, x_te, steps=0, **kw)
         long = rgnn.end_of_training(arch, x_tr, y, x_te, steps=3000, **kw)
         return conv, zero, long
+
+
+def test_statistics_once_equal_perturbative(x64, gelu_stats, monkeypatch):
+    """The statistics path of many inputs (the flow once, the shifted rules' error estimate on
+    a subset) is rgnn.perturbative's computation: forced here on the three inputs with the
+    subset holding all of them, every field and the error estimate are identical."""
+    arch, x_all, stats = gelu_stats
+    monkeypatch.setattr(training_theory, "_DIRECT_WORK", -1)
+    monkeypatch.setattr(training_theory, "_ESTIMATE_INPUTS", x_all.shape[0])
+    once = training_theory._statistics(
+        arch, x_all, kinks="distributional", quadrature_order=48, memory_limit=2**30
+    )
+    for field in dataclasses.fields(stats):
+        a, b = getattr(once, field.name), getattr(stats, field.name)
+        if isinstance(b, jax.Array):
+            np.testing.assert_array_equal(a, b, err_msg=field.name)
+    assert once.quadrature_error == stats.quadrature_error > 0
 
 
 def test_steps_zero_is_initialization(x64, gelu_runs):

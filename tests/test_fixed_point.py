@@ -571,11 +571,14 @@ def test_vectorized_arctan2_is_within_3_ulp(dtype):
     ],
     ids=["relu", "gelu-standard", "tanh", "erf-residual"],
 )
-def test_output_layer_alone_equals_the_last_layer(x64, arch):
+def test_output_layer_alone_equals_the_last_layer(x64, arch, monkeypatch):
     """``layers="output"`` is the same recursion without forming the lower layers' kernels:
     its one layer equals the last layer of ``layers="all"`` (one input set and two), with the
-    same quadrature error estimate's order of magnitude for a quadrature activation."""
-    x = np.asarray(jax.random.normal(jax.random.key(3), (300, 5)))
+    same quadrature error estimate's order of magnitude for a quadrature activation. Blocks of
+    12 inputs make the 40 inputs a 3 x 3 grid of 14-input blocks (two padded rows), so the
+    triangle of blocks, its padding and its mirroring are all exercised."""
+    monkeypatch.setattr(importlib.import_module("rgnn.fixed_point"), "_BLOCK", 12)
+    x = np.asarray(jax.random.normal(jax.random.key(3), (40, 5)))
     for x2 in (None, x[:7] * 1.3):
         full = rgnn.fixed_point(arch, x, x2)
         out = rgnn.fixed_point(arch, x, x2, layers="output")

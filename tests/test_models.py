@@ -103,19 +103,34 @@ def test_triple_fixed_point_is_the_output_layer_of_the_mlp(x64):
 
 # ----------------------------------------------------------------------------- the pipeline
 def test_cnn_sweep_table_verdict_and_resume(tmp_path):
+    # 4 networks: the sweep asks for O(1/n) predictions from 4 networks on, which a CNN has not
     x, y = _digits(8)
-    kw = dict(widths=[2, 4], seeds=[0], steps=3, n_networks=2, learning_rates=[0.5], plots=False)
+    kw = dict(widths=[2, 4], seeds=[0], steps=3, n_networks=4, learning_rates=[0.5], plots=False)
     s = rgnn.sweep(models.cnn(2, depth=1), x, y, out=tmp_path, progress=False, **kw)
     rows = s.table()
     assert [r["width"] for r in rows] == [2, 4]
     for name in ("ntk_movement", "function_gap", "ntk_distance", "nngp_distance", "kurtosis"):
         assert all(math.isfinite(r[name]) for r in rows), name
-    assert "kurtosis_predicted" not in rows[0]  # no 1/n rules for a CNN: measured, not predicted
+    # no 1/n rules for a CNN: measured, not predicted
+    assert "kurtosis_predicted" not in rows[0] and "ntk_fluctuation_predicted" not in rows[0]
     assert s.config["base"]["model"] == "cnn"
     assert rgnn.classify(s).label in rgnn.regime.LABELS
     assert (tmp_path / "table.csv").exists()
     again = rgnn.sweep(models.cnn(2, depth=1), x, y, out=tmp_path, progress=False, **kw)
     assert [r["seconds"] for r in again.records] == [r["seconds"] for r in s.records]
+
+
+def test_residual_point_with_predictions_on_asks_only_for_derived_statistics(x64):
+    """A trained residual MLP judged with predictions on (4 networks): the kurtosis is
+    predicted (linear: its flow is exact on any inputs), the NTK fluctuation and the
+    end-of-training prediction are not (residual NTK statistics are not derived), and no
+    ValueError from rgnn.perturbative stops the sweep point."""
+    x, y = _digits(4)
+    arch = rgnn.MLP(2, 4, "linear", shortcut=0.5, branch=0.8)
+    regime = rgnn.classify(arch, x, y, steps=2, n_networks=4, learning_rate=0.1)
+    predicted = {e.measure: e.predicted for e in regime.evidence}
+    assert math.isfinite(predicted["kurtosis"]) and math.isnan(predicted["ntk_fluctuation"])
+    assert "residual MLP" in regime.trained_prediction
 
 
 def test_sweep_of_a_function_from_width_to_triple():
@@ -181,9 +196,50 @@ def test_flax_model_kernels_training_and_comparison(x64):
     family = models.FlaxModel(_Net, reference_fn=reference, width=16)
     run = rgnn.train(family, x, y, steps=3, learning_rate=0.1, n_networks=2, key=jax.random.key(1))
     assert run.ntk.shape == (4, 2, 1, 6, 6) and bool(jnp.all(jnp.isnan(run.nngp)))
-    cmp = rgnn.compare(family, x, run)
+    with pytest.warns(UserWarning, match="names no readout"):  # the NaN says why
+        cmp = rgnn.compare(family, x, run)
     assert cmp.ntk_distance.shape == (4, 1) and bool(jnp.all(jnp.isfinite(cmp.ntk_distance)))
     assert bool(jnp.all(jnp.isnan(cmp.nngp_distance)))
+
+    # with the readout named, the output metric exists and compare fills the NNGP fields
+    named = models.FlaxModel(_Net, reference_fn=reference, width=16, readout="out")
+    run = rgnn.train(named, x, y, steps=3, learning_rate=0.1, n_networks=2, key=jax.random.key(1))
+    assert bool(jnp.all(jnp.isfinite(run.nngp)))
+    cmp = rgnn.compare(named, x, run)  # (the reference here has no NNGP: no distance to it)
+    assert bool(jnp.all(jnp.isfinite(cmp.kurtosis))) and cmp.kurtosis.shape == (1, 6)
+
+
+def test_flax_readout_metric_is_the_readout_kernel(x64):
+    """The output metric of a named readout is ``s_W h h^T + s_b`` exactly (given variances);
+    estimated variances of nnx.Linear's default init (bias 0, kernel 1 / fan_in) within 4
+    standard errors; a readout the output is not affine in is NaN; bad names are one error."""
+    x, _ = _digits(6)
+    width, s_b, s_w = 16, 0.1, 1 / 16
+    m = models.FlaxModel(_Net, width=width, readout="out", readout_var=(s_b, s_w))
+    params = m.init(jax.random.key(3), x)
+    net = nnx.merge(m._split[0], params, m._split[2])
+    h = nnx.relu(net.hidden(x))
+    np.testing.assert_allclose(
+        m.empirical_nngp(params, x, x[:4]), s_w * h @ h[:4].T + s_b, **tol(EXACT, x.dtype)
+    )
+    est = models.FlaxModel(_Net, width=width, readout="out")._readout_variances(params, x.dtype)
+    assert float(est[0]) == 0.0  # the bias starts at zero in every draw
+    # mean of w^2 over VARIANCE_DRAWS * width entries of variance 1/width: its standard error
+    # is at most sqrt(2 / count) / width (the truncated normal's fourth moment is below 3 s^2)
+    se = math.sqrt(2 / (models.VARIANCE_DRAWS * width)) / width
+    assert abs(float(est[1]) - 1 / width) <= 4 * se
+    # relu is positively homogeneous: the hidden layer passes f(2p) + f(0) = 2 f(p), not
+    # f(p) + f(-p) = 2 f(0)
+    hidden = models.FlaxModel(_Net, width=width, readout="hidden")
+    assert bool(jnp.all(jnp.isnan(hidden.empirical_nngp(params, x, x))))
+    with pytest.raises(ValueError, match="no parameters under 'nope'"):
+        models.FlaxModel(_Net, width=width, readout="nope").empirical_nngp(params, x, x)
+    with pytest.raises(ValueError, match="expected 2 variances"):
+        models.FlaxModel(_Net, width=width, readout="out", readout_var=(1.0,)).empirical_nngp(
+            params, x, x
+        )
+    with pytest.raises(ValueError, match="without readout"):
+        models.FlaxModel(_Net, width=width, readout_var=(0.0, 1.0))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -223,6 +279,35 @@ def test_unsupported_architectures_raise_one_value_error(x64):
 
     with pytest.raises(ValueError, match=r"to \[N, out_dim\] outputs"):
         rgnn.train(Flat(rngs=nnx.Rngs(0)), x, y, steps=1, learning_rate=0.1, key=jax.random.key(0))
+    # a flax module that cannot take the inputs: one line, not flax's shape error
+    with pytest.raises(ValueError, match=r"does not run on inputs of shape \(4, 10\)"):
+        rgnn.empirical_ntk(_Net(4, rngs=nnx.Rngs(0)), x[:, :10])
+    # a layer without a kernel rule anywhere in the triple: named, not a traceback
+    init_fn, apply_fn, _ = stax.Relu()
+
+    def no_rule(k, **kw):
+        raise NotImplementedError("no kernel rule for this layer")
+
+    ruleless = stax.serial(stax.Dense(8), (init_fn, apply_fn, no_rule), stax.Dense(1))
+    with pytest.raises(ValueError, match="computes neither the NNGP nor the NTK"):
+        rgnn.fixed_point(ruleless, x)
+    with pytest.raises(ValueError, match="expected an rgnn.MLP"):
+        rgnn.end_of_training(triple, x, y, x[:1], learning_rate=0.1)
+    with pytest.raises(ValueError, match="expected an rgnn.MLP"):
+        rgnn.sharding.sharded_fixed_point(triple, x)
+
+
+def test_sharded_kernels_of_a_model_ensemble_equal_one_device(x64):
+    """rgnn.sharding maps ensembles of any model, not only of an MLP (the model path's VJPs
+    inside shard_map)."""
+    stax = _stax()
+    x, _ = _digits(5)
+    triple = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1))
+    ens = rgnn.ensemble(triple, 64, n_networks=3, key=jax.random.key(0))
+    for kind, f in (("nngp", rgnn.empirical_nngp), ("ntk", rgnn.empirical_ntk)):
+        np.testing.assert_allclose(
+            rgnn.sharding.sharded_empirical(ens, x, kind=kind), f(ens, x), **tol(EXACT, x.dtype)
+        )
 
 
 def test_load_npz_errors_are_one_line(tmp_path):
