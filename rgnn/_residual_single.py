@@ -39,12 +39,60 @@ tests compare the two. On the grid, ``T`` is the matrix of the Gaussian kernel
 ``phi((y - gamma z) / sqrt(v)) / sqrt(v)``, ``v = xi^2 Gbar`` (trapezoid weights), ``T_G`` and
 ``T_GG`` its exact derivatives ``xi^2 d/dv`` and ``xi^4 d^2/dv^2`` (Hermite factors
 ``(u - 1)/(2v)`` and ``(u^2 - 6u + 3)/(4v^2)``, ``u = (y - gamma z)^2 / v``). NumPy, float64.
+
+NTK mean shift (derived here; PDLT ch. 8 has the plain case). One unit's NTK is
+``H_i = Theta + delta_i``, ``delta_i = O(1/sqrt n)``; carry three more objects (``p = s'^2``,
+``e = s s'``, ``H_ik`` the off-diagonal NTK):
+
+* ``eta(f) = n E[delta_i f(z_i)]`` (a functional; ``eta(1) = n (E H - Theta)``, the mean shift);
+* ``E(f, g) = n E[delta_i f(z_i) g(z_k)] - eta(f) <g>``, ``i != k`` (a bilinear form);
+* ``F(f, g) = n E[H_ik f(z_i) g(z_k)]``, ``i != k`` (symmetric; ``F(f, g) = F_{aa;aa} <f'><g'>``
+  for a plain layer).
+
+The residual NTK (:mod:`rgnn.flow.rules`, "The NTK side of residual layers") gives, given layer
+``l``, ``delta'_i = xi^2 (H~ - Theta~) + gamma^2 delta_i + Xi_i`` with the NTK metric
+``H~ = lambda_b + lambda_W (1/n) sum_j q(z_j) + C_W (1/n) sum_j p(z_j) H_j`` and
+``Xi_i = xi^2 (w^T M w - E) + 2 xi gamma w.v`` (``w`` row ``i`` of ``W``, ``M_jk = s'_j s'_k H_jk``,
+``v_j = s'_j H_ji``), whose correlation with ``f(z'_i)`` is Stein's lemma on ``w``:
+``n E[Xi_i f(z'_i) | l] = C_W^2 xi^4 (s^T M s / n) E[f''] + 2 C_W xi^2 gamma (v.s) E[f']``.
+With ``T_1 f = E[f'(z') | z]`` (kernel ``(y - gamma z) / v``), ``E[f''(z') | z] = (2 / xi^2)
+T_G f``, and the unit sums split as for ``B, d`` (the unit itself, the others through ``B``,
+``E``, ``F``; three-unit terms are ``O(1/n^2)``), with ``S_qq = lambda_W Sigma(q, q)
++ C_W Theta Sigma(p, q) + C_W E(p, q)`` (``n Cov(H~, G) / C_W``) and
+``c_e = <e^2> Theta + F(e, e)``:
+
+.. math::
+
+    \\eta'(f) &= \\gamma^2 [\\eta(Tf) + C_W E(T_G f, q)]
+      + \\xi^2 \\big\\{\\lambda_W [\\Sigma(q, Tf) + d(q) \\langle Tf\\rangle]
+      + C_W \\Theta [\\Sigma(p, Tf) + d(p) \\langle Tf\\rangle]
+      + C_W [E(p, Tf) + \\eta(p) \\langle Tf\\rangle] + C_W S_{qq} \\langle T_G f\\rangle\\big\\} \\
+      &\\quad + 2 C_W^2 \\xi^2 c_e \\langle T_G f\\rangle
+      + 2 C_W \\xi^2 \\gamma [\\Theta \\langle e\\, T_1 f\\rangle + F(e, T_1 f)], \\
+    E'(f, g) &= \\gamma^2 [E(Tf, Tg) + C_W E(Tf, q) \\langle T_G g\\rangle]
+      + \\xi^2 \\langle Tf\\rangle [\\lambda_W \\Sigma(q, Tg) + C_W \\Theta \\Sigma(p, Tg)
+      + C_W E(p, Tg) + C_W S_{qq} \\langle T_G g\\rangle], \\
+    F'(f, g) &= \\gamma^2 F(Tf, Tg) + C_W \\xi^2 \\gamma \\big[\\langle T_1 f\\rangle
+      (\\Theta \\langle e\\, Tg\\rangle + F(e, Tg)) + (f \\leftrightarrow g)\\big]
+      + C_W^2 \\xi^4 c_e \\langle T_1 f\\rangle \\langle T_1 g\\rangle,
+
+all zero on layer 1, and ``Theta' = xi^2 (lambda_b + lambda_W <q> + C_W <p> Theta) + gamma^2
+Theta``. For ``f = 1``: ``DH' = gamma^2 DH + xi^2 [lambda_W d(q) + C_W Theta d(p) + C_W eta(p)]``
+(``xi^2`` times the plain layer's shift of the metric's mean). A plain layer reduces to PDLT's
+NTK mean shift (tests: the flow engine's, to roundoff, for relu, tanh, gelu, linear); Monte
+Carlo checks the residual ones (:mod:`tools.residual_monte_carlo`). ``s'^2`` and ``s s'`` take
+the mean of their one-sided limits at a kink (relu's step stays second order on the grid).
+The NTK *variance* of a nonlinear residual MLP needs, besides these, ``n E[delta_i^2 f(z_i)]``,
+``n E[delta_i delta_k f g]`` and ``n E[H_ik^2 f g]``: not carried (``None`` in
+:func:`rgnn.perturbative`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rgnn.architecture import MLP
@@ -67,11 +115,15 @@ class SingleInput:
     nngp_correction: np.ndarray
     kurtosis: np.ndarray
     coupling: np.ndarray
+    ntk: np.ndarray | None = None
+    ntk_correction: np.ndarray | None = None
 
 
-def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0):
+def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None):
     """:class:`SingleInput` of ``arch`` for an input with layer-1 kernel ``k1`` (any activation;
-    plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``."""
+    plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``.
+    ``ntk``: ``None``, or ``(theta1, lambda_b, lambda_w)`` (the layer-1 NTK and the ``[L+1]``
+    learning-rate scalings) to carry the NTK mean shift as well ("NTK mean shift" above)."""
     act = arch.act
     cw, cb = arch.weight_var, arch.effective_bias_var
     gamma, xi = arch.residual()
@@ -91,6 +143,18 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
     b = np.zeros((n_grid, n_grid))
     d = np.zeros(n_grid)
     out_v, out_d, out_k = [0.0], [0.0], [0.0]
+    if ntk is not None:
+        theta, lam_b, lam_w = ntk
+        # s'^2 and s s' as the mean of their one-sided limits (a kink's node holds the midpoint
+        # of the jump: the grid sums stay second order for relu's step)
+        eps = 1e-9 * h
+        with jax.enable_x64(True):
+            grad = jax.vmap(jax.grad(act.fn))
+            lims = [(jnp.asarray(y + e), grad(jnp.asarray(y + e))) for e in (-eps, eps)]
+            p2 = np.mean([np.asarray(g_ * g_) for _, g_ in lims], axis=0)
+            ss = np.mean([np.asarray(act.fn(z_) * g_) for z_, g_ in lims], axis=0)
+        eta, eh, fo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
+        out_t, out_dh = [float(theta)], [0.0]
     for layer in range(1, arch.n_layers):
         k = ks[layer - 1]
         p = np.exp(-0.5 * y**2 / k)
@@ -115,6 +179,45 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
         d_new = (
             t.T @ d + cw * float(d @ s2) * a + cw * (t_g.T @ sq) + 0.5 * cw * cw * qq * (t_gg.T @ p)
         )
+        if ntk is not None:
+            lw, lb = lam_w[layer], lam_b[layer]
+            t_1 = kern * diff / v  # E[f'(z') | z]
+            pk = p
+            pss = pk * ss
+            sp, sq, eq = sigma @ p2, sq, eh @ s2
+            s_qq = lw * qq + cw * theta * float(p2 @ sq) + cw * float(p2 @ eq)
+            tg_k = t_g.T @ pk  # f -> <T_G f>
+            t_k = t.T @ pk  # f -> <T f>
+            t1_k = t_1.T @ pk  # f -> <T f'>
+            fss = fo @ ss
+            src = float(pk @ (ss * ss)) * theta + float(ss @ fss)
+            eta_new = (
+                g * g * (t.T @ eta + cw * (t_g.T @ eq))
+                + x
+                * x
+                * (
+                    lw * (t.T @ sq + float(d @ s2) * t_k)
+                    + cw * theta * (t.T @ sp + float(d @ p2) * t_k)
+                    + cw * (t.T @ (eh.T @ p2) + float(eta @ p2) * t_k)
+                    + cw * s_qq * tg_k
+                )
+                + 2 * cw * cw * x * x * src * tg_k
+                + 2 * x * x * g * cw * (theta * (t_1.T @ pss) + t_1.T @ fss)
+            )
+            side = lw * (t.T @ sq) + cw * theta * (t.T @ sp) + cw * (t.T @ (eh.T @ p2))
+            eh_new = g * g * (t.T @ eh @ t + cw * np.outer(t.T @ eq, tg_k)) + x * x * np.outer(
+                t_k, side + cw * s_qq * tg_k
+            )
+            one = theta * (t.T @ pss) + t.T @ fss
+            fo_new = (
+                g * g * (t.T @ fo @ t)
+                + x * x * g * cw * (np.outer(t1_k, one) + np.outer(one, t1_k))
+                + cw * cw * x**4 * src * np.outer(t1_k, t1_k)
+            )
+            theta = x * x * (lb + lw * float(pk @ s2) + cw * float(pk @ p2) * theta) + g * g * theta
+            eta, eh, fo = eta_new, eh_new, fo_new
+            out_t.append(theta)
+            out_dh.append(float(eta.sum()))
         b, d = b_new, d_new
         kk = ks[layer]
         y2, y4 = y**2, y**4
@@ -123,4 +226,7 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
         out_k.append(float((d @ y4 - 6 * kk * (d @ y2)) / kk**2))
     kk = np.asarray(ks)
     vv = np.asarray(out_v)
-    return SingleInput(kk, vv, np.asarray(out_d), np.asarray(out_k), vv / kk**2)
+    extra = {}
+    if ntk is not None:
+        extra = dict(ntk=np.asarray(out_t), ntk_correction=np.asarray(out_dh))
+    return SingleInput(kk, vv, np.asarray(out_d), np.asarray(out_k), vv / kk**2, **extra)

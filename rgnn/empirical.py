@@ -789,9 +789,14 @@ def measure(
     *different* units' conditional second moments, the connected four-point function) and
     ``nngp_variance`` (``vertex / n``) subtract from the metric's covariance its same-unit
     part, estimated per network from the unit spread of ``gamma^2 z_a z_b``:
-    ``V = n Cov(G, G) - n/(n-1) E[gamma^4 Cov_units(z_a z_b, z_c z_d)]``. The NTK
-    four-index fields, the dNTK and the ddNTK are not estimated for residual MLPs
-    (``ValueError``).
+    ``V = n Cov(G, G) - n/(n-1) E[gamma^4 Cov_units(z_a z_b, z_c z_d)]``. The NTK fields
+    keep their estimators, which measure the definitions of :class:`rgnn.Perturbative` on a
+    residual layer too: ``ntk_vertex`` is ``n Cov(H_ii, H_jj)`` and ``ntk_b`` ``n E[H_ij H_ij]``
+    for different units ``i != j``; ``mixed_vertex`` is ``n Cov(G, H_ii)`` (``G`` the metric
+    above), which is ``n Cov(z_ka z_kb, H_ii;cd)``, ``k != i``, up to ``O(1/n)`` (the unit
+    ``i`` itself in ``G``: ``Cov(E[z_i z_i | below], H_ii)`` is ``O(1/n)``; a weighted fit
+    across widths absorbs it); the dNTK and ddNTK fields keep theirs (automatic
+    differentiation of the residual network).
 
     ``full=True`` (implies ``vertex=True``) returns every four-index field -- ``vertex``,
     ``ntk_vertex``, ``mixed_vertex``, ``ntk_b`` and, when asked for, the dNTK and ddNTK fields --
@@ -808,12 +813,6 @@ def measure(
     from rgnn.networks import ensemble
 
     require_mlp(arch, "rgnn.measure")
-    if arch.is_residual and (ntk and (vertex or full) or dntk or ddntk):
-        raise ValueError(
-            "ntk: the four-index NTK fields, the dNTK and the ddNTK of a residual MLP are not "
-            "estimated (their predictions are not derived); pass vertex/full with ntk=False, "
-            "and dntk=ddntk=False"
-        )
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 4:
         raise ValueError(f"n_networks: expected an integer >= 4, got {n_networks!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

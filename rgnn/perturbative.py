@@ -177,8 +177,10 @@ class Perturbative:
         ``n_{l-1} Cov(G_P, H~_Q)``, the NNGP-NTK cross covariance.
       ntk_b: ``[L+1, N, N, 2]`` PDLT's ``B`` on the pair: ``(B_aabb, B_abba)``, with
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
-        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. Derivation and
-        recursions: this module's docstring and :mod:`rgnn.flow.rules`.)
+        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``, and all but
+        ``ntk`` and ``ntk_correction`` for a residual MLP with a nonlinear activation, where
+        only the NTK mean shift is derived. Derivation and recursions: this module's docstring,
+        :mod:`rgnn.flow.rules` and, for residual MLPs, :mod:`rgnn._residual_single`.)
       dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
         and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
         with slot 0 the input ``a`` and slot 1 the input ``b``,
@@ -644,14 +646,17 @@ def perturbative(
 
     Args:
       arch: the :class:`~rgnn.MLP` (mixed hidden widths allowed). A residual MLP
-        (``shortcut=...``) needs ``ntk=False`` (its NTK-side statistics are not derived; a
-        ``ValueError`` names them). With ``activation="linear"`` the vertex, the kernel
-        correction and their views are exact on any inputs (:mod:`rgnn.flow.rules`, "Residual
-        layers"); with a nonlinear activation they are given on one input only
-        (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`: a residual layer breaks
-        the rotation symmetry among units, so the vertex alone does not carry the two-unit
-        correlations and the pair recursion does not close; more inputs raise a
-        ``ValueError``). There ``nngp_variance`` is
+        (``shortcut=...``): with ``activation="linear"`` the vertex, the kernel correction,
+        the NTK mean shift, the NTK variance, ``A``, ``B``, ``D``, the dNTK ``P, Q``, the
+        ddNTK ``R, S, T, U`` and their views are exact on any inputs (:mod:`rgnn.flow.rules`,
+        "Residual layers"); with a nonlinear activation the
+        vertex, the kernel correction, their views and the NTK mean shift ``ntk_correction``
+        are given on one input only (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`:
+        a residual layer breaks the rotation symmetry among units, so the vertex alone does not
+        carry the two-unit correlations and the pair recursion does not close; more inputs, or
+        the dNTK, raise a ``ValueError``; ``ntk_variance``, ``ntk_vertex``, ``mixed_vertex``
+        and ``ntk_b`` are not derived there and are ``None``, with a warning unless
+        ``ntk=False``). There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
         :func:`rgnn.measure` estimates for a residual layer).
@@ -720,14 +725,13 @@ def perturbative(
             "close on V on pairs (it is exact for activation='linear'); the single-input flow "
             "carries the whole two-unit correlation (rgnn._residual_single)"
         )
-    if arch.is_residual and (ntk or dntk):
-        names = "ntk_correction, ntk_variance, ntk_vertex (A), mixed_vertex (D), ntk_b (B), F"
-        if dntk:
-            names += ", dntk_p/dntk_q (P, Q)" + (", ddntk_r/s/t/u (R, S, T, U)" if ddntk else "")
+    if arch.is_residual and dntk and arch.act.name != "linear":
         raise ValueError(
-            f"arch: the residual-layer recursions of the NTK statistics ({names}) are not "
-            "derived in rgnn yet (the vertex V, the kernel correction, kurtosis and "
-            "nngp_variance are); pass ntk=False (and dntk=ddntk=False) for a residual MLP"
+            "dntk: the dNTK and ddNTK statistics of a residual MLP (dntk_p/dntk_q (P, Q), "
+            "ddntk_r/s/t/u (R, S, T, U)) are derived for "
+            f"activation='linear' only, not for {arch.act.name!r}: a residual layer breaks the "
+            "rotation symmetry among units that lets the pair statistics carry every cross-unit "
+            "correlation of a nonlinear activation; pass dntk=ddntk=False"
         )
     x = check_inputs(x, "x")
     _check_memory(
@@ -735,7 +739,7 @@ def perturbative(
     )
     mode = kinks if dntk else None
     if arch.is_residual and arch.act.name != "linear":
-        return _run_residual_single(arch, x, quadrature_order, warn)
+        return _run_residual_single(arch, x, quadrature_order, warn, ntk)
     result = _run(arch, x, quadrature_order, ntk, mode, ddntk, full)
     bad = np.isnan(np.asarray(result.vertex)).any(axis=(0, 3, 4))
     if bad.any():
@@ -760,23 +764,34 @@ def perturbative(
     return result
 
 
-def _run_residual_single(arch: MLP, x, order: int, warn: bool) -> Perturbative:
+def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on one input, from the single-input
     flow of :mod:`rgnn._residual_single` (NumPy grid; its ``quadrature_error`` is the relative
-    change of every field between 1201 and 801 grid nodes, the kernel correction's relative to
-    the kernel)."""
+    change of every field between 1201 and 801 grid nodes, the kernel and NTK corrections'
+    relative to the kernels they correct). ``ntk``: also the NTK and its mean shift (the NTK
+    variance, ``A, B, D`` are not derived there: ``None``, with a warning)."""
     from rgnn._residual_single import single_input_flow
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
         fp = fixed_point(arch, x, quadrature_order=order)
     k1 = float(np.asarray(fp.nngp)[0, 0, 0])
-    fine, coarse = single_input_flow(arch, k1), single_input_flow(arch, k1, points=801)
+    kw = {}
+    if ntk:
+        rec = arch.recursion(x.shape[1])
+        kw["ntk"] = (float(np.asarray(fp.ntk)[0, 0, 0]), rec.lambda_b, rec.lambda_w)
+    fine = single_input_flow(arch, k1, **kw)
+    coarse = single_input_flow(arch, k1, points=801, **kw)
     err = 0.0
-    for name in ("vertex", "nngp_correction", "kurtosis"):
+    names = ("vertex", "nngp_correction", "kurtosis") + (("ntk_correction",) if ntk else ())
+    for name in names:
         a, b = getattr(fine, name), getattr(coarse, name)
-        # the kernel correction relative to the kernel it corrects (it vanishes for relu)
-        scale = np.max(np.abs(fine.nngp if name == "nngp_correction" else a))
+        # the corrections relative to the kernels they correct (they vanish for relu)
+        scale = np.max(np.abs(a))
+        if name == "nngp_correction":
+            scale = np.max(np.abs(fine.nngp))
+        elif name == "ntk_correction":
+            scale = np.max(np.abs(fine.ntk))
         if scale > 0:
             err = max(err, float(np.max(np.abs(a - b)) / scale))
     dtype = x.dtype
@@ -800,6 +815,21 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         quadrature_order=0,
         quadrature_error=err,
     )
+    if ntk:
+        result = dataclasses.replace(
+            result,
+            ntk=jnp.asarray(fp.ntk, dtype),
+            ntk_correction=arr(fine.ntk_correction / n, (-1, 1, 1)),
+        )
+        warnings.warn(
+            f"perturbative: for the residual MLP with the nonlinear activation {arch.act.name!r} "
+            "only the NTK and its mean shift (ntk, ntk_correction) are derived; ntk_variance, "
+            "ntk_vertex (A), mixed_vertex (D) and ntk_b (B) are None (a residual layer breaks "
+            "the units' rotation symmetry, and the NTK variance needs two-unit NTK-NTK "
+            "correlations not carried yet); pass ntk=False to silence this",
+            UserWarning,
+            stacklevel=3,
+        )
     if warn:
         depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
         if depth_over_width > TRUST_DEPTH_OVER_WIDTH:

@@ -3,6 +3,7 @@ the fixed point (native against neural-tangents' FanOut/parallel/FanInSum blocks
 
 import math
 import warnings
+from functools import partial
 
 import jax
 import jax.flatten_util
@@ -79,7 +80,8 @@ def test_forward_pass_is_the_residual_recursion(x64):
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_structural_ntk_equals_jacobian_ntk(x64, activation, parameterization):
-    """The empirical NTK from the layer structure equals J J^T of the flattened parameters."""
+    """The empirical NTK from the layer structure equals J J^T of the flattened parameters
+    (three outputs: the plain output layer passes no shortcut down)."""
     arch = rgnn.MLP(
         3,
         7,
@@ -88,6 +90,7 @@ def test_structural_ntk_equals_jacobian_ntk(x64, activation, parameterization):
         shortcut=(0.8, -0.4),
         branch=(0.5, 1.2),
         parameterization=parameterization,
+        out_dim=3,
     )
     x = _inputs()
     net = arch.network(5, rngs=nnx.Rngs(1))
@@ -179,18 +182,18 @@ def test_linear_residual_fixed_point_closed_form(x64):
 
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
-    arch = rgnn.MLP(3, 8, "linear", shortcut=0.5)
-    with pytest.raises(ValueError, match=r"arch: the residual-layer recursions of the NTK"):
-        rgnn.perturbative(arch, _inputs())
-    with pytest.raises(ValueError, match=r"dntk_p/dntk_q \(P, Q\)"):
-        rgnn.perturbative(arch, _inputs(), ntk=False, dntk=True)
     arch = rgnn.MLP(3, 8, shortcut=0.5)
+    with pytest.raises(ValueError, match=r"dntk: the dNTK and ddNTK statistics of a residual"):
+        rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True)
+    with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are derived for"):
+        rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
+    with pytest.warns(UserWarning, match=r"only the NTK and its mean shift"):
+        p = rgnn.perturbative(arch, _inputs(1), warn=False)
+    assert p.ntk_correction is not None and p.ntk_variance is None and p.ntk_b is None
     with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
         rgnn.perturbative(arch, _inputs(2), ntk=False)
     with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, full=True)
-    with pytest.raises(ValueError, match="ntk: the four-index NTK fields"):
-        rgnn.measure(arch, _inputs(), n_networks=4, key=jax.random.key(0), vertex=True)
 
 
 @pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "gelu"])
@@ -200,18 +203,29 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     its sums differently; shortcut=None runs the very same program as before), the nonlinear
     activations through the single-input flow of rgnn._residual_single (to the two
     computations' estimated quadrature errors)."""
-    x = _inputs(3 if activation == "linear" else 1)
-    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, ntk=False)
-    res = rgnn.perturbative(
-        rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0), x, ntk=False
-    )
+    linear = activation == "linear"
+    x = _inputs(3 if linear else 1)
+    # linear: the NTK side, the dNTK and the ddNTK too; nonlinear: the NTK mean shift
+    kw = dict(ntk=True, ddntk=linear)
+    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, **kw)
+    trivial = rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0)
+    if linear:
+        res = rgnn.perturbative(trivial, x, **kw)
+    else:
+        with pytest.warns(UserWarning, match="only the NTK and its mean shift"):
+            res = rgnn.perturbative(trivial, x, **kw)
     rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
-    for name in ("vertex", "nngp_variance", "kurtosis", "coupling"):
-        np.testing.assert_allclose(
-            getattr(res, name), getattr(plain, name), rtol=rtol, err_msg=name
-        )
-    scale = np.max(np.asarray(plain.nngp))  # the correction vanishes for relu and linear
-    np.testing.assert_allclose(res.nngp_correction, plain.nngp_correction, atol=rtol * scale)
+    names = ["vertex", "nngp_variance", "kurtosis", "coupling"]
+    if linear:
+        names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance"]
+        names += ["dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
+    for name in names:
+        a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
+    # the corrections vanish for relu and linear: relative to the kernels they correct
+    for name, kernel in (("nngp_correction", "nngp"), ("ntk_correction", "ntk")):
+        scale = np.max(np.asarray(getattr(plain, kernel)))
+        np.testing.assert_allclose(getattr(res, name), getattr(plain, name), atol=rtol * scale)
 
 
 def test_deep_linear_residual_vertex_closed_form(x64):
@@ -238,6 +252,216 @@ def test_deep_linear_residual_vertex_closed_form(x64):
     np.testing.assert_allclose(p.nngp_correction, 0.0, atol=tol(EXACT, jnp.float64)["atol"])
 
 
+def _perm(t, s):
+    """``result[abcd] = t[s]`` for a four-index array (``s`` the source letters)."""
+    return np.einsum(s + "->abcd", t)
+
+
+def _exact_linear_moments(arch, x, eps):
+    """Exact finite-width moments of a deep linear (residual) MLP of equal hidden widths
+    ``n = 1 / eps`` on the inputs ``x``, layer by layer (an independent, Monte-Carlo-free
+    reference for the NTK-side rules; derived here by Wick's theorem, not from the rules).
+
+    A linear network's preactivations ``z`` and NTK ``H`` of one hidden layer are invariant
+    under a common rotation of the units (``W -> O^T W O`` on every hidden layer), so their
+    joint fourth moments are three isotropic structures each, exactly at finite ``n``: for
+    units ``1 != 2``, ``alpha_{ab,cd} = E[z_1a z_1b z_2c z_2d]``, ``beta1_{ab,cd} =
+    E[H_11;ab z_2c z_2d]``, ``beta2_{ab,cd} = E[H_12;ab z_1c z_2d]``, ``gamma1_{ab,cd} =
+    E[H_11;ab H_22;cd]``, ``gamma2_{ab,cd} = E[H_12;ab H_12;cd]`` (``E[z_ia z_ib z_ic z_id]``
+    is then ``alpha_{ab,cd} + alpha_{ac,bd} + alpha_{ad,bc}``, and so on), plus ``k = E z z`` and
+    ``t = E H_ii``. A residual step ``z' = g z + xi (b + W z)``,
+    ``H' = xi^2 (lambda_b + lambda_W zhat) + M H M^T``, ``M = xi W + g``, maps them by Gaussian
+    averages over ``W`` and ``b`` (units 1, 2 use different rows), unit sums counted exactly
+    (``(1/n) sum_k`` of a two-unit moment = the moment plus ``eps`` times its same-unit
+    excess). The dNTK-preactivation correlator is isotropic too,
+    ``E[dH_{i0 i1 i2; 012} z_{i3; 3}] = d03 d12 p_{0123} + d01 d23 q_{0123} + d02 d13 q_{0213}``;
+    ``dH'`` has the three terms of the layer's weights and the lower parameters,
+    ``xi^2 (lambda_W / n) [d_{i0 i1} sum z_{k0} M_{i2 l} H_{kl} + (1 <-> 2)
+    + d_{i1 i2} sum M_{i0 k} (z_{j1} H_{kj;02} + z_{j2} H_{kj;01})]
+    + sum M_{i0 k0} M_{i1 k1} M_{i2 k2} dH_{k0 k1 k2}``, whose products with
+    ``z'_{i3} = xi b + sum M_{i3 m} z_m`` average over ``M`` (mean ``g``, two or four entries of
+    ``W`` paired) to the ``p, q`` updates below. Returns per layer
+    ``(k, t, alpha, beta1, beta2, gamma1, gamma2, p, q)``, complex when ``eps`` is (for the
+    complex-step derivative)."""
+    fp = rgnn.fixed_point(arch, x)
+    k = np.asarray(fp.nngp[0]).astype(complex)
+    t = np.asarray(fp.ntk[0]).astype(complex)
+    rec = arch.recursion(x.shape[1])
+    cw, cb = arch.weight_var, arch.effective_bias_var
+    shortcut, branch = arch.residual()
+    al, b1, g1 = (np.einsum("ab,cd->abcd", p, q) for p, q in ((k, k), (t, k), (t, t)))
+    b2, g2, p, q = (np.zeros_like(al) for _ in range(4))
+    out = [(k, t, al, b1, b2, g1, g2, p, q)]
+    for layer in range(1, arch.n_layers):
+        gg, xx = shortcut[layer] ** 2, branch[layer] ** 2
+        lb, lw = rec.lambda_b[layer], rec.lambda_w[layer]
+        z1 = al + eps * (_perm(al, "acbd") + _perm(al, "adbc"))  # E[zhat_ab zhat_cd]
+        y1 = b1 + eps * (b2 + _perm(b2, "abdc"))  # E[Hbar_ab zhat_cd]
+        y2 = b2 + eps * (b1 + _perm(b2, "abdc"))  # (1/n) sum_p E[H_p2;ab z_pc z_2d]
+        x1 = g1 + eps * (g2 + _perm(g2, "abdc"))  # E[Hbar_ab Hbar_cd]
+        x2 = g2 + eps * (g1 + _perm(g2, "abdc"))  # (1/n) sum_p E[H_p2;ab H_p2;cd]
+        kab, kcd, tab, tcd = k[:, :, None, None], k[None, None], t[:, :, None, None], t[None, None]
+        zg = cb * kab + cw * z1  # E[z_1a z_1b G_cd]
+        gg_ = cb * cb + cb * cw * (kab + kcd) + cw * cw * z1  # E[G_ab G_cd]
+        al_new = gg * gg * al + gg * xx * (zg + _perm(zg, "cdab")) + xx * xx * gg_
+        pzz = (
+            lb * kcd + lw * z1 + cw * y1
+        )  # E[P_ab z_2c z_2d], P = lambda_b + lambda_W zhat + C_W Hbar
+        pg = lb * cb + lb * cw * kcd + lw * (cb * kab + cw * z1) + cw * (cb * tab + cw * y1)
+        b1_new = xx * gg * pzz + xx * xx * pg + gg * gg * b1 + gg * xx * (cb * tab + cw * y1)
+        b2_new = (xx * xx * cw * cw + 2 * xx * gg * cw) * y2 + gg * gg * b2
+        y1t = _perm(y1, "cdab")
+        pp = (
+            lb * lb
+            + lb * lw * (kab + kcd)
+            + lb * cw * (tab + tcd)
+            + lw * lw * z1
+            + lw * cw * (y1 + y1t)
+            + cw * cw * x1
+        )
+        ph = lb * tcd + lw * y1t + cw * x1 + lb * tab + lw * y1 + cw * x1
+        g1_new = xx * xx * pp + xx * gg * ph + gg * gg * g1
+        g2_new = (xx * xx * cw * cw + 2 * xx * gg * cw) * x2 + gg * gg * g2
+        # the dNTK: E[dH_{i0 i1 i2} z_{i3}] = d03 d12 p + d01 d23 q_{0123} + d02 d13 q_{0213}
+        chi = gg + xx * cw
+        q2 = _perm(q, "acbd")  # q_{0213}
+        p_new = (
+            chi * chi * p
+            + (chi * chi - gg * gg) * eps * (q + q2)
+            + xx * lw * chi * (eps * (b1 + b2 + _perm(b1, "acbd") + _perm(b2, "acbd")))
+            + xx * lw * chi * (_perm(b2, "abdc") + _perm(b2, "acdb"))
+        )
+        q_new = (
+            chi * chi * q
+            + (chi * chi - gg * gg) * eps * (p + q2)
+            + xx * lw * chi * (eps * (_perm(b1, "bcad") + _perm(b2, "bcda")) + _perm(b2, "bcad"))
+        )
+        t = xx * (lb + lw * k + cw * t) + gg * t
+        k = xx * (cb + cw * k) + gg * k
+        al, b1, b2, g1, g2, p, q = al_new, b1_new, b2_new, g1_new, g2_new, p_new, q_new
+        out.append((k, t, al, b1, b2, g1, g2, p, q))
+    return out
+
+
+def _exact_linear_coefficients(arch, x):
+    """The O(1/n) coefficients of :func:`_exact_linear_moments` (a complex-step derivative in
+    ``eps`` at 0: exact for these polynomials): ``V, A, D, B, F, DG, DH, P, Q`` per layer, in the
+    layouts of the flow engine (``B_{xyzw} = n E[H_12;xz H_12;yw]``, ``F_{xy;cd} =
+    n E[H_12;xy z_1c z_2d]``, ``D_{(ab)(cd)} = n Cov(z_1a z_1b, H_22;cd)``)."""
+    h = 1e-30
+    kk = partial(np.einsum, "ab,cd->abcd")
+    f = {name: [] for name in ("V", "A", "D", "B", "F", "DG", "DH", "P", "Q")}
+    for k, t, al, b1, b2, g1, g2, p, q in _exact_linear_moments(arch, x, 1j * h):
+        f["P"].append(p.imag / h)
+        f["Q"].append(q.imag / h)
+        f["V"].append((al - kk(k, k)).imag / h)
+        f["A"].append((g1 - kk(t, t)).imag / h)
+        f["D"].append((_perm(b1, "cdab") - kk(k, t)).imag / h)
+        f["B"].append(_perm(g2, "acbd").imag / h)
+        f["F"].append(b2.imag / h)
+        f["DG"].append(k.imag / h)
+        f["DH"].append(t.imag / h)
+    return {name: np.stack(v) for name, v in f.items()}
+
+
+@pytest.mark.parametrize(
+    "shortcut, branch, parameterization",
+    [(None, 1.0, "ntk"), (0.8, 0.6, "ntk"), ((0.9, -0.4), (0.5, 1.1), "standard")],
+)
+def test_deep_linear_residual_ntk_side_is_exact(x64, shortcut, branch, parameterization):
+    """Linear activation, every four-index field on 3 inputs (and the pair layout): the NTK-side
+    residual rules (rgnn.flow.rules, "Residual layers"; the dNTK P, Q included) equal the O(1/n)
+    coefficients of the exact finite-width Wick recursion above, to roundoff; so do the NTK variance
+    ``(A_abab + B_aabb + B_abba) / n`` and the mean shifts (zero for a linear network). The
+    plain MLP (shortcut None) checks the reference against the plain engine."""
+    kw = {} if shortcut is None else dict(shortcut=shortcut, branch=branch)
+    arch = rgnn.MLP(
+        3, 50, "linear", weight_var=0.8, bias_var=0.2, parameterization=parameterization, **kw
+    )
+    x = _inputs(3)
+    ref = _exact_linear_coefficients(arch, x)
+    p = rgnn.perturbative(arch, x, full=True, dntk=True, warn=False)
+    t = tol(EXACT, jnp.float64)
+    for name, key in (
+        ("vertex", "V"),
+        ("ntk_vertex", "A"),
+        ("mixed_vertex", "D"),
+        ("ntk_b", "B"),
+        ("dntk_p", "P"),
+        ("dntk_q", "Q"),
+    ):
+        got = np.asarray(getattr(p, name))
+        np.testing.assert_allclose(
+            got, ref[key], rtol=t["rtol"], atol=t["rtol"] * np.abs(ref[key]).max(), err_msg=name
+        )
+    n = np.asarray(p.widths)[:, None, None]
+    var = np.einsum("labab->lab", ref["A"]) + np.einsum("laabb->lab", ref["B"])
+    var = var + np.einsum("labba->lab", ref["B"])
+    np.testing.assert_allclose(
+        p.ntk_variance, var / n, rtol=t["rtol"], atol=t["rtol"] * np.abs(var).max()
+    )
+    for got, key in ((p.nngp_correction, "DG"), (p.ntk_correction, "DH")):
+        np.testing.assert_array_equal(ref[key], 0.0)
+        np.testing.assert_allclose(got, 0.0, atol=t["atol"])
+    # the pair layout holds the same numbers
+    q = rgnn.perturbative(arch, x, warn=False)
+    comps = [(0, 0), (0, 1), (1, 1)]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        for name in ("vertex", "ntk_vertex", "mixed_vertex"):
+            full = np.asarray(getattr(p, name))
+            for i, (u, v) in enumerate(comps):
+                for j, (w, z) in enumerate(comps):
+                    s = (a, b)
+                    np.testing.assert_allclose(
+                        np.asarray(getattr(q, name))[:, a, b, i, j],
+                        full[:, s[u], s[v], s[w], s[z]],
+                        rtol=t["rtol"],
+                        atol=t["rtol"] * np.abs(full).max(),
+                    )
+        np.testing.assert_allclose(q.ntk_b[:, a, b, 0], p.ntk_b[:, a, a, b, b], rtol=t["rtol"])
+        np.testing.assert_allclose(q.ntk_b[:, a, b, 1], p.ntk_b[:, a, b, b, a], rtol=t["rtol"])
+    np.testing.assert_allclose(q.ntk_variance, p.ntk_variance, rtol=t["rtol"])
+
+
+def test_deep_linear_residual_f_is_exact(x64):
+    """``F`` (internal to the NTK side: it feeds the NTK mean shift and the dNTK) through the
+    flow engine's residual rule equals the exact Wick recursion's coefficient."""
+    from rgnn.flow.engine import flow
+    from rgnn.flow.moments import rules
+
+    arch = rgnn.MLP(
+        4,
+        50,
+        "linear",
+        weight_var=0.8,
+        bias_var=0.2,
+        shortcut=(0.9, 0.3, -0.5),
+        branch=(0.5, 1.1, 0.7),
+    )
+    x = _inputs(3)
+    ref = _exact_linear_coefficients(arch, x)
+    fp = rgnn.fixed_point(arch, x)
+    rec = arch.recursion(x.shape[1])
+    dims = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
+    res = tuple(jnp.asarray(v[1:]) for v in arch.residual())
+    out, _ = flow(
+        arch.act,
+        arch.weight_var,
+        jnp.asarray(rec.lambda_w[1:]),
+        jnp.asarray(dims[1:] / dims[:-1]),
+        jnp.asarray(1 / dims[:-1]),
+        fp.nngp[:, None],
+        fp.ntk[:, None],
+        rules(8, 8, 8, jnp.float64),
+        stats=("F",),
+        residual=res,
+    )
+    t = tol(EXACT, jnp.float64)
+    np.testing.assert_allclose(
+        out["F"][:, 0], ref["F"], rtol=t["rtol"], atol=t["rtol"] * np.abs(ref["F"]).max()
+    )
+
+
 def _intercept(widths, y, se):
     """Weighted fit ``y = a + b / n`` per entry (``y, se`` ``[W, ...]``): ``(a, se_a)``."""
     xs = (1 / np.asarray(widths, float)).reshape((-1,) + (1,) * (y.ndim - 1))
@@ -253,35 +477,94 @@ def test_monte_carlo_vertex_across_widths(x64, activation):
     """rgnn.measure on residual networks of widths 16/32/64 (256 networks each): the weighted
     fit n E = a + b/n of the vertex, n x kurtosis and n x kernel correction has intercepts
     within MC_SIGMAS fit standard errors of the prediction (layers 2..L+1; one input for the
-    nonlinear activations, every pair component of two inputs for linear). The full check at
-    widths 32/64/128 with 1024 networks and gelu is tools/residual_monte_carlo.py."""
+    nonlinear activations, every pair component of two inputs for linear, where the NTK side
+    is checked too: A, D, B, n x NTK variance, n x NTK mean shift). The full check at widths
+    32/64/128 with 1024 networks and gelu is tools/residual_monte_carlo.py."""
     from tests.tolerances import MC_SIGMAS
 
     widths = (16, 32, 64)
-    x = _inputs(2 if activation == "linear" else 1, 4)
+    linear = activation == "linear"
+    x = _inputs(2 if linear else 1, 4)
     cw = 2.0 if activation == "relu" else 1.0
-    ys = {"vertex": [], "kurtosis": [], "nngp_correction": []}
-    ses = {k: [] for k in ys}
+    names = ["vertex", "kurtosis", "nngp_correction"]
+    if linear:
+        names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "ntk_correction"]
+    ys = {k: [] for k in names}
+    ses = {k: [] for k in names}
     for width in widths:
-        arch = rgnn.MLP(3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
-        m = rgnn.measure(arch, x, n_networks=256, key=jax.random.key(width), ntk=False, vertex=True)
+        # two outputs: A and B need two different units on every layer
+        arch = rgnn.MLP(
+            3,
+            width,
+            activation,
+            weight_var=cw,
+            bias_var=0.1,
+            shortcut=0.8,
+            branch=0.6,
+            out_dim=2 if linear else 1,
+        )
+        m = rgnn.measure(
+            arch, x, n_networks=256, key=jax.random.key(width), ntk=linear, vertex=True
+        )
         n = np.asarray(arch.layer_dims(4), float)[:-1]
         for name in ys:
-            scale = 1.0 if name == "vertex" else n.reshape((-1,) + (1,) * (m.kurtosis.ndim - 1))
-            if name == "nngp_correction":
-                scale = n[:, None, None]
+            scale = n[:, None, None]  # n x a per-layer [N, N] field
+            if name in ("vertex", "ntk_vertex", "mixed_vertex", "ntk_b"):
+                scale = 1.0  # already n x a covariance
+            elif name == "kurtosis":
+                scale = n[:, None]
             ys[name].append(np.asarray(getattr(m, name)) * scale)
             ses[name].append(np.asarray(getattr(m, name + "_se")) * scale)
-    p = rgnn.perturbative(arch, x, ntk=False, warn=False)
+    p = rgnn.perturbative(arch, x, ntk=linear, warn=False)
     n = np.asarray(p.widths)
     pred = {
-        "vertex": np.asarray(p.vertex),
-        "kurtosis": np.asarray(p.kurtosis) * n[:, None],
-        "nngp_correction": np.asarray(p.nngp_correction) * n[:, None, None],
+        name: np.asarray(getattr(p, name))
+        for name in ("vertex", "ntk_vertex", "mixed_vertex", "ntk_b")
+        if getattr(p, name) is not None
     }
+    pred["kurtosis"] = np.asarray(p.kurtosis) * n[:, None]
+    for name in ("nngp_correction", "ntk_variance", "ntk_correction"):
+        if getattr(p, name) is not None:
+            pred[name] = np.asarray(getattr(p, name)) * n[:, None, None]
     for name in ys:
         a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
         z = np.abs(a - pred[name][1:]) / sa
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
+def test_monte_carlo_linear_residual_dntk_ddntk_across_widths(x64):
+    """The dNTK correlators P, Q and the ddNTK means R, S, T, U of a linear residual MLP (two
+    inputs, every pair component): rgnn.measure at widths 8/16/32 (128 networks each),
+    weighted fit a + b/n, intercepts within MC_SIGMAS fit standard errors of rgnn.perturbative
+    (layers 2..L+1; R and U vanish for a linear network). Measured fit SE: about 2.5% (P, Q)
+    and 1-2% (S, T) of the largest entry. Widths 32/64/128 with 1024 networks:
+    tools/residual_monte_carlo.py."""
+    from tests.tolerances import MC_SIGMAS
+
+    widths = (8, 16, 32)
+    x = _inputs(2, 4)
+    names = ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
+    ys, ses = {k: [] for k in names}, {k: [] for k in names}
+    for width in widths:
+        # three outputs: the statistics need two different units on the output layer too
+        arch = rgnn.MLP(2, width, "linear", bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=3)
+        m = rgnn.measure(
+            arch, x, n_networks=128, key=jax.random.key(width), ntk=False, dntk=True, ddntk=True
+        )
+        for name in ys:
+            ys[name].append(np.asarray(getattr(m, name)))
+            ses[name].append(np.asarray(getattr(m, name + "_se")))
+    p = rgnn.perturbative(arch, x, ntk=False, ddntk=True, warn=False)
+    for name in ys:
+        y, se = np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:]
+        pred = np.asarray(getattr(p, name))[1:]
+        # entries that vanish in every network (R on layer 2, bilinear in the parameters):
+        # no spread to fit, the prediction must be zero there
+        still = np.all(se == 0, axis=0)
+        np.testing.assert_array_equal(y[:, still], 0.0)
+        np.testing.assert_allclose(pred[still], 0.0, atol=tol(EXACT, jnp.float64)["atol"])
+        a, sa = _intercept(widths, y[:, ~still], se[:, ~still])
+        z = np.abs(a - pred[~still]) / sa
         assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
 
 

@@ -3,11 +3,22 @@
 For each activation and residual setting, ``rgnn.measure`` estimates the vertex ``V``
 (pair layout), ``n_{l-1} x nngp_correction`` and ``n_{l-1} x kurtosis`` at several widths; a
 weighted fit ``y(n) = a + b / n`` (weights 1 / SE^2) gives the intercept ``a`` and its standard
-error, compared with ``rgnn.perturbative`` (``ntk=False``): on three inputs for the linear
-activation, on one input for the nonlinear ones (where ``rgnn.perturbative`` is restricted).
+error, compared with ``rgnn.perturbative``: on three inputs for the linear activation, with the
+NTK side too (``ntk_vertex`` A, ``mixed_vertex`` D, ``ntk_b`` B, ``n x ntk_variance``,
+``n x ntk_correction``, the dNTK correlators ``dntk_p`` P and ``dntk_q`` Q, the ddNTK means
+``ddntk_r, ddntk_s, ddntk_t, ddntk_u``; three outputs, so that these are defined on the output
+layer; entries that vanish in every network, such as R on layer 2, are skipped), on one
+input with ``ntk=False`` for the nonlinear ones (where ``rgnn.perturbative`` is restricted).
 Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
 and entries, the median SE relative to the largest predicted entry, and whether every entry is
 within ``--sigmas``.
+
+For the nonlinear activations it then checks the NTK mean shift of the single-input flow
+(``n x ntk_correction``): ``--mean-networks`` networks at widths ``--mean-widths``, the NTK of
+``--mean-units`` units averaged per network (``rgnn.empirical_ntk``; the units' fluctuations
+are nearly independent, so the average is much less noisy than one unit), the same weighted
+fit; it prints the intercepts, their SE, ``z`` against the prediction and ``z`` against 0 (the
+answer of the rotation-symmetric rules for relu).
 
     PYTHONPATH=. python tools/residual_monte_carlo.py --networks 1024
 
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -29,6 +41,19 @@ SETTINGS = {  # (shortcut, branch)
     "gamma=1,xi=0.5": (1.0, 0.5),
 }
 CW = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98, "linear": 1.0}
+NTK_FIELDS = {  # the NTK side (linear only): field -> whether it is multiplied by n_{l-1}
+    "ntk_vertex": False,
+    "mixed_vertex": False,
+    "ntk_b": False,
+    "ntk_variance": True,
+    "ntk_correction": True,
+    "dntk_p": False,
+    "dntk_q": False,
+    "ddntk_r": False,
+    "ddntk_s": False,
+    "ddntk_t": False,
+    "ddntk_u": False,
+}
 
 
 def _fit(widths, y, se):
@@ -45,6 +70,48 @@ def _fit(widths, y, se):
     return a, np.sqrt(s2 / det)
 
 
+def _ntk_mean(act, gamma, xi, args, x) -> None:
+    """The NTK mean shift of a nonlinear residual MLP on one input against Monte Carlo."""
+    t0 = time.time()
+    ys, ses = [], []
+    for width in args.mean_widths:
+        arch = rgnn.MLP(
+            args.depth,
+            width,
+            act,
+            weight_var=CW[act],
+            bias_var=0.1,
+            shortcut=gamma,
+            branch=xi,
+            out_dim=args.mean_units,
+        )
+        theta = np.asarray(rgnn.fixed_point(arch, x).ntk)[:, 0, 0]
+        n = np.asarray(arch.layer_dims(x.shape[1]), float)[:-1]
+        per_net = []
+        for start in range(0, args.mean_networks, 1024):
+            size = min(1024, args.mean_networks - start)
+            key = jax.random.key(args.seed + 1000 * width + start)
+            ens = rgnn.ensemble(arch, x.shape[1], n_networks=size, key=key)
+            units = [rgnn.empirical_ntk(ens, x, unit=u) for u in range(args.mean_units)]
+            per_net.append(np.mean([np.asarray(h)[:, :, 0, 0] for h in units], axis=0))
+        h = np.concatenate(per_net)  # [M, L+1]
+        ys.append((h.mean(0) - theta) * n)
+        ses.append(h.std(0, ddof=1) / np.sqrt(h.shape[0]) * n)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="perturbative: for the residual MLP")
+        pred = rgnn.perturbative(arch, x, warn=False)
+    ref = np.asarray(pred.ntk_correction)[1:, 0, 0] * np.asarray(pred.widths)[1:]
+    a, sa = _fit(args.mean_widths, np.stack(ys)[:, 1:], np.stack(ses)[:, 1:])
+    z = (a - ref) / sa
+    print(
+        f"{act:6s} gamma={gamma},xi={xi} n x ntk_correction, layers 2..{args.depth + 1}: "
+        f"pred {np.round(ref, 3)} fit {np.round(a, 3)} SE {np.round(sa, 3)} z {np.round(z, 2)} "
+        f"z(0) {np.round(a / sa, 2)} {'ok' if np.max(np.abs(z)) <= args.sigmas else 'FAIL'} "
+        f"({time.time() - t0:.0f} s)",
+        flush=True,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", type=int, default=1024)
@@ -53,6 +120,9 @@ def main() -> None:
     ap.add_argument("--activations", nargs="+", default=["relu", "tanh", "gelu", "linear"])
     ap.add_argument("--sigmas", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mean-networks", type=int, default=4096)
+    ap.add_argument("--mean-widths", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--mean-units", type=int, default=8)
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     x3 = rng.normal(size=(3, 6))
@@ -64,8 +134,12 @@ def main() -> None:
             x = x3 if act == "linear" else x3[1:2]
             for label, (gamma, xi) in SETTINGS.items():
                 t0 = time.time()
-                rows = {"vertex": [], "correction": [], "kurtosis": []}
-                ses = {"vertex": [], "correction": [], "kurtosis": []}
+                linear = act == "linear"
+                names = ["vertex", "correction", "kurtosis"]
+                if linear:
+                    names += list(NTK_FIELDS)
+                rows = {name: [] for name in names}
+                ses = {name: [] for name in names}
                 pred = None
                 for width in args.widths:
                     arch = rgnn.MLP(
@@ -76,15 +150,18 @@ def main() -> None:
                         bias_var=0.1,
                         shortcut=gamma,
                         branch=xi,
+                        out_dim=3 if linear else 1,
                     )
                     if pred is None:
-                        pred = rgnn.perturbative(arch, x, ntk=False, warn=False)
+                        pred = rgnn.perturbative(arch, x, ntk=linear, ddntk=linear, warn=False)
                     m = rgnn.measure(
                         arch,
                         x,
                         n_networks=args.networks,
                         key=jax.random.key(args.seed + width),
-                        ntk=False,
+                        ntk=linear,
+                        dntk=linear,
+                        ddntk=linear,
                         vertex=True,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
@@ -96,25 +173,37 @@ def main() -> None:
                     ses["correction"].append(np.asarray(m.nngp_correction_se) * nn[:, None, None])
                     rows["kurtosis"].append(np.asarray(m.kurtosis) * nn[:, None])
                     ses["kurtosis"].append(np.asarray(m.kurtosis_se) * nn[:, None])
+                    for name, per_width in NTK_FIELDS.items() if linear else ():
+                        s = nn[:, None, None] if per_width else 1.0
+                        rows[name].append(np.asarray(getattr(m, name)) * s)
+                        ses[name].append(np.asarray(getattr(m, name + "_se")) * s)
                 nn0 = np.asarray(pred.widths)
                 preds = {
                     "vertex": np.asarray(pred.vertex),
                     "correction": np.asarray(pred.nngp_correction) * nn0[:, None, None],
                     "kurtosis": np.asarray(pred.kurtosis) * nn0[:, None],
                 }
+                for name, per_width in NTK_FIELDS.items() if linear else ():
+                    s = nn0[:, None, None] if per_width else 1.0
+                    preds[name] = np.asarray(getattr(pred, name)) * s
                 for field in rows:
-                    y, se = np.stack(rows[field]), np.stack(ses[field])
-                    a, sa = _fit(args.widths, y[:, 1:], se[:, 1:])
-                    ref = preds[field][1:]
+                    y, se = np.stack(rows[field])[:, 1:], np.stack(ses[field])[:, 1:]
+                    live = np.any(se > 0, axis=0)  # entries that vary over networks
+                    a, sa = _fit(args.widths, y[:, live], se[:, live])
+                    ref = preds[field][1:][live]
                     z = np.abs(a - ref) / sa
-                    scale = np.max(np.abs(ref))
+                    # relative to the largest predicted entry; absolute where the prediction
+                    # vanishes (the linear network's mean shifts)
+                    scale = np.max(np.abs(ref)) or 1.0
                     print(
-                        f"{act:5s} {label:17s} {field:10s} max|z| {np.nanmax(z):5.2f}  "
+                        f"{act:6s} {label:17s} {field:14s} max|z| {np.nanmax(z):5.2f}  "
                         f"median SE/max {np.nanmedian(sa) / scale:.3f}  "
                         f"{'ok' if np.nanmax(z) <= args.sigmas else 'FAIL'}  "
                         f"({time.time() - t0:.0f} s)",
                         flush=True,
                     )
+                if not linear and args.mean_networks:
+                    _ntk_mean(act, gamma, xi, args, x)
 
 
 if __name__ == "__main__":

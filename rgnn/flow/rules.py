@@ -243,8 +243,118 @@ Carlo). For a nonlinear activation they are wrong from the second residual layer
 (Monte Carlo: 5 to 14 standard errors off for relu and gelu at 4096 networks), so
 :func:`rgnn.perturbative` uses them for ``activation="linear"`` only and runs the single-input
 flow of :mod:`rgnn._residual_single`, which carries the whole two-unit bilinear form, for the
-others. The NTK-side statistics (``A, B, D, F``, the NTK mean shift, ``P, Q``, ``R, S, T, U``)
-of residual layers are not derived: the engine refuses them (:data:`RESIDUAL`).
+others.
+
+**The NTK side of residual layers** (derived here; PDLT appendix B gives the residual kernel
+recursions at leading order, not these). The parameters of layer ``l + 1`` enter through the
+branch only, the lower ones through ``dz'_i = sum_j M_ij dz_j`` with
+``M_ij = xi W_ij s'_j + gamma delta_ij`` (the backward signal
+``delta^{(l)} = s' * (xi W^T delta^{(l+1)}) + gamma delta^{(l+1)}``), so
+
+.. math::
+
+    H'_{ij;ab} = \\xi^2 \\big[\\delta_{ij} (\\lambda_b + \\tfrac{\\lambda_W}{n_l} \\textstyle\\sum_k
+        s_{ka} s_{kb}) + \\sum_{kl} W_{ik} W_{jl} s'_{ka} s'_{lb} H_{kl;ab}\\big]
+      + \\xi\\gamma \\textstyle\\sum_k \\big(W_{ik} s'_{ka} H_{kj;ab}
+        + W_{jk} s'_{kb} H_{ik;ab}\\big)
+      + \\gamma^2 H_{ij;ab},
+
+the bracket being the plain layer's NTK. Definitions as for ``V`` (for two different units
+``i != j``, all ``n`` times): ``A = n Cov(H_ii, H_jj)``, ``D_{(ab)(cd)} = n Cov(z_ia z_ib,
+H_jj;cd)``, ``B_{xyzw} = n E[H_ij;xz H_ij;yw]``, ``F_{xy;cd} = n E[H_ij;xy z_ic z_jd]``,
+``DH = n (E H_ii - Theta)``. Given layer ``l``, units ``i != j`` use different rows of ``W``,
+so ``(z'_i, H'_ii)`` and ``(z'_j, H'_jj)`` are independent, and every covariance is that of
+the conditional means ``E[H'_ii | l] = xi^2 H~ + gamma^2 H_ii`` (``H~`` the plain NTK metric;
+the cross term is linear in ``W``) and ``E[z'_ia z'_ib | l] = xi^2 G_ab + gamma^2 z_ia z_ib``.
+For ``B`` and ``F``, average the products of the four terms over the two rows (only pairings
+with an even number of entries of each row survive). With ``r``, ``K``, ``Theta``,
+``D_e(f) = <d_e f>`` as above, ``J_cd(X) = sum_gh (dH~_cd / dG_gh) X_gh`` (``_jhk``:
+``lambda_W`` times Price's derivative of ``<s s>`` plus ``C_W Theta`` times that of
+``<s' s'>``) and ``X_{abgh} = r V_{(ab)(gh)} + K_ag K_bh + K_ah K_bg`` (``n_l`` times the
+covariance of one unit's ``z_a z_b`` with the layer's ``(1/n_l) sum_j z_jg z_jh``, by Stein's
+lemma and ``V``):
+
+.. math::
+
+    D' &= \\xi^4 D'^{\\rm plain} + \\gamma^4 r D + \\gamma^2\\xi^2 \\big[
+        r C_W \\textstyle\\sum_{ef} \\tfrac12 \\langle \\partial_e \\partial_f (s_a s_b)\\rangle
+        D_{(ef)(cd)} + J_{cd}(X_{ab\\cdot\\cdot})
+        + r C_W \\langle s'_c s'_d\\rangle D_{(ab)(cd)}\\big], \\\\
+    A' &= \\xi^4 A'^{\\rm plain} + \\gamma^4 r A + \\gamma^2\\xi^2 (Y_{abcd} + Y_{cdab}),
+        \\qquad Y_{abcd} = r \\big[J_{cd}(D_{\\cdot\\cdot(ab)})
+        + C_W \\langle s'_c s'_d\\rangle A_{(ab)(cd)}\\big]
+        = n\\,\\mathrm{Cov}(H_{ii;ab}, \\tilde H'_{cd}), \\\\
+    B'_{xyzw} &= \\xi^4 B'^{\\rm plain} + \\gamma^4 r B + \\gamma^2\\xi^2 C_W
+        \\big(\\langle s'_x s'_y\\rangle + \\langle s'_z s'_w\\rangle\\big)
+        \\big(\\Theta_{xz}\\Theta_{yw} + r B_{xyzw}\\big), \\\\
+    F'_{xy;cd} &= \\xi^4 F'^{\\rm plain} + \\gamma^4 r F + \\gamma^2\\xi^2 C_W \\big[
+        \\textstyle\\sum_e D_e(s'_x s_c) (\\Theta_{xy} K_{ed} + r F_{xy;ed})
+        + \\sum_f D_f(s'_y s_d) (\\Theta_{xy} K_{cf} + r F_{xy;cf})\\big], \\\\
+    DH' &= \\xi^2 DH'^{\\rm plain} + \\gamma^2 DH .
+
+The unit ``i``'s own share of ``H~`` or ``G`` in the cross terms is ``O(1/n^2)`` (its NTK is
+``Theta`` up to ``O(1/sqrt n)`` and correlates with its own ``z`` at ``O(1/n)``), unlike
+``V``'s, where ``Cov(z_i z_i, s_i s_i)`` is ``O(1)``. The NTK variance of one unit is again
+``(A_{(ab)(ab)} + B_{aabb} + B_{abba}) / n``: with the rotation symmetry the connected
+``E[H_{i1i2} H_{i3i4}]`` has only the three pairings. As for ``V``, the cross-unit steps use
+the rotation symmetry, so these rules are exact for ``activation="linear"`` and used only
+there; the tests check them against an exact finite-width Wick recursion of deep linear
+residual networks (their 1/n coefficients, to roundoff, on three inputs) and against Monte
+Carlo.
+
+**The dNTK of linear residual layers** (derived here, for ``activation="linear"`` only). With
+``s = z`` a residual layer is a linear layer ``z' = xi b + M z`` with ``M = xi W + gamma``, and
+the dNTK of layer ``l + 1`` (module docstring above, the Hessian of ``z'`` coupling ``W`` to
+the lower parameters through ``dz'/dW_pk = xi delta_{ip} z_k``) is
+
+.. math::
+
+    \\widehat{dH}'_{i_0 i_1 i_2} = \\frac{\\xi^2 \\lambda_W}{n_l} \\Big[\\delta_{i_0 i_1}
+        \\textstyle\\sum_{kl} z_{k0} M_{i_2 l} H_{kl;12} + \\delta_{i_0 i_2} \\sum_{kl} z_{k0}
+        M_{i_1 l} H_{lk;12} + \\delta_{i_1 i_2} \\sum_{kj} M_{i_0 k} (z_{j1} H_{kj;02}
+        + z_{j2} H_{kj;01})\\Big] + \\sum M_{i_0 k_0} M_{i_1 k_1} M_{i_2 k_2}
+        \\widehat{dH}_{k_0 k_1 k_2} .
+
+Multiply by ``z'_{i_3; 3} = xi b_{i_3} + sum_m M_{i_3 m} z_{m3}`` and average over ``M``
+(mean ``gamma delta``, two or four entries of ``W`` paired; ``E[M M] = gamma^2 + xi^2 C_W / n``
+on matching indices, ``chi = gamma^2 + xi^2 C_W``): at O(1/n), with ``r, K, Theta, F`` as
+above,
+
+.. math::
+
+    P'_{0123} &= \\chi^2 r P_{0123} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{01} K_{23}
+        + \\Theta_{02} K_{13} + r F_{01;32} + r F_{02;31}\\big], \\\\
+    Q'_{0123} &= \\chi^2 r Q_{0123} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{12} K_{03}
+        + r F_{12;03}\\big]
+
+(``gamma = 0, xi = 1`` is the plain rule at ``s = z``; the terms of ``P, Q`` with two
+different units' dNTK enter at O(1/n^2)). Checked, like the NTK side, against the exact Wick
+recursion (to roundoff) and Monte Carlo.
+
+The ddNTKs likewise (linear only). ``z'`` is linear in ``W`` and in ``z``, so
+``Hess(z'_i)[u, v] = xi sum_k (u_{W_ik} v.grad z_k + v_{W_ik} u.grad z_k)
++ sum_k M_ik Hess(z_k)[u, v]`` (lower components of ``u, v``), the third derivative has only
+the terms ``xi u_{W_ik} Hess(z_k)[v, w]`` (and permutations) and ``sum_k M_ik D^3 z_k``, and
+the layer's weight part of a gradient is ``g'_i|_{W_pk} = (lambda_W / n) xi delta_ip z_k``.
+Inserting, and averaging over ``M`` as for ``P, Q``:
+
+.. math::
+
+    \\hat Q'_{0123} &= \\chi^2 r \\hat Q_{0123} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{02}
+        K_{13} + r F_{02;13}\\big], \\qquad \\hat P' = \\chi^2 r \\hat P, \\quad
+        R' = \\chi^2 r R, \\quad U' = \\chi^2 r U, \\\\
+    S'_{1234} &= \\chi^2 r S_{1234} + \\xi^2 \\lambda_W \\chi \\big[\\Theta_{13}\\Theta_{24}
+        + r B_{1234}\\big], \\\\
+    T'_{1342} &= \\chi^2 r T_{1342} + \\xi^4 \\lambda_W^2 \\big[\\Theta_{12} K_{34}
+        + r F_{12;34}\\big] + \\xi^2 \\lambda_W \\chi\\, r \\big[\\hat Q_{2413}
+        + \\hat Q_{1324}\\big]
+
+(``P^, R, U`` have no source in a linear network and stay zero; the ``xi^4 lambda_W^2`` term
+pairs the layer's weight part of both gradients, the ``xi^2 lambda_W chi`` terms one of them
+with the Hessian of the lower layers, whose weight ``M`` averages to ``chi``). Checked by
+Monte Carlo (``rgnn.measure`` differentiates the residual network), and ``gamma = 0, xi = 1``
+against the plain rules. For a nonlinear activation these rules would miss the ``sigma''``
+terms and the broken rotation symmetry: :func:`rgnn.perturbative` refuses the NTK side there.
 """
 
 from __future__ import annotations
@@ -524,12 +634,18 @@ def _u(c: Layer):
 
 
 # ----------------------------------------------------------------------------- residual layers
+def _res_stein(c: Layer) -> L:
+    """``X_{abgh} = r V_{(ab)(gh)} + K_ag K_bh + K_ah K_bg``: ``n_l`` times the covariance of
+    ``z_{ka} z_{kb}`` with ``z_{jg} z_{jh}`` summed over the units ``j`` of the layer (the unit
+    ``k`` itself by Stein's lemma, the others through ``V``)."""
+    k = c.M.k
+    return c.r * c.S("V", "abgh") + L(k, "ag") * L(k, "bh") + L(k, "ah") * L(k, "bg")
+
+
 def _res_v(c: Layer, plain: L, gamma, xi) -> L:
     """``V`` after a residual layer ``z' = gamma z + xi h`` (module docstring)."""
     M, cw, r = c.M, c.cw, c.r
-    k = M.k
-    x = r * c.S("V", "abgh") + L(k, "ag") * L(k, "bh") + L(k, "ah") * L(k, "bg")
-    one = M.price1(0, x, "gh", "cd").to("abcd")
+    one = M.price1(0, _res_stein(c), "gh", "cd").to("abcd")
     cross = one + one.rename("cdab").to("abcd")
     g2, x2 = gamma * gamma, xi * xi
     return (x2 * x2 * plain + g2 * g2 * r * c.S("V", "abcd") + g2 * x2 * cw * cross).to("abcd")
@@ -540,9 +656,144 @@ def _res_dg(c: Layer, plain: L, gamma, xi) -> L:
     return (xi * xi * plain + gamma * gamma * c.S("DG", "ab")).to("ab")
 
 
-RESIDUAL = {"V": _res_v, "DG": _res_dg}
-"""The residual-layer form of each statistic whose residual recursion is derived and checked
-(module docstring); the engine refuses any other statistic on a residual network."""
+def _res_d(c: Layer, plain: L, gamma, xi) -> L:
+    """``D`` after a residual layer (module docstring, "NTK side of residual layers")."""
+    M, cw, r = c.M, c.cw, c.r
+    jcd = cw * M.e((1, 1), "cd")
+    cross = (
+        r * cw * M.price1(0, c.S("D", "efcd"), "ef", "ab")
+        + _jhk(c, _res_stein(c), "gh", "cd")
+        + r * jcd * c.S("D", "abcd")
+    )
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("D", "abcd") + g2 * x2 * cross).to("abcd")
+
+
+def _res_a(c: Layer, plain: L, gamma, xi) -> L:
+    """``A`` after a residual layer (module docstring)."""
+    M, cw, r = c.M, c.cw, c.r
+    y = r * (_jhk(c, c.S("D", "efab"), "ef", "cd") + cw * M.e((1, 1), "cd") * c.S("A", "abcd"))
+    y = y.to("abcd")
+    cross = y + y.rename("cdab").to("abcd")
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("A", "abcd") + g2 * x2 * cross).to("abcd")
+
+
+def _res_b(c: Layer, plain: L, gamma, xi) -> L:
+    """``B`` after a residual layer (module docstring)."""
+    M, cw, r = c.M, c.cw, c.r
+    own = M.e((1, 1), "ab") + M.e((1, 1), "cd")
+    cross = cw * own * (c.T("ac") * c.T("bd") + r * c.S("B", "abcd"))
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("B", "abcd") + g2 * x2 * cross).to("abcd")
+
+
+def _res_f(c: Layer, plain: L, gamma, xi) -> L:
+    """``F`` after a residual layer (module docstring)."""
+    M, cw, r = c.M, c.cw, c.r
+    k = L(M.k, "ed")
+    one = ein("abcd", M.d((1, 0), "eac"), c.T("ab") * k + r * c.S("F", "abed"))
+    two = ein("abcd", M.d((1, 0), "fbd"), c.T("ab") * k.rename("cf") + r * c.S("F", "abcf"))
+    g2, x2 = gamma * gamma, xi * xi
+    return (x2 * x2 * plain + g2 * g2 * r * c.S("F", "abcd") + g2 * x2 * cw * (one + two)).to(
+        "abcd"
+    )
+
+
+def _res_dh(c: Layer, plain: L, gamma, xi) -> L:
+    """The NTK mean shift after a residual layer: ``xi^2 DH'_plain + gamma^2 DH``."""
+    return (xi * xi * plain + gamma * gamma * c.S("DH", "ab")).to("ab")
+
+
+def _res_pq_factors(c: Layer, gamma, xi):
+    """``(chi^2 r, xi^2 lambda_W chi)`` with ``chi = gamma^2 + xi^2 C_W``."""
+    chi = gamma * gamma + xi * xi * c.cw
+    return chi * chi * c.r, xi * xi * c.lw * chi
+
+
+def _res_p(c: Layer, plain: L, gamma, xi) -> L:
+    """``P`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k, r = c.M.k, c.r
+    out = prop * c.S("P", "abcd") + src * (
+        c.T("ab") * L(k, "cd")
+        + c.T("ac") * L(k, "bd")
+        + r * c.S("F", "abdc")
+        + r * c.S("F", "acdb")
+    )
+    return out.to("abcd")
+
+
+def _res_q(c: Layer, plain: L, gamma, xi) -> L:
+    """``Q`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k = c.M.k
+    out = prop * c.S("Q", "abcd") + src * (c.T("bc") * L(k, "ad") + c.r * c.S("F", "bcad"))
+    return out.to("abcd")
+
+
+def _res_propagated(name):
+    """``chi^2 r X``: the residual rule of a linear layer for the ddNTK statistics that have no
+    source there (``PH, R, U``: zero for a linear network)."""
+
+    def rule(c: Layer, plain: L, gamma, xi) -> L:
+        prop, _ = _res_pq_factors(c, gamma, xi)
+        return (prop * c.S(name, "abcd")).to("abcd")
+
+    rule.__doc__ = f"``{name}`` after a residual layer, linear activation only: ``chi^2 r {name}``."
+    return rule
+
+
+def _res_qh(c: Layer, plain: L, gamma, xi) -> L:
+    """``Q^`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k = c.M.k
+    out = prop * c.S("QH", "abcd") + src * (c.T("ac") * L(k, "bd") + c.r * c.S("F", "acbd"))
+    return out.to("abcd")
+
+
+def _res_s(c: Layer, plain: L, gamma, xi) -> L:
+    """``S`` after a residual layer, linear activation only (module docstring)."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    out = prop * c.S("S", "abcd") + src * (c.T("ac") * c.T("bd") + c.r * c.S("B", "abcd"))
+    return out.to("abcd")
+
+
+def _res_t(c: Layer, plain: L, gamma, xi) -> L:
+    """``T`` after a residual layer, linear activation only (module docstring); ``T_{abcd}``
+    is ``T_{1342}`` (inputs 1 = a, 3 = b, 4 = c, 2 = d), as in the plain rule."""
+    prop, src = _res_pq_factors(c, gamma, xi)
+    k, r, lw = c.M.k, c.r, c.lw
+    x2 = xi * xi
+    out = (
+        prop * c.S("T", "abcd")
+        + x2 * x2 * lw * lw * (c.T("ad") * L(k, "bc") + r * c.S("F", "adbc"))
+        + src * r * (c.S("QH", "dcab") + c.S("QH", "abdc"))
+    )
+    return out.to("abcd")
+
+
+RESIDUAL = {
+    "V": _res_v,
+    "DG": _res_dg,
+    "D": _res_d,
+    "A": _res_a,
+    "B": _res_b,
+    "F": _res_f,
+    "DH": _res_dh,
+    "P": _res_p,
+    "Q": _res_q,
+    "PH": _res_propagated("PH"),
+    "QH": _res_qh,
+    "R": _res_propagated("R"),
+    "S": _res_s,
+    "T": _res_t,
+    "U": _res_propagated("U"),
+}
+"""The residual-layer form of each statistic (module docstring): ``V`` and ``DG`` written for
+any activation but exact only for a linear one (the rotation symmetry), the NTK side, the dNTK
+and the ddNTK derived for the linear activation; :func:`rgnn.perturbative` uses them only
+there (a nonlinear residual MLP has the single-input flow of :mod:`rgnn._residual_single`)."""
 
 
 RULES = {
