@@ -453,6 +453,12 @@ def end_of_training(
             "arch: expected parameterization='ntk' (the only one here whose NTK and learning "
             f"rate are width independent), got {arch.parameterization!r}"
         )
+    if arch.is_residual and arch.act.name != "linear":
+        raise ValueError(
+            f"arch: a residual MLP with activation {arch.act.name!r}: the end-of-training "
+            "prediction needs the dNTK and ddNTK on every tuple of the training and test inputs, "
+            "derived for residual MLPs with a linear activation only (rgnn.perturbative)"
+        )
     eta = check_learning_rate(learning_rate)
     if steps is not None and (
         isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0

@@ -42,6 +42,7 @@ def _arch(width=64, activation="tanh", depth=1):
     [
         (dict(arch="mlp"), "arch"),
         (dict(arch=rgnn.MLP(1, 8, parameterization="standard")), "parameterization"),
+        (dict(arch=rgnn.MLP(2, 8, "tanh", shortcut=0.5)), "residual MLP with activation"),
         (dict(learning_rate=-1.0), "learning_rate"),
         (dict(learning_rate=float("nan")), "learning_rate"),
         (dict(learning_rate=True), "learning_rate"),
