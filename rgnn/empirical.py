@@ -755,9 +755,13 @@ def measure(
 ) -> Measurement:
     """Monte Carlo estimates of the fields of :func:`rgnn.perturbative` from finite networks.
 
-    ``n_networks`` networks of ``arch`` are drawn (``batch_size`` at a time, each batch one
-    vmapped, jitted computation) and the per-layer stochastic metric, empirical NTK and
-    preactivation moments are reduced to means, variances and kurtoses with standard errors.
+    ``n_networks`` networks of ``arch`` are drawn in equal batches of at most ``batch_size``
+    (each batch one vmapped, jitted computation of one shape: the last batch is padded with up
+    to ``n_batches - 1`` networks that are drawn and discarded, so nothing compiles twice;
+    network ``j`` is drawn from ``jax.random.split(jax.random.fold_in(key, 0), total)[j]``,
+    ``total`` the padded count: with JAX's default keys the same network whatever the batch
+    size), and the per-layer stochastic metric, empirical NTK and preactivation moments are
+    reduced to means, variances and kurtoses with standard errors.
     The dtype follows ``x``. ``ntk=False`` skips the NTK (its fields are then NaN, and the
     four-index NTK fields ``None``).
 
@@ -810,7 +814,7 @@ def measure(
     """
     from rgnn.fixed_point import fixed_point
     from rgnn.models import require_mlp
-    from rgnn.networks import ensemble
+    from rgnn.networks import _ensemble_of_keys
 
     require_mlp(arch, "rgnn.measure")
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 4:
@@ -854,47 +858,53 @@ def measure(
     n_v, n_b = v_idx[0].size, b_idx[0].size
     ab_idx = _tuples(n, np.array([[0, 1, 0, 1]]))  # the (ab)(ab) tuple of every pair
     n_d = n**4 if full else d_idx[0].size
+    # equal batches, the last one padded with networks that are drawn and discarded, so every
+    # batch has one shape and shares one compilation (a smaller last batch compiled everything
+    # again: most of a Monte Carlo run's time at small widths). Member j is drawn from
+    # split(fold_in(key, 0), total)[j] whatever the batch size (split's keys are prefixes of
+    # one another), and a single batch is exactly ensemble(..., key=fold_in(key, 0)).
+    n_batches = -(-n_networks // batch_size)
+    per = -(-n_networks // n_batches)
+    keys = jax.random.split(jax.random.fold_in(key, 0), per * n_batches)
     done = 0
     while done < n_networks:
-        size = min(batch_size, n_networks - done)
-        ens = ensemble(
-            arch, x.shape[1], n_networks=size, key=jax.random.fold_in(key, done), dtype=x.dtype
-        )
-        gs.append(np.asarray(empirical_nngp(ens, x)))
+        size = min(per, n_networks - done)
+        ens = _ensemble_of_keys(arch, x.shape[1], keys[done : done + per], dtype=x.dtype)
+        gs.append(np.asarray(empirical_nngp(ens, x))[:size])
         if arch.is_residual:
             parts = _residual_parts(ens.graphdef, ens.state, x)
             w, q = _residual_samples(parts, *arch.residual(), v_idx if four else ab_idx)
-            res_w.append(w)
-            res_q.append(q)
+            res_w.append(np.asarray(w)[:size])
+            res_q.append(np.asarray(q)[:size])
         if ntk and four:
             blocks = _apply(
                 ens.graphdef, ens.state, x, None, kind="ntk_block", option=ntk_units, batched=True
             )
-            blocks = [np.asarray(b) for b in blocks]  # per layer [m, u, u, N, N]
+            blocks = [np.asarray(b)[:size] for b in blocks]  # per layer [m, u, u, N, N]
             ts.append(np.stack([b[:, 0, 0] for b in blocks], axis=1))
             hds.append([np.moveaxis(np.diagonal(b, axis1=1, axis2=2), -1, 1) for b in blocks])
             for sl in _chunks(size, n_layers * n_b * NTK_UNITS**2):
                 add("ntk_b", _unit_pair_samples([b[sl] for b in blocks], b_idx, scale, "B"))
         elif ntk:
-            ts.append(np.asarray(empirical_ntk(ens, x)))
+            ts.append(np.asarray(empirical_ntk(ens, x))[:size])
         if dntk:
             n_params = sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(ens.state))
             rows = n * max(units)
-            chunk = int(max(1, min(size, 2**26 // (rows * rows * n_params))))
+            chunk = int(max(1, min(per, 2**26 // (rows * rows * n_params))))
             parts = _dntk_correlators(ens.graphdef, ens.state, x, widths, units=units, chunk=chunk)
             for name, part in zip(("dntk_p", "dntk_q"), parts, strict=True):
-                part = np.asarray(part)
+                part = np.asarray(part)[:size]
                 for sl in _chunks(size, n_layers * n_d):
                     add(name, _select(part[sl], d_idx))
         if ddntk:
             n_params = sum(int(np.prod(a.shape[1:])) for a in jax.tree_util.tree_leaves(ens.state))
             rows = n * max(units)
             per_net = max(rows * rows * n_params, rows * rows * n**2 * sum(dims[1:]))
-            chunk = _divisor_chunk(size, 2**26 // per_net)
+            chunk = _divisor_chunk(per, 2**26 // per_net)
             parts = _ddntk_means(ens.graphdef, ens.state, x, widths, units=units, chunk=chunk)
             names = ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
             for name, part in zip(names, parts, strict=True):
-                part = np.asarray(part)
+                part = np.asarray(part)[:size]
                 for sl in _chunks(size, n_layers * n_d):
                     add(name, _select(part[sl], d_idx))
         done += size

@@ -67,9 +67,16 @@ def ensemble(arch: MLP, in_dim: int, *, n_networks: int, key: jax.Array, dtype=N
     """
     if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 1:
         raise ValueError(f"n_networks: expected an integer >= 1, got {n_networks!r}")
+    return _ensemble_of_keys(arch, in_dim, jax.random.split(key, n_networks), dtype)
+
+
+def _ensemble_of_keys(arch, in_dim: int, keys: jax.Array, dtype=None) -> Ensemble:
+    """The ensemble whose member ``i`` is drawn from ``keys[i]`` (:func:`ensemble` with the
+    keys given: ``ensemble(..., n_networks=M, key=k)`` is ``keys = jax.random.split(k, M)``)."""
     dtype = jnp.dtype(dtype or jnp.result_type(float))
+    n_networks = keys.shape[0]
     if not isinstance(arch, MLP):
-        return _model_ensemble(arch, in_dim, n_networks, key, dtype)
+        return _model_ensemble(arch, in_dim, n_networks, keys, dtype)
     graphdef, _ = nnx.split(
         nnx.eval_shape(lambda: arch.network(in_dim, rngs=nnx.Rngs(0), dtype=dtype))
     )
@@ -80,12 +87,12 @@ def ensemble(arch: MLP, in_dim: int, *, n_networks: int, key: jax.Array, dtype=N
     # vmapped but not jitted as a whole: the samplers are then dispatched as JAX's own jitted
     # functions, compiled once per parameter shape and reused by every architecture with the
     # same widths (compiling the float64 normal sampler dominates the cost of a small ensemble)
-    state = jax.vmap(init)(jax.random.split(key, n_networks))
+    state = jax.vmap(init)(keys)
     return Ensemble(state, graphdef, arch, in_dim)
 
 
-def _model_ensemble(arch, in_dim, n_networks, key, dtype) -> Ensemble:
-    """The ensemble of a :class:`rgnn.models.Model`: ``init`` vmapped over the split keys."""
+def _model_ensemble(arch, in_dim, n_networks, keys, dtype) -> Ensemble:
+    """The ensemble of a :class:`rgnn.models.Model`: ``init`` vmapped over the keys."""
     from rgnn.models import FlaxModel, as_model
 
     model = as_model(arch)
@@ -108,5 +115,5 @@ def _model_ensemble(arch, in_dim, n_networks, key, dtype) -> Ensemble:
             f"arch: the {model.kind} model {model.name!r} does not run on inputs of "
             f"{in_dim} features ({type(err).__name__}: {str(err)[:200]})"
         ) from None
-    state = jax.vmap(lambda k: model.init(k, probe))(jax.random.split(key, n_networks))
+    state = jax.vmap(lambda k: model.init(k, probe))(keys)
     return Ensemble(state, None, model, in_dim)
