@@ -117,6 +117,10 @@ class SingleInput:
     coupling: np.ndarray
     ntk: np.ndarray | None = None
     ntk_correction: np.ndarray | None = None
+    ntk_variance: np.ndarray | None = None
+    ntk_vertex: np.ndarray | None = None
+    mixed_vertex: np.ndarray | None = None
+    ntk_b: np.ndarray | None = None
 
 
 def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None):
@@ -152,9 +156,12 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             grad = jax.vmap(jax.grad(act.fn))
             lims = [(jnp.asarray(y + e), grad(jnp.asarray(y + e))) for e in (-eps, eps)]
             p2 = np.mean([np.asarray(g_ * g_) for _, g_ in lims], axis=0)
+            p4 = np.mean([np.asarray(g_**4) for _, g_ in lims], axis=0)
             ss = np.mean([np.asarray(act.fn(z_) * g_) for z_, g_ in lims], axis=0)
         eta, eh, fo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
+        nu, ag, bo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
         out_t, out_dh = [float(theta)], [0.0]
+        out_nu, out_a, out_b, out_dd = [0.0], [0.0], [0.0], [0.0]
     for layer in range(1, arch.n_layers):
         k = ks[layer - 1]
         p = np.exp(-0.5 * y**2 / k)
@@ -214,10 +221,44 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
                 + x * x * g * cw * (np.outer(t1_k, one) + np.outer(one, t1_k))
                 + cw * cw * x**4 * src * np.outer(t1_k, t1_k)
             )
+            # the NTK variance ("NTK variance" above): y = lambda_W q + C_W Theta p is the
+            # unit's share of the NTK metric H~, n_h = n Var(H~), c_p the Xi-part's source
+            yv = lw * s2 + cw * theta * p2
+            ap, ey = ag @ p2, eh @ yv
+            # one unit's Gaussian averages of y^2 and p^2 from the one-sided limits (a kink)
+            yy = lw * lw * s2 * s2 + 2 * lw * cw * theta * s2 * p2 + (cw * theta) ** 2 * p4
+            sig_yy = float(pk @ yy) - float(pk @ yv) ** 2 + float(yv @ b @ yv)
+            n_h = sig_yy + 2 * cw * float(p2 @ ey) + cw * cw * float(p2 @ ap)
+            bp = bo @ p2
+            c_p = float(pk @ p4) * theta**2 + float(p2 @ bp)
+            a_a = t.T @ (ey + cw * ap)  # f -> E(Tf, y) + C_W A(Tf, p)
+            b_b = theta**2 * (t.T @ (pk * p2)) + t.T @ bp  # f -> Theta^2 <p Tf> + Bo(Tf, p)
+            g2, x2 = g * g, x * x
+            nu_new = (
+                g2 * g2 * (t.T @ nu)
+                + x2 * x2 * (n_h + 2 * cw * cw * c_p) * t_k
+                + 4 * cw * x2 * g2 * b_b
+                + 2 * x2 * g2 * a_a
+            )
+            ag_new = (
+                g2 * g2 * (t.T @ ag @ t)
+                + x2 * x2 * n_h * np.outer(t_k, t_k)
+                + x2 * g2 * (np.outer(a_a, t_k) + np.outer(t_k, a_a))
+            )
+            bo_new = (
+                g2 * g2 * (t.T @ bo @ t)
+                + cw * cw * x2 * x2 * c_p * np.outer(t_k, t_k)
+                + cw * x2 * g2 * (np.outer(b_b, t_k) + np.outer(t_k, b_b))
+            )
+            nu, ag, bo = nu_new, ag_new, bo_new
             theta = x * x * (lb + lw * float(pk @ s2) + cw * float(pk @ p2) * theta) + g * g * theta
             eta, eh, fo = eta_new, eh_new, fo_new
             out_t.append(theta)
             out_dh.append(float(eta.sum()))
+            out_nu.append(float(nu.sum()))
+            out_a.append(float(ag.sum()))
+            out_b.append(float(bo.sum()))
+            out_dd.append(float(eh.sum(0) @ y**2))
         b, d = b_new, d_new
         kk = ks[layer]
         y2, y4 = y**2, y**4
@@ -228,5 +269,12 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
     vv = np.asarray(out_v)
     extra = {}
     if ntk is not None:
-        extra = dict(ntk=np.asarray(out_t), ntk_correction=np.asarray(out_dh))
+        extra = dict(
+            ntk=np.asarray(out_t),
+            ntk_correction=np.asarray(out_dh),
+            ntk_variance=np.asarray(out_nu),
+            ntk_vertex=np.asarray(out_a),
+            mixed_vertex=np.asarray(out_dd),
+            ntk_b=np.asarray(out_b),
+        )
     return SingleInput(kk, vv, np.asarray(out_d), np.asarray(out_k), vv / kk**2, **extra)
