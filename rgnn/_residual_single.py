@@ -82,9 +82,57 @@ Theta``. For ``f = 1``: ``DH' = gamma^2 DH + xi^2 [lambda_W d(q) + C_W Theta d(p
 NTK mean shift (tests: the flow engine's, to roundoff, for relu, tanh, gelu, linear); Monte
 Carlo checks the residual ones (:mod:`tools.residual_monte_carlo`). ``s'^2`` and ``s s'`` take
 the mean of their one-sided limits at a kink (relu's step stays second order on the grid).
-The NTK *variance* of a nonlinear residual MLP needs, besides these, ``n E[delta_i^2 f(z_i)]``,
-``n E[delta_i delta_k f g]`` and ``n E[H_ik^2 f g]``: not carried (``None`` in
-:func:`rgnn.perturbative`).
+
+NTK variance (derived here; PDLT ch. 8 has the plain recursions for ``A`` and ``B``, and its
+appendix on residual learning only the leading-order kernels). Carry three more objects
+(``i != k``):
+
+* ``nu(f) = n E[delta_i^2 f(z_i)]`` (a functional; ``nu(1) = n Var(H_ii)``, the NTK variance);
+* ``A(f, g) = n E[delta_i delta_k f(z_i) g(z_k)]`` (``A(1, 1) = n Cov(H_ii, H_kk)``, PDLT's
+  ``A`` on a plain layer, where it is ``n Var(H~)``);
+* ``Bo(f, g) = n E[H_ik^2 f(z_i) g(z_k)]`` (``Bo(1, 1)``: PDLT's ``B``).
+
+With ``Delta = H~ - Theta~`` (``Theta~ = lambda_b + <y>``), ``delta'_i = xi^2 Delta + gamma^2
+delta_i + Xi_i``, where ``y = lambda_W q + C_W Theta p`` is one unit's share of ``H~``. Every
+product of two of these fluctuations is ``O(1/n)``; a third fluctuation (``G - Gbar`` in
+``E[f(z'_i) | l] = (Tf)(z_i; G)``, a three-unit correlation, ``n E[delta_i H_ik f g]``)
+makes it ``O(1/n^2)``, so ``f(z'_i)`` enters only through ``Tf`` at ``Gbar``. The pieces:
+
+* ``n Var(H~) = N_H = Sigma(y, y) + 2 C_W E(p, y) + C_W^2 A(p, p)`` (the unit's own
+  Gaussian variance, the others through ``B``; ``H_jj = Theta + delta_j`` in the share of
+  unit ``j``);
+* ``n E[Delta delta_i g(z_i)] = E(g, y) + C_W A(g, p)`` (the other units' shares of ``H~``;
+  the unit's own is ``O(1/n)``);
+* given layer ``l`` the row ``w`` enters ``Xi_i`` through ``w^T M w`` and ``w.v``:
+  ``n E[Xi_i^2 | l] = 2 C_W^2 xi^4 (1/n) sum_jm p_j p_m H_jm^2 + 4 C_W xi^2 gamma^2 sum_j
+  p_j H_ji^2``, whose mean with ``g(z_i)`` is ``2 C_W^2 xi^4 c_p <g> + 4 C_W xi^2 gamma^2
+  [Theta^2 <p g> + Bo(g, p)]`` with ``c_p = <p^2> Theta^2 + Bo(p, p)``; the joint
+  distribution of ``sqrt(n) Xi_i`` and ``z'_i`` given ``l`` factorizes up to ``O(1/n)``
+  (their joint cumulants are ``O(1/sqrt n)`` or smaller, and enter squared), and the cross
+  terms ``Xi_i Delta``, ``Xi_i delta_i``, ``Xi_i Xi_k``, ``Xi_i delta_k`` are ``O(1/n^2)``
+  (``E[Xi_i f(z'_i) | l]`` is ``O(1/n)``, Stein's lemma above);
+* ``H'_ik = xi^2 w^T M u + xi gamma (u.v^(i) + w.v^(k)) + gamma^2 H_ik`` (``u`` row ``k``,
+  ``v^(i)_m = s'_m H_mi``): its four terms are uncorrelated given ``l`` up to ``O(1/n^2)``.
+
+Hence, with ``a_A(f) = E(Tf, y) + C_W A(Tf, p)`` and ``b_B(f) = Theta^2 <p Tf> + Bo(Tf, p)``:
+
+.. math::
+
+    \\nu'(f) &= \\gamma^4 \\nu(Tf) + \\xi^4 (N_H + 2 C_W^2 c_p) \\langle Tf\\rangle
+      + 4 C_W \\xi^2 \\gamma^2 b_B(f) + 2 \\xi^2 \\gamma^2 a_A(f), \\\\
+    A'(f, g) &= \\gamma^4 A(Tf, Tg) + \\xi^4 N_H \\langle Tf\\rangle \\langle Tg\\rangle
+      + \\xi^2 \\gamma^2 [a_A(f) \\langle Tg\\rangle + \\langle Tf\\rangle a_A(g)], \\\\
+    Bo'(f, g) &= \\gamma^4 Bo(Tf, Tg) + C_W^2 \\xi^4 c_p \\langle Tf\\rangle \\langle Tg\\rangle
+      + C_W \\xi^2 \\gamma^2 [b_B(f) \\langle Tg\\rangle + \\langle Tf\\rangle b_B(g)],
+
+all zero on layer 1. Outputs: ``n Var(H_ii) = nu(1)``, ``A = A(1, 1)``, ``B = Bo(1, 1)`` and
+PDLT's ``D = n Cov(z_k^2, H_ii) = E(1, z^2)`` (two different units). A plain layer
+(``Tf = <f>``) gives PDLT's ``A' = N_H``, ``B' = C_W^2 c_p`` and ``n Var(H_ii) = A' + 2 B'``
+(tests: the flow engine's, to roundoff for relu and gelu, to its quadrature for tanh); a
+linear activation gives the residual rules of :mod:`rgnn.flow.rules`, where the rotation
+symmetry makes ``n Var(H_ii) = A + 2 B`` too (tests, to roundoff); the nonlinear residual
+recursions are checked by Monte Carlo (:mod:`tools.residual_monte_carlo`). At a kink the
+one-unit averages ``<p^2>`` and ``<y^2>`` take the mean of the one-sided limits, like ``p``.
 """
 
 from __future__ import annotations
@@ -108,6 +156,13 @@ class SingleInput:
       nngp_correction: ``E z^2 - K``, times the width ``n_{l-1}`` (``d(z^2)``).
       kurtosis: the excess kurtosis of one unit, times the width (``(d(z^4) - 6 K d(z^2)) / K^2``).
       coupling: ``V / K^2``, the width times the dimensionless quartic coupling.
+      ntk: ``Theta^{(l)}`` (``None`` unless ``single_input_flow(..., ntk=...)``; so are the
+        following).
+      ntk_correction: ``E H_ii - Theta``, times the width (``eta(1)``).
+      ntk_variance: ``Var(H_ii)`` of one unit, times the width (``nu(1)``).
+      ntk_vertex: PDLT's ``A``, ``n Cov(H_ii, H_kk)``, ``i != k`` (``A(1, 1)``).
+      mixed_vertex: PDLT's ``D``, ``n Cov(z_k^2, H_ii)``, ``i != k`` (``E(1, z^2)``).
+      ntk_b: PDLT's ``B``, ``n E[H_ik^2]``, ``i != k`` (``Bo(1, 1)``).
     """
 
     nngp: np.ndarray
@@ -127,7 +182,8 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
     """:class:`SingleInput` of ``arch`` for an input with layer-1 kernel ``k1`` (any activation;
     plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``.
     ``ntk``: ``None``, or ``(theta1, lambda_b, lambda_w)`` (the layer-1 NTK and the ``[L+1]``
-    learning-rate scalings) to carry the NTK mean shift as well ("NTK mean shift" above)."""
+    learning-rate scalings) to carry the NTK side as well ("NTK mean shift", "NTK variance"
+    above)."""
     act = arch.act
     cw, cb = arch.weight_var, arch.effective_bias_var
     gamma, xi = arch.residual()
