@@ -718,3 +718,22 @@ def test_compare_on_a_residual_ensemble(x64):
         assert np.all(np.isnan(kurt[1:-1])) and np.all(np.isfinite(kurt[-1]))
         pred = np.asarray(cmp.kurtosis_predicted)
         assert np.all(np.isfinite(pred)) if act == "linear" else np.all(np.isnan(pred))
+
+
+def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(x64):
+    """The sweep's NTK-fluctuation measure (rgnn.study) predicts ``Var(H) / Theta^2`` on the
+    output layer for a nonlinear residual MLP on one input (the single-input flow) and for a
+    linear one on any inputs, and predicts nothing (no error) for a nonlinear one on two."""
+    from rgnn.study import _ntk_fluctuation
+
+    ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, 2, 2))
+    for activation, n_inputs in (("relu", 1), ("linear", 2)):
+        arch = rgnn.MLP(2, 16, activation, shortcut=0.5, branch=0.8)
+        x = _inputs(n_inputs)
+        got = _ntk_fluctuation(arch, x, ntk0[:, :n_inputs, :n_inputs], predict=True)
+        p = rgnn.perturbative(arch, x, warn=False)
+        ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
+        assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
+    arch = rgnn.MLP(2, 16, "relu", shortcut=0.5, branch=0.8)
+    got = _ntk_fluctuation(arch, _inputs(2), ntk0, predict=True)
+    assert got["predicted"] is None and math.isfinite(got["value"])

@@ -36,10 +36,12 @@ import numpy as np
 
 import rgnn
 
-SETTINGS = {  # (shortcut, branch)
+SETTINGS = {  # (shortcut, branch); None: per residual layer, alternating (``--settings``)
     "gamma=0.8,xi=0.6": (0.8, 0.6),
     "gamma=1,xi=0.5": (1.0, 0.5),
+    "per-layer": None,
 }
+DEFAULT_SETTINGS = ["gamma=0.8,xi=0.6", "gamma=1,xi=0.5"]
 CW = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98, "linear": 1.0}
 NTK_FIELDS = {  # the NTK side: field -> whether it is multiplied by n_{l-1}
     "ntk_vertex": False,
@@ -122,7 +124,13 @@ def main() -> None:
     ap.add_argument("--mean-networks", type=int, default=4096)
     ap.add_argument("--mean-widths", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--mean-units", type=int, default=8)
-    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(SETTINGS),
+        default=DEFAULT_SETTINGS,
+        help="per-layer: gamma 0.9, -0.5, 0.9, ... and xi 0.5, 1.1, 0.5, ... on layers 2..L",
+    )
     ap.add_argument(
         "--no-ntk", dest="ntk", action="store_false", help="the kernel side only (V, DG, kurtosis)"
     )
@@ -136,7 +144,11 @@ def main() -> None:
             # a nonlinear residual MLP has its O(1/n) flow on one input only (rgnn.perturbative)
             x = x3 if act == "linear" else x3[1:2]
             for label in args.settings:
-                gamma, xi = SETTINGS[label]
+                if SETTINGS[label] is None:
+                    gamma = tuple((0.9, -0.5)[k % 2] for k in range(args.depth - 1))
+                    xi = tuple((0.5, 1.1)[k % 2] for k in range(args.depth - 1))
+                else:
+                    gamma, xi = SETTINGS[label]
                 t0 = time.time()
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
