@@ -82,9 +82,57 @@ Theta``. For ``f = 1``: ``DH' = gamma^2 DH + xi^2 [lambda_W d(q) + C_W Theta d(p
 NTK mean shift (tests: the flow engine's, to roundoff, for relu, tanh, gelu, linear); Monte
 Carlo checks the residual ones (:mod:`tools.residual_monte_carlo`). ``s'^2`` and ``s s'`` take
 the mean of their one-sided limits at a kink (relu's step stays second order on the grid).
-The NTK *variance* of a nonlinear residual MLP needs, besides these, ``n E[delta_i^2 f(z_i)]``,
-``n E[delta_i delta_k f g]`` and ``n E[H_ik^2 f g]``: not carried (``None`` in
-:func:`rgnn.perturbative`).
+
+NTK variance (derived here; PDLT ch. 8 has the plain recursions for ``A`` and ``B``, and its
+appendix on residual learning only the leading-order kernels). Carry three more objects
+(``i != k``):
+
+* ``nu(f) = n E[delta_i^2 f(z_i)]`` (a functional; ``nu(1) = n Var(H_ii)``, the NTK variance);
+* ``A(f, g) = n E[delta_i delta_k f(z_i) g(z_k)]`` (``A(1, 1) = n Cov(H_ii, H_kk)``, PDLT's
+  ``A`` on a plain layer, where it is ``n Var(H~)``);
+* ``Bo(f, g) = n E[H_ik^2 f(z_i) g(z_k)]`` (``Bo(1, 1)``: PDLT's ``B``).
+
+With ``Delta = H~ - Theta~`` (``Theta~ = lambda_b + <y>``), ``delta'_i = xi^2 Delta + gamma^2
+delta_i + Xi_i``, where ``y = lambda_W q + C_W Theta p`` is one unit's share of ``H~``. Every
+product of two of these fluctuations is ``O(1/n)``; a third fluctuation (``G - Gbar`` in
+``E[f(z'_i) | l] = (Tf)(z_i; G)``, a three-unit correlation, ``n E[delta_i H_ik f g]``)
+makes it ``O(1/n^2)``, so ``f(z'_i)`` enters only through ``Tf`` at ``Gbar``. The pieces:
+
+* ``n Var(H~) = N_H = Sigma(y, y) + 2 C_W E(p, y) + C_W^2 A(p, p)`` (the unit's own
+  Gaussian variance, the others through ``B``; ``H_jj = Theta + delta_j`` in the share of
+  unit ``j``);
+* ``n E[Delta delta_i g(z_i)] = E(g, y) + C_W A(g, p)`` (the other units' shares of ``H~``;
+  the unit's own is ``O(1/n)``);
+* given layer ``l`` the row ``w`` enters ``Xi_i`` through ``w^T M w`` and ``w.v``:
+  ``n E[Xi_i^2 | l] = 2 C_W^2 xi^4 (1/n) sum_jm p_j p_m H_jm^2 + 4 C_W xi^2 gamma^2 sum_j
+  p_j H_ji^2``, whose mean with ``g(z_i)`` is ``2 C_W^2 xi^4 c_p <g> + 4 C_W xi^2 gamma^2
+  [Theta^2 <p g> + Bo(g, p)]`` with ``c_p = <p^2> Theta^2 + Bo(p, p)``; the joint
+  distribution of ``sqrt(n) Xi_i`` and ``z'_i`` given ``l`` factorizes up to ``O(1/n)``
+  (their joint cumulants are ``O(1/sqrt n)`` or smaller, and enter squared), and the cross
+  terms ``Xi_i Delta``, ``Xi_i delta_i``, ``Xi_i Xi_k``, ``Xi_i delta_k`` are ``O(1/n^2)``
+  (``E[Xi_i f(z'_i) | l]`` is ``O(1/n)``, Stein's lemma above);
+* ``H'_ik = xi^2 w^T M u + xi gamma (u.v^(i) + w.v^(k)) + gamma^2 H_ik`` (``u`` row ``k``,
+  ``v^(i)_m = s'_m H_mi``): its four terms are uncorrelated given ``l`` up to ``O(1/n^2)``.
+
+Hence, with ``a_A(f) = E(Tf, y) + C_W A(Tf, p)`` and ``b_B(f) = Theta^2 <p Tf> + Bo(Tf, p)``:
+
+.. math::
+
+    \\nu'(f) &= \\gamma^4 \\nu(Tf) + \\xi^4 (N_H + 2 C_W^2 c_p) \\langle Tf\\rangle
+      + 4 C_W \\xi^2 \\gamma^2 b_B(f) + 2 \\xi^2 \\gamma^2 a_A(f), \\\\
+    A'(f, g) &= \\gamma^4 A(Tf, Tg) + \\xi^4 N_H \\langle Tf\\rangle \\langle Tg\\rangle
+      + \\xi^2 \\gamma^2 [a_A(f) \\langle Tg\\rangle + \\langle Tf\\rangle a_A(g)], \\\\
+    Bo'(f, g) &= \\gamma^4 Bo(Tf, Tg) + C_W^2 \\xi^4 c_p \\langle Tf\\rangle \\langle Tg\\rangle
+      + C_W \\xi^2 \\gamma^2 [b_B(f) \\langle Tg\\rangle + \\langle Tf\\rangle b_B(g)],
+
+all zero on layer 1. Outputs: ``n Var(H_ii) = nu(1)``, ``A = A(1, 1)``, ``B = Bo(1, 1)`` and
+PDLT's ``D = n Cov(z_k^2, H_ii) = E(1, z^2)`` (two different units). A plain layer
+(``Tf = <f>``) gives PDLT's ``A' = N_H``, ``B' = C_W^2 c_p`` and ``n Var(H_ii) = A' + 2 B'``
+(tests: the flow engine's, to roundoff for relu and gelu, to its quadrature for tanh); a
+linear activation gives the residual rules of :mod:`rgnn.flow.rules`, where the rotation
+symmetry makes ``n Var(H_ii) = A + 2 B`` too (tests, to roundoff); the nonlinear residual
+recursions are checked by Monte Carlo (:mod:`tools.residual_monte_carlo`). At a kink the
+one-unit averages ``<p^2>`` and ``<y^2>`` take the mean of the one-sided limits, like ``p``.
 """
 
 from __future__ import annotations
@@ -108,6 +156,13 @@ class SingleInput:
       nngp_correction: ``E z^2 - K``, times the width ``n_{l-1}`` (``d(z^2)``).
       kurtosis: the excess kurtosis of one unit, times the width (``(d(z^4) - 6 K d(z^2)) / K^2``).
       coupling: ``V / K^2``, the width times the dimensionless quartic coupling.
+      ntk: ``Theta^{(l)}`` (``None`` unless ``single_input_flow(..., ntk=...)``; so are the
+        following).
+      ntk_correction: ``E H_ii - Theta``, times the width (``eta(1)``).
+      ntk_variance: ``Var(H_ii)`` of one unit, times the width (``nu(1)``).
+      ntk_vertex: PDLT's ``A``, ``n Cov(H_ii, H_kk)``, ``i != k`` (``A(1, 1)``).
+      mixed_vertex: PDLT's ``D``, ``n Cov(z_k^2, H_ii)``, ``i != k`` (``E(1, z^2)``).
+      ntk_b: PDLT's ``B``, ``n E[H_ik^2]``, ``i != k`` (``Bo(1, 1)``).
     """
 
     nngp: np.ndarray
@@ -117,13 +172,18 @@ class SingleInput:
     coupling: np.ndarray
     ntk: np.ndarray | None = None
     ntk_correction: np.ndarray | None = None
+    ntk_variance: np.ndarray | None = None
+    ntk_vertex: np.ndarray | None = None
+    mixed_vertex: np.ndarray | None = None
+    ntk_b: np.ndarray | None = None
 
 
 def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None):
     """:class:`SingleInput` of ``arch`` for an input with layer-1 kernel ``k1`` (any activation;
     plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``.
     ``ntk``: ``None``, or ``(theta1, lambda_b, lambda_w)`` (the layer-1 NTK and the ``[L+1]``
-    learning-rate scalings) to carry the NTK mean shift as well ("NTK mean shift" above)."""
+    learning-rate scalings) to carry the NTK side as well ("NTK mean shift", "NTK variance"
+    above)."""
     act = arch.act
     cw, cb = arch.weight_var, arch.effective_bias_var
     gamma, xi = arch.residual()
@@ -152,9 +212,12 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             grad = jax.vmap(jax.grad(act.fn))
             lims = [(jnp.asarray(y + e), grad(jnp.asarray(y + e))) for e in (-eps, eps)]
             p2 = np.mean([np.asarray(g_ * g_) for _, g_ in lims], axis=0)
+            p4 = np.mean([np.asarray(g_**4) for _, g_ in lims], axis=0)
             ss = np.mean([np.asarray(act.fn(z_) * g_) for z_, g_ in lims], axis=0)
         eta, eh, fo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
+        nu, ag, bo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
         out_t, out_dh = [float(theta)], [0.0]
+        out_nu, out_a, out_b, out_dd = [0.0], [0.0], [0.0], [0.0]
     for layer in range(1, arch.n_layers):
         k = ks[layer - 1]
         p = np.exp(-0.5 * y**2 / k)
@@ -214,10 +277,44 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
                 + x * x * g * cw * (np.outer(t1_k, one) + np.outer(one, t1_k))
                 + cw * cw * x**4 * src * np.outer(t1_k, t1_k)
             )
+            # the NTK variance ("NTK variance" above): y = lambda_W q + C_W Theta p is the
+            # unit's share of the NTK metric H~, n_h = n Var(H~), c_p the Xi-part's source
+            yv = lw * s2 + cw * theta * p2
+            ap, ey = ag @ p2, eh @ yv
+            # one unit's Gaussian averages of y^2 and p^2 from the one-sided limits (a kink)
+            yy = lw * lw * s2 * s2 + 2 * lw * cw * theta * s2 * p2 + (cw * theta) ** 2 * p4
+            sig_yy = float(pk @ yy) - float(pk @ yv) ** 2 + float(yv @ b @ yv)
+            n_h = sig_yy + 2 * cw * float(p2 @ ey) + cw * cw * float(p2 @ ap)
+            bp = bo @ p2
+            c_p = float(pk @ p4) * theta**2 + float(p2 @ bp)
+            a_a = t.T @ (ey + cw * ap)  # f -> E(Tf, y) + C_W A(Tf, p)
+            b_b = theta**2 * (t.T @ (pk * p2)) + t.T @ bp  # f -> Theta^2 <p Tf> + Bo(Tf, p)
+            g2, x2 = g * g, x * x
+            nu_new = (
+                g2 * g2 * (t.T @ nu)
+                + x2 * x2 * (n_h + 2 * cw * cw * c_p) * t_k
+                + 4 * cw * x2 * g2 * b_b
+                + 2 * x2 * g2 * a_a
+            )
+            ag_new = (
+                g2 * g2 * (t.T @ ag @ t)
+                + x2 * x2 * n_h * np.outer(t_k, t_k)
+                + x2 * g2 * (np.outer(a_a, t_k) + np.outer(t_k, a_a))
+            )
+            bo_new = (
+                g2 * g2 * (t.T @ bo @ t)
+                + cw * cw * x2 * x2 * c_p * np.outer(t_k, t_k)
+                + cw * x2 * g2 * (np.outer(b_b, t_k) + np.outer(t_k, b_b))
+            )
+            nu, ag, bo = nu_new, ag_new, bo_new
             theta = x * x * (lb + lw * float(pk @ s2) + cw * float(pk @ p2) * theta) + g * g * theta
             eta, eh, fo = eta_new, eh_new, fo_new
             out_t.append(theta)
             out_dh.append(float(eta.sum()))
+            out_nu.append(float(nu.sum()))
+            out_a.append(float(ag.sum()))
+            out_b.append(float(bo.sum()))
+            out_dd.append(float(eh.sum(0) @ y**2))
         b, d = b_new, d_new
         kk = ks[layer]
         y2, y4 = y**2, y**4
@@ -228,5 +325,12 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
     vv = np.asarray(out_v)
     extra = {}
     if ntk is not None:
-        extra = dict(ntk=np.asarray(out_t), ntk_correction=np.asarray(out_dh))
+        extra = dict(
+            ntk=np.asarray(out_t),
+            ntk_correction=np.asarray(out_dh),
+            ntk_variance=np.asarray(out_nu),
+            ntk_vertex=np.asarray(out_a),
+            mixed_vertex=np.asarray(out_dd),
+            ntk_b=np.asarray(out_b),
+        )
     return SingleInput(kk, vv, np.asarray(out_d), np.asarray(out_k), vv / kk**2, **extra)

@@ -177,9 +177,9 @@ class Perturbative:
         ``n_{l-1} Cov(G_P, H~_Q)``, the NNGP-NTK cross covariance.
       ntk_b: ``[L+1, N, N, 2]`` PDLT's ``B`` on the pair: ``(B_aabb, B_abba)``, with
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
-        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``, and all but
-        ``ntk`` and ``ntk_correction`` for a residual MLP with a nonlinear activation, where
-        only the NTK mean shift is derived. Derivation and recursions: this module's docstring,
+        (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. For a residual
+        MLP, ``A`` and ``D`` are ``n`` times the covariances of two different units'
+        ``H_ii`` with ``H_kk`` and ``z_k^2``. Derivation and recursions: this module's docstring,
         :mod:`rgnn.flow.rules` and, for residual MLPs, :mod:`rgnn._residual_single`.)
       dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
         and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
@@ -654,9 +654,10 @@ def perturbative(
         are given on one input only (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`:
         a residual layer breaks the rotation symmetry among units, so the vertex alone does not
         carry the two-unit correlations and the pair recursion does not close; more inputs, or
-        the dNTK, raise a ``ValueError``; ``ntk_variance``, ``ntk_vertex``, ``mixed_vertex``
-        and ``ntk_b`` are not derived there and are ``None``, with a warning unless
-        ``ntk=False``). There ``nngp_variance`` is
+        the dNTK, raise a ``ValueError``; the NTK side there is ``ntk``, ``ntk_correction``,
+        ``ntk_variance``, ``ntk_vertex`` (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex``
+        (``D = n Cov(z_i^2, H_kk)``) and ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``).
+        There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
         :func:`rgnn.measure` estimates for a residual layer).
@@ -768,8 +769,8 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False
     """:class:`Perturbative` of a nonlinear residual MLP on one input, from the single-input
     flow of :mod:`rgnn._residual_single` (NumPy grid; its ``quadrature_error`` is the relative
     change of every field between 1201 and 801 grid nodes, the kernel and NTK corrections'
-    relative to the kernels they correct). ``ntk``: also the NTK and its mean shift (the NTK
-    variance, ``A, B, D`` are not derived there: ``None``, with a warning)."""
+    relative to the kernels they correct). ``ntk``: also the NTK, its mean shift, its variance
+    and ``A, B, D`` (one input: every pair component holds the single-input value)."""
     from rgnn._residual_single import single_input_flow
 
     with warnings.catch_warnings():
@@ -783,7 +784,9 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False
     fine = single_input_flow(arch, k1, **kw)
     coarse = single_input_flow(arch, k1, points=801, **kw)
     err = 0.0
-    names = ("vertex", "nngp_correction", "kurtosis") + (("ntk_correction",) if ntk else ())
+    names = ("vertex", "nngp_correction", "kurtosis")
+    if ntk:
+        names += ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b")
     for name in names:
         a, b = getattr(fine, name), getattr(coarse, name)
         # the corrections relative to the kernels they correct (they vanish for relu)
@@ -816,19 +819,18 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False
         quadrature_error=err,
     )
     if ntk:
+
+        def pair(a):  # one input: every pair component is the single-input value
+            return arr(np.broadcast_to(a[:, None, None], (a.size, 3, 3)), (-1, 1, 1, 3, 3))
+
         result = dataclasses.replace(
             result,
             ntk=jnp.asarray(fp.ntk, dtype),
             ntk_correction=arr(fine.ntk_correction / n, (-1, 1, 1)),
-        )
-        warnings.warn(
-            f"perturbative: for the residual MLP with the nonlinear activation {arch.act.name!r} "
-            "only the NTK and its mean shift (ntk, ntk_correction) are derived; ntk_variance, "
-            "ntk_vertex (A), mixed_vertex (D) and ntk_b (B) are None (a residual layer breaks "
-            "the units' rotation symmetry, and the NTK variance needs two-unit NTK-NTK "
-            "correlations not carried yet); pass ntk=False to silence this",
-            UserWarning,
-            stacklevel=3,
+            ntk_variance=arr(fine.ntk_variance / n, (-1, 1, 1)),
+            ntk_vertex=pair(fine.ntk_vertex),
+            mixed_vertex=pair(fine.mixed_vertex),
+            ntk_b=arr(np.stack([fine.ntk_b, fine.ntk_b], axis=-1), (-1, 1, 1, 2)),
         )
     if warn:
         depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))

@@ -512,9 +512,10 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     mean's own O(1/n) shift enters the ratio at O(1/n^2)). For relu the exact ratio grows like
     ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
     deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
-    the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`) or a
-    residual MLP (its NTK-side 1/n statistics are not derived: :func:`rgnn.perturbative`), or
-    without ``predict``; ``predicted_se`` is the prediction's quadrature error."""
+    the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`), for a
+    residual MLP with a nonlinear activation on more than one input (its 1/n statistics are
+    derived on one input only; a linear one has them on any inputs: :func:`rgnn.perturbative`),
+    or without ``predict``; ``predicted_se`` is the prediction's quadrature error."""
     d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]
     m = d.shape[0]
     value = se = None
@@ -528,7 +529,11 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
             jack = np.array([ratio(np.delete(d, i, 0)) for i in range(m)])
             se = float(np.sqrt((m - 1) / m * np.sum((jack - jack.mean()) ** 2)))
     predicted = predicted_se = None
-    has_rules = isinstance(arch, MLP) and not arch.is_residual and arch.parameterization != "mup"
+    has_rules = (
+        isinstance(arch, MLP)
+        and arch.parameterization != "mup"
+        and (not arch.is_residual or arch.act.name == "linear" or np.shape(x)[0] == 1)
+    )
     if predict and has_rules:
         from rgnn.perturbative import perturbative
 

@@ -187,9 +187,10 @@ def test_perturbative_refuses_the_underived_statistics():
         rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True)
     with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are derived for"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
-    with pytest.warns(UserWarning, match=r"only the NTK and its mean shift"):
-        p = rgnn.perturbative(arch, _inputs(1), warn=False)
-    assert p.ntk_correction is not None and p.ntk_variance is None and p.ntk_b is None
+    # one input: the whole NTK side (no warning: warnings are errors here)
+    p = rgnn.perturbative(arch, _inputs(1), warn=False)
+    for name in ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
+        assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
     with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
         rgnn.perturbative(arch, _inputs(2), ntk=False)
     with pytest.raises(ValueError, match=r"x: the O\(1/n\) flow of a residual MLP with the"):
@@ -205,19 +206,15 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     computations' estimated quadrature errors)."""
     linear = activation == "linear"
     x = _inputs(3 if linear else 1)
-    # linear: the NTK side, the dNTK and the ddNTK too; nonlinear: the NTK mean shift
+    # the NTK side; linear: the dNTK and the ddNTK too
     kw = dict(ntk=True, ddntk=linear)
     plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, **kw)
     trivial = rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0)
-    if linear:
-        res = rgnn.perturbative(trivial, x, **kw)
-    else:
-        with pytest.warns(UserWarning, match="only the NTK and its mean shift"):
-            res = rgnn.perturbative(trivial, x, **kw)
+    res = rgnn.perturbative(trivial, x, **kw)
     rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
     names = ["vertex", "nngp_variance", "kurtosis", "coupling"]
+    names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance"]
     if linear:
-        names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance"]
         names += ["dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
     for name in names:
         a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
@@ -421,6 +418,54 @@ def test_deep_linear_residual_ntk_side_is_exact(x64, shortcut, branch, parameter
         np.testing.assert_allclose(q.ntk_b[:, a, b, 0], p.ntk_b[:, a, a, b, b], rtol=t["rtol"])
         np.testing.assert_allclose(q.ntk_b[:, a, b, 1], p.ntk_b[:, a, b, b, a], rtol=t["rtol"])
     np.testing.assert_allclose(q.ntk_variance, p.ntk_variance, rtol=t["rtol"])
+
+
+@pytest.mark.parametrize(
+    "shortcut, branch, parameterization",
+    [(0.8, 0.6, "ntk"), ((0.9, -0.4, 1.0), (0.5, 1.1, 0.5), "standard")],
+)
+def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
+    x64, shortcut, branch, parameterization
+):
+    """The single-input grid flow (rgnn._residual_single), which carries the whole two-unit
+    correlation, run on a linear activation equals the residual rules of the flow engine (exact
+    there by the units' rotation symmetry, and checked against the exact Wick recursion above)
+    on every field of one input, the NTK variance, A, B, D included, to roundoff: the grid
+    integrates polynomials times Gaussians exactly."""
+    from rgnn._residual_single import single_input_flow
+
+    arch = rgnn.MLP(
+        4,
+        50,
+        "linear",
+        weight_var=0.8,
+        bias_var=0.2,
+        parameterization=parameterization,
+        shortcut=shortcut,
+        branch=branch,
+    )
+    x = _inputs(1)
+    p = rgnn.perturbative(arch, x, warn=False)
+    rec = arch.recursion(x.shape[1])
+    ntk = (float(p.ntk[0, 0, 0]), rec.lambda_b, rec.lambda_w)
+    s = single_input_flow(arch, float(p.nngp[0, 0, 0]), points=401, ntk=ntk)
+    n = np.asarray(p.widths)
+    t = tol(EXACT, jnp.float64)
+    for name, ref in (
+        ("vertex", np.asarray(p.vertex)[:, 0, 0, 0, 0]),
+        ("ntk", np.asarray(p.ntk)[:, 0, 0]),
+        ("ntk_variance", np.asarray(p.ntk_variance)[:, 0, 0] * n),
+        ("ntk_vertex", np.asarray(p.ntk_vertex)[:, 0, 0, 0, 0]),
+        ("mixed_vertex", np.asarray(p.mixed_vertex)[:, 0, 0, 0, 0]),
+        ("ntk_b", np.asarray(p.ntk_b)[:, 0, 0, 0]),
+    ):
+        got = getattr(s, name)
+        np.testing.assert_allclose(
+            got, ref, rtol=t["rtol"], atol=t["rtol"] * np.abs(ref).max(), err_msg=name
+        )
+    # the mean shifts of a linear network vanish
+    for got, kernel in ((s.nngp_correction, s.nngp), (s.ntk_correction, s.ntk)):
+        np.testing.assert_allclose(got, 0.0, atol=t["rtol"] * np.abs(kernel).max())
 
 
 def test_deep_linear_residual_f_is_exact(x64):
@@ -673,3 +718,22 @@ def test_compare_on_a_residual_ensemble(x64):
         assert np.all(np.isnan(kurt[1:-1])) and np.all(np.isfinite(kurt[-1]))
         pred = np.asarray(cmp.kurtosis_predicted)
         assert np.all(np.isfinite(pred)) if act == "linear" else np.all(np.isnan(pred))
+
+
+def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(x64):
+    """The sweep's NTK-fluctuation measure (rgnn.study) predicts ``Var(H) / Theta^2`` on the
+    output layer for a nonlinear residual MLP on one input (the single-input flow) and for a
+    linear one on any inputs, and predicts nothing (no error) for a nonlinear one on two."""
+    from rgnn.study import _ntk_fluctuation
+
+    ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, 2, 2))
+    for activation, n_inputs in (("relu", 1), ("linear", 2)):
+        arch = rgnn.MLP(2, 16, activation, shortcut=0.5, branch=0.8)
+        x = _inputs(n_inputs)
+        got = _ntk_fluctuation(arch, x, ntk0[:, :n_inputs, :n_inputs], predict=True)
+        p = rgnn.perturbative(arch, x, warn=False)
+        ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
+        assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
+    arch = rgnn.MLP(2, 16, "relu", shortcut=0.5, branch=0.8)
+    got = _ntk_fluctuation(arch, _inputs(2), ntk0, predict=True)
+    assert got["predicted"] is None and math.isfinite(got["value"])

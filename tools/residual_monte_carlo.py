@@ -3,15 +3,16 @@
 For each activation and residual setting, ``rgnn.measure`` estimates the vertex ``V``
 (pair layout), ``n_{l-1} x nngp_correction`` and ``n_{l-1} x kurtosis`` at several widths; a
 weighted fit ``y(n) = a + b / n`` (weights 1 / SE^2) gives the intercept ``a`` and its standard
-error, compared with ``rgnn.perturbative``: on three inputs for the linear activation, with the
-NTK side too (``ntk_vertex`` A, ``mixed_vertex`` D, ``ntk_b`` B, ``n x ntk_variance``,
-``n x ntk_correction``, the dNTK correlators ``dntk_p`` P and ``dntk_q`` Q, the ddNTK means
-``ddntk_r, ddntk_s, ddntk_t, ddntk_u``; three outputs, so that these are defined on the output
-layer; entries that vanish in every network, such as R on layer 2, are skipped), on one
-input with ``ntk=False`` for the nonlinear ones (where ``rgnn.perturbative`` is restricted).
-Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
-and entries, the median SE relative to the largest predicted entry, and whether every entry is
-within ``--sigmas``.
+error, compared with ``rgnn.perturbative``, with the NTK side too (``ntk_vertex`` A,
+``mixed_vertex`` D, ``ntk_b`` B, ``n x ntk_variance``, ``n x ntk_correction``; ``--no-ntk``
+leaves it out): on three inputs for the linear activation, with the dNTK correlators ``dntk_p``
+P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as well (three
+outputs, so that these are defined on the output layer; entries that vanish in every network,
+such as R on layer 2, are skipped); on one input for the nonlinear ones (where
+``rgnn.perturbative`` is restricted; two outputs, for B on the output layer). Prints one line
+per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
+median SE relative to the largest predicted entry, and whether every entry is within
+``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
 
 For the nonlinear activations it then checks the NTK mean shift of the single-input flow
 (``n x ntk_correction``): ``--mean-networks`` networks at widths ``--mean-widths``, the NTK of
@@ -29,19 +30,20 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import jax
 import numpy as np
 
 import rgnn
 
-SETTINGS = {  # (shortcut, branch)
+SETTINGS = {  # (shortcut, branch); None: per residual layer, alternating (``--settings``)
     "gamma=0.8,xi=0.6": (0.8, 0.6),
     "gamma=1,xi=0.5": (1.0, 0.5),
+    "per-layer": None,
 }
+DEFAULT_SETTINGS = ["gamma=0.8,xi=0.6", "gamma=1,xi=0.5"]
 CW = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98, "linear": 1.0}
-NTK_FIELDS = {  # the NTK side (linear only): field -> whether it is multiplied by n_{l-1}
+NTK_FIELDS = {  # the NTK side: field -> whether it is multiplied by n_{l-1}
     "ntk_vertex": False,
     "mixed_vertex": False,
     "ntk_b": False,
@@ -54,6 +56,7 @@ NTK_FIELDS = {  # the NTK side (linear only): field -> whether it is multiplied 
     "ddntk_t": False,
     "ddntk_u": False,
 }
+DNTK = ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")  # linear only
 
 
 def _fit(widths, y, se):
@@ -97,9 +100,7 @@ def _ntk_mean(act, gamma, xi, args, x) -> None:
         h = np.concatenate(per_net)  # [M, L+1]
         ys.append((h.mean(0) - theta) * n)
         ses.append(h.std(0, ddof=1) / np.sqrt(h.shape[0]) * n)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="perturbative: for the residual MLP")
-        pred = rgnn.perturbative(arch, x, warn=False)
+    pred = rgnn.perturbative(arch, x, warn=False)
     ref = np.asarray(pred.ntk_correction)[1:, 0, 0] * np.asarray(pred.widths)[1:]
     a, sa = _fit(args.mean_widths, np.stack(ys)[:, 1:], np.stack(ses)[:, 1:])
     z = (a - ref) / sa
@@ -123,6 +124,16 @@ def main() -> None:
     ap.add_argument("--mean-networks", type=int, default=4096)
     ap.add_argument("--mean-widths", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--mean-units", type=int, default=8)
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(SETTINGS),
+        default=DEFAULT_SETTINGS,
+        help="per-layer: gamma 0.9, -0.5, 0.9, ... and xi 0.5, 1.1, 0.5, ... on layers 2..L",
+    )
+    ap.add_argument(
+        "--no-ntk", dest="ntk", action="store_false", help="the kernel side only (V, DG, kurtosis)"
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     x3 = rng.normal(size=(3, 6))
@@ -132,12 +143,18 @@ def main() -> None:
         for act in args.activations:
             # a nonlinear residual MLP has its O(1/n) flow on one input only (rgnn.perturbative)
             x = x3 if act == "linear" else x3[1:2]
-            for label, (gamma, xi) in SETTINGS.items():
+            for label in args.settings:
+                if SETTINGS[label] is None:
+                    gamma = tuple((0.9, -0.5)[k % 2] for k in range(args.depth - 1))
+                    xi = tuple((0.5, 1.1)[k % 2] for k in range(args.depth - 1))
+                else:
+                    gamma, xi = SETTINGS[label]
                 t0 = time.time()
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
-                if linear:
-                    names += list(NTK_FIELDS)
+                ntk_names = [k for k in NTK_FIELDS if linear or k not in DNTK]
+                if args.ntk:
+                    names += ntk_names
                 rows = {name: [] for name in names}
                 ses = {name: [] for name in names}
                 pred = None
@@ -150,18 +167,20 @@ def main() -> None:
                         bias_var=0.1,
                         shortcut=gamma,
                         branch=xi,
-                        out_dim=3 if linear else 1,
+                        out_dim=3 if linear else 2,
                     )
                     if pred is None:
-                        pred = rgnn.perturbative(arch, x, ntk=linear, ddntk=linear, warn=False)
+                        pred = rgnn.perturbative(
+                            arch, x, ntk=args.ntk, ddntk=linear and args.ntk, warn=False
+                        )
                     m = rgnn.measure(
                         arch,
                         x,
                         n_networks=args.networks,
                         key=jax.random.key(args.seed + width),
-                        ntk=linear,
-                        dntk=linear,
-                        ddntk=linear,
+                        ntk=args.ntk,
+                        dntk=linear and args.ntk,
+                        ddntk=linear and args.ntk,
                         vertex=True,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
@@ -173,8 +192,8 @@ def main() -> None:
                     ses["correction"].append(np.asarray(m.nngp_correction_se) * nn[:, None, None])
                     rows["kurtosis"].append(np.asarray(m.kurtosis) * nn[:, None])
                     ses["kurtosis"].append(np.asarray(m.kurtosis_se) * nn[:, None])
-                    for name, per_width in NTK_FIELDS.items() if linear else ():
-                        s = nn[:, None, None] if per_width else 1.0
+                    for name in ntk_names if args.ntk else ():
+                        s = nn[:, None, None] if NTK_FIELDS[name] else 1.0
                         rows[name].append(np.asarray(getattr(m, name)) * s)
                         ses[name].append(np.asarray(getattr(m, name + "_se")) * s)
                 nn0 = np.asarray(pred.widths)
@@ -183,8 +202,8 @@ def main() -> None:
                     "correction": np.asarray(pred.nngp_correction) * nn0[:, None, None],
                     "kurtosis": np.asarray(pred.kurtosis) * nn0[:, None],
                 }
-                for name, per_width in NTK_FIELDS.items() if linear else ():
-                    s = nn0[:, None, None] if per_width else 1.0
+                for name in ntk_names if args.ntk else ():
+                    s = nn0[:, None, None] if NTK_FIELDS[name] else 1.0
                     preds[name] = np.asarray(getattr(pred, name)) * s
                 for field in rows:
                     y, se = np.stack(rows[field])[:, 1:], np.stack(ses[field])[:, 1:]
@@ -202,6 +221,17 @@ def main() -> None:
                         f"({time.time() - t0:.0f} s)",
                         flush=True,
                     )
+                    if not linear:  # one input: the per-layer numbers (layers 2..L+1)
+                        full = preds[field][1:]
+                        ones = (slice(None),) + (0,) * (full.ndim - 1)
+                        ref1 = full[ones]
+                        every = (slice(None),) + ones
+                        a1, s1 = _fit(args.widths, y[every], se[every])
+                        print(
+                            f"         pred {np.round(ref1, 4)} fit {np.round(a1, 4)} "
+                            f"SE {np.round(s1, 4)} z {np.round((a1 - ref1) / s1, 2)}",
+                            flush=True,
+                        )
                 if not linear and args.mean_networks:
                     _ntk_mean(act, gamma, xi, args, x)
 
