@@ -616,10 +616,11 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
             "architectures only"
         )
     why = []  # every cheap reason, so that the printout names them all
-    if arch.is_residual:
+    if arch.is_residual and arch.act.name != "linear":
         why.append(
-            "residual MLP: the NTK-side 1/n statistics of residual layers (NTK variance, dNTK, "
-            "ddNTK) are not derived, so there is no end-of-training prediction"
+            f"residual MLP with activation {arch.act.name!r}: its dNTK, ddNTK and NTK "
+            "statistics on several inputs are derived for a linear activation only, so there "
+            "is no end-of-training prediction"
         )
     if not settings.get("predict", True):
         why.append("predictions are off (predict=False)")
@@ -663,6 +664,8 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "end_of_training:", UserWarning)
+                # the razor weighs depth/width itself (TRUST_DEPTH_OVER_WIDTH)
+                warnings.filterwarnings("ignore", "depth/width", UserWarning)
                 eot = end_of_training(
                     arch,
                     x,
