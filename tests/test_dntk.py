@@ -95,17 +95,16 @@ def test_pair_layout_symmetries(x64, act):
 def test_kinks_are_the_smooth_limit(x64):
     """For relu / leaky relu the distributional dNTK (sigma'' = (1 - a) delta) is the limit of
     the smooth activations a z + (1 - a) softplus(beta z) / beta integrated by quadrature: the
-    distance shrinks like 1/beta (x3 in beta gives at least x2 closer, within 2% at beta = 30;
-    measured for relu: 3.7%, 1.4%, 0.7% at beta = 10, 30, 60), while the pointwise derivative
-    (sigma'' = 0) stays away. Leaky relu (a = 0.2) exercises the general kink coefficient
-    (1 - a^(k+1)) / (k+1).
+    distance shrinks like 1/beta (x2 in beta gives at least x1.5 closer, within 2% at beta = 20;
+    measured for leaky relu: 3.273% at beta = 10, 1.735% at 20, 1.177% at 30), while the
+    pointwise derivative (sigma'' = 0) stays away. Leaky relu (a = 0.2) exercises the general
+    kink coefficient (1 - a^(k+1)) / (k+1).
 
     Orders: softplus(beta z) has its nearest complex poles at distance pi / beta, so the
     trapezoid rule's error falls like exp(-2 pi (pi / beta) / h) with h = 18 sqrt(K) / order
-    its spacing in z: 150 nodes at beta = 10 and 500 at beta = 30 put it below 3e-4 and 1.1e-4
-    of the moments for K up to 4, two orders of magnitude under the percent-level gaps
-    measured here (the two-input rule costs order^2: 150/500 nodes cost 0.37 of 300/800 and
-    give the same gaps to four digits: 3.273% and 1.1765%)."""
+    its spacing in z: 150 nodes at beta = 10 and 300 at beta = 20 put it below 3e-4 of the
+    moments for K up to 4, two orders of magnitude under the percent-level gaps measured here
+    (400 nodes at beta = 20 give the same gap to four digits, 1.7352%)."""
     slope = 0.2
     x = _inputs(2)
     cw = 2 / (1 + slope**2)
@@ -113,7 +112,7 @@ def test_kinks_are_the_smooth_limit(x64):
     dist = _quiet(arch, x, ntk=False)
     point = _quiet(arch, x, ntk=False, kinks="pointwise")
     gaps = []
-    for beta, order in ((10.0, 150), (30.0, 500)):
+    for beta, order in ((10.0, 150), (20.0, 300)):
 
         def smooth(z, beta=beta):
             return slope * z + (1 - slope) * jax.nn.softplus(beta * z) / beta
@@ -132,7 +131,7 @@ def test_kinks_are_the_smooth_limit(x64):
         scale = np.abs(ref).max()
         gaps.append(np.abs(got - ref).max() / scale)
         assert np.abs(pw - ref).max() / scale > 0.05
-    assert gaps[1] < gaps[0] / 2 and gaps[1] < 0.02, gaps
+    assert gaps[1] < gaps[0] / 1.5 and gaps[1] < 0.02, gaps
 
 
 def test_bad_input():
