@@ -323,7 +323,10 @@ class Moments:
         for j in range(5):
             pats = [p for p in itertools.product((0, 1), repeat=4) if sum(p) == j]
             idx = np.array([[grids[q] for q in p] for p in pats])  # [n, 4, m, m]
-            part = take(vv, tuple(idx[:, q] for q in range(4))).sum(axis=0)
+            terms = take(vv, tuple(idx[:, q] for q in range(4)))
+            part = terms[0]
+            for t in terms[1:]:  # additions, not a reduce (a YNNPACK call on XLA:CPU)
+                part = part + t
             off = off + tabs[j] * part
         diag = g2 * extract(vv, "aaaa").x
         return L((1.0 - self.eye) * 0.25 * off + self.eye * diag[:, None], "ab")
