@@ -354,10 +354,11 @@ class Moments:
         """Evaluate every one- and two-input moment of ``specs`` (and the one-input products
         ``singles``) at once, smooth activations: each distinct product of factors on one
         variable is formed once and integrated over its inner variable as it is formed (one
-        fused multiply-and-reduce per product, nothing of the size of the two-input grid is
-        stored but the derivatives), each distinct pair of products is one row of a single
-        contraction, so the traced program does not grow with the number of statistics. (The
-        scale-invariant class uses its per-pattern closed forms.)
+        fused multiply-and-add tree per product, :func:`_weighted_sum`; nothing of the size of
+        the two-input grid is stored but the derivatives and the tree's first level), each
+        distinct pair of products is one row of a single weighted sum, so the traced program
+        does not grow with the number of statistics. (The scale-invariant class uses its
+        per-pattern closed forms.)
 
         ``values``: the flat vector of :meth:`flat_values` for these ``specs`` (from a table,
         :mod:`rgnn.flow.table`) instead of evaluating them; the moments read afterwards are
