@@ -892,7 +892,7 @@ def _weighted_sum(f, w):
     took most of a smooth activation's time on many pairs; a tree of elementwise additions is
     fused with the products that feed it and never leaves XLA's own loops, and its rounding
     grows like ``log2`` of the number of nodes instead of linearly."""
-    t = f * w
+    t = f * w.reshape((1,) * (f.ndim - 1) + w.shape)
     while t.shape[-1] > 1:
         n = t.shape[-1]
         h = n // 2
