@@ -323,7 +323,10 @@ class Moments:
         for j in range(5):
             pats = [p for p in itertools.product((0, 1), repeat=4) if sum(p) == j]
             idx = np.array([[grids[q] for q in p] for p in pats])  # [n, 4, m, m]
-            part = take(vv, tuple(idx[:, q] for q in range(4))).sum(axis=0)
+            terms = take(vv, tuple(idx[:, q] for q in range(4)))
+            part = terms[0]
+            for t in terms[1:]:  # additions, not a reduce (a YNNPACK call on XLA:CPU)
+                part = part + t
             off = off + tabs[j] * part
         diag = g2 * extract(vv, "aaaa").x
         return L((1.0 - self.eye) * 0.25 * off + self.eye * diag[:, None], "ab")
@@ -351,10 +354,11 @@ class Moments:
         """Evaluate every one- and two-input moment of ``specs`` (and the one-input products
         ``singles``) at once, smooth activations: each distinct product of factors on one
         variable is formed once and integrated over its inner variable as it is formed (one
-        fused multiply-and-reduce per product, nothing of the size of the two-input grid is
-        stored but the derivatives), each distinct pair of products is one row of a single
-        contraction, so the traced program does not grow with the number of statistics. (The
-        scale-invariant class uses its per-pattern closed forms.)
+        fused multiply-and-add tree per product, :func:`_weighted_sum`; nothing of the size of
+        the two-input grid is stored but the derivatives and the tree's first level), each
+        distinct pair of products is one row of a single weighted sum, so the traced program
+        does not grow with the number of statistics. (The scale-invariant class uses its
+        per-pattern closed forms.)
 
         ``values``: the flat vector of :meth:`flat_values` for these ``specs`` (from a table,
         :mod:`rgnn.flow.table`) instead of evaluating them; the moments read afterwards are
@@ -363,6 +367,9 @@ class Moments:
             return
         if values is None:
             values = self.flat_values(specs, singles)
+        # materialised once: otherwise each moment tensor built from it recomputes the
+        # table's interpolation (or the quadrature) for the entries it reads
+        values = _barrier(values, self.fence)
         keys1, layout = _flat_layout(tuple(specs), tuple(singles), self.m)
         n1 = len(keys1)
         tab1 = values[: n1 * self.m].reshape(n1, self.m)
@@ -380,7 +387,7 @@ class Moments:
         ``<A(z_a) B(z_b)>`` on each pair of the set (``[U, S]``)."""
         keys1, layout = _flat_layout(tuple(specs), tuple(singles), self.m)
         zz, w1, fz = self._grids()["grid1"]
-        tab1 = jnp.stack([jnp.sum(self._product(fz, zz, key) * w1[None], axis=-1) for key in keys1])
+        tab1 = jnp.stack([_weighted_sum(self._product(fz, zz, key), w1) for key in keys1])
         if self.m < 2:
             return tab1.reshape(-1)
         u, v, w, fu, fv = self._grids()["grid2"]
@@ -388,13 +395,11 @@ class Moments:
         keys_a = list(dict.fromkeys(a for a, _ in combos))
         keys_b = list(dict.fromkeys(b for _, b in combos))
         ua = jnp.stack([self._product(fu, u, key) for key in keys_a])  # [nA, S, Q]
-        # the inner integral of each product as it is formed (a fused multiply-and-reduce)
-        inner = jnp.stack(
-            [jnp.sum(self._product(fv, v, key) * w[None, None], axis=-1) for key in keys_b]
-        )
+        # the inner integral of each product as it is formed (fused with its additions)
+        inner = jnp.stack([_weighted_sum(self._product(fv, v, key), w) for key in keys_b])
         ia = np.array([keys_a.index(a) for a, _ in combos], np.int32)
         ib = np.array([keys_b.index(b) for _, b in combos], np.int32)
-        tab2 = jnp.einsum("csx,csx,x->cs", take(ua, (ia,)), take(inner, (ib,)), w)  # [U, S]
+        tab2 = _weighted_sum(take(ua, (ia,)) * take(inner, (ib,)), w)  # [U, S]
         return jnp.concatenate([tab1.reshape(-1), tab2.reshape(-1)])
 
     @staticmethod
@@ -877,6 +882,25 @@ def _barrier(x, fence=None):
     if fence is None:
         return jax.lax.optimization_barrier(x)
     return jax.lax.cond(fence == fence, lambda v: v, lambda v: jax.tree.map(jnp.zeros_like, v), x)
+
+
+def _weighted_sum(f, w):
+    """``sum_i f[..., i] w[i]`` by pairwise summation of slices (elementwise additions).
+
+    XLA:CPU hands a float32 ``reduce`` over the last axis to YNNPACK, whose reductions over a
+    short axis (the 48 nodes of a quadrature rule) ran at tens of nanoseconds per element and
+    took most of a smooth activation's time on many pairs; a tree of elementwise additions is
+    fused with the products that feed it and never leaves XLA's own loops, and its rounding
+    grows like ``log2`` of the number of nodes instead of linearly."""
+    t = f * w.reshape((1,) * (f.ndim - 1) + w.shape)
+    while t.shape[-1] > 1:
+        n = t.shape[-1]
+        h = n // 2
+        s = t[..., :h] + t[..., h : 2 * h]
+        if n % 2:
+            s = jnp.concatenate([s, t[..., 2 * h :]], axis=-1)
+        t = s
+    return t[..., 0]
 
 
 def _replace(ix: str, old: str, new: str) -> str:
