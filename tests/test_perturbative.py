@@ -298,14 +298,14 @@ def test_tanh_four_input_rule_beats_gauss_hermite(x64):
 
 @pytest.mark.parametrize("name", ["tanh", "gelu"])
 def test_quadrature_error_bounds_the_four_input_rule_and_warns(x64, name):
-    """The full vertex on four inputs with 5 nodes per dimension of the three/four-input rule
+    """The full vertex on four inputs with 3 nodes per dimension of the three/four-input rule
     differs from the one with 24 by at most the reported ``quadrature_error`` (relative to its
     largest entry), and that estimate, above ``TRUST_QUADRATURE_ERROR``, comes
     with a warning naming ``quadrature_order_multi``; with 24 nodes it is below and silent."""
     arch = rgnn.MLP(1, 64, name, bias_var=0.1)
     x = _inputs(4)
     with pytest.warns(UserWarning, match="quadrature_order_multi"):
-        coarse = rgnn.perturbative(arch, x, ntk=False, full=True, quadrature_order_multi=5)
+        coarse = rgnn.perturbative(arch, x, ntk=False, full=True, quadrature_order_multi=3)
     fine = rgnn.perturbative(arch, x, ntk=False, full=True, quadrature_order_multi=24)
     assert fine.quadrature_error <= TRUST_QUADRATURE_ERROR
     a, b = np.asarray(coarse.vertex), np.asarray(fine.vertex)
