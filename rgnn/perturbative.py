@@ -773,13 +773,19 @@ def _check_memory(
     *,
     full: bool = False,
     limit: float = _MEMORY_LIMIT_BYTES,
+    nodes: int = 0,
 ) -> None:
     if full:
         # every statistic [L+1, N^4] (up to 15 of them), about 40 moment tensors and the
-        # einsum intermediates of one layer (N^4 each), and the pair grids
+        # einsum intermediates of one layer (N^4 each), the pair grids, and the
+        # three/four-input grids of one batch of 16 subsets (on each node: 4 factors and the
+        # contraction's intermediates; 15 products per variable on three inputs)
         n_stats = 7 + 2 * dntk + 6 * ddntk
-        need = itemsize * (n**4 * (n_layers * n_stats + 60) + n * n * 48 * 48 * 12)
+        grids = min(16, math.comb(n, 4)) * nodes**4 * 12 + min(16, math.comb(n, 3)) * nodes**3 * 45
+        need = itemsize * (n**4 * (n_layers * n_stats + 60) + n * n * 48 * 48 * 12 + grids)
         what = "the full four-index fields"
+        if grids * itemsize > limit / 2:
+            what += f" (most of it the {nodes}-node grids of quadrature_order_multi)"
     else:
         pairs = n * (n - 1) // 2
         # per pair: 16 components of each carried dNTK tensor (P, Q, F, B; + P^, Q^, R, S, T, U)
@@ -919,7 +925,14 @@ def perturbative(
         )
     x = check_inputs(x, "x")
     _check_memory(
-        x.shape[0], arch.n_layers, x.dtype.itemsize, dntk, ddntk, full=full, limit=memory_limit
+        x.shape[0],
+        arch.n_layers,
+        x.dtype.itemsize,
+        dntk,
+        ddntk,
+        full=full,
+        limit=memory_limit,
+        nodes=_multi_order(x.shape[0], quadrature_order, quadrature_order_multi) if full else 0,
     )
     mode = kinks if dntk else None
     if arch.is_residual and arch.act.name != "linear":

@@ -261,6 +261,12 @@ def test_quadrature_order_multi_is_checked(bad):
         rgnn.perturbative(rgnn.MLP(1, 8, "tanh"), _inputs(4), full=True, quadrature_order_multi=bad)
 
 
+def test_quadrature_order_multi_counts_in_the_memory_check():
+    """Its grids (one batch of 16 four-subsets, ``64^4`` nodes each) are refused up front."""
+    with pytest.raises(ValueError, match="64-node grids of quadrature_order_multi"):
+        rgnn.perturbative(rgnn.MLP(1, 8, "tanh"), _inputs(14), full=True, quadrature_order_multi=64)
+
+
 def _tanh_table(c, x, w):
     """``<tanh^(a)(z_1) tanh^(b)(z_2) tanh^(c)(z_3) tanh^(d)(z_4)>``, ``a..d <= 3``, by the
     tensor product of the one-dimensional rule ``(x, w)`` in the Cholesky coordinates ``c``."""
