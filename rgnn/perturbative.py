@@ -154,7 +154,8 @@ the rule to refine. The three/four-input part of the estimate is the largest cha
 moment between two rules relative to that moment's largest value, so it is calibrated
 differently by activation (measured on the end of training, 12 + 2 inputs, depth 3, 200
 steps): for gelu (Gauss-Hermite, compared with two thirds of the nodes) it is pessimistic,
-0.10 at 12 nodes while the outputs are within 0.04% of 20 nodes; for tanh (trapezoid) it is
+0.10 at 12 nodes while the outputs are within 0.04% of 20 nodes (depth 1, 6 + 2 inputs: 0.094
+with a correction 2.0% of the largest off); for tanh (trapezoid) it is
 0.028 at 12 nodes while a test output's O(1/n) correction, a difference of larger terms, is
 4.8% of the largest correction (7.7% of its own) off, the NTK change 0.3%. So it bounds the
 statistics, not always the relative error of quantities built from them by cancellation; the
@@ -874,7 +875,8 @@ def perturbative(
         (:func:`rgnn.end_of_training`, 200 steps) on 12 + 2 inputs, depth 3, against 24 nodes:
         tanh at 12 nodes, one test output's O(1/n) correction 7.7% and an NTK-change entry
         0.3% off (with Gauss-Hermite: 22% and 5%), at 16 nodes 1.3% and 0.04%; gelu
-        (Gauss-Hermite) at 12 nodes 0.04% against 20 nodes.
+        (Gauss-Hermite) at 12 nodes 0.04% against 20 nodes (depth 1, 6 + 2 inputs: 3.1%
+        against 32 nodes, the default 22 nodes 0.02%).
 
     Returns:
       A :class:`Perturbative`; see its fields. The dtype follows ``x``.
