@@ -149,17 +149,19 @@ the O(1/n^2) terms neglected here are smaller than the O(1/n) ones by a further 
 percent."""
 
 TRUST_QUADRATURE_ERROR = 0.2
-"""Above this ``quadrature_error`` :func:`perturbative` warns (unless ``warn=False``), naming
-the rule to refine. The three/four-input part of the estimate is the largest change of any
-moment between two rules relative to that moment's largest value, so it is calibrated
-differently by activation (measured on the end of training, 12 + 2 inputs, depth 3, 200
-steps): for gelu (Gauss-Hermite, compared with two thirds of the nodes) it is pessimistic,
-0.10 at 12 nodes while the outputs are within 0.04% of 20 nodes (depth 1, 6 + 2 inputs: 0.094
-with a correction 2.0% of the largest off); for tanh (trapezoid) it is
-0.028 at 12 nodes while a test output's O(1/n) correction, a difference of larger terms, is
-4.8% of the largest correction (7.7% of its own) off, the NTK change 0.3%. So it bounds the
-statistics, not always the relative error of quantities built from them by cancellation; the
-threshold catches gross failures (Gauss-Hermite for tanh at 12-16 nodes: 0.31-0.36)."""
+"""Above this ``quadrature_error`` :func:`perturbative` with ``full=True`` warns (unless
+``warn=False``), naming the rule to refine. The three/four-input part of the estimate is the
+largest change of any moment between two rules relative to that moment's largest value, so it
+is calibrated differently by activation (measured on the end of training, 200 steps): for gelu
+(Gauss-Hermite, compared with two thirds of the nodes) it is pessimistic, 0.10 at 12 nodes on
+12 + 2 inputs, depth 3, with the outputs within 0.04% of 20 nodes (depth 1, 6 + 2 inputs: 0.094
+with a correction 2.0% of the largest off); for tanh (trapezoid) it is 0.028 at 12 nodes on
+12 + 2 inputs, depth 3, while a test output's O(1/n) correction, a difference of larger terms,
+is 4.8% of the largest correction (7.7% of its own) off, the NTK change 0.3% (depth 1, 4 + 2
+inputs: 0.026 with 14%). So it bounds the statistics, not always the relative error of
+quantities built from them by cancellation; the threshold catches gross failures
+(Gauss-Hermite for tanh at 12-16 nodes: 0.31-0.36). The pair layout (one- and two-input rules
+only) reports its estimate without a warning."""
 
 _MEMORY_LIMIT_BYTES = 8 * 2**30
 
@@ -862,8 +864,8 @@ def perturbative(
       memory_limit: bytes the request may use (default 8 GiB); a larger request is refused
         with a ``ValueError`` before anything is allocated.
       warn: warn when depth / width is too large for O(1/n) to be trusted
-        (:data:`TRUST_DEPTH_OVER_WIDTH`), and when ``quadrature_error`` is above
-        :data:`TRUST_QUADRATURE_ERROR` (the warning names the rule to refine).
+        (:data:`TRUST_DEPTH_OVER_WIDTH`), and, with ``full=True``, when ``quadrature_error``
+        is above :data:`TRUST_QUADRATURE_ERROR` (the warning names the rule to refine).
       quadrature_order_multi: nodes per dimension of the tensor-product rule of the
         expectations on three and four distinct inputs (``full=True`` only; the pair layout
         needs none). ``None`` (default): as many as fit a budget of about ``2^24`` evaluations
@@ -962,8 +964,9 @@ def perturbative(
                 "comparable",
                 stacklevel=2,
             )
-        nodes = _multi_order(x.shape[0], quadrature_order, quadrature_order_multi)
-        _warn_quadrature(result, multi_err, nodes, stacklevel=3)
+        if full:  # the pair layout's one/two-input rules: quadrature_error, no warning
+            nodes = _multi_order(x.shape[0], quadrature_order, quadrature_order_multi)
+            _warn_quadrature(result, multi_err, nodes, stacklevel=3)
     return result
 
 
