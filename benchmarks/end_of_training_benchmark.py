@@ -15,6 +15,7 @@ time (> 1: the prediction is cheaper). Uses only the public API; writes
 benchmarks/results/end_of_training.json.
 
     python benchmarks/end_of_training_benchmark.py [--n-train 32] [--width 128] [--steps 200]
+        [--quadrature-order-multi 16]
 """
 
 import argparse
@@ -60,6 +61,12 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.1)
     ap.add_argument("--pilot", type=int, default=256)
     ap.add_argument(
+        "--quadrature-order-multi",
+        type=int,
+        default=None,
+        help="nodes per dimension of the three/four-input rule (default: the node budget's)",
+    )
+    ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "end_of_training.json")
     )
     args = ap.parse_args(argv)
@@ -67,6 +74,9 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             print(f"--{name.replace('_', '-')}: expected an integer >= 1", file=sys.stderr)
             return 2
+    if args.quadrature_order_multi is not None and args.quadrature_order_multi < 3:
+        print("--quadrature-order-multi: expected an integer >= 3", file=sys.stderr)
+        return 2
     if not 0 < args.stability < 2 or args.target <= 0:
         print("--stability: expected in (0, 2); --target: expected > 0", file=sys.stderr)
         return 2
@@ -80,7 +90,15 @@ def main(argv=None) -> int:
     eta = args.stability * args.n_train / lam[-1]
 
     def predict():
-        return rgnn.end_of_training(arch, x_tr, y, x_te, learning_rate=eta, steps=args.steps)
+        return rgnn.end_of_training(
+            arch,
+            x_tr,
+            y,
+            x_te,
+            learning_rate=eta,
+            steps=args.steps,
+            quadrature_order_multi=args.quadrature_order_multi,
+        )
 
     pred, t_first = _timed(predict)
     pred, t_pred = _timed(predict)

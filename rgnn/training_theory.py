@@ -102,7 +102,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 
 import jax
@@ -112,23 +111,7 @@ import numpy as np
 from rgnn._validate import check_learning_rate, check_pair
 from rgnn.architecture import MLP
 from rgnn.fixed_point import fixed_point
-from rgnn.flow import moments as flow_moments
-from rgnn.perturbative import (
-    _STATS_DDNTK,
-    _STATS_DNTK,
-    _STATS_NNGP,
-    _STATS_NTK,
-    TRUST_DEPTH_OVER_WIDTH,
-    Perturbative,
-    _assemble,
-    _check_memory,
-    _engine_layout,
-    _engine_raw,
-    _engine_sets,
-    _flow_constants,
-    _multi_order,
-    perturbative,
-)
+from rgnn.perturbative import Perturbative, _check_multi_order, perturbative
 
 __all__ = ["EndOfTraining", "end_of_training"]
 
@@ -278,125 +261,6 @@ def _two_eps(stats, pieces, m2, ntr):
     return out["I"], out["II"]
 
 
-# ----------------------------------------------------------------------------- statistics
-_ESTIMATE_INPUTS = 6
-"""Inputs of the subset on which :func:`_statistics` repeats the flow with the half-spacing-
-shifted one- and two-input rules to estimate their error (instead of all inputs)."""
-
-_DIRECT_WORK = 20_000
-"""Above this many four-input quadratures (``C(N, 4)`` times the layer steps) :func:`_statistics`
-estimates the one- and two-input rules' error on a subset; at or below it, it is
-:func:`rgnn.perturbative` itself (the subset's own compilation would cost more than the
-repeated flow saves)."""
-
-
-def _statistics(arch, x, *, kinks, quadrature_order, memory_limit):
-    """``rgnn.perturbative(arch, x, full=True, ddntk=True, kinks=kinks, ...)`` with the same
-    statistics, computed once.
-
-    Profile (tanh, depth 3, 34 inputs, float64): the flow's time is the tensor-product rule of
-    the moments on four distinct inputs, ``C(N, 4) x 12^4`` evaluations of ``sigma`` and its
-    first three derivatives per layer step (the vertex and mean kernel alone take as long as
-    every statistic together); :func:`rgnn.perturbative` repeats the whole flow with the half-
-    spacing-shifted one- and two-input rules to estimate their error (the four-input rule is the
-    same in both, so half of the time recomputes identical tables). Here, on many inputs
-    (:data:`_DIRECT_WORK`), that repetition runs on a subset of :data:`_ESTIMATE_INPUTS` inputs
-    (the most and the least correlated pair on the first layer, then the first inputs) with the
-    full set's four-input rule, both rules on the subset, and the largest relative change of a
-    statistic there is the rules' error estimate (as :func:`rgnn.perturbative` takes it on its
-    first chunk of sets). Every statistic is the same computation; only ``quadrature_error``
-    is estimated on fewer entries."""
-    n = x.shape[0]
-    residual = arch.is_residual
-    if residual or math.comb(n, 4) * (arch.n_layers - 1) <= _DIRECT_WORK:
-        return perturbative(
-            arch,
-            x,
-            full=True,
-            ddntk=True,
-            kinks=kinks,
-            quadrature_order=quadrature_order,
-            memory_limit=memory_limit,
-        )
-    order = quadrature_order
-    _check_memory(n, arch.n_layers, x.dtype.itemsize, True, True, full=True, limit=memory_limit)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
-        fp = fixed_point(arch, x, quadrature_order=order)
-    fp_err = 0.0
-    if not arch.act.closed_form:
-        fp_err = float(getattr(fp, "quadrature_error", 0.0) or 0.0)
-    stats = _STATS_NNGP + _STATS_NTK + _STATS_DNTK + _STATS_DDNTK
-    pointwise = kinks == "pointwise"
-    out, err, _ = _engine_raw(arch, x, fp, order, stats, pointwise, full=True)
-    result = _assemble(
-        arch,
-        x,
-        fp,
-        _engine_layout(out, n=n, full=True),
-        full=True,
-        quadrature_order=0 if arch.act.scale_invariant else order,
-        quadrature_error=err,
-    )
-    if result.quadrature_order:
-        k1 = np.asarray(fp.nngp[0], np.float64)
-        corr = k1 / np.sqrt(np.outer(np.diag(k1), np.diag(k1)))
-        corr[np.diag_indices(n)] = np.nan
-        pick = [*np.unravel_index(np.nanargmax(corr), corr.shape)]
-        pick += [*np.unravel_index(np.nanargmin(corr), corr.shape)]
-        pick = list(dict.fromkeys(int(i) for i in pick + list(range(n))))[:_ESTIMATE_INPUTS]
-        idx = np.sort(np.array(pick, np.int32))
-        _, ratios, inv_prev, lam_w = _flow_constants(arch, x, x.dtype)
-        sub = np.ix_(np.arange(arch.n_layers), idx, idx)
-        ks, ts = fp.nngp[sub], fp.ntk[sub]
-        sets = jnp.arange(len(idx), dtype=jnp.int32)[None, :]
-        runs = []
-        for shifted in (False, True):
-            rules = flow_moments.rules(
-                order, 4 * order, _multi_order(n, order), x.dtype, shifted=shifted
-            )
-            runs.append(
-                _engine_sets(
-                    arch.act,
-                    arch.weight_var,
-                    lam_w,
-                    ratios,
-                    inv_prev,
-                    ks,
-                    ts,
-                    rules,
-                    sets,
-                    None,
-                    stats=stats,
-                    pointwise=pointwise,
-                    residual=None,  # as _engine_raw passes it: the same compilation
-                )[0]
-            )
-        rule_err = 0.0
-        for name, a in runs[0].items():
-            a, b = np.asarray(a), np.asarray(runs[1][name])
-            scale = np.nanmax(np.abs(a)) if a.size else 0.0
-            if scale > 0:
-                rule_err = max(rule_err, float(np.nanmax(np.abs(a - b)) / scale))
-        result = dataclasses.replace(result, quadrature_error=err + rule_err + fp_err)
-    if np.isnan(np.asarray(result.vertex)).any():
-        warnings.warn(
-            "some inputs are exactly parallel on some layer (correlation 1): for "
-            f"{arch.act.name} the second derivative of the kernel map is singular there and "
-            "their components are NaN; remove duplicate inputs",
-            stacklevel=3,
-        )
-    depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
-    if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
-        warnings.warn(
-            f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > {TRUST_DEPTH_OVER_WIDTH}: "
-            "the O(1/n) description is not trustworthy here (largest quartic coupling "
-            f"V/(n K^2) = {float(jnp.max(result.coupling)):.3g}); O(1/n^2) terms are comparable",
-            stacklevel=3,
-        )
-    return result
-
-
 # ----------------------------------------------------------------------------- the prediction
 
 
@@ -411,6 +275,7 @@ def end_of_training(
     quadrature_order: int = 48,
     memory_limit: float = 8 * 2**30,
     statistics: Perturbative | None = None,
+    quadrature_order_multi: int | None = None,
 ) -> EndOfTraining:
     """The mean output of trained networks of ``arch``'s widths, to O(1/n).
 
@@ -435,16 +300,22 @@ def end_of_training(
         concatenate([x_train, x_test]), full=True, ddntk=True)`` (with ``kinks="pointwise"``
         for relu and leaky relu); several learning rates or step counts then share one
         computation of the costly part.
+      quadrature_order_multi: nodes per dimension of the rule on three and four distinct
+        inputs (:func:`rgnn.perturbative`; ``None``: its node budget, 12 from 13 inputs on).
 
     Returns:
-      An :class:`EndOfTraining`. The statistics' time is the Gaussian moments on every four
-      distinct inputs, ``C(N + N*, 4)`` tensor-product quadratures per layer step
-      (``_statistics`` in this module; their einsums grow like ``(N + N*)^5``, their memory like
-      ``(N + N*)^4``). From 13 inputs on that rule has 12 nodes per dimension (the node budget
-      of :func:`rgnn.perturbative`); for tanh, depth 3, 12 + 2 inputs (12 nodes), one test
-      output's correction is 21% and an NTK-change entry 5% away from the same computation
-      with 24 nodes (measured), so read ``quadrature_error`` (0.36 there) before trusting the
-      correction on many inputs.
+      An :class:`EndOfTraining`. The statistics are ``rgnn.perturbative(arch, [x_train;
+      x_test], full=True, ddntk=True)``; their time is the Gaussian moments on every four
+      distinct inputs, ``C(N + N*, 4)`` tensor-product quadratures per layer step (their
+      einsums grow like ``(N + N*)^5``, their memory like ``(N + N*)^4``). From 13 inputs on
+      that rule has 12 nodes per dimension by default (its time grows like the fourth power
+      of ``quadrature_order_multi``). Measured, 12 + 2 inputs, depth 3, 200 steps, against
+      24 nodes: tanh at 12 nodes, one test output's correction 7.7% and an NTK-change entry
+      0.3% off (``quadrature_error`` 0.028), at 16 nodes 1.3% and 0.04% (0.0046; first call
+      94 s instead of 74 s on a loaded machine); gelu at 12 nodes 0.04% (0.10: pessimistic
+      there; depth 1 on 6 + 2 inputs 3.1% with 0.094). ``quadrature_error`` bounds the
+      statistics' relative error, not always the correction's, a difference of larger terms
+      (:data:`rgnn.perturbative.TRUST_QUADRATURE_ERROR`: the calibration and the warning).
     """
     if not isinstance(arch, MLP):
         raise ValueError(f"arch: expected an rgnn.MLP, got {type(arch).__name__}")
@@ -460,6 +331,7 @@ def end_of_training(
             "derived for residual MLPs with a linear activation only (rgnn.perturbative)"
         )
     eta = check_learning_rate(learning_rate)
+    _check_multi_order(quadrature_order_multi)
     if steps is not None and (
         isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0
     ):
@@ -505,11 +377,14 @@ def end_of_training(
             f"(lambda_max = {float(lam[-1]):.6g}), got {eta!r}"
         )
     if statistics is None:
-        p = _statistics(
+        p = perturbative(
             arch,
             x_all,
+            full=True,
+            ddntk=True,
             kinks="pointwise" if kinked else "distributional",
             quadrature_order=quadrature_order,
+            quadrature_order_multi=quadrature_order_multi,
             memory_limit=memory_limit,
         )
     else:

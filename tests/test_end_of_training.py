@@ -9,6 +9,7 @@ nested ddNTK sums). The converged check over many widths is tools/end_of_trainin
 """
 
 import dataclasses
+import importlib
 import itertools
 import math
 
@@ -55,6 +56,7 @@ def _arch(width=64, activation="tanh", depth=1):
         (dict(y_train=np.array([[np.nan], [1.0]])), "y_train"),
         (dict(x_train=np.ones((2, 3))), "singular"),
         (dict(statistics="precomputed"), "statistics"),
+        (dict(quadrature_order_multi=2), "quadrature_order_multi"),
     ],
 )
 def test_bad_input(x64, change, match):
@@ -121,16 +123,17 @@ def gelu_runs(gelu_stats):
         return conv, zero, long
 
 
-def test_statistics_once_equal_perturbative(x64, gelu_stats, monkeypatch):
-    """The statistics path of many inputs (the flow once, the shifted rules' error estimate on
-    a subset) is rgnn.perturbative's computation: forced here on the three inputs with the
-    subset holding all of them, every field and the error estimate are identical."""
+def test_subset_error_estimate_equal_to_the_direct_one(x64, gelu_stats, monkeypatch):
+    """The full layout of many inputs (rgnn.perturbative's path for end_of_training: the flow
+    once, the shifted one- and two-input rules' error estimate on a subset of the inputs
+    instead of a second pass over all of them) is the direct computation: forced here on the
+    three inputs with the subset holding all of them, every field and the error estimate are
+    identical."""
     arch, x_all, stats = gelu_stats
-    monkeypatch.setattr(training_theory, "_DIRECT_WORK", -1)
-    monkeypatch.setattr(training_theory, "_ESTIMATE_INPUTS", x_all.shape[0])
-    once = training_theory._statistics(
-        arch, x_all, kinks="distributional", quadrature_order=48, memory_limit=2**30
-    )
+    module = importlib.import_module("rgnn.perturbative")
+    monkeypatch.setattr(module, "_DIRECT_WORK", -1)
+    monkeypatch.setattr(module, "_ESTIMATE_INPUTS", x_all.shape[0])
+    once = rgnn.perturbative(arch, x_all, full=True, ddntk=True, warn=False)
     for field in dataclasses.fields(stats):
         a, b = getattr(once, field.name), getattr(stats, field.name)
         if isinstance(b, jax.Array):
