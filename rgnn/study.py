@@ -559,13 +559,15 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
 #: The most training inputs for which the sweep computes the end-of-training prediction: its
 #: full-field statistics grow like ``C(N + 1, 4)`` four-input quadratures per layer step in
 #: time (the bulk of it) and ``N^4`` in memory. Measured on a loaded 2-core machine, compilation
-#: included in first calls: tanh depth 2, one test input, statistics run twice (before
-#: :func:`rgnn.training_theory._statistics`; load ~5): 4 inputs 24 s, 8: 56 s, 12: 38 s, 16:
-#: 56 s, 24: 64 s, 32: 156 s. Run once (load ~16, about three times slower): 24 inputs, depth 2,
-#: 193 s first call, 78.5 s second; 32 + 2 inputs, depth 3, 663 s / 547 s. The limit keeps a
-#: sweep group's prediction near a minute on a quieter machine; above it the razor says so.
-#: From 13 inputs on the four-input rule has 12 nodes (its ``quadrature_error`` says how far
-#: to trust the prediction; 0.36-0.38 for tanh depth 3).
+#: included in first calls: tanh depth 2, one test input, statistics run twice (before the
+#: error estimate moved to a 6-input subset, see :func:`rgnn.perturbative`; load ~5): 4 inputs
+#: 24 s, 8: 56 s, 12: 38 s, 16: 56 s, 24: 64 s, 32: 156 s. Run once (load ~16, about three
+#: times slower): 24 inputs, depth 2, 193 s first call, 78.5 s second; 32 + 2 inputs, depth 3,
+#: 663 s / 547 s. The limit keeps a sweep group's prediction near a minute on a quieter
+#: machine; above it the razor says so. From 13 inputs on the three/four-input rule has 12
+#: nodes per dimension (``quadrature_order_multi`` of :func:`rgnn.end_of_training` raises it;
+#: tanh depth 3 on 12 + 2 inputs: its trapezoid rule leaves 7.7% on the worst output's
+#: correction at 12 nodes, 1.3% at 16).
 END_OF_TRAINING_MAX_INPUTS = 24
 
 # The computed predictions, keyed by everything but the width (the prediction's O(1/n) part is

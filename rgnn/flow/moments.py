@@ -20,10 +20,12 @@ entries):
   in closed form, angular part as a closed-form half circle minus the shorter arc between the
   kinks by Gauss-Legendre; :meth:`Moments._power_form`), a delta factor integrated against
   the conditional Gaussian;
-* three and four inputs: a tensor-product Gauss-Hermite rule in the Cholesky coordinates,
-  contracted one variable at a time (``z_4`` depends on all four nodes, ``z_1`` on one), for a
-  basis of factors at once, so its cost is ``order_multi^4`` per 4-set, not per statistic. Its
-  error is estimated against a rule with fewer nodes (:meth:`Moments.multi_error`).
+* three and four inputs: a tensor-product rule in the Cholesky coordinates (Gauss-Hermite; for
+  tanh, whose poles at ``+-i pi/2`` slow Gauss-Hermite down, a Gaussian-weighted trapezoid rule
+  passed in by :mod:`rgnn.perturbative`), contracted one variable at a time (``z_4`` depends on
+  all four nodes, ``z_1`` on one), for a basis of factors at once, so its cost is
+  ``order_multi^4`` per 4-set, not per statistic. Its error is estimated against a rule with
+  fewer nodes (:meth:`Moments.multi_error`).
 
 Derivative moments ``D_c(f(z_a) g(z_b)) = <d_c (f_a g_b)>`` come from the derivative of the
 factor (smooth activations) or from Gaussian integration by parts, ``<d_c F> = sum_u
