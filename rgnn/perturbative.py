@@ -613,13 +613,13 @@ def _observables(k, ntk, kd, prev, fields, *, full):
 
 
 _ESTIMATE_INPUTS = 6
-"""Inputs of the subset on which :func:`_run` repeats the flow with the half-spacing-shifted
+"""Inputs of the subset on which :func:`_rule_error` repeats the flow with the half-spacing-shifted
 one- and two-input rules to estimate their error when the full layout has many inputs
 (:data:`_DIRECT_WORK`)."""
 
 _DIRECT_WORK = 20_000
 """Above this many four-input quadratures (``C(N, 4)`` times the layer steps) of the full
-layout, :func:`_run` estimates the one- and two-input rules' error on a subset of
+layout, :func:`_rule_error` estimates the one- and two-input rules' error on a subset of
 :data:`_ESTIMATE_INPUTS` inputs instead of repeating the whole flow with the shifted rules; at or
 below it the flow is repeated (the subset's own compilation would cost more than it saves)."""
 
@@ -719,30 +719,17 @@ def _rule_error(arch, x, fp, order, stats, pointwise, out, *, full, multi):
         pick += [*np.unravel_index(np.nanargmin(corr), corr.shape)]
         pick = list(dict.fromkeys(int(i) for i in pick + list(range(n))))[:_ESTIMATE_INPUTS]
         idx = np.sort(np.array(pick, np.int32))
-        _, ratios, inv_prev, lam_w = _flow_constants(arch, x, x.dtype)
         sub = np.ix_(np.arange(arch.n_layers), idx, idx)
-        ks, ts = fp.nngp[sub], fp.ntk[sub]
-        sets = jnp.arange(len(idx), dtype=jnp.int32)[None, :]
-        runs = []
-        for shifted in (False, True):
-            rules = _rules(arch, fp, order, n, multi, x.dtype, shifted=shifted)
-            runs.append(
-                _engine_sets(
-                    arch.act,
-                    arch.weight_var,
-                    lam_w,
-                    ratios,
-                    inv_prev,
-                    ks,
-                    ts,
-                    rules,
-                    sets,
-                    None,
-                    stats=tuple(stats),
-                    pointwise=pointwise,
-                    residual=None,  # as _engine_raw passes it: the same compilation
-                )[0]
-            )
+        # the subset's kernels; nngp_diag1 stays the full set's (its largest variance sets the
+        # three/four-input rule's range), and so does the node count
+        fp_sub = dataclasses.replace(fp, nngp=fp.nngp[sub], ntk=fp.ntk[sub])
+        nodes = _multi_order(n, order, multi)
+        runs = [
+            _engine_raw(
+                arch, x[idx], fp_sub, order, stats, pointwise, full=True, shifted=s, multi=nodes
+            )[0]
+            for s in (False, True)
+        ]
         pairs = [(np.asarray(a), np.asarray(runs[1][k])) for k, a in runs[0].items()]
     rule_err = 0.0
     for a, b in pairs:

@@ -63,9 +63,8 @@ def _fit(widths, y, se):
     """Weighted fit y = a + b / n per entry: ``(a, se_a)`` arrays."""
     x = 1 / np.asarray(widths, float)
     w = 1 / np.maximum(se, 1e-300) ** 2  # [W, ...]
-    s0, s1, s2 = w.sum(0), (w * x[:, None]).sum(0) if y.ndim == 1 else None, None
     xs = x.reshape((-1,) + (1,) * (y.ndim - 1))
-    s1 = (w * xs).sum(0)
+    s0, s1 = w.sum(0), (w * xs).sum(0)
     s2 = (w * xs * xs).sum(0)
     t0, t1 = (w * y).sum(0), (w * xs * y).sum(0)
     det = s0 * s2 - s1 * s1
@@ -73,21 +72,26 @@ def _fit(widths, y, se):
     return a, np.sqrt(s2 / det)
 
 
+def _arch(act, depth, width, gamma, xi, out_dim):
+    """The residual MLP of the checks: ``C_W`` of the activation, ``C_b = 0.1``."""
+    return rgnn.MLP(
+        depth,
+        width,
+        act,
+        weight_var=CW[act],
+        bias_var=0.1,
+        shortcut=gamma,
+        branch=xi,
+        out_dim=out_dim,
+    )
+
+
 def _ntk_mean(act, gamma, xi, args, x) -> None:
     """The NTK mean shift of a nonlinear residual MLP on one input against Monte Carlo."""
     t0 = time.time()
     ys, ses = [], []
     for width in args.mean_widths:
-        arch = rgnn.MLP(
-            args.depth,
-            width,
-            act,
-            weight_var=CW[act],
-            bias_var=0.1,
-            shortcut=gamma,
-            branch=xi,
-            out_dim=args.mean_units,
-        )
+        arch = _arch(act, args.depth, width, gamma, xi, args.mean_units)
         theta = np.asarray(rgnn.fixed_point(arch, x).ntk)[:, 0, 0]
         n = np.asarray(arch.layer_dims(x.shape[1]), float)[:-1]
         per_net = []
@@ -159,16 +163,7 @@ def main() -> None:
                 ses = {name: [] for name in names}
                 pred = None
                 for width in args.widths:
-                    arch = rgnn.MLP(
-                        args.depth,
-                        width,
-                        act,
-                        weight_var=CW[act],
-                        bias_var=0.1,
-                        shortcut=gamma,
-                        branch=xi,
-                        out_dim=3 if linear else 2,
-                    )
+                    arch = _arch(act, args.depth, width, gamma, xi, 3 if linear else 2)
                     if pred is None:
                         pred = rgnn.perturbative(
                             arch, x, ntk=args.ntk, ddntk=linear and args.ntk, warn=False

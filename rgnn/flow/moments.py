@@ -53,7 +53,7 @@ from jax.experimental.jet import jet
 
 from rgnn import gaussian
 from rgnn._arctan import arctan2
-from rgnn.flow.tensor import L, extract, take
+from rgnn.flow.tensor import L, extract, sum_last, take
 
 KINKS = ("distributional", "pointwise")
 """How the second derivative of a kinked activation (relu, leaky relu) is taken."""
@@ -894,15 +894,7 @@ def _weighted_sum(f, w):
     took most of a smooth activation's time on many pairs; a tree of elementwise additions is
     fused with the products that feed it and never leaves XLA's own loops, and its rounding
     grows like ``log2`` of the number of nodes instead of linearly."""
-    t = f * w.reshape((1,) * (f.ndim - 1) + w.shape)
-    while t.shape[-1] > 1:
-        n = t.shape[-1]
-        h = n // 2
-        s = t[..., :h] + t[..., h : 2 * h]
-        if n % 2:
-            s = jnp.concatenate([s, t[..., 2 * h :]], axis=-1)
-        t = s
-    return t[..., 0]
+    return sum_last(f * w.reshape((1,) * (f.ndim - 1) + w.shape))
 
 
 def _replace(ix: str, old: str, new: str) -> str:

@@ -116,7 +116,7 @@ SMALL = 4096
 larger ones by ``einsum``."""
 
 
-def _sum_last(x):
+def sum_last(x):
     """``x`` summed over its last axis by pairwise elementwise additions of slices: a float32
     ``reduce`` over a few entries per output goes to YNNPACK on XLA:CPU, at a cost of
     hundreds of nanoseconds per entry (a quarter of a pair chunk's time in the update rules);
@@ -151,7 +151,7 @@ def ein(out: str, *terms) -> L:
             prod = prod * t._spread(allix)
         x = prod
         for _ in range(len(allix) - len(out)):
-            x = _sum_last(x)
+            x = sum_last(x)
         return L(scale * x, out)
     spec = ",".join(t.ix for t in ts) + "->" + out
     x = jnp.einsum(spec, *(t.x for t in ts), optimize="optimal" if len(ts) > 2 else False)
