@@ -178,12 +178,47 @@ class SingleInput:
     ntk_b: np.ndarray | None = None
 
 
+class _Form:
+    """A bilinear form on the grid as a low-rank product ``M = U V^T`` (``U, V``: ``[grid, r]``).
+
+    Every form here starts at zero on layer 1 and each layer maps it to ``c T^T M T`` plus a few
+    outer products of grid vectors, so its rank grows by at most three per layer: carrying the
+    factors makes a layer cost ``O(grid^2 r)`` (matrix-vector products with the smoothing
+    kernel) instead of ``O(grid^3)`` (dense matrix products), with the same numbers up to
+    rounding."""
+
+    def __init__(self, u: np.ndarray, v: np.ndarray):
+        self.u, self.v = u, v
+
+    @classmethod
+    def zero(cls, n: int) -> _Form:
+        return cls(np.zeros((n, 0)), np.zeros((n, 0)))
+
+    def mv(self, f: np.ndarray) -> np.ndarray:
+        """``M f``: the form with ``f`` in its second slot, as a grid vector."""
+        return self.u @ (self.v.T @ f)
+
+    def rmv(self, f: np.ndarray) -> np.ndarray:
+        """``M^T f``: the form with ``f`` in its first slot."""
+        return self.v @ (self.u.T @ f)
+
+    def __call__(self, f: np.ndarray, g: np.ndarray) -> float:
+        """``f^T M g``."""
+        return float((f @ self.u) @ (self.v.T @ g))
+
+    def next(self, t: np.ndarray, scale: float, *outer: tuple[np.ndarray, np.ndarray]) -> _Form:
+        """``scale T^T M T + sum_k a_k b_k^T`` for the pairs ``(a_k, b_k)`` in ``outer``."""
+        us = [scale * (t.T @ self.u)] + [a[:, None] for a, _ in outer]
+        vs = [t.T @ self.v] + [b[:, None] for _, b in outer]
+        return _Form(np.concatenate(us, axis=1), np.concatenate(vs, axis=1))
+
+
 def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None):
     """:class:`SingleInput` of ``arch`` for an input with layer-1 kernel ``k1`` (any activation;
     plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``.
     ``ntk``: ``None``, or ``(theta1, lambda_b, lambda_w)`` (the layer-1 NTK and the ``[L+1]``
     learning-rate scalings) to carry the NTK side as well ("NTK mean shift", "NTK variance"
-    above)."""
+    above). The bilinear forms are carried as low-rank factors (:class:`_Form`)."""
     act = arch.act
     cw, cb = arch.weight_var, arch.effective_bias_var
     gamma, xi = arch.residual()
@@ -200,7 +235,9 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
     h = y[1] - y[0]
     s2 = np.asarray(act.fn(y), np.float64) ** 2
     n_grid = y.size
-    b = np.zeros((n_grid, n_grid))
+    ones = np.ones(n_grid)
+    y2, y4 = y**2, y**4
+    b = _Form.zero(n_grid)
     d = np.zeros(n_grid)
     out_v, out_d, out_k = [0.0], [0.0], [0.0]
     if ntk is not None:
@@ -214,15 +251,18 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             p2 = np.mean([np.asarray(g_ * g_) for _, g_ in lims], axis=0)
             p4 = np.mean([np.asarray(g_**4) for _, g_ in lims], axis=0)
             ss = np.mean([np.asarray(act.fn(z_) * g_) for z_, g_ in lims], axis=0)
-        eta, eh, fo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
-        nu, ag, bo = np.zeros(n_grid), np.zeros((n_grid, n_grid)), np.zeros((n_grid, n_grid))
+        eta, eh, fo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
+        nu, ag, bo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         out_t, out_dh = [float(theta)], [0.0]
         out_nu, out_a, out_b, out_dd = [0.0], [0.0], [0.0], [0.0]
     for layer in range(1, arch.n_layers):
         k = ks[layer - 1]
         p = np.exp(-0.5 * y**2 / k)
         p /= p.sum()
-        sigma = np.diag(p) - np.outer(p, p) + b
+
+        def sigma(f, p=p, b=b):  # Sigma = C_0 + B applied to f: diag(p) - p p^T + B
+            return p * f - p * float(p @ f) + b.mv(f)
+
         gbar = cb + cw * float(p @ s2)
         g, x = gamma[layer], xi[layer]
         v = x * x * gbar
@@ -233,12 +273,10 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
         t_g = x * x * kern * (u - 1) / (2 * v)
         t_gg = x**4 * kern * (u * u - 6 * u + 3) / (4 * v * v)
         a = t_g.T @ p
-        sq = sigma @ s2
+        sq = sigma(s2)
         qq = float(s2 @ sq)
         tsq = t.T @ sq
-        b_new = (
-            t.T @ b @ t + cw * (np.outer(tsq, a) + np.outer(a, tsq)) + cw * cw * qq * np.outer(a, a)
-        )
+        b_new = b.next(t, 1.0, (cw * tsq, a), (cw * a, tsq), (cw * cw * qq * a, a))
         d_new = (
             t.T @ d + cw * float(d @ s2) * a + cw * (t_g.T @ sq) + 0.5 * cw * cw * qq * (t_gg.T @ p)
         )
@@ -247,13 +285,14 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             t_1 = kern * diff / v  # E[f'(z') | z]
             pk = p
             pss = pk * ss
-            sp, sq, eq = sigma @ p2, sq, eh @ s2
+            sp, eq = sigma(p2), eh.mv(s2)
             s_qq = lw * qq + cw * theta * float(p2 @ sq) + cw * float(p2 @ eq)
             tg_k = t_g.T @ pk  # f -> <T_G f>
             t_k = t.T @ pk  # f -> <T f>
             t1_k = t_1.T @ pk  # f -> <T f'>
-            fss = fo @ ss
+            fss = fo.mv(ss)
             src = float(pk @ (ss * ss)) * theta + float(ss @ fss)
+            eh_p2 = eh.rmv(p2)
             eta_new = (
                 g * g * (t.T @ eta + cw * (t_g.T @ eq))
                 + x
@@ -261,31 +300,33 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
                 * (
                     lw * (t.T @ sq + float(d @ s2) * t_k)
                     + cw * theta * (t.T @ sp + float(d @ p2) * t_k)
-                    + cw * (t.T @ (eh.T @ p2) + float(eta @ p2) * t_k)
+                    + cw * (t.T @ eh_p2 + float(eta @ p2) * t_k)
                     + cw * s_qq * tg_k
                 )
                 + 2 * cw * cw * x * x * src * tg_k
                 + 2 * x * x * g * cw * (theta * (t_1.T @ pss) + t_1.T @ fss)
             )
-            side = lw * (t.T @ sq) + cw * theta * (t.T @ sp) + cw * (t.T @ (eh.T @ p2))
-            eh_new = g * g * (t.T @ eh @ t + cw * np.outer(t.T @ eq, tg_k)) + x * x * np.outer(
-                t_k, side + cw * s_qq * tg_k
+            side = lw * (t.T @ sq) + cw * theta * (t.T @ sp) + cw * (t.T @ eh_p2)
+            eh_new = eh.next(
+                t, g * g, (g * g * cw * (t.T @ eq), tg_k), (x * x * t_k, side + cw * s_qq * tg_k)
             )
             one = theta * (t.T @ pss) + t.T @ fss
-            fo_new = (
-                g * g * (t.T @ fo @ t)
-                + x * x * g * cw * (np.outer(t1_k, one) + np.outer(one, t1_k))
-                + cw * cw * x**4 * src * np.outer(t1_k, t1_k)
+            fo_new = fo.next(
+                t,
+                g * g,
+                (x * x * g * cw * t1_k, one),
+                (x * x * g * cw * one, t1_k),
+                (cw * cw * x**4 * src * t1_k, t1_k),
             )
             # the NTK variance ("NTK variance" above): y = lambda_W q + C_W Theta p is the
             # unit's share of the NTK metric H~, n_h = n Var(H~), c_p the Xi-part's source
             yv = lw * s2 + cw * theta * p2
-            ap, ey = ag @ p2, eh @ yv
+            ap, ey = ag.mv(p2), eh.mv(yv)
             # one unit's Gaussian averages of y^2 and p^2 from the one-sided limits (a kink)
             yy = lw * lw * s2 * s2 + 2 * lw * cw * theta * s2 * p2 + (cw * theta) ** 2 * p4
-            sig_yy = float(pk @ yy) - float(pk @ yv) ** 2 + float(yv @ b @ yv)
+            sig_yy = float(pk @ yy) - float(pk @ yv) ** 2 + b(yv, yv)
             n_h = sig_yy + 2 * cw * float(p2 @ ey) + cw * cw * float(p2 @ ap)
-            bp = bo @ p2
+            bp = bo.mv(p2)
             c_p = float(pk @ p4) * theta**2 + float(p2 @ bp)
             a_a = t.T @ (ey + cw * ap)  # f -> E(Tf, y) + C_W A(Tf, p)
             b_b = theta**2 * (t.T @ (pk * p2)) + t.T @ bp  # f -> Theta^2 <p Tf> + Bo(Tf, p)
@@ -296,15 +337,19 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
                 + 4 * cw * x2 * g2 * b_b
                 + 2 * x2 * g2 * a_a
             )
-            ag_new = (
-                g2 * g2 * (t.T @ ag @ t)
-                + x2 * x2 * n_h * np.outer(t_k, t_k)
-                + x2 * g2 * (np.outer(a_a, t_k) + np.outer(t_k, a_a))
+            ag_new = ag.next(
+                t,
+                g2 * g2,
+                (x2 * x2 * n_h * t_k, t_k),
+                (x2 * g2 * a_a, t_k),
+                (x2 * g2 * t_k, a_a),
             )
-            bo_new = (
-                g2 * g2 * (t.T @ bo @ t)
-                + cw * cw * x2 * x2 * c_p * np.outer(t_k, t_k)
-                + cw * x2 * g2 * (np.outer(b_b, t_k) + np.outer(t_k, b_b))
+            bo_new = bo.next(
+                t,
+                g2 * g2,
+                (cw * cw * x2 * x2 * c_p * t_k, t_k),
+                (cw * x2 * g2 * b_b, t_k),
+                (cw * x2 * g2 * t_k, b_b),
             )
             nu, ag, bo = nu_new, ag_new, bo_new
             theta = x * x * (lb + lw * float(pk @ s2) + cw * float(pk @ p2) * theta) + g * g * theta
@@ -312,13 +357,12 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             out_t.append(theta)
             out_dh.append(float(eta.sum()))
             out_nu.append(float(nu.sum()))
-            out_a.append(float(ag.sum()))
-            out_b.append(float(bo.sum()))
-            out_dd.append(float(eh.sum(0) @ y**2))
+            out_a.append(ag(ones, ones))
+            out_b.append(bo(ones, ones))
+            out_dd.append(eh(ones, y2))
         b, d = b_new, d_new
         kk = ks[layer]
-        y2, y4 = y**2, y**4
-        out_v.append(float(y2 @ b @ y2))
+        out_v.append(b(y2, y2))
         out_d.append(float(d @ y2))
         out_k.append(float((d @ y4 - 6 * kk * (d @ y2)) / kk**2))
     kk = np.asarray(ks)
