@@ -10,6 +10,7 @@ import pytest
 
 import rgnn
 from tests.test_perturbative import _inputs, _intercept
+from tests.tiers import tiered
 from tests.tolerances import EXACT, MC_SIGMAS, tol
 
 
@@ -154,7 +155,9 @@ DNTK_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(DNTK_CASES))
+# relu-pointwise in the slow tier: the pointwise relu dNTK stays in the default run through
+# tests/test_full_fields.py's Monte Carlo check on three and four inputs
+@pytest.mark.parametrize("name", tiered(DNTK_CASES, ("relu-pointwise",)))
 def test_dntk_correlators_match_monte_carlo(name):
     """n_{l-1} E[dH z] over finite networks (dNTK by automatic differentiation: a
     Jacobian-vector product of the empirical NTK along the gradient of one output), extrapolated

@@ -13,6 +13,7 @@ import pytest
 
 import rgnn
 from tests.test_perturbative import _intercept
+from tests.tiers import tiered
 from tests.tolerances import EXACT, MC_SIGMAS, tol
 
 CASES = {  # config, kinks (relu: the pointwise derivative, which autodiff of a network gives)
@@ -295,7 +296,9 @@ MC_WIDTHS = (32, 64, 128)
 MC_NETWORKS = 512
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# tanh in the slow tier: relu (pointwise kink) and gelu (smooth, with the ddNTK) stay in the
+# default run, tanh's pair fields in tests/test_perturbative.py's
+@pytest.mark.parametrize("name", tiered(CASES, ("tanh",)))
 def test_four_index_fields_match_monte_carlo(name):
     """V, A, D, B, P and Q on three and four distinct inputs against Monte Carlo:
     ``measure(..., full=True, dntk=True)`` (the dNTK by automatic differentiation of the

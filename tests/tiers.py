@@ -1,0 +1,16 @@
+"""The two tiers of the suite.
+
+The default run (the README's test command) holds every exactness check and at least one Monte
+Carlo check of every statistic on each code path (exact polar integrals, quadrature, closed
+forms, the pointwise and distributional kink terms). The slow tier (``pytest -m slow``; CI runs
+it after the default run) holds the repeats of those Monte Carlo checks on further activations
+and phases, and the trained-network Monte Carlo checks across widths that take minutes: the
+same recursions, checked again. ``pytest -m ""`` runs both.
+"""
+
+import pytest
+
+
+def tiered(names, slow):
+    """``names`` as test parameters, those in ``slow`` marked for the slow tier."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
