@@ -224,16 +224,15 @@ def test_full_vertex_of_deep_linear_network_is_exact(x64):
     )
 
 
-@pytest.mark.parametrize("name", ["relu"])
-def test_full_vertex_agrees_with_pairs_and_monte_carlo(x64, name):
-    """On 4 inputs: every component on two of them equals the all-pairs vertex of
-    :func:`rgnn.perturbative` (exact for relu, quadrature-level for tanh), and the component on
-    four different inputs, V_(01)(23) / n = Cov(G_01, G_23), agrees with Monte Carlo within
-    MC_SIGMAS standard errors plus the O(1/n^2) term (bounded by depth/width times the
-    prediction) and the quadrature error."""
-    x = _inputs(4)
-    width, depth = 256, 2
-    arch = rgnn.MLP(depth, width, name, weight_var=2.0 if name == "relu" else 1.0)
+def _vertex_case():
+    """relu, depth 2, width 256, on 4 inputs: ``(arch, x)``."""
+    return rgnn.MLP(2, 256, "relu", weight_var=2.0), _inputs(4)
+
+
+def test_full_vertex_agrees_with_pairs(x64):
+    """On 4 inputs: every component of :func:`rgnn.vertex` on two of them equals the all-pairs
+    vertex of :func:`rgnn.perturbative` (exact for relu)."""
+    arch, x = _vertex_case()
     fpv = rgnn.vertex(arch, x)
     p = rgnn.perturbative(arch, x, ntk=False)
     scale = float(np.max(np.abs(p.vertex)))
@@ -247,6 +246,16 @@ def test_full_vertex_agrees_with_pairs_and_monte_carlo(x64, name):
                     np.testing.assert_allclose(
                         fpv.vertex[:, p1, p2, q1, q2], p.vertex[:, a, b, i, j], rtol=tol, atol=tol
                     )
+
+
+@pytest.mark.slow  # V on four distinct inputs: in the default run via tests/test_full_fields.py
+def test_full_vertex_on_four_distinct_inputs_matches_monte_carlo(x64):
+    """The component of :func:`rgnn.vertex` on four different inputs, V_(01)(23) / n =
+    Cov(G_01, G_23), agrees with Monte Carlo at one width within MC_SIGMAS standard errors plus
+    the O(1/n^2) term (bounded by depth/width times the prediction) and the quadrature error."""
+    arch, x = _vertex_case()
+    width, depth = arch.widths[-1], arch.depth
+    fpv = rgnn.vertex(arch, x)
     ens = rgnn.ensemble(arch, x.shape[1], n_networks=4000, key=jax.random.key(3))
     g = np.asarray(rgnn.empirical_nngp(ens, x))[:, -1]  # [M, N, N] output-layer metric
     u, v = g[:, 0, 1], g[:, 2, 3]
