@@ -1,6 +1,127 @@
 """The O(1/n) kernel side of a nonlinear residual MLP on several inputs (derived here).
 
-DOCSTRING-PLACEHOLDER
+Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
+breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
+(:mod:`rgnn._residual_single`, "Why the vertex alone does not close"): the correlation of two
+units is a general bilinear form ``B(f, g) = n Cov(f(z_i), g(z_k))``, ``i != k``, in two
+functions of one unit's preactivations. :mod:`rgnn._residual_single` carries it on a grid of
+``z`` for one input; on ``N`` inputs ``f`` is a function on ``R^N`` and no grid fits. But the
+recursion only ever evaluates ``B`` on a finite family of functions, and every term, unrolled,
+is a Gaussian moment of at most four variables. Everything below is derived here: PDLT's
+appendix on residual learning (appendix B, eq. B.1 and its kernel recursion) gives the
+leading-order kernels ``K' = gamma^2 K + xi^2 (C_b + C_W <s s>_K)`` only, and PDLT ch. 4
+(eq. 4.90 for the vertex, sec. 4.3 for the subleading kernel) the plain layer, to which this
+reduces.
+
+**The recursion on several inputs.** Notation: ``s = sigma``; ``u = (a, b)``, ``a <= b``, an
+unordered pair of inputs; ``q_u(z) = s(z_a) s(z_b)``; ``P_u = d_a d_b / (1 + delta_ab)`` (so
+that ``<P_u f>_K = d<f>_K / dK_u``, Price's theorem, ``K_u`` one variable per pair);
+``Sigma = C_0 + B`` with ``C_0(f, g) = <f g>_K - <f>_K <g>_K``; ``d(f) = n (E f(z_i) -
+<f>_K)``. Given layer ``l``, ``z'_i = gamma z_i + xi h_i``, ``h_i ~ N(0, G)`` independent over
+units, ``G_u = C_b + (C_W / n) sum_j q_u(z_j)``. With ``(T f)(z) = E f(gamma z + xi v)``,
+``v ~ N(0, Gbar)``, ``Gbar_u = C_b + C_W <q_u>_K``, and ``d/dG_u E f(gamma z + xi v) = xi^2
+E[(P_u f)(gamma z + xi v)]`` (Price), the conditional mean expands to second order in
+``delta G = G - Gbar``:
+
+.. math::
+
+    E[f(z'_i) | l] = (Tf)(z_i) + \\xi^2 \\sum_u (T P_u f)(z_i)\\, \\delta G_u
+      + \\tfrac12 \\xi^4 \\sum_{uv} (T P_u P_v f)(z_i)\\, \\delta G_u \\delta G_v ,
+
+and ``n Cov(F(z_i), G_u) = C_W Sigma(F, q_u)`` (the unit itself through ``C_0``, the ``n - 1``
+others through ``B``), ``n Cov(G_u, G_v) = C_W^2 Sigma(q_u, q_v)``, ``E delta G_u = C_W
+d(q_u) / n``; two different units are independent given layer ``l``. Hence, with
+``a_u(f) = xi^2 <P_u f>_{K'}`` (``T`` carries ``N(0, K)`` to ``N(0, K')``),
+
+.. math::
+
+    B'(f, g) &= B(Tf, Tg) + C_W \\sum_u \\big[a_u(g)\\, \\Sigma(Tf, q_u)
+        + a_u(f)\\, \\Sigma(q_u, Tg)\\big]
+        + C_W^2 \\sum_{uv} a_u(f) a_v(g)\\, \\Sigma(q_u, q_v), \\\\
+    d'(f) &= d(Tf) + C_W \\sum_u d(q_u)\\, a_u(f) + C_W \\xi^2 \\sum_u \\Sigma(T P_u f, q_u)
+        + \\tfrac12 C_W^2 \\xi^4 \\sum_{uv} \\langle P_u P_v f\\rangle_{K'} \\Sigma(q_u, q_v),
+
+:mod:`rgnn._residual_single`'s recursion with the pair index ``u`` (one input: ``P = d^2 / 2``,
+``a = <T_G f>``). The outputs: ``V_{(ab)(cd)} = B(z_a z_b, z_c z_d)``, ``n (E z_a z_b - K_ab)
+= d(z_a z_b)`` and the excess kurtosis ``(d(z_a^4) - 6 K_aa d(z_a^2)) / (n K_aa^2)``. A
+statistic on the pair ``(a, b)`` involves only functions of ``(z_a, z_b)`` (``T``, ``P_u``
+and ``q_u``, ``u`` within the pair, keep them so), so the flow runs on every pair as a set of
+``m = 2`` inputs (one input: ``m = 1``), like the engine's pair layout.
+
+**Unrolled.** Let ``P_{l->r} f (z) = E[f(z^{(r)}) | z^{(l)} = z] = T_l T_{l+1} ... T_{r-1} f``
+along one unit's leading-order chain ``z^{(t+1)} = gamma_{t+1} z^{(t)} + xi_{t+1} v_{t+1}``
+(``v_{t+1} ~ N(0, Gbar^{(t+1)})`` independent). Since ``T_l P_{l+1->r} = P_{l->r}``,
+``P_u P_{l+1->r} phi = Gamma^2 P_{l+1->r} P_u phi`` with ``Gamma = Gamma_{l+1->r} =
+prod_{t=l+2}^{r} gamma_t`` (every coordinate is scaled alike) and ``<P_{l+1->r} phi>_{K^{(l+1)}}
+= <phi>_{K^{(r)}}``, every argument of ``B^{(l)}`` that the recursion reaches from the outputs
+is ``P_{l->r} phi`` with ``r >= l`` and ``phi`` in a fixed family of functions of one layer:
+``q_w``, ``P_u q_w`` and ``z_c z_d`` (and ``z_a^4`` in ``d``; ``P_u`` of ``z_c z_d`` is a
+constant, of ``z_a^4`` ``6 z_a^2``). Carry, for ``r, s >= l``,
+
+.. math::
+
+    W^{(l)}[r\\phi, s\\psi] = B^{(l)}(P_{l\\to r}\\phi, P_{l\\to s}\\psi), \\qquad
+    D^{(l)}[r\\phi] = d^{(l)}(P_{l\\to r}\\phi),
+
+zero on layer 1. With ``xi = xi_{l+1}``, ``alpha_u(r phi) = xi^2 Gamma_{l+1->r}^2
+d<phi>_{K^{(r)}} / dK_u`` and ``Sigma^{(l)}(r phi, q_u) = C_0^{(l)}(P_{l->r} phi, q_u) +
+W^{(l)}[r phi, l q_u]``:
+
+.. math::
+
+    W^{(l+1)}[r\\phi, s\\psi] &= W^{(l)}[r\\phi, s\\psi] + C_W \\sum_u \\big[
+        \\alpha_u(s\\psi)\\, \\Sigma^{(l)}(r\\phi, q_u) + \\alpha_u(r\\phi)\\,
+        \\Sigma^{(l)}(s\\psi, q_u)\\big]
+        + C_W^2 \\sum_{uv} \\alpha_u(r\\phi)\\, \\alpha_v(s\\psi)\\, \\Sigma^{(l)}(q_u, q_v), \\\\
+    D^{(l+1)}[r\\phi] &= D^{(l)}[r\\phi] + C_W \\sum_u D^{(l)}[l q_u]\\, \\alpha_u(r\\phi)
+        + C_W \\xi^2 \\Gamma^2 \\sum_u \\Sigma^{(l)}(r P_u\\phi, q_u)
+        + \\tfrac12 C_W^2 \\xi^4 \\Gamma^4 \\sum_{uv}
+          \\frac{\\partial^2 \\langle\\phi\\rangle_{K^{(r)}}}{\\partial K_u \\partial K_v}
+          \\Sigma^{(l)}(q_u, q_v),
+
+and the outputs of layer ``l`` are ``W^{(l)}[l z_a z_b, l z_c z_d]`` and ``D^{(l)}[l z_a z_b]``.
+The family has ``F = 2 nu + nu^2`` members per layer (``nu = m (m + 1) / 2``: 15 on a pair), so
+``W`` is ``[L+1, F, L+1, F]``, updated by one ``lax.scan`` over the layers.
+
+**The sources are cross-layer moments.** ``C_0^{(l)}(P_{l->r} phi, q_v) = E[phi(X) q_v(Y)] -
+<phi>_{K^{(r)}} <q_v>_{K^{(l)}}`` with ``Y = z^{(l)}`` and ``X = z^{(r)}`` two points of the
+same unit's chain: jointly Gaussian, ``Var Y = K^{(l)}``, ``Var X = K^{(r)}``,
+``Cov(X, Y) = Gamma_{l->r} K^{(l)}`` (each step multiplies the covariance with ``Y`` by
+``gamma`` and adds independent noise), i.e. ``X = Gamma Y + e``, ``e ~ N(0, S)``,
+``S = K^{(r)} - Gamma^2 K^{(l)}`` independent of ``Y``: at most ``2 m = 4`` Gaussian variables,
+the kind of moment of the engine's four-input rules. There are ``O(L^2)`` such ``(l, r)``
+tables per pair. They are evaluated as follows:
+
+* ``r = l`` (``X = Y``): the one- and two-input moments of :class:`rgnn.flow.moments.Moments`
+  (exact polar integrals for the scale-invariant class, whose ``sigma''`` is the distributional
+  delta function there);
+* ``r > l``: a tensor-product rule on the ``2 m`` standard normal variables of
+  ``Y = chol(K^{(l)}) y`` and ``e = chol(S) t`` (Gauss-Hermite; tanh's trapezoid rule of
+  :func:`rgnn.perturbative._multi_rules`). For a smooth activation ``P_u`` acts on ``phi``
+  directly (``sigma'``, ``sigma''``); for the scale-invariant class it is the Hermite weight
+  of Price's theorem on ``e``, ``E[d_e d_f F(X) | Y] = E[F(X) ((S^{-1} e)_e (S^{-1} e)_f -
+  S^{-1}_{ef}) | Y]``, ``S^{-1} e = chol(S)^{-T} t``, so no delta function is integrated. The
+  kinks still limit the rule to algebraic convergence (relu: about ``1e-4`` of the vertex at
+  20 nodes); :func:`rgnn.perturbative` reports the estimate in ``quadrature_error``;
+* ``phi = z_c z_d``: Stein's lemma twice, ``C_0 = Gamma^2 sum_{ef} K_ce K_df
+  <d_e d_f q_v>_{K^{(l)}}``;
+* ``d<phi> / dK_u`` and the second derivatives: the gradient and Hessian of the kernel map
+  ``<q_w>_K`` (automatic differentiation of the closed forms for the scale-invariant class, of
+  the one- and two-input trapezoid rules otherwise; ``P_u q_w``'s are its second and third),
+  ``d K_w / dK_u = delta_uw``, ``d<z_a^4> / dK_(aa) = 6 K_aa``.
+
+**Checks** (``tests/test_residual.py``). One input: :mod:`rgnn._residual_single`'s grid flow
+(relative ``1e-13`` for tanh and gelu, ``1e-5`` for relu at 64 nodes, the kinks). ``gamma = 0,
+xi = 1``: every ``Gamma_{l->r}`` with ``r > l`` vanishes, ``X`` and ``Y`` are independent and
+``alpha`` lives on ``r = l + 1`` only, so ``W^{(l+1)}[l+1 zz, l+1 zz] = C_W^2 xi^4 Sigma(q, q)``
+and ``B^{(l+1)}(q, q) = J Sigma J^T``: PDLT's ``V' = C_W^2 Cov4 + J V J^T`` and ``Delta' = J
+Delta + (1/2n) H : V``, the flow engine's plain rules (to rounding for relu, to quadrature for
+the others). A linear activation: the residual rules of :mod:`rgnn.flow.rules` (exact there,
+rounding). Monte Carlo over finite networks on several inputs (:mod:`tools.residual_monte_carlo`
+``--inputs``), where the rotation-symmetric rules are rejected.
+
+Not derived here: the NTK side (its mean shift, variance, ``A, B, D``) on several inputs, the
+dNTK, the full four-index layout.
 """
 
 from __future__ import annotations
@@ -179,7 +300,7 @@ def _cross_layer(act, ki, kr, g, x, w):
             + jnp.einsum("ed,fd,...dc->...efcd", eye, eye, t2)
         )
         pq = dd[..., iu[:, 0], iu[:, 1], :, :][..., iu[:, 0], iu[:, 1]]  # [Q, Q, u, w]
-        pq = pq * jnp.asarray(half)[:, None]
+        pq = pq * jnp.asarray(half)[None, None, :, None]
         allx = jnp.concatenate([qx, pq.reshape(pq.shape[:2] + (-1,))], -1)
         inner = jnp.einsum("ytf,t->yf", allx, wq)
     mom = jnp.einsum("yf,yv,y->fv", inner, qy, wq)  # [nu + nu nu, 1 + nu]
@@ -313,11 +434,16 @@ def _ordered(m, uidx, half):
     return out
 
 
+def set_kernels(k, sets):
+    """``[S, R, m, m]``: the kernels ``k [R, N, N]`` on every set of ``sets [S, m]``."""
+    return jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 1)
+
+
 @partial(jax.jit, static_argnames=("act",))
-def sets_flow(act, cw, gamma, xi, k, sets, rules, cross):
-    """:func:`set_flow` on every set of ``sets [S, m]`` (indices into the inputs of the
-    kernels ``k [R, N, N]``): ``V [R, S, m, m, m, m]``, ``DG [R, S, m, m]``, ``D4 [R, S, m]``."""
-    ks = jnp.moveaxis(jnp.moveaxis(k, 0, -1)[sets[:, :, None], sets[:, None, :]], -1, 1)
+def sets_flow(act, cw, gamma, xi, ks, rules, cross):
+    """:func:`set_flow` on every set's kernels ``ks [S, R, m, m]`` (:func:`set_kernels`; the
+    compilation depends on ``S``, not on the number of inputs): ``V [R, S, m, m, m, m]``,
+    ``DG [R, S, m, m]``, ``D4 [R, S, m]``."""
 
     def one(kk):
         return set_flow(act, cw, gamma, xi, kk, rules, cross)

@@ -1115,7 +1115,8 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         chunk = sets[start : start + _RESIDUAL_CHUNK]
         pad = _RESIDUAL_CHUNK - len(chunk)
         chunk = jnp.asarray(np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)]))
-        out = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, fp.nngp, chunk, rules, cross)
+        ks = rm.set_kernels(fp.nngp, chunk)
+        out = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, cross)
         outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in out])
         if start == 0:
             lo = rm.sets_flow(
@@ -1123,8 +1124,7 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
                 arch.weight_var,
                 gamma,
                 xi,
-                fp.nngp,
-                chunk,
+                ks,
                 rules,
                 other,
             )
