@@ -815,14 +815,19 @@ def perturbative(
         (``shortcut=...``): with ``activation="linear"`` the vertex, the kernel correction,
         the NTK mean shift, the NTK variance, ``A``, ``B``, ``D``, the dNTK ``P, Q``, the
         ddNTK ``R, S, T, U`` and their views are exact on any inputs (:mod:`rgnn.flow.rules`,
-        "Residual layers"); with a nonlinear activation the
-        vertex, the kernel correction, their views and the NTK mean shift ``ntk_correction``
-        are given on one input only (``x`` of shape ``[1, n_0]``, :mod:`rgnn._residual_single`:
-        a residual layer breaks the rotation symmetry among units, so the vertex alone does not
-        carry the two-unit correlations and the pair recursion does not close; more inputs, or
-        the dNTK, raise a ``ValueError``; the NTK side there is ``ntk``, ``ntk_correction``,
-        ``ntk_variance``, ``ntk_vertex`` (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex``
-        (``D = n Cov(z_i^2, H_kk)``) and ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``).
+        "Residual layers"); with a nonlinear activation a residual layer breaks the rotation
+        symmetry among units, so the vertex alone does not carry the two-unit correlations and
+        the pair rules do not close: on one input (``x`` of shape ``[1, n_0]``) the single-input
+        flow of :mod:`rgnn._residual_single` gives the vertex, the kernel correction, their
+        views and the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``, ``ntk_vertex``
+        (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex`` (``D = n Cov(z_i^2, H_kk)``) and
+        ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``); on several inputs the unrolled two-unit
+        flow of :mod:`rgnn._residual_multi` gives the kernel side only (``vertex``,
+        ``nngp_correction``, ``nngp_variance``, ``kurtosis`` (the excess kurtosis of one unit,
+        ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) in the pair layout, its cross-layer
+        moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error in
+        ``quadrature_error``), and leaves the NTK fields ``None`` (not derived there);
+        ``full=True`` and the dNTK raise a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what

@@ -708,8 +708,8 @@ def test_coupling_plot_with_shortcuts(tmp_path):
 
 def test_compare_on_a_residual_ensemble(x64):
     """compare: the metric-based kurtosis/variance are NaN on residual hidden layers and finite
-    on the plain output layer; predictions exist for a linear residual MLP (exact flow) and
-    are NaN for a nonlinear one on several inputs (rgnn.perturbative is one-input there)."""
+    on the plain output layer; predictions exist for a linear residual MLP (exact flow) and for
+    a nonlinear one (the several-input kernel side of rgnn._residual_multi)."""
     x, y = rgnn.data.teacher_student(6, 4, seed=1)
     for act in ("relu", "linear"):
         arch = rgnn.MLP(3, 16, act, weight_var=1.0, shortcut=0.7, branch=0.5)
@@ -720,7 +720,7 @@ def test_compare_on_a_residual_ensemble(x64):
         kurt = np.asarray(cmp.kurtosis)
         assert np.all(np.isnan(kurt[1:-1])) and np.all(np.isfinite(kurt[-1]))
         pred = np.asarray(cmp.kurtosis_predicted)
-        assert np.all(np.isfinite(pred)) if act == "linear" else np.all(np.isnan(pred))
+        assert np.all(np.isfinite(pred))
 
 
 def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(x64):
@@ -894,3 +894,17 @@ def test_monte_carlo_several_inputs_across_widths(x64, activation):
                 chi2[label] += float(np.sum(z[1:] ** 2))
     if activation == "relu":
         assert chi2["flow"] < chi2["rotation"], chi2
+
+
+def test_several_input_path_keeps_the_dtype_and_one_compilation():
+    """float32 inputs give float32 fields (dtype follows the input), and another number of
+    inputs reuses the compiled several-input flow (its sets come in fixed chunks)."""
+    from rgnn import _residual_multi as rm
+
+    arch = rgnn.MLP(2, 16, "relu", weight_var=2.0, bias_var=0.1, shortcut=0.8, branch=0.6)
+    p = rgnn.perturbative(arch, _inputs(2).astype(np.float32), warn=False)
+    assert p.vertex.dtype == jnp.float32 and p.kurtosis.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(p.vertex)))
+    size = rm.sets_flow._cache_size()
+    rgnn.perturbative(arch, _inputs(4).astype(np.float32), warn=False)
+    assert rm.sets_flow._cache_size() == size
