@@ -175,9 +175,7 @@ def main() -> None:
                 for width in args.widths:
                     arch = _arch(act, args.depth, width, gamma, xi, 3 if linear else 2)
                     if pred is None:
-                        pred = rgnn.perturbative(
-                            arch, x, ntk=ntk, ddntk=linear and ntk, warn=False
-                        )
+                        pred = rgnn.perturbative(arch, x, ntk=ntk, ddntk=linear and ntk, warn=False)
                     m = rgnn.measure(
                         arch,
                         x,
