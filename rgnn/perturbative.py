@@ -1150,16 +1150,25 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         quadrature_order=RESIDUAL_NODES,
         quadrature_error=err + fp_err,
     )
-    # the excess kurtosis of one unit, (d(z^4) - 6 K d(z^2)) / (n K^2), from the first pair
-    # holding each input (the same in every pair up to the rule's error)
+    # the excess kurtosis of one unit, (d(z^4) - 6 K d(z^2)) / (n K^2): the mean over the pairs
+    # holding each input (the same in each up to the rule's error), ignoring NaN (a parallel
+    # pair), as the pair layout's single-input entries
     own = np.array(
-        [next((i, s) for i, p in enumerate(sets) for s in (0, 1) if p[s] == a) for a in range(n)]
+        [[(i, s) for i, p in enumerate(sets) for s in (0, 1) if p[s] == a] for a in range(n)]
     )
     kd = jnp.diagonal(fp.nngp, axis1=1, axis2=2)  # [L+1, N]
-    d4_a = d4[:, own[:, 0], own[:, 1]]
-    d2_a = dg[:, own[:, 0], own[:, 1], own[:, 1]]
-    kurt = (d4_a - 6 * kd * d2_a) / kd**2 * inv_n[:, None]
+    d4_a = d4[:, own[..., 0], own[..., 1]]  # [L+1, N, N - 1]
+    d2_a = dg[:, own[..., 0], own[..., 1], own[..., 1]]
+    kurt = jnp.nanmean(d4_a - 6 * kd[..., None] * d2_a, axis=2) / kd**2 * inv_n[:, None]
     result = dataclasses.replace(result, kurtosis=kurt.astype(dtype))
+    bad = np.isnan(np.asarray(result.vertex)).any(axis=(0, 3, 4))
+    if bad.any():
+        warnings.warn(
+            f"{int(np.triu(bad, 1).sum())} pair(s) of inputs are exactly parallel on some layer "
+            "(a singular pair kernel): their cross-layer moments and pair components are NaN; "
+            "remove duplicate inputs",
+            stacklevel=3,
+        )
     if warn:
         depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
         if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
