@@ -289,23 +289,30 @@ def _cross_layer(act, ki, kr, g, x, w):
         # a smooth activation: the derivatives themselves (no Hermite weight, whose
         # cancellations grow with the condition number of S)
         d0, d1, d2 = _derivatives(act, xx)  # [Q, Q, m] each
-        eye = jnp.eye(m, dtype=ki.dtype)
-        qx = d0[..., iu[:, 0]] * d0[..., iu[:, 1]]
-        t2 = d2[..., :, None] * d0[..., None, :]  # s''_c s_d
-        t11 = d1[..., :, None] * d1[..., None, :]
-        dd = (
-            jnp.einsum("ec,fc,...cd->...efcd", eye, eye, t2)
-            + jnp.einsum("ec,fd,...cd->...efcd", eye, eye, t11)
-            + jnp.einsum("ed,fc,...cd->...efcd", eye, eye, t11)
-            + jnp.einsum("ed,fd,...dc->...efcd", eye, eye, t2)
-        )
-        pq = dd[..., iu[:, 0], iu[:, 1], :, :][..., iu[:, 0], iu[:, 1]]  # [Q, Q, u, w]
-        pq = pq * jnp.asarray(half)[None, None, :, None]
-        allx = jnp.concatenate([qx, pq.reshape(pq.shape[:2] + (-1,))], -1)
-        inner = jnp.einsum("ytf,t->yf", allx, wq)
+        cols = [d0[..., c] * d0[..., d] for c, d in units]
+        for e, f in units:  # P_(ef) (s_c s_d) (static cases, no array of all index tuples)
+            for c, d in units:
+                cols.append(_second(d0, d1, d2, e, f, c, d) * (0.5 if e == f else 1.0))
+        # each column integrated over t as it is formed (fused; no [Q, Q, F] array)
+        inner = jnp.stack([flow_moments._weighted_sum(col, wq) for col in cols], -1)
     mom = jnp.einsum("yf,yv,y->fv", inner, qy, wq)  # [nu + nu nu, 1 + nu]
     ey = qy.T @ wq  # [1 + nu]
     return mom[:, 1:] - mom[:, :1] * ey[None, 1:]
+
+
+def _second(d0, d1, d2, e, f, c, d):
+    """``d_e d_f (s(z_c) s(z_d))`` from the derivative arrays ``d0, d1, d2 [..., m]``."""
+    if c == d:  # (s^2)'' on one input
+        if e == f == c:
+            return 2 * (d1[..., c] ** 2 + d0[..., c] * d2[..., c])
+        return jnp.zeros_like(d0[..., c])
+    out = jnp.zeros_like(d0[..., c])
+    for a, b in ((c, d), (d, c)):  # a carries both derivatives, or one each
+        if e == f == a:
+            out = out + d2[..., a] * d0[..., b]
+    if {e, f} == {c, d}:
+        out = out + d1[..., c] * d1[..., d]
+    return out
 
 
 def _derivatives(act, z):
