@@ -674,9 +674,9 @@ def compare(
             loss_kind=loss_kind,
             batch_size=batch_size,
         )
-    # a nonlinear residual MLP has no O(1/n) prediction (rgnn.perturbative says why); a model
-    # has no 1/n rules at all
-    predictable = isinstance(arch, MLP) and (not arch.is_residual or arch.act.name == "linear")
+    # a model has no 1/n rules at all (a residual MLP has its kernel side on several inputs:
+    # rgnn.perturbative)
+    predictable = isinstance(arch, MLP)
     if perturbative and nngp.shape[1] >= 2 and predictable:
         kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order)
     else:

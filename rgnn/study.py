@@ -513,7 +513,7 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
     deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
     the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`), for a
-    residual MLP with a nonlinear activation on more than one input (its 1/n statistics are
+    residual MLP with a nonlinear activation on more than one input (its NTK statistics are
     derived on one input only; a linear one has them on any inputs: :func:`rgnn.perturbative`),
     or without ``predict``; ``predicted_se`` is the prediction's quadrature error."""
     d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]

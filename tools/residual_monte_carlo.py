@@ -8,8 +8,9 @@ error, compared with ``rgnn.perturbative``, with the NTK side too (``ntk_vertex`
 leaves it out): on three inputs for the linear activation, with the dNTK correlators ``dntk_p``
 P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as well (three
 outputs, so that these are defined on the output layer; entries that vanish in every network,
-such as R on layer 2, are skipped); on one input for the nonlinear ones (where
-``rgnn.perturbative`` is restricted; two outputs, for B on the output layer). Prints one line
+such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` inputs (default
+one, where the NTK side is derived too; two outputs, for B on the output layer; on two or three
+inputs the kernel side only, every pair component: :mod:`rgnn._residual_multi`). Prints one line
 per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
 median SE relative to the largest predicted entry, and whether every entry is within
 ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
@@ -22,6 +23,7 @@ fit; it prints the intercepts, their SE, ``z`` against the prediction and ``z`` 
 answer of the rotation-symmetric rules for relu).
 
     PYTHONPATH=. python tools/residual_monte_carlo.py --networks 1024
+    PYTHONPATH=. python tools/residual_monte_carlo.py --inputs 3 --activations relu tanh gelu
 
 Uses only the public API.
 """
@@ -138,6 +140,13 @@ def main() -> None:
     ap.add_argument(
         "--no-ntk", dest="ntk", action="store_false", help="the kernel side only (V, DG, kurtosis)"
     )
+    ap.add_argument(
+        "--inputs",
+        type=int,
+        default=1,
+        choices=(1, 2, 3),
+        help="inputs of the nonlinear activations (more than one: the kernel side only)",
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     x3 = rng.normal(size=(3, 6))
@@ -145,8 +154,9 @@ def main() -> None:
     x3 *= np.array([0.8, 1.0, 1.2])[:, None]
     with jax.enable_x64(True):
         for act in args.activations:
-            # a nonlinear residual MLP has its O(1/n) flow on one input only (rgnn.perturbative)
-            x = x3 if act == "linear" else x3[1:2]
+            # a nonlinear residual MLP: the NTK side on one input only (rgnn.perturbative)
+            x = x3 if act == "linear" else (x3[1:2] if args.inputs == 1 else x3[: args.inputs])
+            ntk = args.ntk and (act == "linear" or args.inputs == 1)
             for label in args.settings:
                 if SETTINGS[label] is None:
                     gamma = tuple((0.9, -0.5)[k % 2] for k in range(args.depth - 1))
@@ -157,7 +167,7 @@ def main() -> None:
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
                 ntk_names = [k for k in NTK_FIELDS if linear or k not in DNTK]
-                if args.ntk:
+                if ntk:
                     names += ntk_names
                 rows = {name: [] for name in names}
                 ses = {name: [] for name in names}
@@ -165,17 +175,15 @@ def main() -> None:
                 for width in args.widths:
                     arch = _arch(act, args.depth, width, gamma, xi, 3 if linear else 2)
                     if pred is None:
-                        pred = rgnn.perturbative(
-                            arch, x, ntk=args.ntk, ddntk=linear and args.ntk, warn=False
-                        )
+                        pred = rgnn.perturbative(arch, x, ntk=ntk, ddntk=linear and ntk, warn=False)
                     m = rgnn.measure(
                         arch,
                         x,
                         n_networks=args.networks,
                         key=jax.random.key(args.seed + width),
-                        ntk=args.ntk,
-                        dntk=linear and args.ntk,
-                        ddntk=linear and args.ntk,
+                        ntk=ntk,
+                        dntk=linear and ntk,
+                        ddntk=linear and ntk,
                         vertex=True,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
@@ -187,7 +195,7 @@ def main() -> None:
                     ses["correction"].append(np.asarray(m.nngp_correction_se) * nn[:, None, None])
                     rows["kurtosis"].append(np.asarray(m.kurtosis) * nn[:, None])
                     ses["kurtosis"].append(np.asarray(m.kurtosis_se) * nn[:, None])
-                    for name in ntk_names if args.ntk else ():
+                    for name in ntk_names if ntk else ():
                         s = nn[:, None, None] if NTK_FIELDS[name] else 1.0
                         rows[name].append(np.asarray(getattr(m, name)) * s)
                         ses[name].append(np.asarray(getattr(m, name + "_se")) * s)
@@ -197,7 +205,7 @@ def main() -> None:
                     "correction": np.asarray(pred.nngp_correction) * nn0[:, None, None],
                     "kurtosis": np.asarray(pred.kurtosis) * nn0[:, None],
                 }
-                for name in ntk_names if args.ntk else ():
+                for name in ntk_names if ntk else ():
                     s = nn0[:, None, None] if NTK_FIELDS[name] else 1.0
                     preds[name] = np.asarray(getattr(pred, name)) * s
                 for field in rows:
@@ -216,7 +224,7 @@ def main() -> None:
                         f"({time.time() - t0:.0f} s)",
                         flush=True,
                     )
-                    if not linear:  # one input: the per-layer numbers (layers 2..L+1)
+                    if not linear and x.shape[0] == 1:  # the per-layer numbers (layers 2..L+1)
                         full = preds[field][1:]
                         ones = (slice(None),) + (0,) * (full.ndim - 1)
                         ref1 = full[ones]
@@ -227,7 +235,7 @@ def main() -> None:
                             f"SE {np.round(s1, 4)} z {np.round((a1 - ref1) / s1, 2)}",
                             flush=True,
                         )
-                if not linear and args.mean_networks:
+                if not linear and args.mean_networks and x.shape[0] == 1:
                     _ntk_mean(act, gamma, xi, args, x)
 
 
