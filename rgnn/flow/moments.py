@@ -501,15 +501,20 @@ class Moments:
             val = val[np.asarray(which)]
         return jnp.einsum("nq,q->n", val, w)
 
-    def _derivs(self, z):
-        """``[sigma(z), sigma'(z), ..., sigma^(kmax)(z)]`` by one Taylor-mode pass (``jet``),
-        or by nested automatic differentiation where ``jet`` lacks a rule."""
+    def _derivs(self, z, order: int | None = None):
+        """``[sigma(z), sigma'(z), ..., sigma^(order)(z)]`` (``order`` defaults to ``kmax``) by
+        one Taylor-mode pass (``jet``), or by nested automatic differentiation where ``jet``
+        lacks a rule. A lower ``order`` gives the same leading derivatives (a Taylor
+        coefficient depends only on the lower ones) from a smaller traced program: the
+        ``jet`` of gelu to the fifth order is twice the size of the one to the third."""
+        order = self.kmax if order is None else order
         ones = jnp.ones_like(z)
+        terms = max(order, 1)
         try:
-            y0, ys = jet(self.act.fn, (z,), ((ones,) + (jnp.zeros_like(z),) * (self.kmax - 1),))
-            return [y0, *ys]
+            y0, ys = jet(self.act.fn, (z,), ((ones,) + (jnp.zeros_like(z),) * (terms - 1),))
+            return [y0, *ys][: order + 1]
         except Exception:  # noqa: BLE001 - a primitive without a jet rule: autodiff instead
-            return [f(z) for f in _derivatives(self.act.fn, self.kmax)]
+            return [f(z) for f in _derivatives(self.act.fn, order)]
 
     # scale-invariant closed forms -----------------------------------------
     def _canon(self, factors):
@@ -740,13 +745,13 @@ class Moments:
         if d == 3:
             pairs = [(i, j) for i in range(nb + 1) for j in range(i, nb + 1)]
 
-            def basis(z):
-                one = [jnp.ones_like(z)] + self._derivs(z)[:nb]
+            def basis(ders):
+                one = [jnp.ones_like(ders[0])] + ders
                 return jnp.stack([one[i] * one[j] for i, j in pairs])
         else:
 
-            def basis(z):
-                return jnp.stack(self._derivs(z)[:nb])
+            def basis(ders):
+                return jnp.stack(ders)
 
         def table(k):
             c = _cholesky(k)
@@ -755,6 +760,15 @@ class Moments:
             z3 = (
                 c[2, 0] * x[:, None, None] + c[2, 1] * x[None, :, None] + c[2, 2] * x[None, None, :]
             )
+            # the derivatives on the grids of the first three variables from one evaluation
+            # (one traced and compiled copy of sigma's Taylor expansion instead of three)
+            small = (z1, z2, z3)
+            cuts = np.cumsum([z.size for z in small])[:-1]
+            ders = self._derivs(jnp.concatenate([z.ravel() for z in small]), nb - 1)
+            b1, b2, b3 = (
+                basis([part.reshape(z.shape) for part in parts])
+                for z, parts in zip(small, zip(*(jnp.split(dv, cuts) for dv in ders)), strict=True)
+            )
             if d == 4:
                 z4 = (
                     c[3, 0] * x[:, None, None, None]
@@ -762,14 +776,14 @@ class Moments:
                     + c[3, 2] * x[None, None, :, None]
                     + c[3, 3] * x[None, None, None, :]
                 )
-                i4 = jnp.einsum("bijkl,l->bijk", basis(z4), w)
-                i3 = jnp.einsum("cijk,bijk,k->cbij", basis(z3), i4, w)
+                i4 = jnp.einsum("bijkl,l->bijk", basis(self._derivs(z4, nb - 1)), w)
+                i3 = jnp.einsum("cijk,bijk,k->cbij", b3, i4, w)
             else:
-                i3 = jnp.einsum("cijk,k->cij", basis(z3), w)
-            i2 = jnp.einsum("dij,...ij,j->d...i", basis(z2), i3, w)
-            return jnp.einsum("ei,...i,i->e...", basis(z1), i2, w)
+                i3 = jnp.einsum("cijk,k->cij", b3, w)
+            i2 = jnp.einsum("dij,...ij,j->d...i", b2, i3, w)
+            return jnp.einsum("ei,...i,i->e...", b1, i2, w)
 
-        out = jax.lax.map(table, ks, batch_size=16)
+        out = _map(table, ks, 16)
         self._cache[key] = out
         return out
 
@@ -858,11 +872,7 @@ def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bo
 
     def trap(n):
         x, w = gaussian.hermite_rule(n, dtype)
-        if shifted:
-            x = x + (x[1] - x[0]) / 2
-            w = jnp.exp(-0.5 * x * x)
-            w = w / jnp.sum(w)
-        return x, w
+        return _shift(x) if shifted else (x, w)
 
     return {
         "1": trap(order_single),
@@ -870,6 +880,16 @@ def rules(order: int, order_single: int, order_multi: int, dtype, *, shifted: bo
         "4": gaussian.hermite_rule(order_multi, dtype, rule="hermite"),
         "4lo": gaussian.hermite_rule(max(2, (2 * order_multi) // 3), dtype, rule="hermite"),
     }
+
+
+@jax.jit
+def _shift(x):
+    """The trapezoid rule ``x`` moved by half its spacing, with its Gaussian weights (one
+    compilation per node count, where the same operations run eagerly would compile one
+    program each)."""
+    x = x + (x[1] - x[0]) / 2
+    w = jnp.exp(-0.5 * x * x)
+    return x, w / jnp.sum(w)
 
 
 def _barrier(x, fence=None):
@@ -895,6 +915,19 @@ def _weighted_sum(f, w):
     fused with the products that feed it and never leaves XLA's own loops, and its rounding
     grows like ``log2`` of the number of nodes instead of linearly."""
     return sum_last(f * w.reshape((1,) * (f.ndim - 1) + w.shape))
+
+
+def _map(f, xs, batch: int):
+    """``lax.map(f, xs, batch_size=batch)`` with ``xs`` padded (by its first entry) to a
+    multiple of ``batch``: ``lax.map`` traces and compiles ``f`` a second time for the
+    remainder of a length that is not a multiple (a second copy of the three/four-input
+    tables' program); fewer than ``batch`` entries are one ``vmap`` as before."""
+    n = xs.shape[0]
+    pad = -n % batch
+    if n <= batch or not pad:
+        return jax.lax.map(f, xs, batch_size=batch)
+    xs = jnp.concatenate([xs, jnp.broadcast_to(xs[:1], (pad, *xs.shape[1:]))])
+    return jax.lax.map(f, xs, batch_size=batch)[:n]
 
 
 def _replace(ix: str, old: str, new: str) -> str:
