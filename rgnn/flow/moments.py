@@ -765,9 +765,9 @@ class Moments:
             small = (z1, z2, z3)
             cuts = np.cumsum([z.size for z in small])[:-1]
             ders = self._derivs(jnp.concatenate([z.ravel() for z in small]), nb - 1)
+            split = [jnp.split(dv, cuts) for dv in ders]  # [derivative][grid]
             b1, b2, b3 = (
-                basis([part.reshape(z.shape) for part in parts])
-                for z, parts in zip(small, zip(*(jnp.split(dv, cuts) for dv in ders)), strict=True)
+                basis([sp[i].reshape(z.shape) for sp in split]) for i, z in enumerate(small)
             )
             if d == 4:
                 z4 = (
