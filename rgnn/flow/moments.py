@@ -743,15 +743,18 @@ class Moments:
         x, w = self.rules[rule]
         ks = take(self.k, (subsets[:, :, None], subsets[:, None, :]))
         if d == 3:
-            pairs = [(i, j) for i in range(nb + 1) for j in range(i, nb + 1)]
+            # every product of at most two factors, as one gather-and-multiply of the stacked
+            # factors (a stack of the products was one kernel per product and grid)
+            ii, jj = np.array([(i, j) for i in range(nb + 1) for j in range(i, nb + 1)]).T
 
-            def basis(ders):
-                one = [jnp.ones_like(ders[0])] + ders
-                return jnp.stack([one[i] * one[j] for i, j in pairs])
+            def basis(z):
+                ders = jnp.stack(self._derivs(z, nb - 1))
+                one = jnp.concatenate([jnp.ones_like(ders[:1]), ders])
+                return take(one, (ii,)) * take(one, (jj,))
         else:
 
-            def basis(ders):
-                return jnp.stack(ders)
+            def basis(z):
+                return jnp.stack(self._derivs(z, nb - 1))
 
         def table(k):
             c = _cholesky(k)
@@ -760,14 +763,14 @@ class Moments:
             z3 = (
                 c[2, 0] * x[:, None, None] + c[2, 1] * x[None, :, None] + c[2, 2] * x[None, None, :]
             )
-            # the derivatives on the grids of the first three variables from one evaluation
-            # (one traced and compiled copy of sigma's Taylor expansion instead of three)
+            # the basis on the grids of the first three variables from one evaluation (one
+            # traced and compiled copy of sigma's Taylor expansion instead of three)
             small = (z1, z2, z3)
-            cuts = np.cumsum([z.size for z in small])[:-1]
-            ders = self._derivs(jnp.concatenate([z.ravel() for z in small]), nb - 1)
-            split = [jnp.split(dv, cuts) for dv in ders]  # [derivative][grid]
+            ends = np.cumsum([z.size for z in small])
+            flat = basis(jnp.concatenate([z.ravel() for z in small]))
             b1, b2, b3 = (
-                basis([sp[i].reshape(z.shape) for sp in split]) for i, z in enumerate(small)
+                flat[:, e - z.size : e].reshape(flat.shape[:1] + z.shape)
+                for z, e in zip(small, ends, strict=True)
             )
             if d == 4:
                 z4 = (
@@ -776,7 +779,7 @@ class Moments:
                     + c[3, 2] * x[None, None, :, None]
                     + c[3, 3] * x[None, None, None, :]
                 )
-                i4 = jnp.einsum("bijkl,l->bijk", basis(self._derivs(z4, nb - 1)), w)
+                i4 = jnp.einsum("bijkl,l->bijk", basis(z4), w)
                 i3 = jnp.einsum("cijk,bijk,k->cbij", b3, i4, w)
             else:
                 i3 = jnp.einsum("cijk,k->cij", b3, w)
