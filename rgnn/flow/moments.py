@@ -732,16 +732,20 @@ class Moments:
         is integrated separately, its ``sigma'''`` exists only pointwise)."""
         return 2 if self.homogeneous else min(4, self.kmax + 1)
 
-    def _multi_tables(self, d: int, subsets, rule: str = "4"):
-        """Basis tables on every ``d``-subset: ``[S, B, ..., B]`` with ``B`` the number of
-        basis products per variable (``d = 4``: one factor each; ``d = 3``: up to two factors
-        on each variable, the constant included)."""
-        key = ("tables", d, rule, len(subsets))
+    def _multi_tables(self, d: int, subsets, rule: str = "4", rows=None):
+        """Basis tables on every ``d``-subset (or on the subsets ``rows`` of them): ``[S, B,
+        ..., B]`` with ``B`` the number of basis products per variable (``d = 4``: one factor
+        each; ``d = 3``: up to two factors on each variable, the constant included)."""
+        key = ("tables", d, rule, len(subsets), None if rows is None else tuple(rows))
         if key in self._cache:
             return self._cache[key]
         nb = self._base()
         x, w = self.rules[rule]
-        ks = take(self.k, (subsets[:, :, None], subsets[:, None, :]))
+        ckey = ("cholesky", d, len(subsets))
+        if ckey not in self._cache:  # every subset's factor at once, shared by both rules
+            ks = take(self.k, (subsets[:, :, None], subsets[:, None, :]))
+            self._cache[ckey] = jax.vmap(_cholesky)(ks)
+        chol = self._cache[ckey] if rows is None else take(self._cache[ckey], (rows,))
         if d == 3:
             # every product of at most two factors, as one gather-and-multiply of the stacked
             # factors (a stack of the products was one kernel per product and grid)
@@ -756,8 +760,7 @@ class Moments:
             def basis(z):
                 return jnp.stack(self._derivs(z, nb - 1))
 
-        def table(k):
-            c = _cholesky(k)
+        def table(c):
             z1 = c[0, 0] * x
             z2 = c[1, 0] * x[:, None] + c[1, 1] * x[None, :]
             z3 = (
@@ -786,7 +789,7 @@ class Moments:
             i2 = jnp.einsum("dij,...ij,j->d...i", b2, i3, w)
             return jnp.einsum("ei,...i,i->e...", b1, i2, w)
 
-        out = _map(table, ks, 16)
+        out = _map(table, chol, 16)
         self._cache[key] = out
         return out
 
@@ -819,7 +822,7 @@ class Moments:
         # the error estimate on at most 16 subsets spread over the list (the rule's error
         # varies smoothly with the kernel; all of them would double the cost)
         sample = np.unique(np.linspace(0, len(subsets) - 1, min(16, len(subsets))).astype(int))
-        lo = self._multi_tables(d, subsets[sample], "4lo")
+        lo = self._multi_tables(d, subsets, "4lo", rows=sample)
         flat_lo = lo.reshape(lo.shape[0], -1)
         nbp = nb + 1
         pair_pos = {
