@@ -131,13 +131,27 @@ def _layout(m: int, n: int):
         offsets[d] = off
         pos[d] = {tuple(s): i for i, s in enumerate(sub)}
         off += len(sub) * len(_patterns(n, d))
-    pat_pos = {d: {tuple(p): i for i, p in enumerate(_patterns(n, d))} for d in subsets}
-    index = np.empty(m**n, np.int32)
-    for flat, t in enumerate(itertools.product(range(m), repeat=n)):
-        vals = sorted(set(t))
-        d = len(vals)
-        pat = tuple(vals.index(v) for v in t)
-        index[flat] = offsets[d] + pos[d][tuple(vals)] * len(_patterns(n, d)) + pat_pos[d][pat]
+    # every index tuple at once (a loop over the m^n tuples took 0.2 s at m = 16, n = 4):
+    # its distinct values in order, their count d, each slot's rank among them (the
+    # pattern), and the lexicographic positions of the subset and the pattern, found by
+    # searching their base-m / base-d codes in the (lexicographically sorted) lists
+    t = np.indices((m,) * n).reshape(n, -1).T  # [m^n, n], row-major order
+    srt = np.sort(t, axis=1)
+    new = np.ones_like(srt, dtype=bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    dist = new.sum(axis=1)
+    pat = (new[:, None, :] & (srt[:, None, :] < t[:, :, None])).sum(axis=2)  # [m^n, n]
+    index = np.empty(m**n, np.int64)
+    for d, sub in subsets.items():
+        rows = np.flatnonzero(dist == d)
+        vals = srt[rows][new[rows]].reshape(-1, d)
+        weights_m = m ** np.arange(d - 1, -1, -1)
+        sub_pos = np.searchsorted(sub.astype(np.int64) @ weights_m, vals @ weights_m)
+        pats = _patterns(n, d).astype(np.int64)
+        weights_d = d ** np.arange(n - 1, -1, -1)
+        pat_pos = np.searchsorted(pats @ weights_d, pat[rows] @ weights_d)
+        index[rows] = offsets[d] + sub_pos * len(pats) + pat_pos
+    index = index.astype(np.int32)
     return subsets, index
 
 
