@@ -761,14 +761,14 @@ class Moments:
             self._cache[ckey] = jax.vmap(_cholesky)(ks)
         chol = self._cache[ckey] if rows is None else take(self._cache[ckey], (rows,))
         if d == 3:
-            # every product of at most two factors, as one gather-and-multiply of the stacked
-            # factors (a stack of the products was one kernel per product and grid)
-            ii, jj = np.array([(i, j) for i in range(nb + 1) for j in range(i, nb + 1)]).T
+            # every product of at most two factors, ``one[i] * one[j]`` for ``i <= j`` in
+            # row-major order, as one product of each factor with the factors after it (a
+            # stack of the single products was one kernel per product and grid; a gather of
+            # the pairs compiled a little faster but ran 6% slower)
 
             def basis(z):
-                ders = jnp.stack(self._derivs(z, nb - 1))
-                one = jnp.concatenate([jnp.ones_like(ders[:1]), ders])
-                return take(one, (ii,)) * take(one, (jj,))
+                one = jnp.stack([jnp.ones_like(z)] + self._derivs(z, nb - 1))
+                return jnp.concatenate([one[i] * one[i:] for i in range(nb + 1)])
         else:
 
             def basis(z):
