@@ -768,7 +768,7 @@ class Moments:
 
             def basis(z):
                 one = jnp.stack([jnp.ones_like(z)] + self._derivs(z, nb - 1))
-                return jnp.concatenate([one[i] * one[i:] for i in range(nb + 1)])
+                return jnp.concatenate([one[i : i + 1] * one[i:] for i in range(nb + 1)])
         else:
 
             def basis(z):
