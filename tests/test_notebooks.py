@@ -8,6 +8,10 @@ notebook writes lands in the repository. A cell that raises fails the test. The 
 ``python3``: ipykernel's native kernel, which jupyter_client launches with the interpreter
 running the tests (``sys.executable``), so it needs no kernel spec installed under ``HOME``.
 
+Executing them is in the slow tier (``pytest -m slow``, run by CI after the README's test
+command): together they cost about as much CPU as the rest of the suite's largest file. The
+checks that they are stored without outputs run in the default tier.
+
 The selected notebooks are started together, as many at a time as there are CPU cores (each
 kernel spends most of its time in single-threaded XLA compilation), and each test waits for its
 own notebook.
@@ -70,6 +74,7 @@ def notebook_runs(request, tmp_path_factory):
         yield {p: pool.submit(_execute, p, tmp_path_factory.mktemp(p.stem)) for p in selected}
 
 
+@pytest.mark.slow  # a documentation check, in the slow tier (tests/tiers.py), which CI runs
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, notebook_runs):
     """The notebook runs top to bottom with small settings."""

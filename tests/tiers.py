@@ -4,8 +4,9 @@ The default run (the README's test command) holds every exactness check and at l
 Carlo check of every statistic on each code path (exact polar integrals, quadrature, closed
 forms, the pointwise and distributional kink terms). The slow tier (``pytest -m slow``; CI runs
 it after the default run) holds the repeats of those Monte Carlo checks on further activations
-and phases, and the trained-network Monte Carlo checks across widths that take minutes: the
-same recursions, checked again. ``pytest -m ""`` runs both.
+and phases, the trained-network Monte Carlo checks across widths that take minutes (the same
+recursions, checked again), and the notebooks' execution (a documentation check).
+``pytest -m ""`` runs both.
 """
 
 import pytest
