@@ -945,16 +945,7 @@ def perturbative(
             stacklevel=2,
         )
     if warn:
-        depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
-        if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
-            worst = float(jnp.max(result.coupling))
-            warnings.warn(
-                f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > "
-                f"{TRUST_DEPTH_OVER_WIDTH}: the O(1/n) description is not trustworthy here "
-                f"(largest quartic coupling V/(n K^2) = {worst:.3g}); O(1/n^2) terms are "
-                "comparable",
-                stacklevel=2,
-            )
+        _warn_depth_over_width(arch, result, stacklevel=3)
         if full:  # the pair layout's one/two-input rules: quadrature_error, no warning
             nodes = _multi_order(x.shape[0], quadrature_order, quadrature_order_multi)
             _warn_quadrature(result, multi_err, nodes, stacklevel=3)
@@ -1060,14 +1051,23 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False
             ntk_b=arr(np.stack([fine.ntk_b, fine.ntk_b], axis=-1), (-1, 1, 1, 2)),
         )
     if warn:
-        depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
-        if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
-            warnings.warn(
-                f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > "
-                f"{TRUST_DEPTH_OVER_WIDTH}: the O(1/n) description is not trustworthy here",
-                stacklevel=3,
-            )
+        _warn_depth_over_width(arch, result, stacklevel=4)
     return result
+
+
+def _warn_depth_over_width(arch, result, *, stacklevel: int) -> None:
+    """Warn when depth/width = sum_l 1/n_l exceeds :data:`TRUST_DEPTH_OVER_WIDTH`, naming the
+    largest quartic coupling of ``result`` (a :class:`Perturbative`)."""
+    depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
+    if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
+        worst = float(jnp.nanmax(result.coupling))
+        warnings.warn(
+            f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > "
+            f"{TRUST_DEPTH_OVER_WIDTH}: the O(1/n) description is not trustworthy here "
+            f"(largest quartic coupling V/(n K^2) = {worst:.3g}); O(1/n^2) terms are "
+            "comparable",
+            stacklevel=stacklevel,
+        )
 
 
 RESIDUAL_NODES = 20
@@ -1170,13 +1170,7 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
             stacklevel=3,
         )
     if warn:
-        depth_over_width = float(np.sum(1 / np.asarray(arch.widths, float)))
-        if depth_over_width > TRUST_DEPTH_OVER_WIDTH:
-            warnings.warn(
-                f"depth/width = sum_l 1/n_l = {depth_over_width:.3g} > "
-                f"{TRUST_DEPTH_OVER_WIDTH}: the O(1/n) description is not trustworthy here",
-                stacklevel=3,
-            )
+        _warn_depth_over_width(arch, result, stacklevel=4)
     return result
 
 
