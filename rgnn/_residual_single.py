@@ -133,6 +133,65 @@ linear activation gives the residual rules of :mod:`rgnn.flow.rules`, where the 
 symmetry makes ``n Var(H_ii) = A + 2 B`` too (tests, to roundoff); the nonlinear residual
 recursions are checked by Monte Carlo (:mod:`tools.residual_monte_carlo`). At a kink the
 one-unit averages ``<p^2>`` and ``<y^2>`` take the mean of the one-sided limits, like ``p``.
+
+dNTK (derived here; PDLT ch. 11 has the plain recursions for ``P, Q``, written in
+:mod:`rgnn.flow.rules` with the Hessian-form dNTK ``dH^_{a;bc} = Hess(z_a)[g_b, g_c]``, ``g``
+the learning-rate-weighted gradients; for a linear activation the residual rules are there
+too). On one input ``dH_{i0 i1 i2} = dH^_{i1;i0 i2} + dH^_{i2;i0 i1}``, so with ``a != b``
+PDLT's ``P = n E[dH_{abb} z_a] = 2 Qh(1, z)`` and ``Q = n E[dH_{aab} z_b] = Qh(1, z)
++ Ph(z, 1)``, where the flow carries two more bilinear forms (``a != b``):
+
+* ``Qh(f, g) = n E[dH^_{a;ab} f(z_a) g(z_b)]`` (the unit's Hessian along its own and another
+  unit's gradient; ``Qh = Q^ <f> <g'>`` for a plain layer, ``Q^`` the rules' ``QH``);
+* ``Ph(f, g) = n E[dH^_{a;bb} f(z_a) g(z_b)]`` (along another unit's gradient twice;
+  ``Ph = P^ <f'> <g>`` for a plain layer, ``P^`` the rules' ``PH``).
+
+What carries over from PDLT ch. 11: the Hessian of the new unit,
+``Hess(z'_a)[g'_c, g'_d] = (xi^2 lambda_W / n) [delta_{ca} sum_k e_k (M H)_{dk} + (c <-> d)]
++ xi sum_k W_ak [s''_k (M H)_{ck} (M H)_{dk} + s'_k sum_{mm'} M_cm M_dm' dH^_{k;mm'}]
++ gamma sum_{mm'} M_cm M_dm' dH^_{a;mm'}`` (``M = xi W s' + gamma``, the residual NTK's
+backward matrix; ``e = s s'``; ``(M H)_{ck} = sum_m M_cm H_mk``), averaged over the new
+weights (an odd number of entries of one row vanishes; Stein's lemma on the rows of ``a`` and
+``b`` turns ``E[W_ak f(z'_a) | l]`` into ``(C_W / n) xi s_k (T_1 f)(z_a)``), then over layer
+``l``: sums over one unit give Gaussian averages, over two the layer's ``F``, ``Bo``, ``Qh``,
+``Ph``; three-unit correlations, ``dH^_{a;aa}`` (whose means are ``O(1/n)``) times a further
+``O(1/sqrt n)`` factor, and the metric's fluctuation inside ``T`` are ``O(1/n^2)``. New
+because of the shortcut: (i) the unit's own lower Hessian ``gamma dH^_{a;..}`` enters, with
+``M_{aa} = gamma``, so ``Qh(Tf, Tg)``, ``Ph(Tf, Tg)`` propagate with ``gamma^3`` and, through
+one branch factor on the other unit's side, ``Qh(Tf, e)`` (``gamma^2 xi^2 C_W <T_1 g>``) and
+``Ph(Tf, p)`` (``gamma xi^2 C_W <Tg>``, ``p = s'^2``); (ii) the one-unit averages of PDLT
+become bilinear forms carried on the grid (``F`` and ``Bo`` of the NTK side,
+``Hf(u, v) = Theta <u v> + F(u, v)`` and ``Bf(u, v) = Theta^2 <u v> + Bo(u, v)``, the means of
+``(1/n) sum_{km} u_k v_m H_km`` and ``(1/n) sum_{km} u_k v_m H_km^2``), because the other
+unit's function ``g`` is smoothed by ``T`` instead of integrated. With the functionals
+``X(h) = lambda_W Hf(e, h) + C_W Theta Hf(s'' s', h) + C_W Qh(p, h)`` and
+``Y(h) = Ph(e, h) + Bf(s s'', h)``:
+
+.. math::
+
+    Qh'(f, g) &= \\gamma^3 Qh(Tf, Tg) + \\gamma^2 \\xi^2 C_W Qh(Tf, e) \\langle T_1 g\\rangle
+      + \\langle Tf\\rangle \\big[\\xi^2 \\gamma X(Tg)
+      + \\xi^4 C_W X(e) \\langle T_1 g\\rangle\\big], \\\\
+    Ph'(f, g) &= \\gamma^3 Ph(Tf, Tg) + \\gamma \\xi^2 C_W Ph(Tf, p) \\langle Tg\\rangle
+      + \\langle T_1 f\\rangle \\big[\\xi^2 \\gamma^2 C_W Y(Tg)
+      + \\xi^4 C_W^2 Y(p) \\langle Tg\\rangle\\big],
+
+both zero on layer 1 (``P^{(1)} = Q^{(1)} = 0``). The terms: ``lambda_W Hf(e, .)``
+pairs the layer's weight gradient ``(lambda_W / n) xi s_k`` of one unit with the other's
+backward path (PDLT's ``lambda_W C_W <s s' s' s> Theta``), ``Hf(s'' s', .)`` and
+``Bf(s s'', .)`` the branch's second derivative (PDLT's ``s''`` terms), ``Qh(p, .)``,
+``Ph(e, .)`` the lower layers' dNTK through the branch. A plain layer (``Tf = <f>``,
+``T_1 f = <f'>``) gives PDLT's ``Q^' = C_W X(e)``, ``P^' = C_W^2 Y(p)`` (tests: the flow
+engine's ``P, Q``, to roundoff for relu and gelu, to its quadrature for tanh); a linear
+activation gives the residual rules of :mod:`rgnn.flow.rules` (``Qh(1, z)`` grows by
+``chi^2 = (gamma^2 + xi^2 C_W)^2``, ``P^ = 0``; tests, to roundoff); Monte Carlo over finite
+networks checks the nonlinear residual ones (:mod:`tools.residual_monte_carlo`, ``--dntk``).
+Kinks: as the flow engine's ``kinks``. ``"pointwise"`` (what automatic differentiation of a
+relu network gives) has ``s'' = 0``; ``"distributional"`` has ``s'' = (1 - a) delta(z)``,
+so ``s'' s' = (1 - a^2)/2 delta`` (the limit of smooth activations, as the engine) held on
+the grid node at ``z = 0`` (weight ``1 / h``) and ``s s'' = 0``. On one input a plain relu
+layer's delta terms vanish (``e(0) = 0``, ``<z delta> = 0``), while a residual one's
+``F(s'' s', .)`` does not: there the two conventions differ.
 """
 
 from __future__ import annotations
@@ -163,6 +222,9 @@ class SingleInput:
       ntk_vertex: PDLT's ``A``, ``n Cov(H_ii, H_kk)``, ``i != k`` (``A(1, 1)``).
       mixed_vertex: PDLT's ``D``, ``n Cov(z_k^2, H_ii)``, ``i != k`` (``E(1, z^2)``).
       ntk_b: PDLT's ``B``, ``n E[H_ik^2]``, ``i != k`` (``Bo(1, 1)``).
+      dntk_p: PDLT's ``P``, ``n E[dH_{ikk} z_i]``, ``i != k`` (``2 Qh(1, z)``; ``None`` unless
+        ``single_input_flow(..., dntk=...)``; so is the next).
+      dntk_q: PDLT's ``Q``, ``n E[dH_{iik} z_k]``, ``i != k`` (``Qh(1, z) + Ph(z, 1)``).
     """
 
     nngp: np.ndarray
@@ -176,6 +238,8 @@ class SingleInput:
     ntk_vertex: np.ndarray | None = None
     mixed_vertex: np.ndarray | None = None
     ntk_b: np.ndarray | None = None
+    dntk_p: np.ndarray | None = None
+    dntk_q: np.ndarray | None = None
 
 
 class _Form:
@@ -213,12 +277,18 @@ class _Form:
         return _Form(np.concatenate(us, axis=1), np.concatenate(vs, axis=1))
 
 
-def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None):
+def single_input_flow(
+    arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None, dntk=None
+):
     """:class:`SingleInput` of ``arch`` for an input with layer-1 kernel ``k1`` (any activation;
     plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``.
     ``ntk``: ``None``, or ``(theta1, lambda_b, lambda_w)`` (the layer-1 NTK and the ``[L+1]``
     learning-rate scalings) to carry the NTK side as well ("NTK mean shift", "NTK variance"
-    above). The bilinear forms are carried as low-rank factors (:class:`_Form`)."""
+    above). ``dntk``: ``None``, or the kink mode (``"distributional"`` or ``"pointwise"``, as
+    :func:`rgnn.perturbative`'s ``kinks``) to carry the dNTK as well ("dNTK" above; needs
+    ``ntk``). The bilinear forms are carried as low-rank factors (:class:`_Form`)."""
+    if dntk is not None and ntk is None:
+        raise ValueError("dntk: the dNTK recursions need the NTK side; pass ntk=(...) as well")
     act = arch.act
     cw, cb = arch.weight_var, arch.effective_bias_var
     gamma, xi = arch.residual()
@@ -251,6 +321,21 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             p2 = np.mean([np.asarray(g_ * g_) for _, g_ in lims], axis=0)
             p4 = np.mean([np.asarray(g_**4) for _, g_ in lims], axis=0)
             ss = np.mean([np.asarray(act.fn(z_) * g_) for z_, g_ in lims], axis=0)
+        if dntk is not None:
+            with jax.enable_x64(True):
+                grad2 = jax.vmap(jax.grad(jax.grad(act.fn)))
+                sec = [(z_, g_, grad2(z_)) for z_, g_ in lims]
+                # s'' s' and s s'' (pointwise: automatic differentiation, zero off a smooth
+                # activation's support of s'')
+                s21 = np.mean([np.asarray(c_ * g_) for _, g_, c_ in sec], axis=0)
+                s20 = np.mean([np.asarray(act.fn(z_) * c_) for z_, _, c_ in sec], axis=0)
+            slope = act.negative_slope
+            if dntk == "distributional" and act.scale_invariant and slope not in (None, 1.0):
+                # s'' = (1 - a) delta(z): s'' s' = (1 - a^2) / 2 delta (the limit of smooth
+                # activations, as the flow engine), s s'' = 0; the delta on the node at 0
+                s21[n_grid // 2] += (1.0 - slope**2) / 2.0 / h
+            qh, ph = _Form.zero(n_grid), _Form.zero(n_grid)
+            out_p, out_q = [0.0], [0.0]
         eta, eh, fo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         nu, ag, bo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         out_t, out_dh = [float(theta)], [0.0]
@@ -351,6 +436,30 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
                 (cw * x2 * g2 * b_b, t_k),
                 (cw * x2 * g2 * t_k, b_b),
             )
+            if dntk is not None:
+                # the dNTK ("dNTK" above): xf the functional X, yf the functional Y
+                xf = (
+                    lw * (theta * pk * ss + fo.rmv(ss))
+                    + cw * theta * (theta * pk * s21 + fo.rmv(s21))
+                    + cw * qh.rmv(p2)
+                )
+                yf = ph.rmv(ss) + theta**2 * pk * s20 + bo.rmv(s20)
+                qh_new = qh.next(
+                    t,
+                    g * g2,
+                    (t_k, x2 * g * (t.T @ xf) + x2 * x2 * cw * float(xf @ ss) * t1_k),
+                    (g2 * x2 * cw * (t.T @ qh.mv(ss)), t1_k),
+                )
+                ph_new = ph.next(
+                    t,
+                    g * g2,
+                    (g * x2 * cw * (t.T @ ph.mv(p2)), t_k),
+                    (t1_k, x2 * g2 * cw * (t.T @ yf) + x2 * x2 * cw * cw * float(yf @ p2) * t_k),
+                )
+                qh, ph = qh_new, ph_new
+                q_hat, p_hat = qh(ones, y), ph(y, ones)
+                out_p.append(2.0 * q_hat)
+                out_q.append(q_hat + p_hat)
             nu, ag, bo = nu_new, ag_new, bo_new
             theta = x * x * (lb + lw * float(pk @ s2) + cw * float(pk @ p2) * theta) + g * g * theta
             eta, eh, fo = eta_new, eh_new, fo_new
@@ -377,4 +486,6 @@ def single_input_flow(arch: MLP, k1: float, *, points: int = 1201, span: float =
             mixed_vertex=np.asarray(out_dd),
             ntk_b=np.asarray(out_b),
         )
+        if dntk is not None:
+            extra.update(dntk_p=np.asarray(out_p), dntk_q=np.asarray(out_q))
     return SingleInput(kk, vv, np.asarray(out_d), np.asarray(out_k), vv / kk**2, **extra)

@@ -209,7 +209,8 @@ class Perturbative:
         ``E[dH_{i0 i1 i2; s0 s1 s2} z_{i3; s3}] = (d_{i0 i3} d_{i1 i2} P_{s0 s1 s2 s3}
         + d_{i0 i1} d_{i2 i3} Q_{s0 s1 s2 s3} + d_{i0 i2} d_{i1 i3} Q_{s0 s2 s1 s3}) / n_{l-1}``
         (not divided by the width). For ``a == b`` every component is the single-input value.
-        Derivation, recursions and the treatment of kinks: :mod:`rgnn.flow.rules`.
+        Derivation, recursions and the treatment of kinks: :mod:`rgnn.flow.rules` (a
+        nonlinear residual MLP, one input: :mod:`rgnn._residual_single`).
       ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` the means of PDLT's two
         ddNTKs (``None`` unless ``perturbative(..., ddntk=True)``), in the layout of
         ``dntk_p``: with ``ddI_{i0 i1 i2 i3} = D^3 z_{i0}[g_{i1}, g_{i2}, g_{i3}]`` and
@@ -819,15 +820,17 @@ def perturbative(
         symmetry among units, so the vertex alone does not carry the two-unit correlations and
         the pair rules do not close: on one input (``x`` of shape ``[1, n_0]``) the single-input
         flow of :mod:`rgnn._residual_single` gives the vertex, the kernel correction, their
-        views and the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``, ``ntk_vertex``
+        views, the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``, ``ntk_vertex``
         (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex`` (``D = n Cov(z_i^2, H_kk)``) and
-        ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``); on several inputs the unrolled two-unit
-        flow of :mod:`rgnn._residual_multi` gives the kernel side only (``vertex``,
+        ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``) and the dNTK ``dntk_p``, ``dntk_q``
+        (``kinks`` as for a plain MLP; the ddNTK raises a ``ValueError``); on several inputs
+        the unrolled two-unit flow of :mod:`rgnn._residual_multi` gives the kernel side only
+        (``vertex``,
         ``nngp_correction``, ``nngp_variance``, ``kurtosis`` (the excess kurtosis of one unit,
         ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) in the pair layout, its cross-layer
         moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error in
         ``quadrature_error``), and leaves the NTK fields ``None`` (not derived there);
-        ``full=True`` and the dNTK raise a ``ValueError``.
+        ``full=True``, the dNTK and the ddNTK raise a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -908,15 +911,24 @@ def perturbative(
             "correlation of each pair of inputs (rgnn._residual_multi), not from four-index "
             "tensors (exact in full for activation='linear')"
         )
-    if arch.is_residual and dntk and arch.act.name != "linear":
+    if arch.is_residual and ddntk and arch.act.name != "linear":
         raise ValueError(
-            "dntk: the dNTK and ddNTK statistics of a residual MLP (dntk_p/dntk_q (P, Q), "
-            "ddntk_r/s/t/u (R, S, T, U)) are derived for "
-            f"activation='linear' only, not for {arch.act.name!r}: a residual layer breaks the "
-            "rotation symmetry among units that lets the pair statistics carry every cross-unit "
-            "correlation of a nonlinear activation; pass dntk=ddntk=False"
+            "ddntk: the ddNTK means of a residual MLP (ddntk_r/s/t/u (R, S, T, U)) are derived "
+            f"for activation='linear' only, not for {arch.act.name!r}: a residual layer breaks "
+            "the rotation symmetry among units that lets the pair statistics carry every "
+            "cross-unit correlation of a nonlinear activation; pass ddntk=False (the dNTK P, Q "
+            "exists on one input)"
         )
     x = check_inputs(x, "x")
+    if arch.is_residual and dntk and arch.act.name != "linear" and x.shape[0] != 1:
+        raise ValueError(
+            "dntk: the dNTK correlators of a residual MLP with the nonlinear activation "
+            f"{arch.act.name!r} (dntk_p/dntk_q (P, Q)) are derived on one input only (x of "
+            f"shape [1, n_0], got {x.shape[0]} inputs): a residual layer breaks the rotation "
+            "symmetry among units, so the two-unit correlations are carried as bilinear forms "
+            "of one input's preactivation (rgnn._residual_single); activation='linear' has them "
+            "on any inputs; pass dntk=False"
+        )
     _check_memory(
         x.shape[0],
         arch.n_layers,
@@ -930,7 +942,7 @@ def perturbative(
     mode = kinks if dntk else None
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
-            return _run_residual_single(arch, x, quadrature_order, warn, ntk)
+            return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode)
         return _run_residual_multi(arch, x, quadrature_order, warn)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
@@ -983,12 +995,16 @@ def _warn_quadrature(result, multi_err: float, nodes: int, *, stacklevel: int) -
     )
 
 
-def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
+def _run_residual_single(
+    arch: MLP, x, order: int, warn: bool, ntk: bool = False, dntk: str | None = None
+) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on one input, from the single-input
     flow of :mod:`rgnn._residual_single` (NumPy grid; its ``quadrature_error`` is the relative
     change of every field between 1201 and 801 grid nodes, the kernel and NTK corrections'
     relative to the kernels they correct). ``ntk``: also the NTK, its mean shift, its variance
-    and ``A, B, D`` (one input: every pair component holds the single-input value)."""
+    and ``A, B, D`` (one input: every pair component holds the single-input value). ``dntk``:
+    ``None``, or the kink mode (``kinks``) of the dNTK correlators ``P, Q`` (their recursions
+    need the NTK side, which is computed then in any case and returned only with ``ntk``)."""
     from rgnn._residual_single import single_input_flow
 
     with warnings.catch_warnings():
@@ -996,15 +1012,18 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False
         fp = fixed_point(arch, x, quadrature_order=order)
     k1 = float(np.asarray(fp.nngp)[0, 0, 0])
     kw = {}
-    if ntk:
+    if ntk or dntk is not None:
         rec = arch.recursion(x.shape[1])
         kw["ntk"] = (float(np.asarray(fp.ntk)[0, 0, 0]), rec.lambda_b, rec.lambda_w)
+        kw["dntk"] = dntk
     fine = single_input_flow(arch, k1, **kw)
     coarse = single_input_flow(arch, k1, points=801, **kw)
     err = 0.0
     names = ("vertex", "nngp_correction", "kurtosis")
     if ntk:
         names += ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b")
+    if dntk is not None:
+        names += ("dntk_p", "dntk_q")
     for name in names:
         a, b = getattr(fine, name), getattr(coarse, name)
         # the corrections relative to the kernels they correct (they vanish for relu)
@@ -1050,6 +1069,12 @@ def _run_residual_single(arch: MLP, x, order: int, warn: bool, ntk: bool = False
             mixed_vertex=pair(fine.mixed_vertex),
             ntk_b=arr(np.stack([fine.ntk_b, fine.ntk_b], axis=-1), (-1, 1, 1, 2)),
         )
+    if dntk is not None:
+
+        def four(a):  # one input: every one of the 16 slot components is the single-input value
+            return arr(np.broadcast_to(a[:, None], (a.size, 16)), (-1, 1, 1, 2, 2, 2, 2))
+
+        result = dataclasses.replace(result, dntk_p=four(fine.dntk_p), dntk_q=four(fine.dntk_q))
     if warn:
         _warn_depth_over_width(arch, result, stacklevel=4)
     return result

@@ -184,14 +184,21 @@ def test_linear_residual_fixed_point_closed_form(x64):
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
-    with pytest.raises(ValueError, match=r"dntk: the dNTK and ddNTK statistics of a residual"):
-        rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True)
+    with pytest.raises(ValueError, match=r"dntk: the dNTK correlators of a residual MLP with"):
+        rgnn.perturbative(arch, _inputs(2), ntk=False, dntk=True)
     with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are derived for"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
-    # one input: the whole NTK side (no warning: warnings are errors here)
-    p = rgnn.perturbative(arch, _inputs(1), warn=False)
+    # one input: the whole NTK side and the dNTK (no warning: warnings are errors here)
+    p = rgnn.perturbative(arch, _inputs(1), dntk=True, warn=False)
     for name in ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
         assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
+    for name in ("dntk_p", "dntk_q"):
+        assert getattr(p, name).shape == (4, 1, 1, 2, 2, 2, 2), name
+        assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
+    # the dNTK alone: the NTK side is computed for it but not returned
+    q = rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True, warn=False)
+    assert q.ntk is None
+    np.testing.assert_array_equal(np.asarray(q.dntk_p), np.asarray(p.dntk_p))
     # several inputs: the kernel side only (rgnn._residual_multi)
     p = rgnn.perturbative(arch, _inputs(2), warn=False)
     assert np.all(np.isfinite(np.asarray(p.vertex)))
@@ -207,19 +214,20 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     three inputs (to roundoff: the residual program is compiled separately, so XLA may order
     its sums differently; shortcut=None runs the very same program as before), the nonlinear
     activations through the single-input flow of rgnn._residual_single (to the two
-    computations' estimated quadrature errors)."""
+    computations' estimated quadrature errors), the dNTK P, Q included."""
     linear = activation == "linear"
     x = _inputs(3 if linear else 1)
-    # the NTK side; linear: the dNTK and the ddNTK too
-    kw = dict(ntk=True, ddntk=linear)
+    # the NTK side and the dNTK; linear: the ddNTK too (relu: automatic differentiation's
+    # kink convention, which the single-input flow follows as the flow engine)
+    kw = dict(ntk=True, dntk=True, ddntk=linear, kinks="pointwise")
     plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, **kw)
     trivial = rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0)
     res = rgnn.perturbative(trivial, x, **kw)
     rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
     names = ["vertex", "nngp_variance", "kurtosis", "coupling"]
-    names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance"]
+    names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "dntk_p", "dntk_q"]
     if linear:
-        names += ["dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
+        names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
     for name in names:
         a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
@@ -434,8 +442,8 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
     """The single-input grid flow (rgnn._residual_single), which carries the whole two-unit
     correlation, run on a linear activation equals the residual rules of the flow engine (exact
     there by the units' rotation symmetry, and checked against the exact Wick recursion above)
-    on every field of one input, the NTK variance, A, B, D included, to roundoff: the grid
-    integrates polynomials times Gaussians exactly."""
+    on every field of one input, the NTK variance, A, B, D and the dNTK P, Q included, to
+    roundoff: the grid integrates polynomials times Gaussians exactly."""
     from rgnn._residual_single import single_input_flow
 
     arch = rgnn.MLP(
@@ -449,10 +457,10 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
         branch=branch,
     )
     x = _inputs(1)
-    p = rgnn.perturbative(arch, x, warn=False)
+    p = rgnn.perturbative(arch, x, dntk=True, warn=False)
     rec = arch.recursion(x.shape[1])
     ntk = (float(p.ntk[0, 0, 0]), rec.lambda_b, rec.lambda_w)
-    s = single_input_flow(arch, float(p.nngp[0, 0, 0]), points=401, ntk=ntk)
+    s = single_input_flow(arch, float(p.nngp[0, 0, 0]), points=401, ntk=ntk, dntk="pointwise")
     n = np.asarray(p.widths)
     t = tol(EXACT, jnp.float64)
     for name, ref in (
@@ -462,6 +470,8 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
         ("ntk_vertex", np.asarray(p.ntk_vertex)[:, 0, 0, 0, 0]),
         ("mixed_vertex", np.asarray(p.mixed_vertex)[:, 0, 0, 0, 0]),
         ("ntk_b", np.asarray(p.ntk_b)[:, 0, 0, 0]),
+        ("dntk_p", np.asarray(p.dntk_p)[:, 0, 0, 0, 0, 0, 0]),
+        ("dntk_q", np.asarray(p.dntk_q)[:, 0, 0, 0, 0, 0, 0]),
     ):
         got = getattr(s, name)
         np.testing.assert_allclose(
@@ -615,6 +625,38 @@ def test_monte_carlo_linear_residual_dntk_ddntk_across_widths(x64):
         np.testing.assert_allclose(pred[still], 0.0, atol=tol(EXACT, jnp.float64)["atol"])
         a, sa = _intercept(widths, y[:, ~still], se[:, ~still])
         z = np.abs(a - pred[~still]) / sa
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activation):
+    """The dNTK correlators P, Q of a nonlinear residual MLP on one input (the single-input
+    flow, rgnn._residual_single): rgnn.measure at widths 16/32/64 (512 networks each),
+    weighted fit a + b/n, intercepts within MC_SIGMAS fit standard errors of rgnn.perturbative
+    on layers 2..L+1 (relu in the pointwise kink convention: what automatic differentiation of
+    the networks gives). Widths 32/64/128 with 4096 networks and two residual settings:
+    tools/residual_monte_carlo.py --dntk."""
+    from tests.tolerances import MC_SIGMAS
+
+    widths = (16, 32, 64)
+    x = _inputs(1, 4)
+    cw = {"relu": 2.0, "gelu": 1.98, "tanh": 1.0}[activation]
+    names = ("dntk_p", "dntk_q")
+    ys, ses = {k: [] for k in names}, {k: [] for k in names}
+    for width in widths:
+        arch = rgnn.MLP(
+            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
+        )
+        m = rgnn.measure(arch, x, n_networks=512, key=jax.random.key(width), ntk=False, dntk=True)
+        for name in names:
+            ys[name].append(np.asarray(getattr(m, name))[:, 0, 0, 0, 0, 0, 0])
+            ses[name].append(np.asarray(getattr(m, name + "_se"))[:, 0, 0, 0, 0, 0, 0])
+    p = rgnn.perturbative(arch, x, ntk=False, dntk=True, kinks="pointwise", warn=False)
+    for name in names:
+        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
+        pred = np.asarray(getattr(p, name))[1:, 0, 0, 0, 0, 0, 0]
+        z = np.abs(a - pred) / sa
         assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
 
 

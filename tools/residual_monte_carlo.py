@@ -9,11 +9,12 @@ leaves it out): on three inputs for the linear activation, with the dNTK correla
 P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as well (three
 outputs, so that these are defined on the output layer; entries that vanish in every network,
 such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` inputs (default
-one, where the NTK side is derived too; two outputs, for B on the output layer; on two or three
-inputs the kernel side only, every pair component: :mod:`rgnn._residual_multi`). Prints one line
-per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
-median SE relative to the largest predicted entry, and whether every entry is within
-``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
+one, where the NTK side is derived too, and with ``--dntk`` the dNTK ``P, Q`` in the pointwise
+kink convention of automatic differentiation; two outputs, for B on the output layer; on two
+or three inputs the kernel side only, every pair component: :mod:`rgnn._residual_multi`).
+Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
+and entries, the median SE relative to the largest predicted entry, and whether every entry is
+within ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
 
 For the nonlinear activations it then checks the NTK mean shift of the single-input flow
 (``n x ntk_correction``): ``--mean-networks`` networks at widths ``--mean-widths``, the NTK of
@@ -24,6 +25,7 @@ answer of the rotation-symmetric rules for relu).
 
     PYTHONPATH=. python tools/residual_monte_carlo.py --networks 1024
     PYTHONPATH=. python tools/residual_monte_carlo.py --inputs 3 --activations relu tanh gelu
+    PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --activations relu tanh gelu
 
 Uses only the public API.
 """
@@ -141,6 +143,12 @@ def main() -> None:
         "--no-ntk", dest="ntk", action="store_false", help="the kernel side only (V, DG, kurtosis)"
     )
     ap.add_argument(
+        "--dntk",
+        action="store_true",
+        help="nonlinear activations on one input: the dNTK correlators P, Q as well (the "
+        "pointwise kink convention: what automatic differentiation of the networks gives)",
+    )
+    ap.add_argument(
         "--inputs",
         type=int,
         default=1,
@@ -166,7 +174,10 @@ def main() -> None:
                 t0 = time.time()
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
-                ntk_names = [k for k in NTK_FIELDS if linear or k not in DNTK]
+                dntk = ntk and not linear and args.dntk and x.shape[0] == 1
+                ntk_names = [
+                    k for k in NTK_FIELDS if linear or k not in DNTK or (dntk and k in DNTK[:2])
+                ]
                 if ntk:
                     names += ntk_names
                 rows = {name: [] for name in names}
@@ -175,14 +186,22 @@ def main() -> None:
                 for width in args.widths:
                     arch = _arch(act, args.depth, width, gamma, xi, 3 if linear else 2)
                     if pred is None:
-                        pred = rgnn.perturbative(arch, x, ntk=ntk, ddntk=linear and ntk, warn=False)
+                        pred = rgnn.perturbative(
+                            arch,
+                            x,
+                            ntk=ntk,
+                            dntk=dntk,
+                            ddntk=linear and ntk,
+                            kinks="pointwise",
+                            warn=False,
+                        )
                     m = rgnn.measure(
                         arch,
                         x,
                         n_networks=args.networks,
                         key=jax.random.key(args.seed + width),
                         ntk=ntk,
-                        dntk=linear and ntk,
+                        dntk=(linear and ntk) or dntk,
                         ddntk=linear and ntk,
                         vertex=True,
                     )
