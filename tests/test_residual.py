@@ -482,6 +482,37 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
         np.testing.assert_allclose(got, 0.0, atol=t["rtol"] * np.abs(kernel).max())
 
 
+@pytest.mark.slow  # four grid flows, two of them on 2401 nodes: about 10 s
+def test_residual_relu_dntk_kinks_are_the_smooth_limit(x64):
+    """The distributional kink convention of the residual dNTK (rgnn._residual_single: the
+    delta of relu's s'' held on the grid node at 0) is the limit of smooth activations: the
+    single-input flow on softplus(beta z) / beta at beta = 20, 40 (2401 grid nodes, to resolve
+    the smooth kink), extrapolated to beta -> oo (Richardson, error O(1/beta)), lands on the
+    distributional P, Q within the last step |f(40) - f(20)| (the extrapolation's own error
+    estimate), while the pointwise ones (relu''
+    = 0) are further off than that on the residual layers 3..L+1, where the shortcut makes the
+    delta term ``F(s'' s', .)`` survive (on one input a plain layer's vanishes)."""
+    from rgnn._residual_single import single_input_flow
+
+    relu = rgnn.MLP(3, 32, "relu", weight_var=2.0, bias_var=0.1, shortcut=0.8, branch=0.6)
+    x = _inputs(1, 4)
+    fp = rgnn.fixed_point(relu, x)
+    rec = relu.recursion(x.shape[1])
+    k1 = float(fp.nngp[0, 0, 0])
+    kw = dict(ntk=(float(fp.ntk[0, 0, 0]), rec.lambda_b, rec.lambda_w))
+    flows = {m: single_input_flow(relu, k1, dntk=m, **kw) for m in ("distributional", "pointwise")}
+    smooth = []
+    for beta in (20.0, 40.0):
+        act = partial(lambda z, b: jax.nn.softplus(b * z) / b, b=beta)
+        arch = rgnn.MLP(3, 32, act, weight_var=2.0, bias_var=0.1, shortcut=0.8, branch=0.6)
+        smooth.append(single_input_flow(arch, k1, points=2401, dntk="pointwise", **kw))
+    for name in ("dntk_p", "dntk_q"):
+        f20, f40 = (getattr(s, name)[2:] for s in smooth)
+        limit, step = 2 * f40 - f20, np.abs(f40 - f20)
+        assert np.all(np.abs(limit - getattr(flows["distributional"], name)[2:]) < step), name
+        assert np.all(np.abs(limit - getattr(flows["pointwise"], name)[2:]) > step), name
+
+
 def test_deep_linear_residual_f_is_exact(x64):
     """``F`` (internal to the NTK side: it feeds the NTK mean shift and the dNTK) through the
     flow engine's residual rule equals the exact Wick recursion's coefficient."""
