@@ -240,6 +240,10 @@ class SingleInput:
     ntk_b: np.ndarray | None = None
     dntk_p: np.ndarray | None = None
     dntk_q: np.ndarray | None = None
+    ddntk_r: np.ndarray | None = None
+    ddntk_s: np.ndarray | None = None
+    ddntk_t: np.ndarray | None = None
+    ddntk_u: np.ndarray | None = None
 
 
 class _Form:
@@ -278,7 +282,14 @@ class _Form:
 
 
 def single_input_flow(
-    arch: MLP, k1: float, *, points: int = 1201, span: float = 12.0, ntk=None, dntk=None
+    arch: MLP,
+    k1: float,
+    *,
+    points: int = 1201,
+    span: float = 12.0,
+    ntk=None,
+    dntk=None,
+    ddntk: bool = False,
 ):
     """:class:`SingleInput` of ``arch`` for an input with layer-1 kernel ``k1`` (any activation;
     plain layers included). ``points`` grid nodes on ``[-span, span] x sqrt(max_l K)``.
@@ -289,6 +300,8 @@ def single_input_flow(
     ``ntk``). The bilinear forms are carried as low-rank factors (:class:`_Form`)."""
     if dntk is not None and ntk is None:
         raise ValueError("dntk: the dNTK recursions need the NTK side; pass ntk=(...) as well")
+    if ddntk and dntk is None:
+        raise ValueError("ddntk: the ddNTK recursions need the dNTK; pass dntk=... as well")
     act = arch.act
     cw, cb = arch.weight_var, arch.effective_bias_var
     gamma, xi = arch.residual()
@@ -329,6 +342,11 @@ def single_input_flow(
                 # activation's support of s'')
                 s21 = np.mean([np.asarray(c_ * g_) for _, g_, c_ in sec], axis=0)
                 s20 = np.mean([np.asarray(act.fn(z_) * c_) for z_, _, c_ in sec], axis=0)
+                if ddntk:  # s''^2, (s'' s')^2 and s''' s' (pointwise: zero for relu)
+                    grad3 = jax.vmap(jax.grad(jax.grad(jax.grad(act.fn))))
+                    s22 = np.mean([np.asarray(c_ * c_) for _, _, c_ in sec], axis=0)
+                    s21sq = np.mean([np.asarray((c_ * g_) ** 2) for _, g_, c_ in sec], axis=0)
+                    s31 = np.mean([np.asarray(grad3(z_) * g_) for z_, g_, _ in sec], axis=0)
             slope = act.negative_slope
             if dntk == "distributional" and act.scale_invariant and slope not in (None, 1.0):
                 # s'' = (1 - a) delta(z): s'' s' = (1 - a^2) / 2 delta (the limit of smooth
@@ -336,6 +354,9 @@ def single_input_flow(
                 s21[n_grid // 2] += (1.0 - slope**2) / 2.0 / h
             qh, ph = _Form.zero(n_grid), _Form.zero(n_grid)
             out_p, out_q = [0.0], [0.0]
+            if ddntk:
+                rf, sf, tf, uf = (_Form.zero(n_grid) for _ in range(4))
+                out_r, out_s, out_t2, out_u = [0.0], [0.0], [0.0], [0.0]
         eta, eh, fo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         nu, ag, bo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         out_t, out_dh = [float(theta)], [0.0]
@@ -456,6 +477,53 @@ def single_input_flow(
                     (g * x2 * cw * (t.T @ ph.mv(p2)), t_k),
                     (t1_k, x2 * g2 * cw * (t.T @ yf) + x2 * x2 * cw * cw * float(yf @ p2) * t_k),
                 )
+                if ddntk:
+                    # the ddNTK ("ddNTK" above): rho, sig, zf the functionals rho, sigma, Z
+                    rho = (
+                        lw * (theta**2 * pk * s20 + bo.rmv(s20) + ph.rmv(ss))
+                        + cw * theta * (theta**2 * pk * s31 + bo.rmv(s31) + ph.rmv(s21))
+                        + cw * rf.rmv(p2)
+                    )
+                    rf = rf.next(
+                        t,
+                        g2 * g2,
+                        (g2 * x2 * cw * (t.T @ rf.mv(p2)), t_k),
+                        (t_k, x2 * g2 * (t.T @ rho) + x2 * x2 * cw * float(rho @ p2) * t_k),
+                    )
+                    sig = (
+                        lw * (theta**2 * pk * p2 + bo.rmv(p2))
+                        + cw * theta * (theta**2 * pk * s22 + bo.rmv(s22))
+                        + cw * sf.rmv(p2)
+                    )
+                    # sigma(p): the one-unit <p^2> from the one-sided limits of s'^4 (a kink)
+                    sig_p = float(sig @ p2) + lw * theta**2 * float(pk @ (p4 - p2 * p2))
+                    sf = sf.next(
+                        t,
+                        g2 * g2,
+                        (g2 * x2 * cw * (t.T @ sf.mv(p2)), t_k),
+                        (t_k, x2 * g2 * (t.T @ sig) + x2 * x2 * cw * sig_p * t_k),
+                    )
+                    vv = lw * ss + cw * theta * s21
+                    zf = qh.mv(vv) + cw * tf.mv(p2)
+                    c_t = (
+                        theta * float(pk @ (vv * vv))
+                        + fo(vv, vv)
+                        + 2 * cw * qh(p2, vv)
+                        + cw * cw * tf(p2, p2)
+                    )
+                    tz = x2 * g2 * (t.T @ zf)
+                    tf = tf.next(t, g2 * g2, (tz, t_k), (t_k, tz + x2 * x2 * c_t * t_k))
+                    c_u = theta**3 * float(pk @ s21sq) + uf(p2, p2)
+                    uf = uf.next(
+                        t,
+                        g2 * g2,
+                        (x2 * g2 * cw * (t.T @ uf.mv(p2)), t_k),
+                        (t_k, x2 * g2 * cw * (t.T @ uf.rmv(p2)) + x2 * x2 * cw * cw * c_u * t_k),
+                    )
+                    out_r.append(rf(ones, ones))
+                    out_s.append(sf(ones, ones))
+                    out_t2.append(tf(ones, ones))
+                    out_u.append(uf(ones, ones))
                 qh, ph = qh_new, ph_new
                 q_hat, p_hat = qh(ones, y), ph(y, ones)
                 out_p.append(2.0 * q_hat)
@@ -488,4 +556,11 @@ def single_input_flow(
         )
         if dntk is not None:
             extra.update(dntk_p=np.asarray(out_p), dntk_q=np.asarray(out_q))
+        if ddntk:
+            extra.update(
+                ddntk_r=np.asarray(out_r),
+                ddntk_s=np.asarray(out_s),
+                ddntk_t=np.asarray(out_t2),
+                ddntk_u=np.asarray(out_u),
+            )
     return SingleInput(kk, vv, np.asarray(out_d), np.asarray(out_k), vv / kk**2, **extra)

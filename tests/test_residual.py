@@ -184,20 +184,24 @@ def test_linear_residual_fixed_point_closed_form(x64):
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
-    with pytest.raises(ValueError, match=r"dntk: the dNTK correlators of a residual MLP with"):
+    match = r"dntk: the dNTK and ddNTK statistics of a residual MLP with the nonlinear"
+    with pytest.raises(ValueError, match=match):
         rgnn.perturbative(arch, _inputs(2), ntk=False, dntk=True)
-    with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are derived for"):
-        rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
-    # one input: the whole NTK side and the dNTK (no warning: warnings are errors here)
-    p = rgnn.perturbative(arch, _inputs(1), dntk=True, warn=False)
+    with pytest.raises(ValueError, match=match):
+        rgnn.perturbative(arch, _inputs(2), ntk=False, ddntk=True, kinks="pointwise")
+    # relu's ddNTK in the distributional sense: products of delta functions, as a plain MLP
+    with pytest.raises(ValueError, match=r"kinks: the ddNTK means of relu hold products"):
+        rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True)
+    # one input: the whole NTK side, the dNTK and the ddNTK (no warning: warnings are errors)
+    p = rgnn.perturbative(arch, _inputs(1), ddntk=True, kinks="pointwise", warn=False)
     for name in ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
         assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
-    for name in ("dntk_p", "dntk_q"):
+    for name in ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"):
         assert getattr(p, name).shape == (4, 1, 1, 2, 2, 2, 2), name
         assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
     # the dNTK alone: the NTK side is computed for it but not returned
-    q = rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True, warn=False)
-    assert q.ntk is None
+    q = rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True, kinks="pointwise", warn=False)
+    assert q.ntk is None and q.ddntk_s is None
     np.testing.assert_array_equal(np.asarray(q.dntk_p), np.asarray(p.dntk_p))
     # several inputs: the kernel side only (rgnn._residual_multi)
     p = rgnn.perturbative(arch, _inputs(2), warn=False)
@@ -214,20 +218,20 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     three inputs (to roundoff: the residual program is compiled separately, so XLA may order
     its sums differently; shortcut=None runs the very same program as before), the nonlinear
     activations through the single-input flow of rgnn._residual_single (to the two
-    computations' estimated quadrature errors), the dNTK P, Q included."""
+    computations' estimated quadrature errors), the dNTK P, Q and the ddNTK R, S, T, U
+    included."""
     linear = activation == "linear"
     x = _inputs(3 if linear else 1)
-    # the NTK side and the dNTK; linear: the ddNTK too (relu: automatic differentiation's
-    # kink convention, which the single-input flow follows as the flow engine)
-    kw = dict(ntk=True, dntk=True, ddntk=linear, kinks="pointwise")
+    # the NTK side, the dNTK and the ddNTK (relu: automatic differentiation's kink
+    # convention, the one where its ddNTK exists)
+    kw = dict(ntk=True, ddntk=True, kinks="pointwise")
     plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, **kw)
     trivial = rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0)
     res = rgnn.perturbative(trivial, x, **kw)
     rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
     names = ["vertex", "nngp_variance", "kurtosis", "coupling"]
     names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "dntk_p", "dntk_q"]
-    if linear:
-        names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
+    names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
     for name in names:
         a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
@@ -442,8 +446,9 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
     """The single-input grid flow (rgnn._residual_single), which carries the whole two-unit
     correlation, run on a linear activation equals the residual rules of the flow engine (exact
     there by the units' rotation symmetry, and checked against the exact Wick recursion above)
-    on every field of one input, the NTK variance, A, B, D and the dNTK P, Q included, to
-    roundoff: the grid integrates polynomials times Gaussians exactly."""
+    on every field of one input, the NTK variance, A, B, D, the dNTK P, Q and the ddNTK
+    R, S, T, U included, to roundoff: the grid integrates polynomials times Gaussians
+    exactly."""
     from rgnn._residual_single import single_input_flow
 
     arch = rgnn.MLP(
@@ -457,10 +462,12 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
         branch=branch,
     )
     x = _inputs(1)
-    p = rgnn.perturbative(arch, x, dntk=True, warn=False)
+    p = rgnn.perturbative(arch, x, ddntk=True, warn=False)
     rec = arch.recursion(x.shape[1])
     ntk = (float(p.ntk[0, 0, 0]), rec.lambda_b, rec.lambda_w)
-    s = single_input_flow(arch, float(p.nngp[0, 0, 0]), points=401, ntk=ntk, dntk="pointwise")
+    s = single_input_flow(
+        arch, float(p.nngp[0, 0, 0]), points=401, ntk=ntk, dntk="pointwise", ddntk=True
+    )
     n = np.asarray(p.widths)
     t = tol(EXACT, jnp.float64)
     for name, ref in (
@@ -472,14 +479,18 @@ def test_single_input_flow_of_a_linear_residual_mlp_is_the_residual_rules(
         ("ntk_b", np.asarray(p.ntk_b)[:, 0, 0, 0]),
         ("dntk_p", np.asarray(p.dntk_p)[:, 0, 0, 0, 0, 0, 0]),
         ("dntk_q", np.asarray(p.dntk_q)[:, 0, 0, 0, 0, 0, 0]),
+        ("ddntk_s", np.asarray(p.ddntk_s)[:, 0, 0, 0, 0, 0, 0]),
+        ("ddntk_t", np.asarray(p.ddntk_t)[:, 0, 0, 0, 0, 0, 0]),
     ):
         got = getattr(s, name)
         np.testing.assert_allclose(
             got, ref, rtol=t["rtol"], atol=t["rtol"] * np.abs(ref).max(), err_msg=name
         )
-    # the mean shifts of a linear network vanish
+    # the mean shifts of a linear network vanish, and so do R and U
     for got, kernel in ((s.nngp_correction, s.nngp), (s.ntk_correction, s.ntk)):
         np.testing.assert_allclose(got, 0.0, atol=t["rtol"] * np.abs(kernel).max())
+    for got in (s.ddntk_r, s.ddntk_u):
+        np.testing.assert_allclose(got, 0.0, atol=t["rtol"] * np.abs(s.ddntk_s).max())
 
 
 @pytest.mark.slow  # four grid flows, two of them on 2401 nodes: about 10 s

@@ -9,9 +9,10 @@ leaves it out): on three inputs for the linear activation, with the dNTK correla
 P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as well (three
 outputs, so that these are defined on the output layer; entries that vanish in every network,
 such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` inputs (default
-one, where the NTK side is derived too, and with ``--dntk`` the dNTK ``P, Q`` in the pointwise
-kink convention of automatic differentiation; two outputs, for B on the output layer; on two
-or three inputs the kernel side only, every pair component: :mod:`rgnn._residual_multi`).
+one, where the NTK side is derived too, and with ``--dntk`` the dNTK ``P, Q`` (``--ddntk``: and
+the ddNTK ``R, S, T, U``) in the pointwise kink convention of automatic differentiation; two
+outputs, for B on the output layer; on two or three inputs the kernel side only, every pair
+component: :mod:`rgnn._residual_multi`).
 Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
 and entries, the median SE relative to the largest predicted entry, and whether every entry is
 within ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
@@ -149,6 +150,11 @@ def main() -> None:
         "pointwise kink convention: what automatic differentiation of the networks gives)",
     )
     ap.add_argument(
+        "--ddntk",
+        action="store_true",
+        help="with --dntk: the ddNTK means R, S, T, U as well (pointwise kinks)",
+    )
+    ap.add_argument(
         "--inputs",
         type=int,
         default=1,
@@ -175,8 +181,11 @@ def main() -> None:
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
                 dntk = ntk and not linear and args.dntk and x.shape[0] == 1
+                ddntk = dntk and args.ddntk
                 ntk_names = [
-                    k for k in NTK_FIELDS if linear or k not in DNTK or (dntk and k in DNTK[:2])
+                    k
+                    for k in NTK_FIELDS
+                    if linear or k not in DNTK or (dntk and k in DNTK[:2]) or ddntk
                 ]
                 if ntk:
                     names += ntk_names
@@ -191,7 +200,7 @@ def main() -> None:
                             x,
                             ntk=ntk,
                             dntk=dntk,
-                            ddntk=linear and ntk,
+                            ddntk=(linear and ntk) or ddntk,
                             kinks="pointwise",
                             warn=False,
                         )
@@ -202,7 +211,7 @@ def main() -> None:
                         key=jax.random.key(args.seed + width),
                         ntk=ntk,
                         dntk=(linear and ntk) or dntk,
-                        ddntk=linear and ntk,
+                        ddntk=(linear and ntk) or ddntk,
                         vertex=True,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
