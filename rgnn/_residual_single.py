@@ -192,6 +192,51 @@ so ``s'' s' = (1 - a^2)/2 delta`` (the limit of smooth activations, as the engin
 the grid node at ``z = 0`` (weight ``1 / h``) and ``s s'' = 0``. On one input a plain relu
 layer's delta terms vanish (``e(0) = 0``, ``<z delta> = 0``), while a residual one's
 ``F(s'' s', .)`` does not: there the two conventions differ.
+
+ddNTK (derived here; PDLT ch. infinity has the plain recursions, written in
+:mod:`rgnn.flow.rules`). With ``w_{a;b} = Hess(z_a) g_b`` (a covector like ``grad z``), PDLT's
+second ddNTK is ``ddII_{klmp} = w_{k;m} . Lambda w_{l;p}`` and on one input, ``a != b``,
+``S = n E[ddII_{aabb}]``, ``T = n E[ddII_{abab}]``, ``U = n E[ddII_{abba}]`` and
+``R = n E[D^3 z_a[g_a, g_b, g_b]]`` (the estimators of :func:`rgnn.measure`). Carried as
+bilinear forms ``R(f, g)``, ``S(f, g)``, ``T(f, g)``, ``U(f, g)``: the same means with
+``f(z_a) g(z_b)`` inserted (``a`` the differentiated unit of ``R``, ``S``). The new layer's
+``w'_{a;b}`` is ``xi s'_k (M H)_{bk}`` on the weights ``W_ak`` (learning rate ``lambda_W / n``)
+plus, on the lower parameters, ``delta_{ab} (xi^2 lambda_W / n) sum_k e_k grad z_k
++ xi sum_k W_ak [s''_k (M H)_{bk} grad z_k + s'_k sum_m M_bm w_{k;m}] + gamma sum_m M_bm
+w_{a;m}``; ``D^3 z'_a`` likewise (one weight direction times ``D^2 s(z_k)``, and ``xi sum_k
+W_ak D^3 s(z_k) + gamma D^3 z_a`` on the lower ones). Products of two of these averaged as for
+``P, Q``; inner products of lower-layer pieces are ``H``, ``dH^`` and ``ddII``. Dropped at
+O(1/n) besides three-unit correlations: products of a two-unit ``H_kb`` (size
+``O(1/sqrt n)``) with a ``dH^`` or ``ddII`` whose unit pattern is not a pairing, such as
+``H_km dH^_{k;km}``. In a plain MLP these vanish exactly (flipping the signs of one unit's
+weight row flips that unit's preactivation and gradient only); the shortcut removes that
+symmetry for a non-odd activation, but ``dH^`` is ``O(1/n)`` in size, so they are ``O(1/n^2)``
+(measured, relu, depth 3, gamma 0.8, xi 0.6: ``n E[H_ab dH^_{a;ab}]`` 0.0065(13) at width 16,
+0.0026(7) at 32; ``n E[H_ab dH^_{b;aa}]`` 0.0029(3), 0.0013(1): both falling like ``1/n``).
+With ``v = lambda_W e + C_W Theta s''s'`` and the functionals
+``rho(h) = lambda_W [Bf(s s'', h) + Ph(e, h)] + C_W Theta [Bf(s''' s', h) + Ph(s''s', h)]
++ C_W R(p, h)``, ``sigma(h) = lambda_W Bf(p, h) + C_W Theta Bf(s''^2, h) + C_W S(p, h)``,
+``Z(h) = Qh(h, v) + C_W T(h, p)``:
+
+* ``R'(f, g) = gamma^4 R(Tf, Tg) + gamma^2 xi^2 C_W R(Tf, p) <Tg>
+  + <Tf> [xi^2 gamma^2 rho(Tg) + xi^4 C_W rho(p) <Tg>]``;
+* ``S'(f, g) = gamma^4 S(Tf, Tg) + gamma^2 xi^2 C_W S(Tf, p) <Tg>
+  + <Tf> [xi^2 gamma^2 sigma(Tg) + xi^4 C_W sigma(p) <Tg>]``;
+* ``T'(f, g) = gamma^4 T(Tf, Tg) + xi^2 gamma^2 [Z(Tf) <Tg> + <Tf> Z(Tg)]
+  + xi^4 c_T <Tf><Tg>``, ``c_T = Hf(v, v) + 2 C_W Qh(p, v) + C_W^2 T(p, p)``;
+* ``U'(f, g) = gamma^4 U(Tf, Tg) + xi^2 gamma^2 C_W [U(p, Tg) <Tf> + U(Tf, p) <Tg>]
+  + xi^4 C_W^2 [Theta^3 <(s''s')^2> + U(p, p)] <Tf><Tg>``,
+
+all zero on layer 1. ``gamma^4``: the unit's own lower ddNTK through ``M_aa M_bb``; ``gamma^2
+xi^2``: one side through the branch (``W`` paired with ``W``: ``C_W``), the other through the
+shortcut; ``xi^4``: PDLT's plain sources with the one-unit averages replaced by the forms.
+A plain layer gives PDLT's rules (tests: the flow engine's ``R, S, T, U`` to 1e-13 relative for
+relu (pointwise), tanh, gelu); a linear activation gives the residual rules (``R = U = 0``,
+``S' = chi^2 S + xi^2 lambda_W chi (Theta^2 + B)``, ``T' = chi^2 T + xi^4 lambda_W^2 (Theta K
++ F) + 2 xi^2 lambda_W chi Q^``; tests, to roundoff); Monte Carlo checks the nonlinear residual
+ones (:mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``). Kinks: as a plain MLP, the ddNTK
+of relu exists only with ``kinks="pointwise"`` (``s'' = s''' = 0``); at the kink ``<p^2>``
+takes the one-sided limits of ``s'^4``.
 """
 
 from __future__ import annotations
@@ -225,6 +270,9 @@ class SingleInput:
       dntk_p: PDLT's ``P``, ``n E[dH_{ikk} z_i]``, ``i != k`` (``2 Qh(1, z)``; ``None`` unless
         ``single_input_flow(..., dntk=...)``; so is the next).
       dntk_q: PDLT's ``Q``, ``n E[dH_{iik} z_k]``, ``i != k`` (``Qh(1, z) + Ph(z, 1)``).
+      ddntk_r, ddntk_s, ddntk_t, ddntk_u: PDLT's ddNTK means ``R = n E[D^3 z_i[g_i, g_k, g_k]]``,
+        ``S = n E[ddII_{iikk}]``, ``T = n E[ddII_{ikik}]``, ``U = n E[ddII_{ikki}]``, ``i != k``
+        (``R(1, 1)`` ...; ``None`` unless ``single_input_flow(..., ddntk=True)``).
     """
 
     nngp: np.ndarray
@@ -297,7 +345,8 @@ def single_input_flow(
     learning-rate scalings) to carry the NTK side as well ("NTK mean shift", "NTK variance"
     above). ``dntk``: ``None``, or the kink mode (``"distributional"`` or ``"pointwise"``, as
     :func:`rgnn.perturbative`'s ``kinks``) to carry the dNTK as well ("dNTK" above; needs
-    ``ntk``). The bilinear forms are carried as low-rank factors (:class:`_Form`)."""
+    ``ntk``); ``ddntk``: the ddNTK as well ("ddNTK" above; needs ``dntk``). The bilinear forms
+    are carried as low-rank factors (:class:`_Form`)."""
     if dntk is not None and ntk is None:
         raise ValueError("dntk: the dNTK recursions need the NTK side; pass ntk=(...) as well")
     if ddntk and dntk is None:
