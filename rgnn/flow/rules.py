@@ -357,9 +357,9 @@ pairs the layer's weight part of both gradients, the ``xi^2 lambda_W chi`` terms
 with the Hessian of the lower layers, whose weight ``M`` averages to ``chi``). Checked by
 Monte Carlo (``rgnn.measure`` differentiates the residual network), and ``gamma = 0, xi = 1``
 against the plain rules. For a nonlinear activation these rules would miss the ``sigma''``
-terms and the broken rotation symmetry: there :func:`rgnn.perturbative` takes the dNTK and
-the ddNTK on one input from the single-input flow of :mod:`rgnn._residual_single` (which
-reduces to these rules for a linear activation: tests) and refuses them on several inputs.
+terms and the broken rotation symmetry: there :func:`rgnn.perturbative` takes the dNTK on one
+input from the single-input flow of :mod:`rgnn._residual_single` (which reduces to these rules
+for a linear activation: tests) and refuses it on several inputs, and refuses the ddNTK.
 """
 
 from __future__ import annotations
