@@ -193,9 +193,16 @@ the grid node at ``z = 0`` (weight ``1 / h``) and ``s s'' = 0``. On one input a 
 layer's delta terms vanish (``e(0) = 0``, ``<z delta> = 0``), while a residual one's
 ``F(s'' s', .)`` does not: there the two conventions differ.
 
-ddNTK (derived here; PDLT ch. infinity has the plain recursions, written in
-:mod:`rgnn.flow.rules`). With ``w_{a;b} = Hess(z_a) g_b`` (a covector like ``grad z``), PDLT's
-second ddNTK is ``ddII_{klmp} = w_{k;m} . Lambda w_{l;p}`` and on one input, ``a != b``,
+ddNTK (derived here, incomplete: ``U`` fails Monte Carlo; PDLT ch. infinity has the plain
+recursions, written in :mod:`rgnn.flow.rules`). :func:`rgnn.perturbative` does not return these
+for a nonlinear residual MLP. ``R, S, T`` below agree with Monte Carlo over finite networks
+(tanh, gelu, relu; :mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``), and all four reduce
+to the plain and linear rules; ``U`` does not: gelu, depth 3, gamma 0.8, xi 0.6, widths
+32/64/128, layers 3, 4: 1.062, 12.31 against 1.177(33), 14.57(53); tanh 0.037, 0.176 against
+0.0468(11), 0.209(5) (widths 16/32/64): the recursion below misses a positive term from the
+second residual layer on, one that vanishes for relu (pointwise) and for plain layers. With
+``w_{a;b} = Hess(z_a) g_b`` (a covector like ``grad z``), PDLT's second ddNTK is
+``ddII_{klmp} = w_{k;m} . Lambda w_{l;p}`` and on one input, ``a != b``,
 ``S = n E[ddII_{aabb}]``, ``T = n E[ddII_{abab}]``, ``U = n E[ddII_{abba}]`` and
 ``R = n E[D^3 z_a[g_a, g_b, g_b]]`` (the estimators of :func:`rgnn.measure`). Carried as
 bilinear forms ``R(f, g)``, ``S(f, g)``, ``T(f, g)``, ``U(f, g)``: the same means with
@@ -234,7 +241,8 @@ A plain layer gives PDLT's rules (tests: the flow engine's ``R, S, T, U`` to 1e-
 relu (pointwise), tanh, gelu); a linear activation gives the residual rules (``R = U = 0``,
 ``S' = chi^2 S + xi^2 lambda_W chi (Theta^2 + B)``, ``T' = chi^2 T + xi^4 lambda_W^2 (Theta K
 + F) + 2 xi^2 lambda_W chi Q^``; tests, to roundoff); Monte Carlo checks the nonlinear residual
-ones (:mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``). Kinks: as a plain MLP, the ddNTK
+ones (:mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``; ``U``: see above). Kinks: as a
+plain MLP, the ddNTK
 of relu exists only with ``kinks="pointwise"`` (``s'' = s''' = 0``); at the kink ``<p^2>``
 takes the one-sided limits of ``s'^4``.
 """
