@@ -100,6 +100,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -130,9 +131,20 @@ def _check_variance(name: str, value, *, positive: bool) -> float:
     return v
 
 
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["weight_var", "bias_var", "lambda_b", "lambda_w", "shortcut", "branch"],
+    meta_fields=["activation"],
+)
 @dataclasses.dataclass(frozen=True)
 class Recursion:
-    """The constants of the per-layer kernel recursions (hashable: a static jit argument).
+    """The constants of the per-layer kernel recursions.
+
+    A pytree whose only static part is the activation (and, through the lengths of its tuples,
+    the depth and whether the network is residual): a jitted recursion traces the numbers, so
+    one compilation serves every width, ``C_W``, ``C_b`` and learning-rate scaling of an
+    activation and depth (the fixed point of a sweep over widths compiles once, not once per
+    width).
 
     Attributes:
       activation: the activation with its Gaussian kernel maps.

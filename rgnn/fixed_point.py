@@ -325,7 +325,7 @@ def _layer(rec: Recursion, layout: _Layout, carry, lam, *, order: int, rule: str
     return new, err
 
 
-@partial(jax.jit, static_argnames=("rec", "order", "rule", "same", "tabulate", "last"))
+@partial(jax.jit, static_argnames=("order", "rule", "same", "tabulate", "last"))
 def _native(
     rec: Recursion,
     x1,
@@ -410,7 +410,7 @@ def _native(
     return k12s, thetas, k11s, k22s
 
 
-@partial(jax.jit, static_argnames=("rec", "order", "rule"))
+@partial(jax.jit, static_argnames=("order", "rule"))
 def _probe_flow(rec: Recursion, k11, k22, k12, theta, kd, thetad, *, order: int, rule: str):
     """The recursion of :func:`_native` on single kernel entries, at ``order`` and ``2 order``.
 
