@@ -931,7 +931,7 @@ def perturbative(
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
             return _run_residual_single(arch, x, quadrature_order, warn, ntk)
-        return _run_residual_multi(arch, x, quadrature_order, warn)
+        return _run_residual_multi(arch, x, quadrature_order, warn, ntk)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
     )
@@ -1084,15 +1084,17 @@ _RESIDUAL_CHUNK = 16
 compilation)."""
 
 
-def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
-    """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs: the kernel side
-    (vertex, kernel correction, their views, the excess kurtosis) from the unrolled two-unit
-    flow of :mod:`rgnn._residual_multi` on every pair; the NTK side is not derived there
-    (``None``). ``quadrature_error``: the largest change of the vertex (relative to its largest
-    entry) and of the kernel correction (relative to the largest kernel) on the first chunk of
-    pairs when the cross-layer rule (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced
-    by the trapezoid rule of as many nodes (about the error of the coarser of the two; same
-    shapes, one compilation), plus the leading-order kernels' own."""
+def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
+    """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
+    two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
+    kernel correction, their views, the excess kurtosis) and, with ``ntk``, the NTK side (the
+    NTK mean shift, its variance, ``A``, ``B``, ``D``). ``quadrature_error``: the largest
+    change of any statistic (the vertex, ``D``, ``A``, ``B`` and ``n`` times the NTK variance
+    relative to their largest entries, the kernel and NTK corrections relative to the largest
+    kernel and NTK) on the first chunk of pairs when the cross-layer rule
+    (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced by the trapezoid rule of as many
+    nodes (about the error of the coarser of the two; same shapes, one compilation), plus the
+    leading-order kernels' own."""
     from rgnn import _residual_multi as rm
     from rgnn import gaussian
 
@@ -1113,9 +1115,16 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
     else:
         cross, other = tuned[0], hermite
+    if ntk:
+        rec = arch.recursion(x.shape[1])
+        lam_w = jnp.asarray(rec.lambda_w, dtype)
     sets = _sets(n, False)
-    outs = []
+    outs, ntk_outs = [], []
     err = 0.0
+
+    def change(new, old, scale):
+        return float(jnp.max(jnp.abs(new - old)) / scale) if float(scale) > 0 else 0.0
+
     for start in range(0, len(sets), _RESIDUAL_CHUNK):
         chunk = sets[start : start + _RESIDUAL_CHUNK]
         pad = _RESIDUAL_CHUNK - len(chunk)
@@ -1123,24 +1132,43 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         ks = rm.set_kernels(fp.nngp, chunk)
         out = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, cross)
         outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in out])
-        if start == 0:
-            lo = rm.sets_flow(
-                arch.act,
-                arch.weight_var,
-                gamma,
-                xi,
-                ks,
-                rules,
-                other,
+        if ntk:
+            ts = rm.set_kernels(fp.ntk, chunk)
+            nout = rm.ntk_sets_flow(
+                arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
             )
-            scales = (jnp.max(jnp.abs(out[0])), jnp.max(jnp.abs(fp.nngp)))
-            for a, b, scale in zip(out[:2], lo[:2], scales, strict=True):
-                if float(scale) > 0:
-                    err = max(err, float(jnp.max(jnp.abs(a - b)) / scale))
+            ntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in nout])
+        if start == 0:
+            lo = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, other)
+            err = max(
+                change(out[0], lo[0], jnp.max(jnp.abs(out[0]))),
+                change(out[1], lo[1], jnp.max(jnp.abs(fp.nngp))),
+            )
+            if ntk:
+                nlo = rm.ntk_sets_flow(
+                    arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, other
+                )
+                err = max(err, change(nout[0], nlo[0], jnp.max(jnp.abs(fp.ntk))))
+                for a, b in zip(nout[1:], nlo[1:], strict=True):
+                    err = max(err, change(a, b, jnp.max(jnp.abs(a))))
     v, dg, d4 = (jnp.concatenate(p, axis=1) for p in zip(*outs, strict=True))
     prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
     inv_n = jnp.asarray(1 / prev, dtype)
-    fields = _pair_layout({"V": v, "DG": dg * inv_n[:, None, None, None]}, n, sets)
+    stats = {"V": v, "DG": dg * inv_n[:, None, None, None]}
+    if ntk:
+        dh, dd, nu, aa, bo = (jnp.concatenate(p, axis=1) for p in zip(*ntk_outs, strict=True))
+        # PDLT's B_{a1 a3 a2 a4} = n E[H_12;a1a2 H_12;a3a4] = Bo_(a1 a2)(a3 a4)
+        stats.update(
+            DH=dh * inv_n[:, None, None, None],
+            D=dd,
+            A=aa,
+            B=jnp.swapaxes(bo, 3, 4),
+        )
+    fields = _pair_layout(stats, n, sets)
+    if ntk:
+        # a residual layer's NTK variance is nu_(ab)(ab)(1), not A + B + B (module docstring)
+        nu_ab = jnp.einsum("lsabab->lsab", nu)
+        fields["_ntk_var"] = _pair_layout({"DG": nu_ab}, n, sets)["nngp_correction"]
     result = _assemble(
         arch,
         x,
