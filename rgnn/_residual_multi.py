@@ -1,4 +1,5 @@
-"""The O(1/n) kernel side of a nonlinear residual MLP on several inputs (derived here).
+"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side and the NTK
+side (derived here).
 
 Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
 breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
@@ -120,8 +121,120 @@ the others). A linear activation: the residual rules of :mod:`rgnn.flow.rules` (
 rounding). Monte Carlo over finite networks on several inputs (:mod:`tools.residual_monte_carlo`
 ``--inputs``), where the rotation-symmetric rules are rejected.
 
-Not derived here: the NTK side (its mean shift, variance, ``A, B, D``) on several inputs, the
-dNTK, the full four-index layout.
+**The NTK side** (derived here; PDLT ch. 8 has the plain recursions it reduces to, the NTK
+mean, ``D, F`` and the NTK variance ``A, B`` of sec. 8.3, with ch. 9 their criticality, and
+its appendix on residual learning only the leading-order kernels and NTK). One unit's NTK on
+the pair is ``H_{ii;ab} = Theta_ab + delta_{i;ab}``, the off-diagonal ``H_{ik;ab}``
+(``i != k``), with ``p_ab = s'_a s'_b``, ``e_xy = s_x s'_y``, ``y_ab = lambda_W q_ab +
+C_W Theta_ab p_ab`` (one unit's share of the NTK metric ``H~_ab = lambda_b + lambda_W (1/n)
+sum_j q_ab(z_j) + C_W (1/n) sum_j p_ab(z_j) H_{jj;ab}``). :mod:`rgnn._residual_single`'s
+objects carry pair indices (``i != k``; functions of one unit's ``z in R^m``):
+
+* ``eta_ab(f) = n E[delta_{i;ab} f(z_i)]``; ``E_ab(f, g) = n E[delta_{i;ab} f(z_i) g(z_k)]
+  - eta_ab(f) <g>``; ``F_ab(f, g) = n E[H_{ik;ab} f(z_i) g(z_k)]``;
+* ``nu_(ab)(cd)(f) = n E[delta_{i;ab} delta_{i;cd} f(z_i)]``; ``A_(ab)(cd)(f, g) = n
+  E[delta_{i;ab} delta_{k;cd} f(z_i) g(z_k)]``; ``Bo_(ab)(cd)(f, g) = n E[H_{ik;ab} H_{ik;cd}
+  f(z_i) g(z_k)]``.
+
+The conditional mean's expansion above in ordered indices, with ``kappa = xi^2 / 2`` and
+``T_cd f = T d_c d_d f``, is ``E[f(z'_i) | l] = Tf + kappa sum_cd (T_cd f) delta G_cd + ...``
+(``n Cov(F(z_i), G_cd) = C_W Sigma(F, q_cd)``). The layer gives ``delta'_{i;ab} = xi^2 (H~_ab -
+Theta~_ab) + gamma^2 delta_{i;ab} + Xi_{i;ab}``, ``Xi_{i;ab} = xi^2 (w^T M^{ab} w - E) + xi
+gamma (w.v^{ab} + w.v'^{ab})`` (``w`` row ``i`` of ``W``, ``M^{ab}_jm = s'_{j;a} s'_{m;b}
+H_{jm;ab}``, ``v^{ab}_j = s'_{j;a} H_{ji;ab}``, ``v'^{ab}_j = s'_{j;b} H_{ij;ab}``) and
+``H'_{ik;ab} = xi^2 w^T M^{ab} u + xi gamma (sum_j w_j s'_{j;a} H_{jk;ab} + sum_m u_m
+s'_{m;b} H_{im;ab}) + gamma^2 H_{ik;ab}`` (``u`` row ``k``). Stein's lemma on the rows
+(``d_{w_j} f(z'_i) = xi sum_c s_{j;c} d_c f``) and the unit sums split as on one input give,
+with ``S_(ab)(cd) = lambda_W Sigma(q_ab, q_cd) + C_W Theta_ab Sigma(p_ab, q_cd) + C_W
+E_ab(p_ab, q_cd)`` (``n Cov(H~_ab, G_cd) / C_W``), ``c_(cd;ab) = Theta_ab <e_ca e_db> +
+F_ab(e_ca, e_db)`` and ``T_c f = T d_c f``:
+
+.. math::
+
+    \\eta'_{ab}(f) &= \\gamma^2 [\\eta_{ab}(Tf) + C_W \\kappa \\textstyle\\sum_{cd}
+        E_{ab}(T_{cd} f, q_{cd})]
+      + \\xi^2 \\{\\lambda_W [\\Sigma(q_{ab}, Tf) + d(q_{ab}) \\langle Tf\\rangle]
+      + C_W \\Theta_{ab} [\\Sigma(p_{ab}, Tf) + d(p_{ab}) \\langle Tf\\rangle] \\\\
+      &\\quad + C_W [E_{ab}(p_{ab}, Tf) + \\eta_{ab}(p_{ab}) \\langle Tf\\rangle]
+      + C_W \\kappa \\textstyle\\sum_{cd} S_{(ab)(cd)} \\langle T_{cd} f\\rangle\\}
+      + C_W^2 \\xi^4 \\textstyle\\sum_{cd} c_{(cd;ab)} \\langle T_{cd} f\\rangle \\\\
+      &\\quad + C_W \\xi^2 \\gamma \\textstyle\\sum_c [\\Theta_{ab} \\langle (e_{ca} + e_{cb})
+        T_c f\\rangle + F_{ab}(e_{ca}, T_c f) + F_{ba}(e_{cb}, T_c f)], \\\\
+    E'_{ab}(f, g) &= \\gamma^2 [E_{ab}(Tf, Tg) + C_W \\kappa \\textstyle\\sum_{cd}
+        E_{ab}(Tf, q_{cd}) \\langle T_{cd} g\\rangle]
+      + \\xi^2 \\langle Tf\\rangle [\\lambda_W \\Sigma(q_{ab}, Tg)
+      + C_W \\Theta_{ab} \\Sigma(p_{ab}, Tg) + C_W E_{ab}(p_{ab}, Tg)
+      + C_W \\kappa \\textstyle\\sum_{cd} S_{(ab)(cd)} \\langle T_{cd} g\\rangle], \\\\
+    F'_{ab}(f, g) &= \\gamma^2 F_{ab}(Tf, Tg) + C_W \\xi^2 \\gamma \\textstyle\\sum_c
+        \\big[\\langle T_c f\\rangle (\\Theta_{ab} \\langle e_{ca} Tg\\rangle
+        + F_{ab}(e_{ca}, Tg)) + \\langle T_c g\\rangle (\\Theta_{ab} \\langle e_{cb} Tf\\rangle
+        + F_{ab}(Tf, e_{cb}))\\big]
+      + C_W^2 \\xi^4 \\textstyle\\sum_{cd} c_{(cd;ab)} \\langle T_c f\\rangle
+        \\langle T_d g\\rangle .
+
+For the variance, ``N_(ab)(cd) = n Cov(H~_ab, H~_cd) = Sigma(y_ab, y_cd) + C_W E_ab(p_ab,
+y_cd) + C_W E_cd(p_cd, y_ab) + C_W^2 A_(ab)(cd)(p_ab, p_cd)``, ``a^{X;Y}(f) = n E[(H~_X -
+Theta~_X) delta_{i;Y} Tf(z_i)] = E_Y(Tf, y_X) + C_W A_(Y)(X)(Tf, p_X)``, ``b_(ab)(cd) =
+Theta_ab Theta_cd <p_ac p_bd> + Bo_(ab)(cd)(p_ac, p_bd)``; ``Cov(w^T M w, w^T N w) =
+(C_W / n)^2 tr(M (N + N^T))`` pairs ``(ab)`` with ``(cd)`` and with ``(dc)``, and the linear
+part of ``Xi`` gives the four terms of ``beta_(ab)(cd)(f) = Theta_ab Theta_cd <(p_ac + p_ad +
+p_bc + p_bd) Tf> + Bo_(ab)(cd)(p_ac, Tf) + Bo_(ab)(dc)(p_ad, Tf) + Bo_(ba)(cd)(p_bc, Tf) +
+Bo_(ba)(dc)(p_bd, Tf)``:
+
+.. math::
+
+    \\nu'_{(ab)(cd)}(f) &= \\gamma^4 \\nu_{(ab)(cd)}(Tf) + \\xi^4 [N_{(ab)(cd)}
+        + C_W^2 (b_{(ab)(cd)} + b_{(ab)(dc)})] \\langle Tf\\rangle
+      + \\xi^2 \\gamma^2 [a^{ab;cd}(f) + a^{cd;ab}(f)]
+      + C_W \\xi^2 \\gamma^2 \\beta_{(ab)(cd)}(f), \\\\
+    A'_{(ab)(cd)}(f, g) &= \\gamma^4 A_{(ab)(cd)}(Tf, Tg)
+      + \\xi^4 N_{(ab)(cd)} \\langle Tf\\rangle \\langle Tg\\rangle
+      + \\xi^2 \\gamma^2 [a^{cd;ab}(f) \\langle Tg\\rangle
+      + \\langle Tf\\rangle a^{ab;cd}(g)], \\\\
+    Bo'_{(ab)(cd)}(f, g) &= \\gamma^4 Bo_{(ab)(cd)}(Tf, Tg)
+      + C_W^2 \\xi^4 b_{(ab)(cd)} \\langle Tf\\rangle \\langle Tg\\rangle
+      + C_W \\xi^2 \\gamma^2 \\big[(\\Theta_{ab} \\Theta_{cd} \\langle p_{bd} Tf\\rangle
+      + Bo_{(ab)(cd)}(Tf, p_{bd})) \\langle Tg\\rangle \\\\
+      &\\quad + \\langle Tf\\rangle (\\Theta_{ab} \\Theta_{cd} \\langle p_{ac} Tg\\rangle
+      + Bo_{(ab)(cd)}(p_{ac}, Tg))\\big],
+
+all zero on layer 1 (and ``B, d`` as above). One input (``m = 1``) gives
+:mod:`rgnn._residual_single`'s recursions term by term. Outputs of layer ``l``: ``n (E
+H_{ii;ab} - Theta_ab) = eta_ab(1)``, ``n Var(H_{ii;ab}) = nu_(ab)(ab)(1)``, PDLT's ``A_(ab)(cd) =
+A_(ab)(cd)(1, 1)``, ``B_{a b c d}`` (``E[H_{ik;ac} H_{ik;bd}] = B_{abcd} / n``) ``=
+Bo_(ac)(bd)(1, 1)`` and ``D_(cd)(ab) = n Cov(z_{k;c} z_{k;d}, H_{ii;ab}) = E_ab(1, z_c z_d)``.
+
+*Unrolled* as the kernel side: ``T_l P_{l+1->r} = P_{l->r}``, ``d_c P_{l+1->r} = Gamma
+P_{l+1->r} d_c`` (``Gamma = Gamma_{l+1->r}``) and ``<T P_{l+1->r} phi>_{K^{(l)}} =
+<phi>_{K^{(r)}}``, so every argument the recursions reach from the outputs is ``P_{l->r}
+d_D phi`` with ``D`` a multiset of inputs and ``phi`` in a fixed family: members ``one``,
+``q_w``, ``p_w``, ``z_c z_d`` and ``d_cd q_w``, ``d_cd p_w`` (``B``, ``d``, ``E``), ``e_xy``
+and ``d_c p_w`` (``F``); 40 on a pair. Every form is a table ``[L+1, members, L+1,
+members]`` (pair components last; ``A`` and ``Bo`` on the members ``one, p_w`` only,
+``nu`` on ``one``), updated by the same ``lax.scan``; a member outside the family maps to a
+zero sentinel, reached only by entries no output reads (the one-input and plain checks
+below would see any that were). The sources: the raw cross-layer moments ``E[d_D phi(X)
+psi(Y)]`` of every member with the anchors ``psi`` in ``one, q, p, e`` at the lower layer
+(``C_0`` subtracts the product of the means from the same rule, so that independent ``X`` and
+``Y`` give exactly zero); the same-layer ones from :class:`rgnn.flow.moments.Moments` (exact
+for relu); the Gaussian averages ``<d_D phi>_{K^{(r)}}`` of even order by Price's theorem on
+the closed-form kernel maps (``<s s>``, ``<s' s'>``, ``K``; automatic differentiation, exact
+through relu's kink), ``<d_c e_xy>`` by the product rule on the exact moments. For the
+scale-invariant class (``s s'' = 0``) ``p_cd = d_c d_d q_cd / (1 + delta_cd)`` and ``e_xy =
+d_y q_xy / (1 + delta_xy)``: every member is a derivative of the continuous ``q``, taken by
+the Hermite weights on ``e`` (no step function is integrated by the rule: with ``p`` itself
+the rule converged like ``1 / nodes``, 5% at 20 nodes), and the anchors ``p, e`` on ``Y`` move
+onto the smooth conditional mean ``G(Y) = E[member(X) | Y]`` by Gaussian integration by parts
+(``E[d_c Q G] = E[Q ((K^{-1} Y)_c G - Gamma G_{+c})]``).
+
+**Checks of the NTK side** (``tests/test_residual.py``): one input equals
+:mod:`rgnn._residual_single`'s grid flow (tanh ``1e-8``, gelu ``1e-10`` relative at 20 nodes;
+relu ``1e-4``, converging algebraically with the nodes to the grid); ``gamma = 0, xi = 1`` on
+three inputs equals the plain engine on every NTK field (``1e-11``); a linear activation
+equals the exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
+(:mod:`tools.residual_monte_carlo`).
+
+Not derived here: the dNTK and ddNTK on several inputs, the full four-index layout.
 """
 
 from __future__ import annotations
@@ -662,59 +775,55 @@ def _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls):
     base = jnp.stack(base, -1)  # [Q, Q, 1 + 2 nu]: one, q_w, z_c z_d
     inner = jnp.einsum("ytb,ht,t->ybh", base, hw, wq)  # [Q (y), base, H]
 
-    def member_g(member, extra):
-        """``E[d_extra member(X) | Y]`` on the ``y`` grid, or ``None`` (zero / not needed)."""
-        kind, w, d = member
-        if kind == "one":
-            return inner[:, 0, 0] if not extra else None
-        if kind in ("q", "zz"):
-            b, dd, coef = (1 if kind == "q" else 1 + len(units)) + uid[w], d, 1.0
-        elif kind == "p":
-            b, dd, coef = 1 + uid[w], d + w, 1.0 / (1.0 + (w[0] == w[1]))
-        else:  # e_xy
-            x_, y_ = w
-            b = 1 + uid[(min(x_, y_), max(x_, y_))]
-            dd, coef = d + (y_,), 1.0 / (1.0 + (x_ == y_))
-        full = tuple(sorted(dd + extra))
-        if len(full) > _HERMITE_ORDER:
-            return None
-        return coef * g ** len(extra) * inner[:, b, sid[full]]
-
+    # every (member, extra derivative) as (coefficient, base, Hermite index): one gather
+    extras = [()] + [(c,) for c in range(m)] + units
+    xid = {e: i for i, e in enumerate(extras)}
+    coef = np.zeros((len(members), len(extras)))
+    bidx = np.zeros((len(members), len(extras)), np.int32)
+    hidx = np.zeros((len(members), len(extras)), np.int32)
+    for i, (kind, w, d) in enumerate(members):
+        for j, extra in enumerate(extras):
+            if kind == "one":
+                b, dd, c = 0, (), 1.0
+            elif kind in ("q", "zz"):
+                b, dd, c = (1 if kind == "q" else 1 + len(units)) + uid[w], d, 1.0
+            elif kind == "p":
+                b, dd, c = 1 + uid[w], d + w, 1.0 / (1.0 + (w[0] == w[1]))
+            else:  # e_xy
+                x_, y_ = w
+                b = 1 + uid[(min(x_, y_), max(x_, y_))]
+                dd, c = d + (y_,), 1.0 / (1.0 + (x_ == y_))
+            full = tuple(sorted(dd + extra))
+            if len(full) <= _HERMITE_ORDER and not (kind == "one" and extra):
+                coef[i, j], bidx[i, j], hidx[i, j] = c, b, sid[full]
+    powers = jnp.stack([g ** len(e) for e in extras])
+    gm = inner[:, bidx, hidx] * (jnp.asarray(coef, inner.dtype) * powers)  # [Q, M, X]
+    # the anchors as weights on (y, extra): E[psi(Y) G(Y)] = sum_y sum_x W[y, a, x] G[y, x]
     sy = act.fn(y)
     hy = jax.scipy.linalg.solve_triangular(lk.T, grid.T, lower=False).T  # [Q, m]: K^-1 Y
     kinv = jnp.linalg.inv(ki)
-    zero = jnp.zeros_like(wq)
-    rows = []
-    for member in members:
-        g0 = member_g(member, ())
-        row = []
-        for akind, aw in anchors:
-            if g0 is None:
-                row.append(jnp.zeros((), wq.dtype))
-                continue
-            if akind == "one":
-                row.append(jnp.sum(wq * g0))
-                continue
-            if akind == "q":
-                row.append(jnp.sum(wq * sy[:, aw[0]] * sy[:, aw[1]] * g0))
-                continue
-            if akind == "p":  # d_c d_d q_cd / (1 + delta_cd)
-                c, d = aw
-                qa, coef = sy[:, c] * sy[:, d], 1.0 / (1.0 + (c == d))
-                gc, gd = member_g(member, (c,)), member_g(member, (d,))
-                gcd = member_g(member, tuple(sorted((c, d))))
-                adj = hy[:, c] * hy[:, d] * g0 - kinv[c, d] * g0
-                adj = adj - hy[:, c] * (zero if gd is None else gd)
-                adj = adj - hy[:, d] * (zero if gc is None else gc)
-                adj = adj + (zero if gcd is None else gcd)
-            else:  # e_xy = d_y q_xy / (1 + delta_xy)
-                x_, y_ = aw
-                qa, coef = sy[:, x_] * sy[:, y_], 1.0 / (1.0 + (x_ == y_))
-                gy = member_g(member, (y_,))
-                adj = hy[:, y_] * g0 - (zero if gy is None else gy)
-            row.append(coef * jnp.sum(wq * qa * adj))
-        rows.append(jnp.stack(row))
-    return jnp.stack(rows)
+    cols = []
+    for akind, aw in anchors:
+        col = [jnp.zeros_like(wq)] * len(extras)
+        if akind == "one":
+            col[0] = jnp.ones_like(wq)
+        elif akind == "q":
+            col[0] = sy[:, aw[0]] * sy[:, aw[1]]
+        elif akind == "p":  # d_c d_d q_cd / (1 + delta_cd), by parts twice
+            c, d = aw
+            qa = sy[:, c] * sy[:, d] / (1.0 + (c == d))
+            col[0] = qa * (hy[:, c] * hy[:, d] - kinv[c, d])
+            col[xid[(d,)]] = col[xid[(d,)]] - qa * hy[:, c]
+            col[xid[(c,)]] = col[xid[(c,)]] - qa * hy[:, d]
+            col[xid[(c, d)]] = col[xid[(c, d)]] + qa
+        else:  # e_xy = d_y q_xy / (1 + delta_xy), by parts once
+            x_, y_ = aw
+            qa = sy[:, x_] * sy[:, y_] / (1.0 + (x_ == y_))
+            col[0] = qa * hy[:, y_]
+            col[xid[(y_,)]] = -qa
+        cols.append(jnp.stack(col, -1))
+    wy = jnp.stack(cols, 1)  # [Q, A, X]
+    return jnp.einsum("yax,ymx,y->ma", wy, gm, wq)
 
 
 def _derivatives3(act, z):
@@ -735,32 +844,27 @@ def _ntk_same(act, k, rules):
     members, *_ = _ntk_tables(m)
     anchors, *_ = _anchors(m)
     mom = flow_moments.Moments(act, k, rules, pointwise=False, kmax=2)
+    kinds = ("q", "p", "e")
     order = {"q": (0, 0), "p": (1, 1), "e": (0, 1)}
-    cache = {}
-
-    def four(o):
-        if o not in cache:
-            cache[o] = mom.e(o, "cdab").x
-        return cache[o]
-
-    two = {o: mom.e(o, "ab").x for o in set(order.values())}
-    rows = []
-    for kind, w, d in members:
-        row = []
-        for akind, aw in anchors:
+    two = jnp.stack([mom.e(order[u], "ab").x for u in kinds])  # [3, m, m]
+    four = jnp.stack([mom.e(order[u] + order[v], "cdab").x for u in kinds for v in kinds])
+    flat = jnp.concatenate([jnp.zeros((1,), k.dtype), jnp.ones((1,), k.dtype)])
+    flat = jnp.concatenate([flat, two.reshape(-1), four.reshape(-1)])
+    n2 = two.size
+    idx = np.zeros((len(members), len(anchors)), np.int32)  # 0: zero, 1: one
+    for i, (kind, w, d) in enumerate(members):
+        for j, (akind, aw) in enumerate(anchors):
             if d or kind == "zz":
-                row.append(jnp.zeros((), k.dtype))
-            elif kind == "one" and akind == "one":
-                row.append(jnp.ones((), k.dtype))
-            elif kind == "one":
-                row.append(two[order[akind]][aw[0], aw[1]])
-            elif akind == "one":
-                row.append(two[order[kind]][w[0], w[1]])
+                continue
+            if kind == "one" and akind == "one":
+                idx[i, j] = 1
+            elif kind == "one" or akind == "one":
+                u, (x_, y_) = (akind, aw) if kind == "one" else (kind, w)
+                idx[i, j] = 2 + np.ravel_multi_index((kinds.index(u), x_, y_), two.shape)
             else:
-                t = four(order[kind] + order[akind])
-                row.append(t[w[0], w[1], aw[0], aw[1]])
-        rows.append(jnp.stack(row))
-    return jnp.stack(rows)
+                pos = (3 * kinds.index(kind) + kinds.index(akind), w[0], w[1], aw[0], aw[1])
+                idx[i, j] = 2 + n2 + np.ravel_multi_index(pos, four.shape)
+    return flat[idx]
 
 
 def _avg_map(act, kf, m: int, rules):

@@ -201,8 +201,10 @@ class Perturbative:
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
         (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. For a residual
         MLP, ``A`` and ``D`` are ``n`` times the covariances of two different units'
-        ``H_ii`` with ``H_kk`` and ``z_k^2``. Derivation and recursions: this module's docstring,
-        :mod:`rgnn.flow.rules` and, for residual MLPs, :mod:`rgnn._residual_single`.)
+        ``H_ii`` with ``H_kk`` and ``z_k z_k``, and with a nonlinear activation
+        ``ntk_variance`` is that of one unit's ``H_ii`` itself. Derivation and recursions: this
+        module's docstring, :mod:`rgnn.flow.rules` and, for residual MLPs,
+        :mod:`rgnn._residual_single` (one input) and :mod:`rgnn._residual_multi` (several).)
       dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
         and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
         with slot 0 the input ``a`` and slot 1 the input ``b``,
@@ -822,11 +824,13 @@ def perturbative(
         views and the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``, ``ntk_vertex``
         (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex`` (``D = n Cov(z_i^2, H_kk)``) and
         ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``); on several inputs the unrolled two-unit
-        flow of :mod:`rgnn._residual_multi` gives the kernel side only (``vertex``,
+        flow of :mod:`rgnn._residual_multi` gives the kernel side (``vertex``,
         ``nngp_correction``, ``nngp_variance``, ``kurtosis`` (the excess kurtosis of one unit,
-        ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) in the pair layout, its cross-layer
-        moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error in
-        ``quadrature_error``), and leaves the NTK fields ``None`` (not derived there);
+        ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) and, with ``ntk=True``, the NTK
+        side (``ntk``, ``ntk_correction``, ``ntk_variance`` (``n Var(H_{ii;ab})`` of one unit,
+        not ``A + 2 B``), ``ntk_vertex``, ``mixed_vertex``, ``ntk_b``, with the residual
+        meanings above on every pair) in the pair layout, its cross-layer moments by a tensor
+        rule of :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``);
         ``full=True`` and the dNTK raise a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
