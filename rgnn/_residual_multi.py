@@ -640,6 +640,29 @@ def _anchors(m: int):
     return anchors, aq, ap, ae
 
 
+def _member_basis(m: int):
+    """``[M, 6, 6, m, m]``: every member as a combination of the products ``f_k(z_c) f_l(z_d)``
+    of the basis ``(s, s', s'', s^(3), z, 1)`` (the product rule of :func:`_member_terms`; the
+    smooth path of :func:`_ntk_cross`)."""
+    members, *_ = _ntk_tables(m)
+    out = np.zeros((len(members), 6, 6, m, m))
+    for i, (kind, w, d) in enumerate(members):
+        if kind == "one":
+            out[i, 5, 5, 0, 0] = 1.0
+            continue
+        (o1, p1), (o2, p2) = _factor_orders(kind)
+        for k1, k2 in _member_terms(kind, w, d):
+            idx = []
+            for o, poly, k in ((o1, p1, k1), (o2, p2, k2)):
+                if poly:
+                    idx.append(4 if k == 0 else (5 if k == 1 else None))
+                else:
+                    idx.append(o + k if o + k <= 3 else None)
+            if None not in idx:
+                out[i, idx[0], idx[1], w[0], w[1]] += 1.0
+    return out
+
+
 def _factor_orders(kind):
     """The two factors of a member's base function as ``(order of sigma, polynomial?)``."""
     return {
@@ -659,30 +682,6 @@ def _member_terms(kind, w, d):
         if all(w[side] == j for side, j in zip(assign, d, strict=True)):
             terms.append((sum(1 for s in assign if s == 0), sum(1 for s in assign if s == 1)))
     return terms
-
-
-def _factor(der, z, order, poly, extra, c):
-    """``f^(extra)(z_c)`` for a factor ``sigma^(order)`` (``der[k]`` its derivatives on the
-    grid) or the polynomial ``z`` (``poly``)."""
-    if poly:
-        return z[..., c] if extra == 0 else (jnp.ones_like(z[..., c]) if extra == 1 else None)
-    return der[order + extra][..., c]
-
-
-def _member_value(der, z, member):
-    """One member's values on the grid ``z [..., m]`` from the derivatives ``der`` of sigma
-    (smooth activations: the derivatives themselves)."""
-    kind, w, d = member
-    if kind == "one":
-        return jnp.ones_like(z[..., 0])
-    (o1, p1), (o2, p2) = _factor_orders(kind)
-    out = jnp.zeros_like(z[..., 0])
-    for k1, k2 in _member_terms(kind, w, d):
-        f1 = _factor(der, z, o1, p1, k1, w[0])
-        f2 = _factor(der, z, o2, p2, k2, w[1])
-        if f1 is not None and f2 is not None:
-            out = out + f1 * f2
-    return out
 
 
 def _anchor_values(act, y, anchors):
@@ -721,9 +720,13 @@ def _ntk_cross(act, ki, kr, g, x, w):
     xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
     if act.scale_invariant:
         return _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls)
+    # a smooth activation: the derivatives themselves. Every member is a sum of products
+    # f_k(X_c) f_l(X_d) of the basis (s, s', s'', s^(3), z, 1): one contraction over the
+    # noise for all of them, then a static combination
     der = _derivatives3(act, xx)
-    cols = [flow_moments._weighted_sum(_member_value(der, xx, mem), wq) for mem in members]
-    inner = jnp.stack(cols, -1)  # [Q (y), M]
+    basis = jnp.stack(der + [xx, jnp.ones_like(xx)], -2)  # [Q, Q, 6, m]
+    prods = jnp.einsum("ytkc,ytld,t->yklcd", basis, basis, wq)  # [Q (y), 6, 6, m, m]
+    inner = jnp.einsum("yklcd,fklcd->yf", prods, jnp.asarray(_member_basis(m), xx.dtype))
     av = _anchor_values(act, y, anchors)  # [Q, A]
     return jnp.einsum("ym,ya,y->ma", inner, av, wq)
 
@@ -797,7 +800,7 @@ def _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls):
             if len(full) <= _HERMITE_ORDER and not (kind == "one" and extra):
                 coef[i, j], bidx[i, j], hidx[i, j] = c, b, sid[full]
     powers = jnp.stack([g ** len(e) for e in extras])
-    gm = inner[:, bidx, hidx] * (jnp.asarray(coef, inner.dtype) * powers)  # [Q, M, X]
+    gm = inner[:, bidx, hidx] * (jnp.asarray(coef, inner.dtype) * powers[None, :])[None]
     # the anchors as weights on (y, extra): E[psi(Y) G(Y)] = sum_y sum_x W[y, a, x] G[y, x]
     sy = act.fn(y)
     hy = jax.scipy.linalg.solve_triangular(lk.T, grid.T, lower=False).T  # [Q, m]: K^-1 Y
@@ -1105,7 +1108,7 @@ def ntk_set_flow(act, cw, gamma, xi, lam_w, k, theta, rules, cross):
         # keep the sentinel's rows and columns zero
         mask = jnp.asarray(np.arange(n_m) < n_m - 1, dtype)
         bn = bn * mask[None, :, None, None] * mask[None, None, None, :]
-        dn = dn * mask
+        dn = dn * mask[None, :]
         etan = etan * mask[None, :, None, None]
         en = en * mask[None, :, None, None, None, None] * mask[None, None, None, :, None, None]
         fn = fn * mask[None, :, None, None, None, None] * mask[None, None, None, :, None, None]
