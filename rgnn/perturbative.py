@@ -1081,7 +1081,12 @@ trapezoid rule of :func:`_multi_rules`. Measured (depth 4, ``gamma = 0.8, xi = 0
 ``C_b = 0.1``, random inputs), the largest change of the vertex / kernel correction (relative
 to the largest vertex / kernel) against 40-48 nodes: relu 7e-5 / 4e-4 on two inputs (the kinks:
 algebraic convergence), tanh 1.1e-5 / 3.4e-6 on three (Gauss-Hermite: 6e-5 / 4e-5), gelu
-8e-13 / 4e-12 on two. The work grows like its fourth power."""
+8e-13 / 4e-12 on two. The NTK side (depth 5, four inputs, tanh against 48 nodes): ``D`` 4e-4,
+``A`` 1e-4, the NTK mean shift (relative to the largest NTK), variance and ``B`` 1e-5 (with
+Gauss-Hermite at 20 nodes: 1e-2 on ``D``, so the estimate in ``quadrature_error``, the change
+between the two rules, is pessimistic there by about 25); on one input against the grid flow
+of :mod:`rgnn._residual_single`: relu 1e-4 (mean shift) to 3e-4 (``D``), tanh 1e-8, gelu
+1e-10. The work grows like its fourth power."""
 
 _RESIDUAL_CHUNK = 16
 """Pairs per call of the compiled nonlinear residual flow (every input count shares one
