@@ -726,22 +726,28 @@ def test_compare_on_a_residual_ensemble(x64):
         assert np.all(np.isfinite(pred))
 
 
-def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(x64):
+# nonlinear on two inputs in the slow tier: the default run reaches that path through
+# tests/test_models.py::test_residual_point_with_predictions_on_asks_only_for_derived_statistics
+@pytest.mark.parametrize(
+    ("activation", "n_inputs"),
+    [("relu", 1), ("linear", 2), pytest.param("relu", 2, marks=pytest.mark.slow)],
+)
+def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(
+    x64, activation, n_inputs
+):
     """The sweep's NTK-fluctuation measure (rgnn.study) predicts ``Var(H) / Theta^2`` on the
     output layer for a residual MLP: nonlinear on one input (the single-input flow) and on two
     (the pair flow of rgnn._residual_multi), linear on any inputs."""
     from rgnn.study import _ntk_fluctuation
 
-    ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, 2, 2))
-    for activation, n_inputs in (("relu", 1), ("linear", 2), ("relu", 2)):
-        # depth 4 and relu: the pair flow's compilation of the trivial-shortcut test
-        arch = rgnn.MLP(4, 16, activation, shortcut=0.5, branch=0.8)
-        x = _inputs(n_inputs)
-        got = _ntk_fluctuation(arch, x, ntk0[:, :n_inputs, :n_inputs], predict=True)
-        p = rgnn.perturbative(arch, x, warn=False)
-        ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
-        assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
-        assert math.isfinite(got["value"])
+    ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, n_inputs, n_inputs))
+    arch = rgnn.MLP(2, 16, activation, shortcut=0.5, branch=0.8)
+    x = _inputs(n_inputs)
+    got = _ntk_fluctuation(arch, x, ntk0, predict=True)
+    p = rgnn.perturbative(arch, x, warn=False)
+    ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
+    assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
+    assert math.isfinite(got["value"])
 
 
 # ----------------------------------------------------------------------------- several inputs
