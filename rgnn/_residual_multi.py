@@ -122,8 +122,9 @@ rounding). Monte Carlo over finite networks on several inputs (:mod:`tools.resid
 ``--inputs``), where the rotation-symmetric rules are rejected.
 
 **The NTK side** (derived here; PDLT ch. 8 has the plain recursions it reduces to, the NTK
-mean, ``D, F`` and the NTK variance ``A, B`` of sec. 8.3, with ch. 9 their criticality, and
-its appendix on residual learning only the leading-order kernels and NTK). One unit's NTK on
+mean, its cross correlations ``D, F`` with the preactivations and the NTK variance ``A, B``,
+ch. 9 their criticality, and its appendix on residual learning only the leading-order kernels
+and NTK). One unit's NTK on
 the pair is ``H_{ii;ab} = Theta_ab + delta_{i;ab}``, the off-diagonal ``H_{ik;ab}``
 (``i != k``), with ``p_ab = s'_a s'_b``, ``e_xy = s_x s'_y``, ``y_ab = lambda_W q_ab +
 C_W Theta_ab p_ab`` (one unit's share of the NTK metric ``H~_ab = lambda_b + lambda_W (1/n)
