@@ -1013,7 +1013,7 @@ def test_monte_carlo_several_inputs_ntk_side_across_widths(x64, activation):
         arch = rgnn.MLP(
             3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
         )
-        m = rgnn.measure(arch, x, n_networks=768, key=jax.random.key(width), ntk=True)
+        m = rgnn.measure(arch, x, n_networks=768, key=jax.random.key(width), ntk=True, vertex=True)
         n = np.asarray(arch.layer_dims(4), float)[:-1]
         for name in names:
             scale = n[:, None, None] if name in ("ntk_variance", "ntk_correction") else 1.0
