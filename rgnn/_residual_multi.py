@@ -131,8 +131,9 @@ C_W Theta_ab p_ab`` (one unit's share of the NTK metric ``H~_ab = lambda_b + lam
 sum_j q_ab(z_j) + C_W (1/n) sum_j p_ab(z_j) H_{jj;ab}``). :mod:`rgnn._residual_single`'s
 objects carry pair indices (``i != k``; functions of one unit's ``z in R^m``):
 
-* ``eta_ab(f) = n E[delta_{i;ab} f(z_i)]``; ``E_ab(f, g) = n E[delta_{i;ab} f(z_i) g(z_k)]
-  - eta_ab(f) <g>``; ``F_ab(f, g) = n E[H_{ik;ab} f(z_i) g(z_k)]``;
+* ``eta_ab(f) = n E[delta_{i;ab} f(z_i)]``;
+  ``E_ab(f, g) = n E[delta_{i;ab} f(z_i) g(z_k)] - eta_ab(f) <g>``;
+  ``F_ab(f, g) = n E[H_{ik;ab} f(z_i) g(z_k)]``;
 * ``nu_(ab)(cd)(f) = n E[delta_{i;ab} delta_{i;cd} f(z_i)]``; ``A_(ab)(cd)(f, g) = n
   E[delta_{i;ab} delta_{k;cd} f(z_i) g(z_k)]``; ``Bo_(ab)(cd)(f, g) = n E[H_{ik;ab} H_{ik;cd}
   f(z_i) g(z_k)]``.
