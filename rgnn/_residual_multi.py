@@ -727,8 +727,10 @@ def _ntk_cross(act, ki, kr, g, x, w):
     # noise for all of them, then a static combination
     der = _derivatives3(act, xx)
     basis = jnp.stack(der + [xx, jnp.ones_like(xx)], -2)  # [Q, Q, 6, m]
-    prods = jnp.einsum("ytkc,ytld,t->yklcd", basis, basis, wq)  # [Q (y), 6, 6, m, m]
-    inner = jnp.einsum("yklcd,fklcd->yf", prods, jnp.asarray(_member_basis(m), xx.dtype))
+    mb = _member_basis(m)
+    k_, l_, c_, d_ = np.nonzero(np.any(mb != 0, axis=0))  # the products some member uses
+    prods = jnp.einsum("yti,yti,t->yi", basis[:, :, k_, c_], basis[:, :, l_, d_], wq)
+    inner = prods @ jnp.asarray(mb[:, k_, l_, c_, d_].T, xx.dtype)  # [Q (y), M]
     av = _anchor_values(act, y, anchors)  # [Q, A]
     return jnp.einsum("ym,ya,y->ma", inner, av, wq)
 
