@@ -1,4 +1,5 @@
-"""The O(1/n) kernel side of a nonlinear residual MLP on several inputs (derived here).
+"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side and the NTK
+side (derived here).
 
 Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
 breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
@@ -120,12 +121,127 @@ the others). A linear activation: the residual rules of :mod:`rgnn.flow.rules` (
 rounding). Monte Carlo over finite networks on several inputs (:mod:`tools.residual_monte_carlo`
 ``--inputs``), where the rotation-symmetric rules are rejected.
 
-Not derived here: the NTK side (its mean shift, variance, ``A, B, D``) on several inputs, the
-dNTK, the full four-index layout.
+**The NTK side** (derived here; PDLT ch. 8 has the plain recursions it reduces to, the NTK
+mean, its cross correlations ``D, F`` with the preactivations and the NTK variance ``A, B``,
+ch. 9 their criticality, and its appendix on residual learning only the leading-order kernels
+and NTK). One unit's NTK on
+the pair is ``H_{ii;ab} = Theta_ab + delta_{i;ab}``, the off-diagonal ``H_{ik;ab}``
+(``i != k``), with ``p_ab = s'_a s'_b``, ``e_xy = s_x s'_y``, ``y_ab = lambda_W q_ab +
+C_W Theta_ab p_ab`` (one unit's share of the NTK metric ``H~_ab = lambda_b + lambda_W (1/n)
+sum_j q_ab(z_j) + C_W (1/n) sum_j p_ab(z_j) H_{jj;ab}``). :mod:`rgnn._residual_single`'s
+objects carry pair indices (``i != k``; functions of one unit's ``z in R^m``):
+
+* ``eta_ab(f) = n E[delta_{i;ab} f(z_i)]``;
+  ``E_ab(f, g) = n E[delta_{i;ab} f(z_i) g(z_k)] - eta_ab(f) <g>``;
+  ``F_ab(f, g) = n E[H_{ik;ab} f(z_i) g(z_k)]``;
+* ``nu_(ab)(cd)(f) = n E[delta_{i;ab} delta_{i;cd} f(z_i)]``; ``A_(ab)(cd)(f, g) = n
+  E[delta_{i;ab} delta_{k;cd} f(z_i) g(z_k)]``; ``Bo_(ab)(cd)(f, g) = n E[H_{ik;ab} H_{ik;cd}
+  f(z_i) g(z_k)]``.
+
+The conditional mean's expansion above in ordered indices, with ``kappa = xi^2 / 2`` and
+``T_cd f = T d_c d_d f``, is ``E[f(z'_i) | l] = Tf + kappa sum_cd (T_cd f) delta G_cd + ...``
+(``n Cov(F(z_i), G_cd) = C_W Sigma(F, q_cd)``). The layer gives ``delta'_{i;ab} = xi^2 (H~_ab -
+Theta~_ab) + gamma^2 delta_{i;ab} + Xi_{i;ab}``, ``Xi_{i;ab} = xi^2 (w^T M^{ab} w - E) + xi
+gamma (w.v^{ab} + w.v'^{ab})`` (``w`` row ``i`` of ``W``, ``M^{ab}_jm = s'_{j;a} s'_{m;b}
+H_{jm;ab}``, ``v^{ab}_j = s'_{j;a} H_{ji;ab}``, ``v'^{ab}_j = s'_{j;b} H_{ij;ab}``) and
+``H'_{ik;ab} = xi^2 w^T M^{ab} u + xi gamma (sum_j w_j s'_{j;a} H_{jk;ab} + sum_m u_m
+s'_{m;b} H_{im;ab}) + gamma^2 H_{ik;ab}`` (``u`` row ``k``). Stein's lemma on the rows
+(``d_{w_j} f(z'_i) = xi sum_c s_{j;c} d_c f``) and the unit sums split as on one input give,
+with ``S_(ab)(cd) = lambda_W Sigma(q_ab, q_cd) + C_W Theta_ab Sigma(p_ab, q_cd) + C_W
+E_ab(p_ab, q_cd)`` (``n Cov(H~_ab, G_cd) / C_W``), ``c_(cd;ab) = Theta_ab <e_ca e_db> +
+F_ab(e_ca, e_db)`` and ``T_c f = T d_c f``:
+
+.. math::
+
+    \\eta'_{ab}(f) &= \\gamma^2 [\\eta_{ab}(Tf) + C_W \\kappa \\textstyle\\sum_{cd}
+        E_{ab}(T_{cd} f, q_{cd})]
+      + \\xi^2 \\{\\lambda_W [\\Sigma(q_{ab}, Tf) + d(q_{ab}) \\langle Tf\\rangle]
+      + C_W \\Theta_{ab} [\\Sigma(p_{ab}, Tf) + d(p_{ab}) \\langle Tf\\rangle] \\\\
+      &\\quad + C_W [E_{ab}(p_{ab}, Tf) + \\eta_{ab}(p_{ab}) \\langle Tf\\rangle]
+      + C_W \\kappa \\textstyle\\sum_{cd} S_{(ab)(cd)} \\langle T_{cd} f\\rangle\\}
+      + C_W^2 \\xi^4 \\textstyle\\sum_{cd} c_{(cd;ab)} \\langle T_{cd} f\\rangle \\\\
+      &\\quad + C_W \\xi^2 \\gamma \\textstyle\\sum_c [\\Theta_{ab} \\langle (e_{ca} + e_{cb})
+        T_c f\\rangle + F_{ab}(e_{ca}, T_c f) + F_{ba}(e_{cb}, T_c f)], \\\\
+    E'_{ab}(f, g) &= \\gamma^2 [E_{ab}(Tf, Tg) + C_W \\kappa \\textstyle\\sum_{cd}
+        E_{ab}(Tf, q_{cd}) \\langle T_{cd} g\\rangle]
+      + \\xi^2 \\langle Tf\\rangle [\\lambda_W \\Sigma(q_{ab}, Tg)
+      + C_W \\Theta_{ab} \\Sigma(p_{ab}, Tg) + C_W E_{ab}(p_{ab}, Tg)
+      + C_W \\kappa \\textstyle\\sum_{cd} S_{(ab)(cd)} \\langle T_{cd} g\\rangle], \\\\
+    F'_{ab}(f, g) &= \\gamma^2 F_{ab}(Tf, Tg) + C_W \\xi^2 \\gamma \\textstyle\\sum_c
+        \\big[\\langle T_c f\\rangle (\\Theta_{ab} \\langle e_{ca} Tg\\rangle
+        + F_{ab}(e_{ca}, Tg)) + \\langle T_c g\\rangle (\\Theta_{ab} \\langle e_{cb} Tf\\rangle
+        + F_{ab}(Tf, e_{cb}))\\big]
+      + C_W^2 \\xi^4 \\textstyle\\sum_{cd} c_{(cd;ab)} \\langle T_c f\\rangle
+        \\langle T_d g\\rangle .
+
+For the variance, ``N_(ab)(cd) = n Cov(H~_ab, H~_cd) = Sigma(y_ab, y_cd) + C_W E_ab(p_ab,
+y_cd) + C_W E_cd(p_cd, y_ab) + C_W^2 A_(ab)(cd)(p_ab, p_cd)``, ``a^{X;Y}(f) = n E[(H~_X -
+Theta~_X) delta_{i;Y} Tf(z_i)] = E_Y(Tf, y_X) + C_W A_(Y)(X)(Tf, p_X)``, ``b_(ab)(cd) =
+Theta_ab Theta_cd <p_ac p_bd> + Bo_(ab)(cd)(p_ac, p_bd)``; ``Cov(w^T M w, w^T N w) =
+(C_W / n)^2 tr(M (N + N^T))`` pairs ``(ab)`` with ``(cd)`` and with ``(dc)``, and the linear
+part of ``Xi`` gives the four terms of ``beta_(ab)(cd)(f) = Theta_ab Theta_cd <(p_ac + p_ad +
+p_bc + p_bd) Tf> + Bo_(ab)(cd)(p_ac, Tf) + Bo_(ab)(dc)(p_ad, Tf) + Bo_(ba)(cd)(p_bc, Tf) +
+Bo_(ba)(dc)(p_bd, Tf)``:
+
+.. math::
+
+    \\nu'_{(ab)(cd)}(f) &= \\gamma^4 \\nu_{(ab)(cd)}(Tf) + \\xi^4 [N_{(ab)(cd)}
+        + C_W^2 (b_{(ab)(cd)} + b_{(ab)(dc)})] \\langle Tf\\rangle
+      + \\xi^2 \\gamma^2 [a^{ab;cd}(f) + a^{cd;ab}(f)]
+      + C_W \\xi^2 \\gamma^2 \\beta_{(ab)(cd)}(f), \\\\
+    A'_{(ab)(cd)}(f, g) &= \\gamma^4 A_{(ab)(cd)}(Tf, Tg)
+      + \\xi^4 N_{(ab)(cd)} \\langle Tf\\rangle \\langle Tg\\rangle
+      + \\xi^2 \\gamma^2 [a^{cd;ab}(f) \\langle Tg\\rangle
+      + \\langle Tf\\rangle a^{ab;cd}(g)], \\\\
+    Bo'_{(ab)(cd)}(f, g) &= \\gamma^4 Bo_{(ab)(cd)}(Tf, Tg)
+      + C_W^2 \\xi^4 b_{(ab)(cd)} \\langle Tf\\rangle \\langle Tg\\rangle
+      + C_W \\xi^2 \\gamma^2 \\big[(\\Theta_{ab} \\Theta_{cd} \\langle p_{bd} Tf\\rangle
+      + Bo_{(ab)(cd)}(Tf, p_{bd})) \\langle Tg\\rangle \\\\
+      &\\quad + \\langle Tf\\rangle (\\Theta_{ab} \\Theta_{cd} \\langle p_{ac} Tg\\rangle
+      + Bo_{(ab)(cd)}(p_{ac}, Tg))\\big],
+
+all zero on layer 1 (and ``B, d`` as above). One input (``m = 1``) gives
+:mod:`rgnn._residual_single`'s recursions term by term. Outputs of layer ``l``: ``n (E
+H_{ii;ab} - Theta_ab) = eta_ab(1)``, ``n Var(H_{ii;ab}) = nu_(ab)(ab)(1)``, PDLT's ``A_(ab)(cd) =
+A_(ab)(cd)(1, 1)``, ``B_{a b c d}`` (``E[H_{ik;ac} H_{ik;bd}] = B_{abcd} / n``) ``=
+Bo_(ac)(bd)(1, 1)`` and ``D_(cd)(ab) = n Cov(z_{k;c} z_{k;d}, H_{ii;ab}) = E_ab(1, z_c z_d)``.
+
+*Unrolled* as the kernel side: ``T_l P_{l+1->r} = P_{l->r}``, ``d_c P_{l+1->r} = Gamma
+P_{l+1->r} d_c`` (``Gamma = Gamma_{l+1->r}``) and ``<T P_{l+1->r} phi>_{K^{(l)}} =
+<phi>_{K^{(r)}}``, so every argument the recursions reach from the outputs is ``P_{l->r}
+d_D phi`` with ``D`` a multiset of inputs and ``phi`` in a fixed family: members ``one``,
+``q_w``, ``p_w``, ``z_c z_d`` and ``d_cd q_w``, ``d_cd p_w`` (``B``, ``d``, ``E``), ``e_xy``
+and ``d_c p_w`` (``F``); 40 on a pair. Every form is a table ``[L+1, members, L+1,
+members]`` (pair components last; ``A`` and ``Bo`` on the members ``one, p_w`` only,
+``nu`` on ``one``), updated by the same ``lax.scan``; a member outside the family maps to a
+zero sentinel, reached only by entries no output reads (the one-input and plain checks
+below would see any that were). The sources: the raw cross-layer moments ``E[d_D phi(X)
+psi(Y)]`` of every member with the anchors ``psi`` in ``one, q, p, e`` at the lower layer
+(``C_0`` subtracts the product of the means from the same rule, so that independent ``X`` and
+``Y`` give exactly zero); the same-layer ones from :class:`rgnn.flow.moments.Moments` (exact
+for relu); the Gaussian averages ``<d_D phi>_{K^{(r)}}`` of even order by Price's theorem on
+the closed-form kernel maps (``<s s>``, ``<s' s'>``, ``K``; automatic differentiation, exact
+through relu's kink), ``<d_c e_xy>`` by the product rule on the exact moments. For the
+scale-invariant class (``s s'' = 0``) ``p_cd = d_c d_d q_cd / (1 + delta_cd)`` and ``e_xy =
+d_y q_xy / (1 + delta_xy)``: every member is a derivative of the continuous ``q``, taken by
+the Hermite weights on ``e`` (no step function is integrated by the rule: with ``p`` itself
+the rule converged like ``1 / nodes``, 5% at 20 nodes), and the anchors ``p, e`` on ``Y`` move
+onto the smooth conditional mean ``G(Y) = E[member(X) | Y]`` by Gaussian integration by parts
+(``E[d_c Q G] = E[Q ((K^{-1} Y)_c G - Gamma G_{+c})]``).
+
+**Checks of the NTK side** (``tests/test_residual.py``): one input equals
+:mod:`rgnn._residual_single`'s grid flow (tanh ``1e-8``, gelu ``1e-10`` relative at 20 nodes;
+relu ``1e-4``, converging algebraically with the nodes to the grid); ``gamma = 0, xi = 1`` on
+three inputs equals the plain engine on every NTK field (``1e-11``); a linear activation
+equals the exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
+(:mod:`tools.residual_monte_carlo`).
+
+Not derived here: the dNTK and ddNTK on several inputs, the full four-index layout.
 """
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import jax
@@ -457,3 +573,679 @@ def sets_flow(act, cw, gamma, xi, ks, rules, cross):
 
     v, dg, d4 = jax.lax.map(one, ks, batch_size=min(8, ks.shape[0]))
     return jnp.moveaxis(v, 0, 1), jnp.moveaxis(dg, 0, 1), jnp.moveaxis(d4, 0, 1)
+
+
+# ----------------------------------------------------------------------------- the NTK side
+def _ntk_members(m: int):
+    """The static family of the NTK side on a set of ``m`` inputs (module docstring, "The NTK
+    side"): members ``(kind, w, D)``, the function ``d_D phi_w`` with ``phi`` one of
+    ``one`` (the constant), ``q`` (``s_c s_d``), ``p`` (``s'_c s'_d``), ``zz`` (``z_c z_d``)
+    on an unordered pair ``w = (c, d)``, or ``e`` (``s_x s'_y``) on an ordered pair, and ``D``
+    a sorted tuple of the inputs differentiated. Returns ``(members, index)``; the zero
+    sentinel (a member outside the family) is ``len(members)``."""
+    units = _units(m)
+    ordered = [(x, y) for x in range(m) for y in range(m)]
+    members = [("one", (), ())]
+    members += [("q", w, ()) for w in units]
+    members += [("p", w, ()) for w in units]
+    members += [("zz", w, ()) for w in units]
+    members += [("q", w, d) for w in units for d in units]
+    members += [("p", w, d) for w in units for d in units]
+    members += [("e", w, ()) for w in ordered]
+    members += [("p", w, (c,)) for w in units for c in range(m)]
+    index = {mem: i for i, mem in enumerate(members)}
+    return members, index
+
+
+def _ntk_tables(m: int):
+    """Static index tables of :func:`_ntk_members`: ``deriv1 [M, m]`` and ``deriv2 [M, m, m]``
+    (the member ``d_c (member)``, ``d_c d_d (member)``, or the sentinel ``M``) and the members
+    ``mq, mp, mzz, me [m, m]`` of ``q_cd``, ``p_cd``, ``z_c z_d`` and ``e_xy``."""
+    members, index = _ntk_members(m)
+    n_m = len(members)
+    deriv1 = np.full((n_m + 1, m), n_m, np.int32)
+    deriv2 = np.full((n_m + 1, m, m), n_m, np.int32)
+    for i, (kind, w, d) in enumerate(members):
+        if kind == "one":
+            continue
+        for c in range(m):
+            deriv1[i, c] = index.get((kind, w, tuple(sorted(d + (c,)))), n_m)
+            for e in range(m):
+                deriv2[i, c, e] = index.get((kind, w, tuple(sorted(d + (c, e)))), n_m)
+    mq = np.zeros((m, m), np.int32)
+    mp, mzz, me = mq.copy(), mq.copy(), mq.copy()
+    for c in range(m):
+        for d in range(m):
+            w = (min(c, d), max(c, d))
+            mq[c, d] = index[("q", w, ())]
+            mp[c, d] = index[("p", w, ())]
+            mzz[c, d] = index[("zz", w, ())]
+            me[c, d] = index[("e", (c, d), ())]
+    return members, deriv1, deriv2, mq, mp, mzz, me
+
+
+def _anchors(m: int):
+    """The anchor functions on the lower layer of a cross-layer moment: ``one``, ``q_cd``,
+    ``p_cd`` (unordered pairs), ``e_xy`` (ordered): ``[(kind, w)]`` and the index tables
+    ``aq, ap, ae [m, m]``."""
+    units = _units(m)
+    ordered = [(x, y) for x in range(m) for y in range(m)]
+    anchors = [("one", ())] + [("q", w) for w in units] + [("p", w) for w in units]
+    anchors += [("e", w) for w in ordered]
+    index = {a: i for i, a in enumerate(anchors)}
+    aq = np.zeros((m, m), np.int32)
+    ap, ae = aq.copy(), aq.copy()
+    for c in range(m):
+        for d in range(m):
+            w = (min(c, d), max(c, d))
+            aq[c, d], ap[c, d], ae[c, d] = index[("q", w)], index[("p", w)], index[("e", (c, d))]
+    return anchors, aq, ap, ae
+
+
+def _member_basis(m: int):
+    """``[M, 6, 6, m, m]``: every member as a combination of the products ``f_k(z_c) f_l(z_d)``
+    of the basis ``(s, s', s'', s^(3), z, 1)`` (the product rule of :func:`_member_terms`; the
+    smooth path of :func:`_ntk_cross`)."""
+    members, *_ = _ntk_tables(m)
+    out = np.zeros((len(members), 6, 6, m, m))
+    for i, (kind, w, d) in enumerate(members):
+        if kind == "one":
+            out[i, 5, 5, 0, 0] = 1.0
+            continue
+        (o1, p1), (o2, p2) = _factor_orders(kind)
+        for k1, k2 in _member_terms(kind, w, d):
+            idx = []
+            for o, poly, k in ((o1, p1, k1), (o2, p2, k2)):
+                if poly:
+                    idx.append(4 if k == 0 else (5 if k == 1 else None))
+                else:
+                    idx.append(o + k if o + k <= 3 else None)
+            if None not in idx:
+                out[i, idx[0], idx[1], w[0], w[1]] += 1.0
+    return out
+
+
+def _factor_orders(kind):
+    """The two factors of a member's base function as ``(order of sigma, polynomial?)``."""
+    return {
+        "q": ((0, False), (0, False)),
+        "p": ((1, False), (1, False)),
+        "e": ((0, False), (1, False)),
+        "zz": ((0, True), (0, True)),
+    }[kind]
+
+
+def _member_terms(kind, w, d):
+    """``d_D (f_1(z_c) f_2(z_d))`` by the product rule: ``[(k_1, k_2)]``, the extra derivative
+    orders of the two factors, one entry per assignment of the indices of ``D`` to a factor
+    whose input it is."""
+    terms = []
+    for assign in np.ndindex(*((2,) * len(d))):
+        if all(w[side] == j for side, j in zip(assign, d, strict=True)):
+            terms.append((sum(1 for s in assign if s == 0), sum(1 for s in assign if s == 1)))
+    return terms
+
+
+def _anchor_values(act, y, anchors):
+    """``[Q, A]``: the anchors on the lower layer's grid ``y [Q, m]``."""
+    s = act.fn(y)
+    ds = jax.vmap(jax.grad(act.fn))(y.reshape(-1)).reshape(y.shape)
+    cols = []
+    for kind, w in anchors:
+        if kind == "one":
+            cols.append(jnp.ones_like(y[:, 0]))
+        elif kind == "q":
+            cols.append(s[:, w[0]] * s[:, w[1]])
+        elif kind == "p":
+            cols.append(ds[:, w[0]] * ds[:, w[1]])
+        else:
+            cols.append(s[:, w[0]] * ds[:, w[1]])
+    return jnp.stack(cols, -1)
+
+
+def _ntk_cross(act, ki, kr, g, x, w):
+    """Raw cross-layer moments ``E[(d_D phi)(X) psi(Y)]`` of every member (``[M, A]``) with
+    every anchor, ``Y = z^(i)``, ``X = z^(r) = g Y + e``, ``e ~ N(0, S)`` (as
+    :func:`_cross_layer`: a tensor rule on ``Y = chol(K^(i)) y`` and ``e = chol(S) t``; the
+    derivatives of a smooth activation directly, the Hermite weights of Price's theorem on
+    ``e`` for the scale-invariant class)."""
+    m = ki.shape[0]
+    members, *_ = _ntk_tables(m)
+    anchors, *_ = _anchors(m)
+    grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
+    wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
+    s = kr - g * g * ki
+    lk = jnp.linalg.cholesky(ki)
+    ls = jnp.linalg.cholesky(s)
+    y = grid @ lk.T
+    e = grid @ ls.T
+    xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
+    if act.scale_invariant:
+        return _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls)
+    # a smooth activation: the derivatives themselves. Every member is a sum of products
+    # f_k(X_c) f_l(X_d) of the basis (s, s', s'', s^(3), z, 1): one contraction over the
+    # noise for all of them, then a static combination
+    der = _derivatives3(act, xx)
+    basis = jnp.stack(der + [xx, jnp.ones_like(xx)], -2)  # [Q, Q, 6, m]
+    mb = _member_basis(m)
+    k_, l_, c_, d_ = np.nonzero(np.any(mb != 0, axis=0))  # the products some member uses
+    prods = jnp.einsum("yti,yti,t->yi", basis[:, :, k_, c_], basis[:, :, l_, d_], wq)
+    inner = prods @ jnp.asarray(mb[:, k_, l_, c_, d_].T, xx.dtype)  # [Q (y), M]
+    av = _anchor_values(act, y, anchors)  # [Q, A]
+    return jnp.einsum("ym,ya,y->ma", inner, av, wq)
+
+
+_HERMITE_ORDER = 4
+"""Highest total order of the Hermite weights in the kinked cross-layer moments (the
+statistics need at most four derivatives of ``q``)."""
+
+
+def _multisets(m: int, order: int):
+    """Sorted index tuples of length ``0..order`` over ``m`` inputs."""
+    out = [()]
+    for n in range(1, order + 1):
+        out += [t for t in itertools.combinations_with_replacement(range(m), n)]
+    return out
+
+
+def _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls):
+    """:func:`_ntk_cross` for the scale-invariant class, with no discontinuous integrand:
+    there ``s s'' = 0``, so ``p_cd = d_c d_d q_cd / (1 + delta_cd)`` and ``e_xy = d_y q_xy /
+    (1 + delta_xy)``, and every member is a derivative of the continuous ``q`` (or of ``z_c
+    z_d``), taken by the Hermite weights of Price's theorem on ``e`` (``E[d_D F(X) | Y] =
+    E[F(X) He_D(e; S) | Y]``, ``He_{D+c} = (S^-1 e)_c He_D - sum_{j in D} S^-1_cj
+    He_{D-j}``); the anchors ``p`` and ``e`` on ``Y`` are moved onto the smooth conditional
+    mean ``G(Y) = E[member(X) | Y]`` by Gaussian integration by parts, ``E[d_c Q(Y) G(Y)] =
+    E[Q(Y) ((K^-1 Y)_c G(Y) - d_c G(Y))]`` with ``d_c G = g G_{+c}`` (the member with one
+    more derivative)."""
+    m = ki.shape[0]
+    members, *_ = _ntk_tables(m)
+    anchors, *_ = _anchors(m)
+    units = _units(m)
+    uid = {w: i for i, w in enumerate(units)}
+    sets = _multisets(m, _HERMITE_ORDER)
+    sid = {t: i for i, t in enumerate(sets)}
+    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]: S^-1 e
+    sinv = jnp.linalg.inv(s)
+    herm = {(): jnp.ones_like(t[0])}
+    for d in sets[1:]:
+        c, rest = d[-1], d[:-1]
+        h = t[c] * herm[rest]
+        for j in range(len(rest)):
+            h = h - sinv[c, rest[j]] * herm[rest[:j] + rest[j + 1 :]]
+        herm[d] = h
+    hw = jnp.stack([herm[d] for d in sets])  # [H, Q (t)]
+    sx = act.fn(xx)
+    base = [jnp.ones_like(xx[..., 0])]
+    base += [sx[..., a] * sx[..., b] for a, b in units]
+    base += [xx[..., a] * xx[..., b] for a, b in units]
+    base = jnp.stack(base, -1)  # [Q, Q, 1 + 2 nu]: one, q_w, z_c z_d
+    inner = jnp.einsum("ytb,ht,t->ybh", base, hw, wq)  # [Q (y), base, H]
+
+    # every (member, extra derivative) as (coefficient, base, Hermite index): one gather
+    extras = [()] + [(c,) for c in range(m)] + units
+    xid = {e: i for i, e in enumerate(extras)}
+    coef = np.zeros((len(members), len(extras)))
+    bidx = np.zeros((len(members), len(extras)), np.int32)
+    hidx = np.zeros((len(members), len(extras)), np.int32)
+    for i, (kind, w, d) in enumerate(members):
+        for j, extra in enumerate(extras):
+            if kind == "one":
+                b, dd, c = 0, (), 1.0
+            elif kind in ("q", "zz"):
+                b, dd, c = (1 if kind == "q" else 1 + len(units)) + uid[w], d, 1.0
+            elif kind == "p":
+                b, dd, c = 1 + uid[w], d + w, 1.0 / (1.0 + (w[0] == w[1]))
+            else:  # e_xy
+                x_, y_ = w
+                b = 1 + uid[(min(x_, y_), max(x_, y_))]
+                dd, c = d + (y_,), 1.0 / (1.0 + (x_ == y_))
+            full = tuple(sorted(dd + extra))
+            if len(full) <= _HERMITE_ORDER and not (kind == "one" and extra):
+                coef[i, j], bidx[i, j], hidx[i, j] = c, b, sid[full]
+    powers = jnp.stack([g ** len(e) for e in extras])
+    gm = inner[:, bidx, hidx] * (jnp.asarray(coef, inner.dtype) * powers[None, :])[None]
+    # the anchors as weights on (y, extra): E[psi(Y) G(Y)] = sum_y sum_x W[y, a, x] G[y, x]
+    sy = act.fn(y)
+    hy = jax.scipy.linalg.solve_triangular(lk.T, grid.T, lower=False).T  # [Q, m]: K^-1 Y
+    kinv = jnp.linalg.inv(ki)
+    cols = []
+    for akind, aw in anchors:
+        col = [jnp.zeros_like(wq)] * len(extras)
+        if akind == "one":
+            col[0] = jnp.ones_like(wq)
+        elif akind == "q":
+            col[0] = sy[:, aw[0]] * sy[:, aw[1]]
+        elif akind == "p":  # d_c d_d q_cd / (1 + delta_cd), by parts twice
+            c, d = aw
+            qa = sy[:, c] * sy[:, d] / (1.0 + (c == d))
+            col[0] = qa * (hy[:, c] * hy[:, d] - kinv[c, d])
+            col[xid[(d,)]] = col[xid[(d,)]] - qa * hy[:, c]
+            col[xid[(c,)]] = col[xid[(c,)]] - qa * hy[:, d]
+            col[xid[(c, d)]] = col[xid[(c, d)]] + qa
+        else:  # e_xy = d_y q_xy / (1 + delta_xy), by parts once
+            x_, y_ = aw
+            qa = sy[:, x_] * sy[:, y_] / (1.0 + (x_ == y_))
+            col[0] = qa * hy[:, y_]
+            col[xid[(y_,)]] = -qa
+        cols.append(jnp.stack(col, -1))
+    wy = jnp.stack(cols, 1)  # [Q, A, X]
+    return jnp.einsum("yax,ymx,y->ma", wy, gm, wq)
+
+
+def _derivatives3(act, z):
+    """``(sigma, sigma', sigma'', sigma''')`` at ``z`` (automatic differentiation)."""
+    f = act.fn
+    fs = [f]
+    for _ in range(3):
+        fs.append(jax.grad(fs[-1]))
+    flat = z.reshape(-1)
+    return [f(z)] + [jax.vmap(h)(flat).reshape(z.shape) for h in fs[1:]]
+
+
+def _ntk_same(act, k, rules):
+    """Raw same-layer moments ``E[phi(Y) psi(Y)]`` (``[M, A]``) of the members ``one``, ``q``,
+    ``p``, ``e`` with every anchor, from the exact one- and two-input moments of
+    :class:`rgnn.flow.moments.Moments` (the others, never needed on one layer, are zero)."""
+    m = k.shape[0]
+    members, *_ = _ntk_tables(m)
+    anchors, *_ = _anchors(m)
+    mom = flow_moments.Moments(act, k, rules, pointwise=False, kmax=2)
+    kinds = ("q", "p", "e")
+    order = {"q": (0, 0), "p": (1, 1), "e": (0, 1)}
+    two = jnp.stack([mom.e(order[u], "ab").x for u in kinds])  # [3, m, m]
+    four = jnp.stack([mom.e(order[u] + order[v], "cdab").x for u in kinds for v in kinds])
+    flat = jnp.concatenate([jnp.zeros((1,), k.dtype), jnp.ones((1,), k.dtype)])
+    flat = jnp.concatenate([flat, two.reshape(-1), four.reshape(-1)])
+    n2 = two.size
+    idx = np.zeros((len(members), len(anchors)), np.int32)  # 0: zero, 1: one
+    for i, (kind, w, d) in enumerate(members):
+        for j, (akind, aw) in enumerate(anchors):
+            if d or kind == "zz":
+                continue
+            if kind == "one" and akind == "one":
+                idx[i, j] = 1
+            elif kind == "one" or akind == "one":
+                u, (x_, y_) = (akind, aw) if kind == "one" else (kind, w)
+                idx[i, j] = 2 + np.ravel_multi_index((kinds.index(u), x_, y_), two.shape)
+            else:
+                pos = (3 * kinds.index(kind) + kinds.index(akind), w[0], w[1], aw[0], aw[1])
+                idx[i, j] = 2 + n2 + np.ravel_multi_index(pos, four.shape)
+    return flat[idx]
+
+
+def _avg_map(act, kf, m: int, rules):
+    """``[q (nu), p (nu), zz (nu)]``: ``<s_c s_d>``, ``<s'_c s'_d>`` and ``<z_c z_d>`` on every
+    unordered pair as functions of the full ``[m, m]`` kernel ``kf`` (symmetrized, so that
+    ``d/dK_cd = (1/2) <d_c d_d ...>`` by Price's theorem): closed forms for the
+    scale-invariant class, the one- and two-input trapezoid rules otherwise."""
+    units, *_ = _tables(m)
+    k = 0.5 * (kf + kf.T)
+    q = _qmap(act, k[np.triu_indices(m)], m, rules)
+    out = []
+    for a, b in units:
+        if a == b:
+            if act.scale_invariant:
+                slope = flow_moments._slope(act)
+                out.append(0.5 * (1 + slope * slope) + 0 * k[a, a])
+            else:
+                x, w = rules["1"]
+                ds = jax.vmap(jax.grad(act.fn))(jnp.sqrt(k[a, a]) * x)
+                out.append(jnp.sum(w * ds**2))
+        elif act.scale_invariant:
+            out.append(act.maps(k[a, a], k[b, b], k[a, b])[1])
+        else:
+            x, w = rules["2"]
+            s1 = jnp.sqrt(k[a, a])
+            c = k[a, b] / s1
+            s2 = jnp.sqrt(k[b, b] - c * c)
+            za = (s1 * x[:, None]) * jnp.ones_like(x)[None, :]
+            zb = c * x[:, None] + s2 * x[None, :]
+            g = jax.vmap(jax.grad(act.fn))
+            da = g(za.reshape(-1)).reshape(za.shape)
+            db = g(zb.reshape(-1)).reshape(zb.shape)
+            out.append(jnp.einsum("i,j,ij->", w, w, da * db))
+    zz = jnp.stack([k[a, b] for a, b in units])
+    return jnp.concatenate([q, jnp.stack(out), zz])
+
+
+def _ntk_averages(act, k, rules):
+    """Gaussian averages of the members at one layer (kernel ``k [m, m]``): ``av0 [M+1]``
+    (``<d_D phi>``), ``av1 [M+1, m]`` (``<d_c d_D phi>``, where needed), ``av2 [M+1, m, m]``
+    and ``av4 [M+1, m, m, m, m]`` (``<d_c d_d d_D phi>``, ``<d^4 phi>`` of the members with
+    ``D = ()``). Even orders by Price's theorem on :func:`_avg_map` (automatic
+    differentiation of the closed forms: exact through relu's kink), the first derivative of
+    ``e`` by the product rule on the exact moments of :class:`rgnn.flow.moments.Moments`."""
+    m = k.shape[0]
+    members, *_ = _ntk_tables(m)
+    units, nu, *_ = _tables(m)
+    uid = {w: i for i, w in enumerate(units)}
+    f = partial(_avg_map, act, m=m, rules=rules)
+    val = f(k)
+    jac = 2 * jax.jacfwd(f)(k)  # [3 nu, m, m]
+    hess = 4 * jax.jacfwd(jax.jacfwd(f))(k)  # [3 nu, m, m, m, m]
+    mom = flow_moments.Moments(act, k, rules, pointwise=False, kmax=2)
+    s_s2 = mom.e((0, 2), "ab").x  # <s_x s''_y>
+    base = {"q": 0, "p": nu, "zz": 2 * nu}
+    z0 = jnp.zeros((), k.dtype)
+    a0, a1, a2, a4 = [], [], [], []
+    eye = jnp.eye(m, dtype=k.dtype)
+    for kind, w, d in members:
+        z1, z2, z4 = (jnp.zeros((m,) * r, k.dtype) for r in (1, 2, 4))
+        if kind == "one":
+            a0.append(jnp.ones((), k.dtype))
+            a1.append(z1), a2.append(z2), a4.append(z4)
+            continue
+        if kind == "e":
+            x, y = w
+            pv = val[nu + uid[(min(x, y), max(x, y))]]
+            a0.append(z0)
+            a1.append(eye[x] * pv + eye[y] * s_s2[x, y])
+            a2.append(z2), a4.append(z4)
+            continue
+        b = base[kind] + uid[w]
+        if len(d) == 0:
+            a0.append(val[b]), a1.append(z1), a2.append(jac[b]), a4.append(hess[b])
+        elif len(d) == 1:
+            a0.append(z0), a1.append(jac[b][:, d[0]]), a2.append(z2), a4.append(z4)
+        else:
+            a0.append(jac[b][d[0], d[1]]), a1.append(z1)
+            a2.append(hess[b][d[0], d[1]]), a4.append(z4)
+    a0.append(z0), a1.append(jnp.zeros((m,), k.dtype))
+    a2.append(jnp.zeros((m, m), k.dtype)), a4.append(jnp.zeros((m,) * 4, k.dtype))
+    return jnp.stack(a0), jnp.stack(a1), jnp.stack(a2), jnp.stack(a4)
+
+
+def ntk_set_flow(act, cw, gamma, xi, lam_w, k, theta, rules, cross):
+    """The NTK side of one set of ``m`` inputs (module docstring, "The NTK side"):
+    ``(DH [R, m, m], D [R, m, m, m, m], V [R, m, m, m, m], DG [R, m, m])``: ``n`` times the NTK
+    mean shift ``eta_ab(1)``, PDLT's ``D`` as ``E_ab(1, z_c z_d)`` at ``[l, c, d, a, b]``, and
+    the kernel side's vertex and kernel correction recomputed on the larger family (a check),
+    for the leading-order kernels ``k [R, m, m]``, NTKs ``theta [R, m, m]``, the factors
+    ``gamma, xi [R]`` and weight learning-rate scalings ``lam_w [R]`` of each layer (the
+    bias scalings enter through ``theta`` only)."""
+    n_layers, m = k.shape[0], k.shape[1]
+    dtype = k.dtype
+    members, deriv1, deriv2, mq, mp, mzz, me = _ntk_tables(m)
+    anchors, aq, ap, ae = _anchors(m)
+    n_m = len(members) + 1  # with the zero sentinel
+    n_a = len(anchors)
+    gp = _shortcut_products(gamma)
+    av0, av1, av2, av4 = jax.vmap(lambda kk: _ntk_averages(act, kk, rules))(k)
+    same = jax.vmap(lambda kk: _ntk_same(act, kk, rules))(k)  # [R, M-1, A]
+    pairs = np.array([(i, r) for i in range(n_layers - 1) for r in range(i + 1, n_layers)])
+    xq, wq = cross
+    crossed = jax.lax.map(
+        lambda a: _ntk_cross(act, a[0], a[1], a[2], xq, wq),
+        (k[pairs[:, 0]], k[pairs[:, 1]], gp[pairs[:, 0], pairs[:, 1]]),
+    )  # [P, M-1, A]
+    raw = jnp.zeros((n_layers - 1, n_layers, n_m, n_a), dtype)
+    steps = np.arange(n_layers - 1)
+    raw = raw.at[steps, steps, :-1].set(same[:-1])
+    raw = raw.at[pairs[:, 0], pairs[:, 1], :-1].set(crossed)
+    # C_0: the raw moment less the product of the means (both from the same rule)
+    # C_0: the raw moment less the product of the means, both from the same rule (so that
+    # independent X and Y give exactly zero)
+    c0 = raw - raw[..., :1] * raw[:, :, :1, :]
+    d2 = jnp.asarray(deriv2)
+    d1 = jnp.asarray(deriv1)
+    # the sub-family of the variance: one, p_w; sp [m, m] the sub-index of p_xy
+    units = _units(m)
+    sub = np.array([0] + [mp[a, b] for a, b in units], np.int32)
+    sp = np.zeros((m, m), np.int32)
+    for u, (a, b) in enumerate(units):
+        sp[a, b] = sp[b, a] = 1 + u
+
+    def step(carry, inp):
+        bt, dt, et, ee, ft, at, bo, nu = carry
+        i, c0i, rawi = inp
+        x2 = xi[i + 1] ** 2
+        g = gamma[i + 1]
+        kap = 0.5 * x2
+        lw = lam_w[i + 1]
+        th = theta[i]
+        g1 = gp[i + 1]  # [R]
+        al2 = kap * (g1**2)[:, None, None, None] * av2  # [R, M, m, m]
+        t1 = g1[:, None, None] * av1  # [R, M, m]
+        b_i = jnp.take(bt, i, axis=2)  # [R, M, M]: B(r f, i h)
+        sigq = c0i[:, :, aq] + b_i[:, :, mq]  # [R, M, m, m]
+        sigp = c0i[:, :, ap] + b_i[:, :, mp]
+        s_qq = jnp.take(sigq, i, axis=0)[mq]  # [m, m (cd), m, m (ef)]: Sigma(q_cd, q_ef)
+        s_pq = jnp.take(sigq, i, axis=0)[mp]  # Sigma(p_ab, q_cd)
+        e_i = jnp.take(jnp.take(ee, i, axis=0), i, axis=1)  # [M, M, m, m] E(i h, i h')
+        f_i = jnp.take(jnp.take(ft, i, axis=0), i, axis=1)
+        e_ir = jnp.take(ee, i, axis=0)  # [M, R, M, m, m] E(i h, r f)
+        e_ri = jnp.take(ee, i, axis=2)  # [R, M, M, m, m] E(r f, i h)
+        f_ir = jnp.take(ft, i, axis=0)
+        f_ri = jnp.take(ft, i, axis=2)
+        ar = np.arange(m)
+        # S_(ab)(cd) = n Cov(H~_ab, G_cd) / C_W
+        e_pq = e_i[
+            mp[:, :, None, None], mq[None, None], ar[:, None, None, None], ar[None, :, None, None]
+        ]
+        s_hq = lw * s_qq + cw * th[:, :, None, None] * s_pq + cw * e_pq
+        raw_i = jnp.take(rawi, i, axis=0)  # [M, A] same layer
+        ee_same = raw_i[me[:, :, None, None], ae[None, None]]  # [x, y, x', y']: <e_xy e_x'y'>
+        # c_(cd;ab) = Theta_ab <e_ca e_db> + F_ab(e_ca, e_db)
+        ce = th[None, None] * jnp.einsum("cadb->cdab", ee_same) + jnp.einsum(
+            "cadbab->cdab", f_i[me[:, :, None, None], me[None, None]]
+        )
+        # ---- B and d (the kernel side on the larger family)
+        one = jnp.einsum("sGcd,rFcd->rFsG", al2, sigq)
+        bn = (
+            bt
+            + cw * (one + jnp.transpose(one, (2, 3, 0, 1)))
+            + cw * cw * jnp.einsum("rFcd,cdef,sGef->rFsG", al2, s_qq, al2)
+        )
+        d_q = jnp.take(dt, i, axis=0)[mq]
+        d_p = jnp.take(dt, i, axis=0)[mp]
+        sq2 = jnp.einsum("rFcdcd->rF", sigq[:, d2])
+        dn = (
+            dt
+            + cw * jnp.einsum("cd,rFcd->rF", d_q, al2)
+            + cw * kap * (g1**2)[:, None] * sq2
+            + 0.5
+            * cw
+            * cw
+            * kap
+            * kap
+            * (g1**4)[:, None]
+            * jnp.einsum("rFcdef,cdef->rF", av4, s_qq)
+        )
+        # ---- eta_ab(f)
+        e_fq = jnp.einsum("rFcdcdab->rFab", e_ri[:, d2][:, :, :, :, mq])  # E(d_cd f, q_cd)
+        eta_i = jnp.take(et, i, axis=0)  # [M, m, m]
+        eta_p = eta_i[mp, ar[:, None], ar[None, :]]  # eta_ab(p_ab)
+        e_pf = jnp.einsum("abrFab->rFab", e_ir[mp])  # E_ab(p_ab, r f)
+        r_e = rawi[:, :, ae]  # [R, M, m, m]: <e_xy  P f>
+        r1 = rawi[:, d1]  # [R, M, m (c), A]
+        ra = jnp.einsum("rFcca->rFca", r1[..., ae])  # <e_ca  d_c f>  [R, M, c, a]
+        f1 = f_ir[me][:, :, :, d1]  # [x, y, R, M, c, m, m]: F(i e_xy, r d_c f)
+        fa = jnp.einsum("carFcab->rFcab", f1)  # F_ab(e_ca, d_c f)
+        fb = jnp.einsum("cbrFcba->rFcab", f1)  # F_ba(e_cb, d_c f)
+        gam_part = jnp.einsum(
+            "r,rFcab->rFab",
+            g1,
+            th[None, None, None] * (ra[:, :, :, :, None] + ra[:, :, :, None, :]) + fa + fb,
+        )
+        etan = (
+            g * g * (et + cw * kap * (g1**2)[:, None, None, None] * e_fq)
+            + x2
+            * (
+                lw * (sigq + d_q[None, None] * av0[:, :, None, None])
+                + cw * th[None, None] * (sigp + d_p[None, None] * av0[:, :, None, None])
+                + cw * (e_pf + eta_p[None, None] * av0[:, :, None, None])
+                + cw * jnp.einsum("abcd,rFcd->rFab", s_hq, al2)
+            )
+            + cw
+            * cw
+            * x2
+            * x2
+            * jnp.einsum("cdab,rFcd->rFab", ce, (g1**2)[:, None, None, None] * av2)
+            + cw * x2 * g * gam_part
+        )
+        # ---- E_ab(f, g)
+        e_fqv = jnp.einsum("rFcdab,sGcd->rFsGab", e_ri[:, :, mq], al2)
+        side = (
+            lw * sigq
+            + cw * th[None, None] * sigp
+            + cw * e_pf
+            + cw * jnp.einsum("abcd,sGcd->sGab", s_hq, al2)
+        )
+        en = g * g * (ee + cw * e_fqv) + x2 * jnp.einsum("rF,sGab->rFsGab", av0, side)
+        # ---- F_ab(f, g)
+        # Theta_ab <e_ca P g> + F_ab(e_ca, g): [c, a, b] for every (s, g)
+        fe_g = jnp.einsum("casGab->sGcab", f_ir[me])  # F_ab(e_ca, s g)
+        fg_e = jnp.einsum("rFdbab->rFdab", f_ri[:, :, me])  # F_ab(r f, e_db)
+        re_ca = r_e[..., None] * th[None, None, None]  # <e_ca g> Theta_ab
+        u_g = re_ca + fe_g  # [S, G, c, a, b]
+        re_db = r_e[:, :, :, None, :] * th[None, None, None]
+        v_f = re_db + fg_e  # [R, F, d, a, b]
+        fn = (
+            g * g * ft
+            + cw
+            * x2
+            * g
+            * (jnp.einsum("rFc,sGcab->rFsGab", t1, u_g) + jnp.einsum("sGd,rFdab->rFsGab", t1, v_f))
+            + cw * cw * x2 * x2 * jnp.einsum("cdab,rFc,sGd->rFsGab", ce, t1, t1)
+        )
+        # keep the sentinel's rows and columns zero
+        mask = jnp.asarray(np.arange(n_m) < n_m - 1, dtype)
+        bn = bn * mask[None, :, None, None] * mask[None, None, None, :]
+        dn = dn * mask[None, :]
+        etan = etan * mask[None, :, None, None]
+        en = en * mask[None, :, None, None, None, None] * mask[None, None, None, :, None, None]
+        fn = fn * mask[None, :, None, None, None, None] * mask[None, None, None, :, None, None]
+        # ---- the NTK variance: nu_(ab)(cd)(1), A_(ab)(cd)(f, g), Bo_(ab)(cd)(f, g) on the
+        # sub-family {one, p_w} ("NTK variance" in the module docstring)
+        g2, x4 = g * g, x2 * x2
+        s_av = av0[:, sub]  # [R, S]
+        ee_s = ee[:, sub]  # [R, S, R, M, m, m]: E_Y(r f, s h)
+        e_sq = jnp.take(ee_s, i, axis=2)[:, :, mq]  # [R, S, x1, x2, y1, y2]: E_Y(f, q_X)
+        e_sp = jnp.take(ee_s, i, axis=2)[:, :, mp]
+        a_i = jnp.take(at, i, axis=2)  # [R, S, S, m, m, m, m]: A_(Y)(X)(r f, i h)
+        a_fp = jnp.einsum("rFxyabxy->rFxyab", a_i[:, :, sp])  # A_(Y)(X)(f, p_X) at [X, Y]
+        # a_A^(X;Y)(f) = E_Y(f, y_X) + C_W A_(Y)(X)(f, p_X), y_X = lambda_W q_X + C_W Theta_X p_X
+        a_a = lw * e_sq + cw * th[None, None, :, :, None, None] * e_sp + cw * a_fp
+        # N_(ab)(cd) = n Cov(H~_ab, H~_cd)
+        sig_i = {
+            (u, v): jnp.take(sv, i, axis=0)[mu]
+            for u, mu in (("q", mq), ("p", mp))
+            for v, sv in (("q", sigq), ("p", sigp))
+        }  # Sigma(u_ab, v_cd) [a, b, c, d]
+        tab, tcd = th[:, :, None, None], th[None, None]
+        s_yy = (
+            lw * lw * sig_i["q", "q"]
+            + lw * cw * tcd * sig_i["q", "p"]
+            + lw * cw * tab * sig_i["p", "q"]
+            + cw * cw * tab * tcd * sig_i["p", "p"]
+        )
+        e_i_all = jnp.take(jnp.take(ee, i, axis=0), i, axis=1)  # [M, M, m, m]
+        ar4 = np.arange(m)
+        a_, b_, c_, d_ = np.meshgrid(ar4, ar4, ar4, ar4, indexing="ij")
+        e_py = (
+            lw * e_i_all[mp[a_, b_], mq[c_, d_], a_, b_]
+            + cw * th[c_, d_] * e_i_all[mp[a_, b_], mp[c_, d_], a_, b_]
+        )  # E_ab(p_ab, y_cd) [a, b, c, d]
+        a_ii = jnp.take(a_i, i, axis=0)  # [S, S, m, m, m, m]
+        a_pp = a_ii[sp[a_, b_], sp[c_, d_], a_, b_, c_, d_]
+        n_h = s_yy + cw * e_py + cw * jnp.transpose(e_py, (2, 3, 0, 1)) + cw * cw * a_pp
+        bo_i = jnp.take(jnp.take(bo, i, axis=0), i, axis=1)  # [S, S, m, m, m, m] at layer i
+        pp_same = raw_i[mp[:, :, None, None], ap[None, None]]  # <p_xy p_zw> [x, y, z, w]
+        # c_(ab)(cd) = Theta_ab Theta_cd <p_ac p_bd> + Bo_(ab)(cd)(p_ac, p_bd)
+        c_b = (
+            th[a_, b_] * th[c_, d_] * pp_same[a_, c_, b_, d_]
+            + bo_i[sp[a_, c_], sp[b_, d_], a_, b_, c_, d_]
+        )
+        # w-side Theta_ab Theta_cd <p_ac g> + Bo_(ab)(cd)(p_ac, g) and u-side (f, p_bd)
+        rp = rawi[:, sub][:, :, ap]  # [R, S, x, y]: <p_xy  P g>
+        bo_pg = jnp.take(bo, i, axis=0)  # [S, R, S, m, m, m, m]: Bo(i h, s g)
+        bo_gp = jnp.take(bo, i, axis=2)  # [R, S, S, m, m, m, m]: Bo(r f, i h)
+        w_b = (th[a_, b_] * th[c_, d_])[None, None] * rp[:, :, a_, c_] + jnp.moveaxis(
+            bo_pg[sp[a_, c_], :, :, a_, b_, c_, d_], (0, 1, 2, 3), (2, 3, 4, 5)
+        )
+        u_b = (th[a_, b_] * th[c_, d_])[None, None] * rp[:, :, b_, d_] + bo_gp[
+            :, :, sp[b_, d_], a_, b_, c_, d_
+        ]
+        atn = (
+            g2 * g2 * at
+            + x4 * jnp.einsum("rF,sG,abcd->rFsGabcd", s_av, s_av, n_h)
+            + x2
+            * g2
+            * (
+                jnp.einsum("rFcdab,sG->rFsGabcd", a_a, s_av)
+                + jnp.einsum("rF,sGabcd->rFsGabcd", s_av, a_a)
+            )
+        )
+        bon = (
+            g2 * g2 * bo
+            + cw * cw * x4 * jnp.einsum("rF,sG,abcd->rFsGabcd", s_av, s_av, c_b)
+            + cw
+            * x2
+            * g2
+            * (
+                jnp.einsum("rFabcd,sG->rFsGabcd", u_b, s_av)
+                + jnp.einsum("rF,sGabcd->rFsGabcd", s_av, w_b)
+            )
+        )
+        # nu(1): the unit's own NTK variance (f = one, read at layer i)
+        a_one = jnp.take(a_a, i, axis=0)[0]  # [X, Y]
+        p_bar = av0[i][mp]  # <p_xy>
+        tt = th[a_, b_] * th[c_, d_]
+        bo_one = bo_pg[:, i, 0]  # [S (p), m, m, m, m]: Bo_(..)(..)(i p, 1)
+        lin = (
+            tt * (p_bar[a_, c_] + p_bar[a_, d_] + p_bar[b_, c_] + p_bar[b_, d_])
+            + bo_one[sp[a_, c_], a_, b_, c_, d_]
+            + bo_one[sp[a_, d_], a_, b_, d_, c_]
+            + bo_one[sp[b_, c_], b_, a_, c_, d_]
+            + bo_one[sp[b_, d_], b_, a_, d_, c_]
+        )
+        nun = (
+            g2 * g2 * nu
+            + x4 * n_h
+            + x2 * g2 * (a_one + jnp.transpose(a_one, (2, 3, 0, 1)))
+            + cw * cw * x4 * (c_b + c_b[a_, b_, d_, c_])
+            + cw * x2 * g2 * lin
+        )
+        j = i + 1
+        zzi = mzz
+        out = (
+            jnp.take(etan, j, axis=0)[0],
+            jnp.take(jnp.take(en, j, axis=0), j, axis=1)[0][zzi],  # [c, d, a, b]
+            jnp.take(jnp.take(bn, j, axis=0), j, axis=1)[zzi][:, :, zzi],
+            jnp.take(dn, j, axis=0)[zzi],
+            nun,
+            jnp.take(jnp.take(atn, j, axis=0), j, axis=1)[0, 0],
+            jnp.take(jnp.take(bon, j, axis=0), j, axis=1)[0, 0],
+        )
+        return (bn, dn, etan, en, fn, atn, bon, nun), out
+
+    z = jnp.zeros
+    n_s = len(sub)
+    init = (
+        z((n_layers, n_m, n_layers, n_m), dtype),
+        z((n_layers, n_m), dtype),
+        z((n_layers, n_m, m, m), dtype),
+        z((n_layers, n_m, n_layers, n_m, m, m), dtype),
+        z((n_layers, n_m, n_layers, n_m, m, m), dtype),
+        z((n_layers, n_s, n_layers, n_s) + (m,) * 4, dtype),
+        z((n_layers, n_s, n_layers, n_s) + (m,) * 4, dtype),
+        z((m,) * 4, dtype),
+    )
+    _, outs = jax.lax.scan(step, init, (jnp.asarray(steps), c0, raw))
+    return tuple(jnp.concatenate([jnp.zeros((1,) + o.shape[1:], dtype), o]) for o in outs)
+
+
+@partial(jax.jit, static_argnames=("act",))
+def ntk_sets_flow(act, cw, gamma, xi, lam_w, ks, thetas, rules, cross):
+    """:func:`ntk_set_flow` on every set's kernels and NTKs ``ks, thetas [S, R, m, m]``
+    (:func:`set_kernels`; one compilation per number of sets): ``DH [R, S, m, m]``,
+    ``D [R, S, m, m, m, m]``, ``nu``, ``A``, ``Bo [R, S, m, m, m, m]`` (``n`` times each; the
+    kernel side's check values are dropped)."""
+
+    def one(a):
+        dh, dd, _, _, nu, aa, bo = ntk_set_flow(act, cw, gamma, xi, lam_w, a[0], a[1], rules, cross)
+        return dh, dd, nu, aa, bo
+
+    out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
+    return tuple(jnp.moveaxis(v, 0, 1) for v in out)

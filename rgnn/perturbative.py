@@ -201,8 +201,10 @@ class Perturbative:
         ``E[H_{12;a_1 a_2} H_{12;a_3 a_4}] = B_{a_1 a_3 a_2 a_4} / n`` for two different units.
         (The NTK fields are ``None`` when ``perturbative(..., ntk=False)``. For a residual
         MLP, ``A`` and ``D`` are ``n`` times the covariances of two different units'
-        ``H_ii`` with ``H_kk`` and ``z_k^2``. Derivation and recursions: this module's docstring,
-        :mod:`rgnn.flow.rules` and, for residual MLPs, :mod:`rgnn._residual_single`.)
+        ``H_ii`` with ``H_kk`` and ``z_k z_k``, and with a nonlinear activation
+        ``ntk_variance`` is that of one unit's ``H_ii`` itself. Derivation and recursions: this
+        module's docstring, :mod:`rgnn.flow.rules` and, for residual MLPs,
+        :mod:`rgnn._residual_single` (one input) and :mod:`rgnn._residual_multi` (several).)
       dntk_p, dntk_q: ``[L+1, N, N, 2, 2, 2, 2]`` PDLT's dNTK-preactivation correlators ``P``
         and ``Q`` on the pair ``(a, b)`` (``None`` unless ``perturbative(..., dntk=True)``):
         with slot 0 the input ``a`` and slot 1 the input ``b``,
@@ -824,13 +826,14 @@ def perturbative(
         (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex`` (``D = n Cov(z_i^2, H_kk)``) and
         ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``) and the dNTK ``dntk_p``, ``dntk_q``
         (``kinks`` as for a plain MLP; the ddNTK raises a ``ValueError``); on several inputs
-        the unrolled two-unit flow of :mod:`rgnn._residual_multi` gives the kernel side only
-        (``vertex``,
-        ``nngp_correction``, ``nngp_variance``, ``kurtosis`` (the excess kurtosis of one unit,
-        ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) in the pair layout, its cross-layer
-        moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error in
-        ``quadrature_error``), and leaves the NTK fields ``None`` (not derived there);
-        ``full=True``, the dNTK and the ddNTK raise a ``ValueError``.
+        the unrolled two-unit flow of :mod:`rgnn._residual_multi` gives the kernel side
+        (``vertex``, ``nngp_correction``, ``nngp_variance``, ``kurtosis`` (the excess kurtosis
+        of one unit, ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) and, with
+        ``ntk=True``, the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``
+        (``n Var(H_{ii;ab})`` of one unit, not ``A + 2 B``), ``ntk_vertex``, ``mixed_vertex``,
+        ``ntk_b``, with the residual meanings above on every pair) in the pair layout, its
+        cross-layer moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error
+        in ``quadrature_error``); ``full=True``, the dNTK and the ddNTK raise a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -943,7 +946,7 @@ def perturbative(
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
             return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode)
-        return _run_residual_multi(arch, x, quadrature_order, warn)
+        return _run_residual_multi(arch, x, quadrature_order, warn, ntk)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
     )
@@ -1103,22 +1106,29 @@ trapezoid rule of :func:`_multi_rules`. Measured (depth 4, ``gamma = 0.8, xi = 0
 ``C_b = 0.1``, random inputs), the largest change of the vertex / kernel correction (relative
 to the largest vertex / kernel) against 40-48 nodes: relu 7e-5 / 4e-4 on two inputs (the kinks:
 algebraic convergence), tanh 1.1e-5 / 3.4e-6 on three (Gauss-Hermite: 6e-5 / 4e-5), gelu
-8e-13 / 4e-12 on two. The work grows like its fourth power."""
+8e-13 / 4e-12 on two. The NTK side (depth 5, four inputs, tanh against 48 nodes): ``D`` 4e-4,
+``A`` 1e-4, the NTK mean shift (relative to the largest NTK), variance and ``B`` 1e-5 (with
+Gauss-Hermite at 20 nodes: 1e-2 on ``D``, so the estimate in ``quadrature_error``, the change
+between the two rules, is pessimistic there by about 25); on one input against the grid flow
+of :mod:`rgnn._residual_single`: relu 1e-4 (mean shift) to 3e-4 (``D``), tanh 1e-8, gelu
+1e-10. The work grows like its fourth power."""
 
 _RESIDUAL_CHUNK = 16
 """Pairs per call of the compiled nonlinear residual flow (every input count shares one
 compilation)."""
 
 
-def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
-    """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs: the kernel side
-    (vertex, kernel correction, their views, the excess kurtosis) from the unrolled two-unit
-    flow of :mod:`rgnn._residual_multi` on every pair; the NTK side is not derived there
-    (``None``). ``quadrature_error``: the largest change of the vertex (relative to its largest
-    entry) and of the kernel correction (relative to the largest kernel) on the first chunk of
-    pairs when the cross-layer rule (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced
-    by the trapezoid rule of as many nodes (about the error of the coarser of the two; same
-    shapes, one compilation), plus the leading-order kernels' own."""
+def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
+    """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
+    two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
+    kernel correction, their views, the excess kurtosis) and, with ``ntk``, the NTK side (the
+    NTK mean shift, its variance, ``A``, ``B``, ``D``). ``quadrature_error``: the largest
+    change of any statistic (the vertex, ``D``, ``A``, ``B`` and ``n`` times the NTK variance
+    relative to their largest entries, the kernel and NTK corrections relative to the largest
+    kernel and NTK) on the first chunk of pairs when the cross-layer rule
+    (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced by the trapezoid rule of as many
+    nodes (about the error of the coarser of the two; same shapes, one compilation), plus the
+    leading-order kernels' own."""
     from rgnn import _residual_multi as rm
     from rgnn import gaussian
 
@@ -1139,9 +1149,16 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
     else:
         cross, other = tuned[0], hermite
+    if ntk:
+        rec = arch.recursion(x.shape[1])
+        lam_w = jnp.asarray(rec.lambda_w, dtype)
     sets = _sets(n, False)
-    outs = []
+    outs, ntk_outs = [], []
     err = 0.0
+
+    def change(new, old, scale):
+        return float(jnp.max(jnp.abs(new - old)) / scale) if float(scale) > 0 else 0.0
+
     for start in range(0, len(sets), _RESIDUAL_CHUNK):
         chunk = sets[start : start + _RESIDUAL_CHUNK]
         pad = _RESIDUAL_CHUNK - len(chunk)
@@ -1149,24 +1166,43 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool) -> Perturbative:
         ks = rm.set_kernels(fp.nngp, chunk)
         out = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, cross)
         outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in out])
-        if start == 0:
-            lo = rm.sets_flow(
-                arch.act,
-                arch.weight_var,
-                gamma,
-                xi,
-                ks,
-                rules,
-                other,
+        if ntk:
+            ts = rm.set_kernels(fp.ntk, chunk)
+            nout = rm.ntk_sets_flow(
+                arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
             )
-            scales = (jnp.max(jnp.abs(out[0])), jnp.max(jnp.abs(fp.nngp)))
-            for a, b, scale in zip(out[:2], lo[:2], scales, strict=True):
-                if float(scale) > 0:
-                    err = max(err, float(jnp.max(jnp.abs(a - b)) / scale))
+            ntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in nout])
+        if start == 0:
+            lo = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, other)
+            err = max(
+                change(out[0], lo[0], jnp.max(jnp.abs(out[0]))),
+                change(out[1], lo[1], jnp.max(jnp.abs(fp.nngp))),
+            )
+            if ntk:
+                nlo = rm.ntk_sets_flow(
+                    arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, other
+                )
+                err = max(err, change(nout[0], nlo[0], jnp.max(jnp.abs(fp.ntk))))
+                for a, b in zip(nout[1:], nlo[1:], strict=True):
+                    err = max(err, change(a, b, jnp.max(jnp.abs(a))))
     v, dg, d4 = (jnp.concatenate(p, axis=1) for p in zip(*outs, strict=True))
     prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
     inv_n = jnp.asarray(1 / prev, dtype)
-    fields = _pair_layout({"V": v, "DG": dg * inv_n[:, None, None, None]}, n, sets)
+    stats = {"V": v, "DG": dg * inv_n[:, None, None, None]}
+    if ntk:
+        dh, dd, nu, aa, bo = (jnp.concatenate(p, axis=1) for p in zip(*ntk_outs, strict=True))
+        # PDLT's B_{a1 a3 a2 a4} = n E[H_12;a1a2 H_12;a3a4] = Bo_(a1 a2)(a3 a4)
+        stats.update(
+            DH=dh * inv_n[:, None, None, None],
+            D=dd,
+            A=aa,
+            B=jnp.swapaxes(bo, 3, 4),
+        )
+    fields = _pair_layout(stats, n, sets)
+    if ntk:
+        # a residual layer's NTK variance is nu_(ab)(ab)(1), not A + B + B (module docstring)
+        nu_ab = jnp.einsum("lsabab->lsab", nu)
+        fields["_ntk_var"] = _pair_layout({"DG": nu_ab}, n, sets)["nngp_correction"]
     result = _assemble(
         arch,
         x,

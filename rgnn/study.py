@@ -512,10 +512,10 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     mean's own O(1/n) shift enters the ratio at O(1/n^2)). For relu the exact ratio grows like
     ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
     deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
-    the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`), for a
-    residual MLP with a nonlinear activation on more than one input (its NTK statistics are
-    derived on one input only; a linear one has them on any inputs: :func:`rgnn.perturbative`),
-    or without ``predict``; ``predicted_se`` is the prediction's quadrature error."""
+    the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`), or without
+    ``predict`` (a residual MLP has it on any inputs: :func:`rgnn.perturbative`, the pair flows
+    of :mod:`rgnn._residual_single` and :mod:`rgnn._residual_multi` for a nonlinear
+    activation); ``predicted_se`` is the prediction's quadrature error."""
     d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]
     m = d.shape[0]
     value = se = None
@@ -529,11 +529,7 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
             jack = np.array([ratio(np.delete(d, i, 0)) for i in range(m)])
             se = float(np.sqrt((m - 1) / m * np.sum((jack - jack.mean()) ** 2)))
     predicted = predicted_se = None
-    has_rules = (
-        isinstance(arch, MLP)
-        and arch.parameterization != "mup"
-        and (not arch.is_residual or arch.act.name == "linear" or np.shape(x)[0] == 1)
-    )
+    has_rules = isinstance(arch, MLP) and arch.parameterization != "mup"
     if predict and has_rules:
         from rgnn.perturbative import perturbative
 
@@ -620,9 +616,10 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
     why = []  # every cheap reason, so that the printout names them all
     if arch.is_residual and arch.act.name != "linear":
         why.append(
-            f"residual MLP with activation {arch.act.name!r}: its dNTK, ddNTK and NTK "
-            "statistics on several inputs are derived for a linear activation only, so there "
-            "is no end-of-training prediction"
+            f"residual MLP with activation {arch.act.name!r}: its dNTK and ddNTK and the "
+            "four-index layout of its statistics are derived for a linear activation only (the "
+            "NTK mean and variance exist in the pair layout), so there is no end-of-training "
+            "prediction"
         )
     if not settings.get("predict", True):
         why.append("predictions are off (predict=False)")

@@ -199,8 +199,9 @@ def test_perturbative_refuses_the_underived_statistics():
     q = rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True, warn=False)
     assert q.ntk is None
     np.testing.assert_array_equal(np.asarray(q.dntk_p), np.asarray(p.dntk_p))
-    # several inputs: the kernel side only (rgnn._residual_multi)
-    p = rgnn.perturbative(arch, _inputs(2), warn=False)
+    # several inputs with ntk=False: the kernel side only (rgnn._residual_multi; the NTK side,
+    # the default, is checked by test_trivial_shortcut_on_several_inputs_is_the_plain_engine)
+    p = rgnn.perturbative(arch, _inputs(2), ntk=False, warn=False)
     assert np.all(np.isfinite(np.asarray(p.vertex)))
     for name in ("ntk", "ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
         assert getattr(p, name) is None, name
@@ -867,23 +868,28 @@ def test_compare_on_a_residual_ensemble(x64):
         assert np.all(np.isfinite(pred))
 
 
-def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(x64):
+# nonlinear on two inputs in the slow tier: the default run reaches that path through
+# tests/test_models.py::test_residual_point_with_predictions_on_asks_only_for_derived_statistics
+@pytest.mark.parametrize(
+    ("activation", "n_inputs"),
+    [("relu", 1), ("linear", 2), pytest.param("relu", 2, marks=pytest.mark.slow)],
+)
+def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(
+    x64, activation, n_inputs
+):
     """The sweep's NTK-fluctuation measure (rgnn.study) predicts ``Var(H) / Theta^2`` on the
-    output layer for a nonlinear residual MLP on one input (the single-input flow) and for a
-    linear one on any inputs, and predicts nothing (no error) for a nonlinear one on two."""
+    output layer for a residual MLP: nonlinear on one input (the single-input flow) and on two
+    (the pair flow of rgnn._residual_multi), linear on any inputs."""
     from rgnn.study import _ntk_fluctuation
 
-    ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, 2, 2))
-    for activation, n_inputs in (("relu", 1), ("linear", 2)):
-        arch = rgnn.MLP(2, 16, activation, shortcut=0.5, branch=0.8)
-        x = _inputs(n_inputs)
-        got = _ntk_fluctuation(arch, x, ntk0[:, :n_inputs, :n_inputs], predict=True)
-        p = rgnn.perturbative(arch, x, warn=False)
-        ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
-        assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
-    arch = rgnn.MLP(2, 16, "relu", shortcut=0.5, branch=0.8)
-    got = _ntk_fluctuation(arch, _inputs(2), ntk0, predict=True)
-    assert got["predicted"] is None and math.isfinite(got["value"])
+    ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, n_inputs, n_inputs))
+    arch = rgnn.MLP(2, 16, activation, shortcut=0.5, branch=0.8)
+    x = _inputs(n_inputs)
+    got = _ntk_fluctuation(arch, x, ntk0, predict=True)
+    p = rgnn.perturbative(arch, x, warn=False)
+    ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
+    assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
+    assert math.isfinite(got["value"])
 
 
 # ----------------------------------------------------------------------------- several inputs
@@ -899,6 +905,25 @@ def _set_flow(arch, x, cross):
     rules = flow_moments.rules(48, 192, 2, k.dtype)
     ks = rm.set_kernels(k, jnp.asarray(_sets(x.shape[0], False)))
     return rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, cross), k
+
+
+def _ntk_set_flow(arch, x, cross):
+    """The NTK side of rgnn._residual_multi on every set of the pair layout, times the width:
+    ``{name: [L+1, S, ...]}`` for ``ntk_correction`` (``[m, m]``), ``mixed_vertex``,
+    ``ntk_variance``, ``ntk_vertex`` and ``ntk_b`` (``[m, m, m, m]``: ``Bo_(ab)(cd)``)."""
+    from rgnn import _residual_multi as rm
+    from rgnn.flow import moments as flow_moments
+    from rgnn.perturbative import _sets
+
+    fp = rgnn.fixed_point(arch, x)
+    gamma, xi = (jnp.asarray(v) for v in arch.residual())
+    lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w)
+    rules = flow_moments.rules(48, 192, 2, fp.nngp.dtype)
+    sets = jnp.asarray(_sets(x.shape[0], False))
+    ks, ts = rm.set_kernels(fp.nngp, sets), rm.set_kernels(fp.ntk, sets)
+    out = rm.ntk_sets_flow(arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross)
+    names = ("ntk_correction", "mixed_vertex", "ntk_variance", "ntk_vertex", "ntk_b")
+    return dict(zip(names, (np.asarray(v) for v in out), strict=True)), fp
 
 
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
@@ -940,13 +965,52 @@ def test_several_input_flow_on_one_input_is_the_grid_flow(x64, activation):
         np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale, err_msg=name)
 
 
+# relu and gelu in the slow tier (two more compilations of the NTK flow each)
+@pytest.mark.parametrize("activation", tiered(["tanh", "gelu", "relu"], ("gelu", "relu")))
+def test_several_input_ntk_side_on_one_input_is_the_grid_flow(x64, activation):
+    """The NTK side of rgnn._residual_multi on one input (m = 1 sets) equals the grid flow of
+    rgnn._residual_single: n x NTK mean shift, n x NTK variance, A, B and D on every layer.
+    The tolerance is 4 times the change between 32 and 64 Gauss-Hermite nodes (which bounds
+    the 64-node rule's error; the grid's own is about 1e-13 for tanh, measured 1201 against
+    2401 nodes): relu's kinks converge algebraically (measured 1e-4 at 20 nodes), and tanh's
+    poles slow Gauss-Hermite on the derivatives up to the third (measured 5e-9 at 64 nodes)."""
+    from rgnn import gaussian
+    from rgnn._residual_single import single_input_flow
+
+    cw = 2.0 if activation == "relu" else 1.0
+    arch = rgnn.MLP(4, 64, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
+    x = _inputs(1)
+    runs = {}
+    for nodes in (32, 64):
+        ntk, fp = _ntk_set_flow(arch, x, gaussian.hermite_rule(nodes, jnp.float64, rule="hermite"))
+        runs[nodes] = {k: v.reshape(v.shape[0], -1)[:, 0] for k, v in ntk.items()}
+    rec = arch.recursion(x.shape[1])
+    theta = np.asarray(fp.ntk)[:, 0, 0]
+    k1 = float(np.asarray(fp.nngp)[0, 0, 0])
+    ref = single_input_flow(arch, k1, ntk=(float(theta[0]), rec.lambda_b, rec.lambda_w))
+    for name, got in runs[64].items():
+        want = getattr(ref, name)
+        atol = 4 * np.max(np.abs(got - runs[32][name]))
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+
+
 # gelu in the slow tier: its Gauss-Hermite cross-layer rule stays in the default run through
-# test_several_input_flow_on_one_input_is_the_grid_flow
-@pytest.mark.parametrize("activation", tiered(["relu", "tanh", "gelu"], ("gelu",)))
-def test_trivial_shortcut_on_several_inputs_is_the_plain_engine(x64, activation):
+# test_several_input_flow_on_one_input_is_the_grid_flow; the NTK side (a compilation of its
+# own) in the default run for relu only
+@pytest.mark.parametrize(
+    ("activation", "ntk"),
+    [
+        ("relu", True),
+        ("tanh", False),
+        pytest.param("tanh", True, marks=pytest.mark.slow),
+        pytest.param("gelu", True, marks=pytest.mark.slow),
+    ],
+)
+def test_trivial_shortcut_on_several_inputs_is_the_plain_engine(x64, activation, ntk):
     """gamma = 0, xi = 1 on three inputs: rgnn.perturbative's several-input residual path (every
     shortcut product vanishes, so the cross-layer moments drop out and the recursion is PDLT's
-    eq. 4.90 and sec. 4.3) equals the plain flow engine on every kernel-side field: relu to
+    eq. 4.90 and sec. 4.3, and ch. 8 for the NTK side) equals the plain flow engine on every
+    kernel-side and NTK-side (``ntk``) field, through the public API: relu to
     roundoff (closed forms and exact polar integrals on both sides), tanh and gelu to the
     QUADRATURE tolerance (two quadratures of the kernel map's derivatives)."""
     from tests.tolerances import QUADRATURE
@@ -954,35 +1018,60 @@ def test_trivial_shortcut_on_several_inputs_is_the_plain_engine(x64, activation)
     x = _inputs(3)
     cw = 2.0 if activation == "relu" else 1.0
     kw = dict(weight_var=cw, bias_var=0.1)
-    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, **kw), x, ntk=False)
+    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, **kw), x, ntk=ntk)
     trivial = rgnn.MLP(4, 64, activation, shortcut=0.0, branch=1.0, **kw)
-    res = rgnn.perturbative(trivial, x)
-    assert res.ntk is None
+    res = rgnn.perturbative(trivial, x, ntk=ntk)
     table = EXACT if activation == "relu" else QUADRATURE
     rtol = tol(table, jnp.float64)["rtol"]
-    for name in ("vertex", "nngp_variance", "kurtosis", "coupling", "nngp_correction"):
+    names = ("vertex", "nngp_variance", "kurtosis", "coupling", "nngp_correction")
+    if ntk:
+        names += ("ntk", "ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b")
+    else:
+        assert res.ntk is None
+    for name in names:
         a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
-        scale = np.abs(np.asarray(plain.nngp)).max() / 64 if name == "nngp_correction" else 1.0
+        scale = 1.0
+        if name in ("nngp_correction", "ntk_correction"):
+            kernel = plain.nngp if name == "nngp_correction" else plain.ntk
+            scale = np.abs(np.asarray(kernel)).max() / 64
         np.testing.assert_allclose(
             a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), scale), err_msg=name
         )
 
 
-@pytest.mark.parametrize(("shortcut", "branch"), [(0.8, 0.6), ((0.9, -0.5), (0.5, 1.1))])
-def test_several_input_flow_of_a_linear_activation_is_the_residual_rules(x64, shortcut, branch):
+# the NTK side (a compilation of its own) in the slow tier
+@pytest.mark.parametrize(
+    ("shortcut", "branch", "ntk"),
+    [
+        (0.8, 0.6, False),
+        ((0.9, -0.5), (0.5, 1.1), False),
+        pytest.param(0.8, 0.6, True, marks=pytest.mark.slow),
+        pytest.param((0.9, -0.5), (0.5, 1.1), True, marks=pytest.mark.slow),
+    ],
+)
+def test_several_input_flow_of_a_linear_activation_is_the_residual_rules(
+    x64, shortcut, branch, ntk
+):
     """The unrolled several-input flow run on a linear activation equals the residual rules of
-    the flow engine (exact there by the units' rotation symmetry) on three inputs, to roundoff:
+    the flow engine (exact there by the units' rotation symmetry) on three inputs, kernel side
+    and NTK side, to roundoff:
     every cross-layer moment is a polynomial times a Gaussian, integrated exactly."""
     from rgnn.perturbative import _run_residual_multi
 
     arch = rgnn.MLP(3, 40, "linear", weight_var=0.9, bias_var=0.2, shortcut=shortcut, branch=branch)
     x = _inputs(3)
-    ref = rgnn.perturbative(arch, x, ntk=False, warn=False)
-    got = _run_residual_multi(arch, x, 48, False)
+    ref = rgnn.perturbative(arch, x, ntk=ntk, warn=False)
+    got = _run_residual_multi(arch, x, 48, False, ntk=ntk)
     t = tol(EXACT, jnp.float64)
-    for name in ("vertex", "nngp_variance", "kurtosis", "coupling", "nngp_correction"):
+    names = ("vertex", "nngp_variance", "kurtosis", "coupling", "nngp_correction")
+    if ntk:
+        names += ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b")
+    for name in names:
         a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
-        scale = np.abs(np.asarray(ref.nngp)).max() if name == "nngp_correction" else 0.0
+        scale = 0.0
+        if name in ("nngp_correction", "ntk_correction"):
+            kernel = ref.nngp if name == "nngp_correction" else ref.ntk
+            scale = np.abs(np.asarray(kernel)).max()
         np.testing.assert_allclose(
             a, b, rtol=t["rtol"], atol=t["rtol"] * max(np.abs(b).max(), scale), err_msg=name
         )
@@ -1020,7 +1109,7 @@ def test_monte_carlo_several_inputs_across_widths(x64, activation):
         for name in names:
             ys[name].append(np.asarray(getattr(m, name)) * scale[name])
             ses[name].append(np.asarray(getattr(m, name + "_se")) * scale[name])
-    p = rgnn.perturbative(arch, x, warn=False)
+    p = rgnn.perturbative(arch, x, ntk=False, warn=False)  # the kernel side (its own check)
     rot, _ = _run(arch, x, 48, ntk=False)
     n = np.asarray(p.widths)
     scale = {
@@ -1044,15 +1133,56 @@ def test_monte_carlo_several_inputs_across_widths(x64, activation):
         assert chi2["flow"] < chi2["rotation"], chi2
 
 
+# the slow tier: the NTK side's exact reductions (one input, gamma = 0, linear) are in the
+# default run; tools/residual_monte_carlo.py --inputs 2 runs the full check
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_monte_carlo_several_inputs_ntk_side_across_widths(x64, activation):
+    """rgnn.measure on nonlinear residual networks on two inputs, widths 16/32/64 (768 networks
+    each, two outputs so that A and B have two different units on every layer): the weighted
+    fit n E = a + b/n of every pair component of A, D, B, n x NTK variance and n x NTK mean
+    shift has intercepts within MC_SIGMAS fit standard errors of the several-input flow's NTK
+    side (layers 2..L+1)."""
+    from tests.tolerances import MC_SIGMAS
+
+    widths = (16, 32, 64)
+    x = _inputs(2, 4)
+    cw = 2.0 if activation == "relu" else 1.0
+    names = ("ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "ntk_correction")
+    ys = {k: [] for k in names}
+    ses = {k: [] for k in names}
+    for width in widths:
+        arch = rgnn.MLP(
+            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
+        )
+        m = rgnn.measure(arch, x, n_networks=768, key=jax.random.key(width), ntk=True, vertex=True)
+        n = np.asarray(arch.layer_dims(4), float)[:-1]
+        for name in names:
+            scale = n[:, None, None] if name in ("ntk_variance", "ntk_correction") else 1.0
+            ys[name].append(np.asarray(getattr(m, name)) * scale)
+            ses[name].append(np.asarray(getattr(m, name + "_se")) * scale)
+    p = rgnn.perturbative(arch, x, warn=False)
+    n = np.asarray(p.widths)
+    for name in names:
+        pred = np.asarray(getattr(p, name))
+        if name in ("ntk_variance", "ntk_correction"):
+            pred = pred * n[:, None, None]
+        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
+        z = np.abs(a - pred[1:]) / sa
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
 def test_several_input_path_keeps_the_dtype_and_one_compilation():
     """float32 inputs give float32 fields (dtype follows the input), and another number of
     inputs reuses the compiled several-input flow (its sets come in fixed chunks)."""
     from rgnn import _residual_multi as rm
 
     arch = rgnn.MLP(2, 16, "relu", weight_var=2.0, bias_var=0.1, shortcut=0.8, branch=0.6)
-    p = rgnn.perturbative(arch, _inputs(2).astype(np.float32), warn=False)
+    # the kernel side (the NTK side's float32 compilation would double the cost; its dtype
+    # follows the same code path)
+    p = rgnn.perturbative(arch, _inputs(2).astype(np.float32), ntk=False, warn=False)
     assert p.vertex.dtype == jnp.float32 and p.kurtosis.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(p.vertex)))
     size = rm.sets_flow._cache_size()
-    rgnn.perturbative(arch, _inputs(4).astype(np.float32), warn=False)
+    rgnn.perturbative(arch, _inputs(4).astype(np.float32), ntk=False, warn=False)
     assert rm.sets_flow._cache_size() == size

@@ -9,16 +9,16 @@ leaves it out): on three inputs for the linear activation, with the dNTK correla
 P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as well (three
 outputs, so that these are defined on the output layer; entries that vanish in every network,
 such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` inputs (default
-one, where the NTK side is derived too, and with ``--dntk`` the dNTK ``P, Q`` (``--ddntk``: and
-the ddNTK ``R, S, T, U`` of :mod:`rgnn._residual_single`, whose ``U`` fails) in the pointwise
-kink convention of automatic differentiation; two outputs, for B on the output layer; on two
-or three inputs the kernel side only, every pair component: :mod:`rgnn._residual_multi`).
-Prints one line per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1
-and entries, the median SE relative to the largest predicted entry, and whether every entry is
-within ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
+one, where the dNTK is derived too: with ``--dntk`` the dNTK ``P, Q`` (``--ddntk``: and the
+ddNTK ``R, S, T, U`` of :mod:`rgnn._residual_single`, whose ``U`` fails) in the pointwise kink
+convention of automatic differentiation; two or three: the kernel and NTK sides on every pair
+component, :mod:`rgnn._residual_multi`; two outputs, for B on the output layer). Prints one line
+per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
+median SE relative to the largest predicted entry, and whether every entry is within
+``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
 
-For the nonlinear activations it then checks the NTK mean shift of the single-input flow
-(``n x ntk_correction``): ``--mean-networks`` networks at widths ``--mean-widths``, the NTK of
+For the nonlinear activations it then checks the NTK mean shift (``n x ntk_correction``, every
+pair component): ``--mean-networks`` networks at widths ``--mean-widths``, the NTK of
 ``--mean-units`` units averaged per network (``rgnn.empirical_ntk``; the units' fluctuations
 are nearly independent, so the average is much less noisy than one unit), the same weighted
 fit; it prints the intercepts, their SE, ``z`` against the prediction and ``z`` against 0 (the
@@ -92,12 +92,13 @@ def _arch(act, depth, width, gamma, xi, out_dim):
 
 
 def _ntk_mean(act, gamma, xi, args, x) -> None:
-    """The NTK mean shift of a nonlinear residual MLP on one input against Monte Carlo."""
+    """The NTK mean shift of a nonlinear residual MLP against Monte Carlo (every pair of
+    inputs; the per-layer numbers of the first input's diagonal entry)."""
     t0 = time.time()
     ys, ses = [], []
     for width in args.mean_widths:
         arch = _arch(act, args.depth, width, gamma, xi, args.mean_units)
-        theta = np.asarray(rgnn.fixed_point(arch, x).ntk)[:, 0, 0]
+        theta = np.asarray(rgnn.fixed_point(arch, x).ntk)  # [L+1, N, N]
         n = np.asarray(arch.layer_dims(x.shape[1]), float)[:-1]
         per_net = []
         for start in range(0, args.mean_networks, 1024):
@@ -105,18 +106,20 @@ def _ntk_mean(act, gamma, xi, args, x) -> None:
             key = jax.random.key(args.seed + 1000 * width + start)
             ens = rgnn.ensemble(arch, x.shape[1], n_networks=size, key=key)
             units = [rgnn.empirical_ntk(ens, x, unit=u) for u in range(args.mean_units)]
-            per_net.append(np.mean([np.asarray(h)[:, :, 0, 0] for h in units], axis=0))
-        h = np.concatenate(per_net)  # [M, L+1]
-        ys.append((h.mean(0) - theta) * n)
-        ses.append(h.std(0, ddof=1) / np.sqrt(h.shape[0]) * n)
+            per_net.append(np.mean([np.asarray(h) for h in units], axis=0))
+        h = np.concatenate(per_net)  # [M, L+1, N, N]
+        ys.append((h.mean(0) - theta) * n[:, None, None])
+        ses.append(h.std(0, ddof=1) / np.sqrt(h.shape[0]) * n[:, None, None])
     pred = rgnn.perturbative(arch, x, warn=False)
-    ref = np.asarray(pred.ntk_correction)[1:, 0, 0] * np.asarray(pred.widths)[1:]
+    ref = np.asarray(pred.ntk_correction)[1:] * np.asarray(pred.widths)[1:, None, None]
     a, sa = _fit(args.mean_widths, np.stack(ys)[:, 1:], np.stack(ses)[:, 1:])
     z = (a - ref) / sa
     print(
-        f"{act:6s} gamma={gamma},xi={xi} n x ntk_correction, layers 2..{args.depth + 1}: "
-        f"pred {np.round(ref, 3)} fit {np.round(a, 3)} SE {np.round(sa, 3)} z {np.round(z, 2)} "
-        f"z(0) {np.round(a / sa, 2)} {'ok' if np.max(np.abs(z)) <= args.sigmas else 'FAIL'} "
+        f"{act:6s} gamma={gamma},xi={xi} n x ntk_correction, layers 2..{args.depth + 1}, "
+        f"entry (0, 0): pred {np.round(ref[:, 0, 0], 3)} fit {np.round(a[:, 0, 0], 3)} "
+        f"SE {np.round(sa[:, 0, 0], 3)} z {np.round(z[:, 0, 0], 2)} "
+        f"z(0) {np.round(a[:, 0, 0] / sa[:, 0, 0], 2)}; every entry: max|z| "
+        f"{np.max(np.abs(z)):.2f} {'ok' if np.max(np.abs(z)) <= args.sigmas else 'FAIL'} "
         f"({time.time() - t0:.0f} s)",
         flush=True,
     )
@@ -159,7 +162,7 @@ def main() -> None:
         type=int,
         default=1,
         choices=(1, 2, 3),
-        help="inputs of the nonlinear activations (more than one: the kernel side only)",
+        help="inputs of the nonlinear activations (one: the single-input flow; more: pairs)",
     )
     args = ap.parse_args()
     rng = np.random.default_rng(1)
@@ -168,9 +171,8 @@ def main() -> None:
     x3 *= np.array([0.8, 1.0, 1.2])[:, None]
     with jax.enable_x64(True):
         for act in args.activations:
-            # a nonlinear residual MLP: the NTK side on one input only (rgnn.perturbative)
             x = x3 if act == "linear" else (x3[1:2] if args.inputs == 1 else x3[: args.inputs])
-            ntk = args.ntk and (act == "linear" or args.inputs == 1)
+            ntk = args.ntk
             for label in args.settings:
                 if SETTINGS[label] is None:
                     gamma = tuple((0.9, -0.5)[k % 2] for k in range(args.depth - 1))
@@ -280,7 +282,7 @@ def main() -> None:
                             f"SE {np.round(s1, 4)} z {np.round((a1 - ref1) / s1, 2)}",
                             flush=True,
                         )
-                if not linear and args.mean_networks and x.shape[0] == 1:
+                if not linear and args.mean_networks and ntk:
                     _ntk_mean(act, gamma, xi, args, x)
 
 
