@@ -7,6 +7,13 @@ it after the default run) holds the repeats of those Monte Carlo checks on furth
 and phases, the trained-network Monte Carlo checks across widths that take minutes (the same
 recursions, checked again), and the notebooks' execution (a documentation check).
 ``pytest -m ""`` runs both.
+
+One exception to the rule, for the suite's time: the nonlinear residual MLP's own Monte Carlo
+checks across widths (its dNTK on one input, its NTK side on several inputs, tanh and gelu for
+its kernel side) run in the slow tier only; the default run holds their exact reductions (a
+trivial shortcut is the plain engine, a linear activation the exact residual rules, one input
+the single-input grid flow) and the Monte Carlo checks of the vertex and of the several-input
+kernel side for relu.
 """
 
 import pytest
