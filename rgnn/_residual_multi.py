@@ -301,24 +301,29 @@ def _qmap(act, kv, m: int, rules):
     k = _to_matrix(kv, m)
     out = []
     for a, b in units:
-        if a == b:
-            if act.scale_invariant:
-                slope = flow_moments._slope(act)
-                out.append(0.5 * (1 + slope * slope) * k[a, a])
-            else:
-                x, w = rules["1"]
-                out.append(jnp.sum(w * act.fn(jnp.sqrt(k[a, a]) * x) ** 2))
+        if act.scale_invariant and a == b:
+            slope = flow_moments._slope(act)
+            out.append(0.5 * (1 + slope * slope) * k[a, a])
         elif act.scale_invariant:
             out.append(act.maps(k[a, a], k[b, b], k[a, b])[0])
         else:
-            x, w = rules["2"]
-            s1 = jnp.sqrt(k[a, a])
-            c = k[a, b] / s1
-            s2 = jnp.sqrt(k[b, b] - c * c)
-            za = s1 * x[:, None]
-            zb = c * x[:, None] + s2 * x[None, :]
-            out.append(jnp.einsum("i,j,ij->", w, w, act.fn(za) * act.fn(zb)))
+            out.append(_rule_average(act.fn, k, a, b, rules))
     return jnp.stack(out)
+
+
+def _rule_average(f, k, a: int, b: int, rules):
+    """``<f(z_a) f(z_b)>_K`` for an elementwise ``f``: the one-input rule when ``a == b``, else
+    the two-input rule in Cholesky coordinates."""
+    if a == b:
+        x, w = rules["1"]
+        return jnp.sum(w * f(jnp.sqrt(k[a, a]) * x) ** 2)
+    x, w = rules["2"]
+    s1 = jnp.sqrt(k[a, a])
+    c = k[a, b] / s1
+    s2 = jnp.sqrt(k[b, b] - c * c)
+    za = s1 * x[:, None]
+    zb = c * x[:, None] + s2 * x[None, :]
+    return jnp.einsum("i,j,ij->", w, w, f(za) * f(zb))
 
 
 def _map_derivatives(act, kv, m: int, rules):
@@ -882,29 +887,19 @@ def _avg_map(act, kf, m: int, rules):
     units, *_ = _tables(m)
     k = 0.5 * (kf + kf.T)
     q = _qmap(act, k[np.triu_indices(m)], m, rules)
+
+    def ds(z):  # s' elementwise
+        return jax.vmap(jax.grad(act.fn))(z.reshape(-1)).reshape(z.shape)
+
     out = []
     for a, b in units:
-        if a == b:
-            if act.scale_invariant:
-                slope = flow_moments._slope(act)
-                out.append(0.5 * (1 + slope * slope) + 0 * k[a, a])
-            else:
-                x, w = rules["1"]
-                ds = jax.vmap(jax.grad(act.fn))(jnp.sqrt(k[a, a]) * x)
-                out.append(jnp.sum(w * ds**2))
+        if act.scale_invariant and a == b:
+            slope = flow_moments._slope(act)
+            out.append(0.5 * (1 + slope * slope) + 0 * k[a, a])
         elif act.scale_invariant:
             out.append(act.maps(k[a, a], k[b, b], k[a, b])[1])
         else:
-            x, w = rules["2"]
-            s1 = jnp.sqrt(k[a, a])
-            c = k[a, b] / s1
-            s2 = jnp.sqrt(k[b, b] - c * c)
-            za = (s1 * x[:, None]) * jnp.ones_like(x)[None, :]
-            zb = c * x[:, None] + s2 * x[None, :]
-            g = jax.vmap(jax.grad(act.fn))
-            da = g(za.reshape(-1)).reshape(za.shape)
-            db = g(zb.reshape(-1)).reshape(zb.shape)
-            out.append(jnp.einsum("i,j,ij->", w, w, da * db))
+            out.append(_rule_average(ds, k, a, b, rules))
     zz = jnp.stack([k[a, b] for a, b in units])
     return jnp.concatenate([q, jnp.stack(out), zz])
 
