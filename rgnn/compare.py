@@ -83,6 +83,7 @@ import dataclasses
 import math
 import warnings
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,9 @@ from rgnn.architecture import MLP
 from rgnn.fixed_point import fixed_point, pair_maps
 from rgnn.networks import Ensemble
 from rgnn.training import LOSSES, Training, batch_indices, ensemble_kernels
+
+if TYPE_CHECKING:
+    from rgnn.perturbative import Perturbative
 
 __all__ = [
     "Comparison",
@@ -532,7 +536,10 @@ def _iterate(ntk, dloss, f0, steps, eta, ntk_test, f0_test, batch_size, batch_ke
 
 
 # ----------------------------------------------------------------------------- compare
-def _perturbative_predictions(arch: MLP, x, order: int):
+def _perturbative_predictions(arch: MLP, x, order: int, given=None):
+    """The predicted kurtosis and kernel variance, from ``given`` (an :class:`rgnn.Perturbative`
+    of ``arch``'s twin on ``x``, checked by :func:`_check_given`) or computed here (the kernel
+    side only: ``ntk=False``)."""
     from rgnn.perturbative import perturbative
 
     twin = (
@@ -540,7 +547,9 @@ def _perturbative_predictions(arch: MLP, x, order: int):
         if arch.parameterization == "mup"
         else arch
     )
-    p = perturbative(twin, x, quadrature_order=order, ntk=False, warn=False)
+    p = given
+    if p is None:
+        p = perturbative(twin, x, quadrature_order=order, ntk=False, warn=False)
     kurt, var = p.kurtosis, p.nngp_variance
     if arch.parameterization == "mup":
         sc = arch.scales(x.shape[1])
@@ -559,7 +568,7 @@ def compare(
     *,
     y=None,
     x_test=None,
-    perturbative: bool = True,
+    perturbative: bool | Perturbative = True,
     quadrature_order: int = 96,
     perturbative_order: int = 48,
 ) -> Comparison:
@@ -579,7 +588,11 @@ def compare(
       y: targets (default: those stored in the training). A bare ensemble has no gaps (NaN).
       x_test: test inputs (default: those stored in the training).
       perturbative: compute the O(1/n) predictions at initialization (:func:`rgnn.perturbative`,
-        which costs ``O(N^2 L)`` quadratures); ``False`` leaves them NaN.
+        which costs ``O(N^2 L)`` quadratures); ``False`` leaves them NaN. Or an
+        :class:`rgnn.Perturbative` already computed for ``arch`` on ``x`` (under muP, for its
+        NTK-parameterized twin), with any statistics: its ``kurtosis`` and ``nngp_variance``
+        are used as they are (``perturbative_order`` is then not used). A result of another
+        depth, input count or kernel gets a ``ValueError``.
       quadrature_order: for the reference kernels of activations without a closed form.
       perturbative_order: quadrature order of :func:`rgnn.perturbative`.
 
@@ -677,8 +690,11 @@ def compare(
     # a model has no 1/n rules at all (a residual MLP has its kernel side on several inputs:
     # rgnn.perturbative)
     predictable = isinstance(arch, MLP)
-    if perturbative and nngp.shape[1] >= 2 and predictable:
-        kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order)
+    given = None
+    if not isinstance(perturbative, bool):
+        given = _check_given(perturbative, arch, k_ref)
+    if perturbative is not False and nngp.shape[1] >= 2 and predictable:
+        kurt_p, var_p = _perturbative_predictions(arch, x, perturbative_order, given)
     else:
         kurt_p = jnp.full_like(fields["kurtosis"], jnp.nan)
         var_p = jnp.full_like(fields["nngp_variance"], jnp.nan)
@@ -696,6 +712,35 @@ def compare(
 
 
 _GAP_NAMES = ("gap", "mean_gap", "linearization_gap", "mean_linearization_gap")
+
+
+def _check_given(p, arch, k_ref):
+    """``p`` if it is an :class:`rgnn.Perturbative` of ``arch`` (its twin under muP) on the
+    compared inputs, else a ``ValueError``: same layers and inputs, and kernels equal to the
+    reference kernels ``k_ref`` to ``1e-3`` relative (the hidden layers' under muP) (a guard against a result of
+    other inputs or another architecture, far above any quadrature difference)."""
+    from rgnn.perturbative import Perturbative
+
+    if not isinstance(p, Perturbative):
+        raise ValueError(
+            f"perturbative: expected True, False or an rgnn.Perturbative, got {type(p).__name__}"
+        )
+    if not isinstance(arch, MLP):
+        raise ValueError("perturbative: a Perturbative result applies to an rgnn.MLP only")
+    if tuple(p.nngp.shape) != tuple(k_ref.shape):
+        raise ValueError(
+            f"perturbative: expected a result on these inputs, nngp of shape "
+            f"{tuple(k_ref.shape)}, got {tuple(p.nngp.shape)}"
+        )
+    top = p.nngp.shape[0] - (arch.parameterization == "mup")  # muP: the twin's output differs
+    hid, ref = np.asarray(p.nngp[:top], float), np.asarray(k_ref[:top], float)
+    gap = float(np.max(np.abs(hid - ref)) / max(float(np.max(np.abs(ref))), 1e-300))
+    if not gap <= 1e-3:
+        raise ValueError(
+            "perturbative: expected the result of rgnn.perturbative for arch on x, but its "
+            f"kernels differ from arch's fixed point on x by {gap:.2g} (relative)"
+        )
+    return p
 
 
 def _rms(a):

@@ -488,10 +488,13 @@ def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
                 f"{width}); choose a smaller learning rate"
             )
     predict = settings.get("predict", True) and settings["n_networks"] >= 4
-    cmp = compare(arch, x, record, perturbative=predict)
+    shared = _shared_flow(arch, x) if predict else None
+    cmp = compare(arch, x, record, perturbative=predict if shared is None else shared)
     out = _summarize(cmp, y, trained=steps > 0)
     ntk0 = (record.ntk[0] if steps > 0 else ensemble_kernels(record, x)[1])[:, -1]
-    out["measures"]["ntk_fluctuation"] = _ntk_fluctuation(arch, x, ntk0, predict=predict)
+    out["measures"]["ntk_fluctuation"] = _ntk_fluctuation(
+        arch, x, ntk0, predict=predict, shared=shared
+    )
     if steps > 0:
         eot = _end_of_training(arch, x, y, settings)
         if isinstance(eot, str):  # no prediction applies, and why
@@ -502,7 +505,23 @@ def _adapter(arch: MLP, x, y, *, seed: int, settings: dict) -> dict:
     return out
 
 
-def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
+def _shared_flow(arch, x):
+    """One :func:`rgnn.perturbative` call (kernel and NTK sides) that serves both the
+    comparator's kurtosis and kernel-variance predictions and the NTK-fluctuation prediction of
+    :func:`_ntk_fluctuation`, or ``None`` where they are computed apart: a model or muP (no NTK
+    prediction; the comparator uses the NTK-parameterized twin's kernel side) and a nonlinear
+    residual MLP (its NTK side on several inputs is a costly pair flow of which only the
+    diagonal is used: :func:`_ntk_fluctuation` takes it from one-input flows instead)."""
+    if not isinstance(arch, MLP) or arch.parameterization == "mup":
+        return None
+    if arch.is_residual and arch.act.name != "linear":
+        return None
+    from rgnn.perturbative import perturbative
+
+    return perturbative(arch, x, warn=False)
+
+
+def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool, shared=None) -> dict:
     """The ``ntk_fluctuation`` measure at initialization, with its O(1/n) prediction.
 
     Measured: ``r = mean_a Var(Theta_aa) / mean(Theta_aa)^2`` over the ``M`` networks' output
@@ -513,9 +532,11 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     ``exp(c L / n)`` (Hanin & Nica 2019) while this prediction is linear in ``L / n``: the
     deep-and-narrow witness of :func:`rgnn.classify`. No prediction under muP (its NTK is not
     the NTK-parameterized twin's), for a model (no 1/n rules: :mod:`rgnn.models`), or without
-    ``predict`` (a residual MLP has it on any inputs: :func:`rgnn.perturbative`, the pair flows
-    of :mod:`rgnn._residual_single` and :mod:`rgnn._residual_multi` for a nonlinear
-    activation); ``predicted_se`` is the prediction's quadrature error."""
+    ``predict`` (a residual MLP has it on any inputs: a nonlinear one from the one-input flow
+    of :mod:`rgnn._residual_single` on each input, which is the diagonal of the pair flow of
+    :mod:`rgnn._residual_multi` without its cost); ``predicted_se`` is the prediction's
+    quadrature error. ``shared``: the :func:`rgnn.perturbative` result of ``arch`` on ``x``
+    when :func:`_shared_flow` computed one."""
     d = np.asarray(np.diagonal(np.asarray(ntk0), axis1=-2, axis2=-1), float)  # [M, N]
     m = d.shape[0]
     value = se = None
@@ -533,11 +554,16 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool) -> dict:
     if predict and has_rules:
         from rgnn.perturbative import perturbative
 
-        p = perturbative(arch, x, warn=False)
-        var = np.diagonal(np.asarray(p.ntk_variance[-1], float))
-        theta = np.diagonal(np.asarray(p.ntk[-1], float))
+        if shared is not None:
+            parts = [shared]
+        elif arch.is_residual and arch.act.name != "linear":
+            parts = [perturbative(arch, x[a : a + 1], warn=False) for a in range(x.shape[0])]
+        else:
+            parts = [perturbative(arch, x, warn=False)]
+        var = np.concatenate([np.diagonal(np.asarray(p.ntk_variance[-1], float)) for p in parts])
+        theta = np.concatenate([np.diagonal(np.asarray(p.ntk[-1], float)) for p in parts])
         predicted = float(np.mean(var / theta**2))
-        predicted_se = abs(predicted) * float(p.quadrature_error)
+        predicted_se = abs(predicted) * max(float(p.quadrature_error) for p in parts)
     return dict(
         value=_finite(value) if value is not None else None,
         se=_finite(se) if se is not None else None,

@@ -309,7 +309,8 @@ def test_initial_kurtosis_and_variance_match_perturbative(x64):
     quantity, and rgnn.perturbative's pair machinery is tested in its own suite."""
     x = np.random.RandomState(7).randn(1, 4)
     arch = rgnn.MLP(1, 32, "relu", weight_var=2.0)
-    c = rgnn.compare(arch, x, _big_ensemble(arch, 4, 256, seed=8))
+    c_ens = _big_ensemble(arch, 4, 256, seed=8)
+    c = rgnn.compare(arch, x, c_ens)
     assert c.steps.tolist() == [0] and np.all(np.isnan(c.gap))
     np.testing.assert_allclose(c.ntk_movement, 0.0)
     for meas, se, pred in (
@@ -321,9 +322,16 @@ def test_initial_kurtosis_and_variance_match_perturbative(x64):
         z = np.abs(meas[1:] - pred[1:]) / se[1:]
         assert np.all(z <= MC_SIGMAS), z.max()
         assert np.all(pred[1:] > 4 * se[1:])  # the check has power
+    # a result computed beforehand (with the NTK side too, as the sweep computes it once for
+    # two measures) gives the same predictions
+    given = rgnn.compare(arch, x, c_ens, perturbative=rgnn.perturbative(arch, x, warn=False))
+    for name in ("kurtosis_predicted", "nngp_variance_predicted"):
+        np.testing.assert_allclose(
+            getattr(given, name), getattr(c, name), **tol(EXACT, jnp.float64)
+        )
 
 
-def test_compare_rejects_mismatches():
+def test_compare_rejects_mismatches(x64):
     x, _ = rgnn.data.teacher_student(8, 4, seed=3)
     run = _scaling_runs("ntk")[32][0]
     arch = run.initial.arch
@@ -335,3 +343,11 @@ def test_compare_rejects_mismatches():
         rgnn.compare(arch, x, {"steps": 1})
     with pytest.raises(ValueError, match="arch: expected an rgnn.MLP"):
         rgnn.compare("mlp", x, run)
+    # a perturbative result of other inputs or another architecture (checked before it is used)
+    with pytest.raises(ValueError, match="perturbative: expected True, False or an rgnn.Pert"):
+        rgnn.compare(arch, x, run, perturbative="yes")
+    relu = rgnn.MLP(1, 16, "relu", weight_var=2.0)
+    with pytest.raises(ValueError, match="perturbative: expected a result on these inputs"):
+        rgnn.compare(arch, x, run, perturbative=rgnn.perturbative(relu, x[:2], warn=False))
+    with pytest.raises(ValueError, match="perturbative: expected the result of rgnn.perturb"):
+        rgnn.compare(arch, x, run, perturbative=rgnn.perturbative(relu, x, warn=False))

@@ -883,18 +883,28 @@ def test_sweep_ntk_fluctuation_is_predicted_where_the_residual_rules_exist(
     x64, activation, n_inputs
 ):
     """The sweep's NTK-fluctuation measure (rgnn.study) predicts ``Var(H) / Theta^2`` on the
-    output layer for a residual MLP: nonlinear on one input (the single-input flow) and on two
-    (the pair flow of rgnn._residual_multi), linear on any inputs."""
+    output layer for a residual MLP: nonlinear from the single-input flow on each input, linear
+    from the exact rules on all inputs at once. On two inputs the one-input flows are the
+    diagonal of the pair flow of rgnn._residual_multi, within the two quadrature errors."""
     from rgnn.study import _ntk_fluctuation
 
     ntk0 = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, n_inputs, n_inputs))
     arch = rgnn.MLP(2, 16, activation, shortcut=0.5, branch=0.8)
     x = _inputs(n_inputs)
     got = _ntk_fluctuation(arch, x, ntk0, predict=True)
-    p = rgnn.perturbative(arch, x, warn=False)
-    ref = np.mean(np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2)
-    assert math.isclose(got["predicted"], float(ref), rel_tol=tol(EXACT, jnp.float64)["rtol"])
+    rows = [x[a : a + 1] for a in range(n_inputs)] if activation != "linear" else [x]
+    parts = [rgnn.perturbative(arch, r, warn=False) for r in rows]
+    ratio = np.concatenate(
+        [np.diagonal(p.ntk_variance[-1]) / np.diagonal(p.ntk[-1]) ** 2 for p in parts]
+    )
+    ref = float(np.mean(ratio))
+    assert math.isclose(got["predicted"], ref, rel_tol=tol(EXACT, jnp.float64)["rtol"])
     assert math.isfinite(got["value"])
+    if n_inputs > 1 and activation != "linear":
+        pair = rgnn.perturbative(arch, x, warn=False)
+        diag = np.diagonal(pair.ntk_variance[-1]) / np.diagonal(pair.ntk[-1]) ** 2
+        err = float(pair.quadrature_error) + max(float(p.quadrature_error) for p in parts)
+        np.testing.assert_allclose(ratio, diag, rtol=err)
 
 
 # ----------------------------------------------------------------------------- several inputs
