@@ -526,13 +526,33 @@ class MLP:
         return MLPNetwork(self, in_dim, rngs=rngs, dtype=dtype)
 
 
+def _scaled_normal(key, scale, shape, dtype):
+    """``scale * jax.random.normal(key, shape, dtype)``, the same numbers, drawn at a size
+    shared by many shapes.
+
+    JAX's sampler is compiled once per shape (and, vmapped over an ensemble's keys, per ensemble
+    size), and compiling the float64 normal sampler dominates the cost of drawing a small
+    ensemble. With the ``threefry2x32`` generator in its partitionable mode (JAX's default)
+    entry ``i`` of a draw depends only on the key and ``i``, so a draw of ``shape`` is the
+    first ``prod(shape)`` entries of a flat draw of any larger size: drawing at the next power
+    of two (at least 64) and cropping gives bit-identical parameters with one compilation per
+    size class (tests/test_monte_carlo.py checks the identity). Any other generator draws
+    ``shape`` directly."""
+    size = math.prod(shape)
+    impl = str(jax.random.key_impl(key))
+    if size == 0 or impl != "threefry2x32" or not jax.config.jax_threefry_partitionable:
+        return scale * jax.random.normal(key, shape, dtype)
+    bucket = max(64, 1 << (size - 1).bit_length())
+    return (scale * jax.random.normal(key, (bucket,), dtype))[:size].reshape(shape)
+
+
 class _Dense(nnx.Module):
     """``z = a_W (x @ W) + a_b b`` with ``W ~ N(0, w_var)``, ``b ~ N(0, b_var)``."""
 
     def __init__(self, n_in, n_out, *, w_var, b_var, a_w, a_b, use_bias, rngs, dtype):
-        self.w = nnx.Param(jnp.sqrt(w_var) * jax.random.normal(rngs.params(), (n_in, n_out), dtype))
+        self.w = nnx.Param(_scaled_normal(rngs.params(), jnp.sqrt(w_var), (n_in, n_out), dtype))
         self.b = (
-            nnx.Param(jnp.sqrt(b_var) * jax.random.normal(rngs.params(), (n_out,), dtype))
+            nnx.Param(_scaled_normal(rngs.params(), jnp.sqrt(b_var), (n_out,), dtype))
             if use_bias
             else None
         )

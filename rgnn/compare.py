@@ -717,8 +717,9 @@ _GAP_NAMES = ("gap", "mean_gap", "linearization_gap", "mean_linearization_gap")
 def _check_given(p, arch, k_ref):
     """``p`` if it is an :class:`rgnn.Perturbative` of ``arch`` (its twin under muP) on the
     compared inputs, else a ``ValueError``: same layers and inputs, and kernels equal to the
-    reference kernels ``k_ref`` to ``1e-3`` relative (the hidden layers' under muP) (a guard against a result of
-    other inputs or another architecture, far above any quadrature difference)."""
+    reference kernels ``k_ref`` to ``1e-3`` relative (the hidden layers' under muP): a guard
+    against a result of other inputs or another architecture, far above any quadrature
+    difference."""
     from rgnn.perturbative import Perturbative
 
     if not isinstance(p, Perturbative):
