@@ -412,7 +412,7 @@ def single_input_flow(
             qh, ph = _Form.zero(n_grid), _Form.zero(n_grid)
             out_p, out_q = [0.0], [0.0]
             if ddntk:
-                rf, sf, tf, uf = (_Form.zero(n_grid) for _ in range(4))
+                rf, sf, tf, uf, jf = (_Form.zero(n_grid) for _ in range(5))
                 out_r, out_s, out_t2, out_u = [0.0], [0.0], [0.0], [0.0]
         eta, eh, fo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         nu, ag, bo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
@@ -570,13 +570,19 @@ def single_input_flow(
                     )
                     tz = x2 * g2 * (t.T @ zf)
                     tf = tf.next(t, g2 * g2, (tz, t_k), (t_k, tz + x2 * x2 * c_t * t_k))
-                    c_u = theta**3 * float(pk @ s21sq) + uf(p2, p2)
+                    c_u = theta**3 * float(pk @ s21sq) + uf(p2, p2) + 2 * jf(p2, s21)
+                    js = t.T @ jf.mv(s21)  # f -> J(Tf, s''s')
                     uf = uf.next(
                         t,
                         g2 * g2,
-                        (x2 * g2 * cw * (t.T @ uf.mv(p2)), t_k),
-                        (t_k, x2 * g2 * cw * (t.T @ uf.rmv(p2)) + x2 * x2 * cw * cw * c_u * t_k),
+                        (x2 * g2 * cw * (t.T @ uf.mv(p2) + js), t_k),
+                        (
+                            t_k,
+                            x2 * g2 * cw * (t.T @ uf.rmv(p2) + js) + x2 * x2 * cw * cw * c_u * t_k,
+                        ),
                     )
+                    jsrc = t.T @ (jf.rmv(p2) + theta**3 * pk * s21)
+                    jf = jf.next(t, g * g2 * g2, (t_k, x2 * g * g2 * cw * jsrc))
                     out_r.append(rf(ones, ones))
                     out_s.append(sf(ones, ones))
                     out_t2.append(tf(ones, ones))
