@@ -721,8 +721,11 @@ def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activa
     residual-only form J): rgnn.measure at widths 16/32/64 (512 networks each), weighted fit
     a + b/n, intercepts within MC_SIGMAS fit standard errors of rgnn.perturbative on layers
     2..L+1 (relu in the pointwise kink convention: what automatic differentiation of the
-    networks gives; entries that vanish in every network must be predicted zero). Larger runs
-    (widths up to 128, 2048 networks, depth 4, three residual settings):
+    networks gives; entries that vanish in every network must be predicted zero). tanh at
+    depth 4, where U without J is rejected (measured with these networks, layers 3, 4: that
+    prediction 3.0 and 5.0 SE below the fit; with J 1.6 and 1.1 SE above); gelu at depth 3,
+    where these networks do not separate the two (layer 3: 1.6 SE below, with J 0.8 above).
+    Larger runs (widths up to 128, 2048 networks, three residual settings):
     tools/residual_monte_carlo.py --dntk --ddntk."""
     from tests.tolerances import MC_SIGMAS
 
@@ -736,7 +739,14 @@ def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activa
     ys, ses = {k: [] for k in names}, {k: [] for k in names}
     for width in widths:
         arch = rgnn.MLP(
-            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
+            4 if activation == "tanh" else 3,
+            width,
+            activation,
+            weight_var=cw,
+            bias_var=0.1,
+            shortcut=0.8,
+            branch=0.6,
+            out_dim=2,
         )
         m = rgnn.measure(
             arch, x, n_networks=512, key=jax.random.key(width), ntk=False, dntk=True, ddntk=dd
