@@ -193,16 +193,9 @@ the grid node at ``z = 0`` (weight ``1 / h``) and ``s s'' = 0``. On one input a 
 layer's delta terms vanish (``e(0) = 0``, ``<z delta> = 0``), while a residual one's
 ``F(s'' s', .)`` does not: there the two conventions differ.
 
-ddNTK (derived here, incomplete: ``U`` fails Monte Carlo; PDLT ch. infinity has the plain
-recursions, written in :mod:`rgnn.flow.rules`). :func:`rgnn.perturbative` does not return these
-for a nonlinear residual MLP. ``R, S, T`` below agree with Monte Carlo over finite networks
-(tanh, gelu, relu; :mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``), and all four reduce
-to the plain and linear rules; ``U`` does not: gelu, depth 3, gamma 0.8, xi 0.6, widths
-32/64/128, layers 3, 4: 1.062, 12.31 against 1.177(33), 14.57(53); tanh 0.037, 0.176 against
-0.0468(11), 0.209(5) (widths 16/32/64): the recursion below misses a positive term from the
-second residual layer on, one that vanishes for relu (pointwise) and for plain layers. With
-``w_{a;b} = Hess(z_a) g_b`` (a covector like ``grad z``), PDLT's second ddNTK is
-``ddII_{klmp} = w_{k;m} . Lambda w_{l;p}`` and on one input, ``a != b``,
+ddNTK (derived here; PDLT ch. infinity has the plain recursions, written in
+:mod:`rgnn.flow.rules`). With ``w_{a;b} = Hess(z_a) g_b`` (a covector like ``grad z``), PDLT's
+second ddNTK is ``ddII_{klmp} = w_{k;m} . Lambda w_{l;p}`` and on one input, ``a != b``,
 ``S = n E[ddII_{aabb}]``, ``T = n E[ddII_{abab}]``, ``U = n E[ddII_{abba}]`` and
 ``R = n E[D^3 z_a[g_a, g_b, g_b]]`` (the estimators of :func:`rgnn.measure`). Carried as
 bilinear forms ``R(f, g)``, ``S(f, g)``, ``T(f, g)``, ``U(f, g)``: the same means with
@@ -210,16 +203,66 @@ bilinear forms ``R(f, g)``, ``S(f, g)``, ``T(f, g)``, ``U(f, g)``: the same mean
 ``w'_{a;b}`` is ``xi s'_k (M H)_{bk}`` on the weights ``W_ak`` (learning rate ``lambda_W / n``)
 plus, on the lower parameters, ``delta_{ab} (xi^2 lambda_W / n) sum_k e_k grad z_k
 + xi sum_k W_ak [s''_k (M H)_{bk} grad z_k + s'_k sum_m M_bm w_{k;m}] + gamma sum_m M_bm
-w_{a;m}``; ``D^3 z'_a`` likewise (one weight direction times ``D^2 s(z_k)``, and ``xi sum_k
-W_ak D^3 s(z_k) + gamma D^3 z_a`` on the lower ones). Products of two of these averaged as for
-``P, Q``; inner products of lower-layer pieces are ``H``, ``dH^`` and ``ddII``. Dropped at
-O(1/n) besides three-unit correlations: products of a two-unit ``H_kb`` (size
-``O(1/sqrt n)``) with a ``dH^`` or ``ddII`` whose unit pattern is not a pairing, such as
-``H_km dH^_{k;km}``. In a plain MLP these vanish exactly (flipping the signs of one unit's
-weight row flips that unit's preactivation and gradient only); the shortcut removes that
-symmetry for a non-odd activation, but ``dH^`` is ``O(1/n)`` in size, so they are ``O(1/n^2)``
+w_{a;m}`` (PDLT's plain layer is ``gamma = 0``, ``M = W s'``); ``D^3 z'_a`` likewise (one
+weight direction times ``D^2 s(z_k)``, and ``xi sum_k W_ak D^3 s(z_k) + gamma D^3 z_a`` on the
+lower ones). Products of two of these averaged as for ``P, Q``; inner products of lower-layer
+pieces are ``H``, ``dH^`` and ``ddII``. Dropped at O(1/n): three-unit correlations, and
+products of a two-unit ``H_kb`` (size ``O(1/sqrt n)``) with a ``dH^`` or ``ddII`` whose unit
+pattern is not a pairing, such as ``H_km dH^_{k;km}``, with one exception, ``J`` below. In a
+plain MLP such products vanish for an odd activation (flipping the signs of one unit's weight
+row flips that unit's preactivation and gradient only) and are ``O(1/n^2)`` in general
 (measured, relu, depth 3, gamma 0.8, xi 0.6: ``n E[H_ab dH^_{a;ab}]`` 0.0065(13) at width 16,
-0.0026(7) at 32; ``n E[H_ab dH^_{b;aa}]`` 0.0029(3), 0.0013(1): both falling like ``1/n``).
+0.0026(7) at 32; ``n E[H_ab dH^_{b;aa}]`` 0.0029(3), 0.0013(1): both falling like ``1/n``):
+each needs three entries of one weight row below, or two rows linked twice.
+
+The exception (derived here; no plain counterpart). ``U'`` needs one more bilinear form,
+``b != k``:
+
+* ``J(v, u) = n E[H_bk dH^_{b;kk} v(z_b) u(z_k)]`` (unit ``b``'s Hessian along unit ``k``'s
+  gradient twice, times their off-diagonal NTK; ``v`` on the Hessian's unit).
+
+Its pattern is odd in ``k`` (zero in a plain MLP with an odd activation and no insertion, and
+``O(1/n^2)`` in a plain MLP whatever the activation), but a shortcut gives it a source at
+O(1/n): the one weight ``W_bk`` of the branch enters ``H'_bk`` as ``xi gamma W_bk s'_k H_kk``
+(unit ``k``'s gradient carried up by its own shortcut) and ``dH'^_{b;kk}`` as
+``xi W_bk s''_k (M H)_kk^2`` with ``(M H)_kk = gamma H_kk + ...``, so their product pairs
+``W_bk`` with itself (``C_W / n``), and the insertion ``u(z_k)`` meets ``s''_k s'_k`` (odd
+for tanh, so the product is even; gelu has no parity at all). The same averages as above, with
+``H'_bk = sum_{ij} M_bi M_kj H_ij`` and ``dH'^_{b;kk} = xi sum_l W_bl [s''_l (M H)_kl^2
++ s'_l (M dH^_l M^T)_kk] + gamma (M dH^_b M^T)_kk`` (``(M dH^_l M^T)_kk = sum_{mm'} M_km
+M_km' dH^_{l;mm'}``; the new weights' part of ``g'_k`` sits on row ``k``, where
+``Hess(z'_b)`` has none), give ``gamma^5 J(Tv, Tu)`` (``gamma^2 H_bk`` times
+``gamma M_kk^2 dH^_{b;kk}``) and, pairing ``W_bi`` of ``xi gamma W_bi s'_i H_ik`` with
+``W_bi`` of ``dH'^_{b;kk}`` (whose lower factors are ``gamma^2 H_ki^2`` and
+``gamma^2 dH^_{i;kk}``), ``xi^2 gamma^3 C_W <Tv> [Theta^3 <s''s' Tu> + J(p, Tu)]`` (the first
+from ``i = k``); every other term is a three-unit correlation, one unit's ``O(1/n)`` mean, or
+needs three entries of one row:
+
+.. math::
+
+    J'(v, u) = \\gamma^5 J(Tv, Tu) + \\xi^2 \\gamma^3 C_W \\langle Tv\\rangle
+      \\big[\\Theta^3 \\langle s''s'\\, Tu\\rangle + J(p, Tu)\\big],
+
+zero on layer 1, on every plain layer (``gamma = 0``) and for a linear activation
+(``s'' = 0``). In ``w'_{a;b} . Lambda w'_{b;a}`` it enters where the branch's ``s''`` term of
+one Hessian, ``xi W_ak s''_k (M H)_{bk} grad z_k``, meets the other's lower Hessian along the
+gradient of ``k``: (i) through ``(M H)_{bk} = xi sum_j W_bj s'_j H_jk + ...`` with
+``xi^2 W_bj W_ak s'_j s'_k w_{j;k}`` (the two factors' ``W_ak`` and ``W_bj`` paired:
+``xi^4 C_W^2 J(p, s''s') <Tf><Tg>``); (ii) through ``(M H)_{bk} = gamma H_bk + ...`` with
+``gamma xi W_ak s'_k w_{b;k}`` (``W_ak`` paired: ``xi^2 gamma^2 C_W J(Tg, s''s') <Tf>``); and
+both again with ``a <-> b``. A plain output layer above residual ones keeps the ``xi^4`` term.
+The previous version of this recursion dropped ``J`` as one of the non-pairing products above;
+without it ``U`` missed Monte Carlo from the second residual layer on (gelu, depth 3, gamma
+0.8, xi 0.6, widths 32/64/128, layers 3, 4: 1.062, 12.31 against 1.177(33), 14.57(53); tanh,
+widths 16/32/64: 0.037, 0.176 against 0.0468(11), 0.209(5)); with it, 1.239, 13.85 and
+0.0480, 0.2042, and ``U`` agrees with Monte Carlo for tanh and gelu at depths 3 and 4 in three
+residual settings (every layer within 2.1 standard errors of the weighted fit ``a + b/n``).
+``J`` itself, measured directly (``n`` times the mean of ``H_bk dH^_{b;kk} u(z_k)`` over
+``b != k``; depth 3, gamma 0.8, xi 0.6, widths 16/32/64, 2048 networks each): tanh,
+``J(1, s''s')`` on layers 2, 3: 0.01883, 0.02426 against 0.01871(16), 0.02399(23), and
+``J(1, 1) = 0`` (parity) against 0.0001(4), -0.0001(6); gelu ``J(1, s''s')`` 0.1261, 0.3559
+against 0.1264(15), 0.3558(55), ``J(1, 1)`` 0.4945, 1.4400 against 0.4902(37), 1.436(19).
+
 With ``v = lambda_W e + C_W Theta s''s'`` and the functionals
 ``rho(h) = lambda_W [Bf(s s'', h) + Ph(e, h)] + C_W Theta [Bf(s''' s', h) + Ph(s''s', h)]
 + C_W R(p, h)``, ``sigma(h) = lambda_W Bf(p, h) + C_W Theta Bf(s''^2, h) + C_W S(p, h)``,
@@ -231,8 +274,9 @@ With ``v = lambda_W e + C_W Theta s''s'`` and the functionals
   + <Tf> [xi^2 gamma^2 sigma(Tg) + xi^4 C_W sigma(p) <Tg>]``;
 * ``T'(f, g) = gamma^4 T(Tf, Tg) + xi^2 gamma^2 [Z(Tf) <Tg> + <Tf> Z(Tg)]
   + xi^4 c_T <Tf><Tg>``, ``c_T = Hf(v, v) + 2 C_W Qh(p, v) + C_W^2 T(p, p)``;
-* ``U'(f, g) = gamma^4 U(Tf, Tg) + xi^2 gamma^2 C_W [U(p, Tg) <Tf> + U(Tf, p) <Tg>]
-  + xi^4 C_W^2 [Theta^3 <(s''s')^2> + U(p, p)] <Tf><Tg>``,
+* ``U'(f, g) = gamma^4 U(Tf, Tg) + xi^2 gamma^2 C_W [(U(p, Tg) + J(Tg, s''s')) <Tf>
+  + (U(Tf, p) + J(Tf, s''s')) <Tg>] + xi^4 C_W^2 [Theta^3 <(s''s')^2> + U(p, p)
+  + 2 J(p, s''s')] <Tf><Tg>``,
 
 all zero on layer 1. ``gamma^4``: the unit's own lower ddNTK through ``M_aa M_bb``; ``gamma^2
 xi^2``: one side through the branch (``W`` paired with ``W``: ``C_W``), the other through the
@@ -240,11 +284,11 @@ shortcut; ``xi^4``: PDLT's plain sources with the one-unit averages replaced by 
 A plain layer gives PDLT's rules (tests: the flow engine's ``R, S, T, U`` to 1e-13 relative for
 relu (pointwise), tanh, gelu); a linear activation gives the residual rules (``R = U = 0``,
 ``S' = chi^2 S + xi^2 lambda_W chi (Theta^2 + B)``, ``T' = chi^2 T + xi^4 lambda_W^2 (Theta K
-+ F) + 2 xi^2 lambda_W chi Q^``; tests, to roundoff); Monte Carlo checks the nonlinear residual
-ones (:mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``; ``U``: see above). Kinks: as a
-plain MLP, the ddNTK
-of relu exists only with ``kinks="pointwise"`` (``s'' = s''' = 0``); at the kink ``<p^2>``
-takes the one-sided limits of ``s'^4``.
++ F) + 2 xi^2 lambda_W chi Q^``; tests, to roundoff); Monte Carlo over finite networks checks
+the nonlinear residual ones (:mod:`tools.residual_monte_carlo`, ``--dntk --ddntk``; ``U``
+above). Kinks: as a plain MLP, the ddNTK of relu exists only with ``kinks="pointwise"``
+(``s'' = s''' = 0``, so ``J = 0``); at the kink ``<p^2>`` takes the one-sided limits of
+``s'^4``.
 """
 
 from __future__ import annotations
@@ -412,7 +456,7 @@ def single_input_flow(
             qh, ph = _Form.zero(n_grid), _Form.zero(n_grid)
             out_p, out_q = [0.0], [0.0]
             if ddntk:
-                rf, sf, tf, uf = (_Form.zero(n_grid) for _ in range(4))
+                rf, sf, tf, uf, jf = (_Form.zero(n_grid) for _ in range(5))
                 out_r, out_s, out_t2, out_u = [0.0], [0.0], [0.0], [0.0]
         eta, eh, fo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
         nu, ag, bo = np.zeros(n_grid), _Form.zero(n_grid), _Form.zero(n_grid)
@@ -570,13 +614,19 @@ def single_input_flow(
                     )
                     tz = x2 * g2 * (t.T @ zf)
                     tf = tf.next(t, g2 * g2, (tz, t_k), (t_k, tz + x2 * x2 * c_t * t_k))
-                    c_u = theta**3 * float(pk @ s21sq) + uf(p2, p2)
+                    c_u = theta**3 * float(pk @ s21sq) + uf(p2, p2) + 2 * jf(p2, s21)
+                    js = t.T @ jf.mv(s21)  # f -> J(Tf, s''s')
                     uf = uf.next(
                         t,
                         g2 * g2,
-                        (x2 * g2 * cw * (t.T @ uf.mv(p2)), t_k),
-                        (t_k, x2 * g2 * cw * (t.T @ uf.rmv(p2)) + x2 * x2 * cw * cw * c_u * t_k),
+                        (x2 * g2 * cw * (t.T @ uf.mv(p2) + js), t_k),
+                        (
+                            t_k,
+                            x2 * g2 * cw * (t.T @ uf.rmv(p2) + js) + x2 * x2 * cw * cw * c_u * t_k,
+                        ),
                     )
+                    jsrc = t.T @ (jf.rmv(p2) + theta**3 * pk * s21)
+                    jf = jf.next(t, g * g2 * g2, (t_k, x2 * g * g2 * cw * jsrc))
                     out_r.append(rf(ones, ones))
                     out_s.append(sf(ones, ones))
                     out_t2.append(tf(ones, ones))

@@ -222,7 +222,8 @@ class Perturbative:
         + d_{i0 i2} d_{i3 i1} R_{s0 s2 s3 s1} + d_{i0 i3} d_{i1 i2} R_{s0 s3 s1 s2}) / n_{l-1}``
         and ``E[ddII_{i1 i2 i3 i4; s1 s2 s3 s4}] = (d_{i1 i2} d_{i3 i4} S_{s1 s2 s3 s4}
         + d_{i1 i3} d_{i2 i4} T_{s1 s3 s4 s2} + d_{i1 i4} d_{i2 i3} U_{s1 s4 s2 s3}) / n_{l-1}``
-        (PDLT ch. infinity; recursions in :mod:`rgnn.flow.rules`).
+        (PDLT ch. infinity; recursions in :mod:`rgnn.flow.rules`; a nonlinear residual MLP,
+        one input: :mod:`rgnn._residual_single`).
       quadrature_order: nodes per dimension used for quadrature (static).
       quadrature_error: estimated relative error of every field from quadrature (0 when
         everything is exact): the largest ``|q - q_shifted| / max |q|`` over the statistics
@@ -824,8 +825,8 @@ def perturbative(
         flow of :mod:`rgnn._residual_single` gives the vertex, the kernel correction, their
         views, the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``, ``ntk_vertex``
         (``A = n Cov(H_ii, H_kk)``), ``mixed_vertex`` (``D = n Cov(z_i^2, H_kk)``) and
-        ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``) and the dNTK ``dntk_p``, ``dntk_q``
-        (``kinks`` as for a plain MLP; the ddNTK raises a ``ValueError``); on several inputs
+        ``ntk_b`` (``B = n E[H_ik^2]``), ``i != k``), the dNTK ``dntk_p``, ``dntk_q`` and
+        the ddNTK ``ddntk_r`` ... ``ddntk_u`` (``kinks`` as for a plain MLP); on several inputs
         the unrolled two-unit flow of :mod:`rgnn._residual_multi` gives the kernel side
         (``vertex``, ``nngp_correction``, ``nngp_variance``, ``kurtosis`` (the excess kurtosis
         of one unit, ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) and, with
@@ -914,15 +915,16 @@ def perturbative(
             "correlation of each pair of inputs (rgnn._residual_multi), not from four-index "
             "tensors (exact in full for activation='linear')"
         )
-    if arch.is_residual and ddntk and arch.act.name != "linear":
-        raise ValueError(
-            "ddntk: the ddNTK means of a residual MLP (ddntk_r/s/t/u (R, S, T, U)) are "
-            f"established for activation='linear' only, not for {arch.act.name!r}: a residual "
-            "layer breaks the rotation symmetry among units; the one-input recursions of "
-            "rgnn._residual_single give R, S, T in agreement with Monte Carlo but U does not "
-            "agree yet, so none is returned; pass ddntk=False (the dNTK P, Q exists on one input)"
-        )
     x = check_inputs(x, "x")
+    if arch.is_residual and ddntk and arch.act.name != "linear" and x.shape[0] != 1:
+        raise ValueError(
+            "ddntk: the ddNTK means of a residual MLP with the nonlinear activation "
+            f"{arch.act.name!r} (ddntk_r/s/t/u (R, S, T, U)) are derived on one input only (x "
+            f"of shape [1, n_0], got {x.shape[0]} inputs): a residual layer breaks the rotation "
+            "symmetry among units, so the two-unit correlations are carried as bilinear forms of "
+            "one input's preactivation (rgnn._residual_single); activation='linear' has them on "
+            "any inputs; pass ddntk=False"
+        )
     if arch.is_residual and dntk and arch.act.name != "linear" and x.shape[0] != 1:
         raise ValueError(
             "dntk: the dNTK correlators of a residual MLP with the nonlinear activation "
@@ -945,7 +947,7 @@ def perturbative(
     mode = kinks if dntk else None
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
-            return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode)
+            return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode, ddntk)
         return _run_residual_multi(arch, x, quadrature_order, warn, ntk)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
@@ -999,7 +1001,13 @@ def _warn_quadrature(result, multi_err: float, nodes: int, *, stacklevel: int) -
 
 
 def _run_residual_single(
-    arch: MLP, x, order: int, warn: bool, ntk: bool = False, dntk: str | None = None
+    arch: MLP,
+    x,
+    order: int,
+    warn: bool,
+    ntk: bool = False,
+    dntk: str | None = None,
+    ddntk: bool = False,
 ) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on one input, from the single-input
     flow of :mod:`rgnn._residual_single` (NumPy grid; its ``quadrature_error`` is the relative
@@ -1007,7 +1015,8 @@ def _run_residual_single(
     relative to the kernels they correct). ``ntk``: also the NTK, its mean shift, its variance
     and ``A, B, D`` (one input: every pair component holds the single-input value). ``dntk``:
     ``None``, or the kink mode (``kinks``) of the dNTK correlators ``P, Q`` (their recursions
-    need the NTK side, which is computed then in any case and returned only with ``ntk``)."""
+    need the NTK side, which is computed then in any case and returned only with ``ntk``).
+    ``ddntk``: the ddNTK means ``R, S, T, U`` as well (needs ``dntk``)."""
     from rgnn._residual_single import single_input_flow
 
     with warnings.catch_warnings():
@@ -1019,6 +1028,7 @@ def _run_residual_single(
         rec = arch.recursion(x.shape[1])
         kw["ntk"] = (float(np.asarray(fp.ntk)[0, 0, 0]), rec.lambda_b, rec.lambda_w)
         kw["dntk"] = dntk
+        kw["ddntk"] = ddntk
     fine = single_input_flow(arch, k1, **kw)
     coarse = single_input_flow(arch, k1, points=801, **kw)
     err = 0.0
@@ -1027,6 +1037,8 @@ def _run_residual_single(
         names += ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b")
     if dntk is not None:
         names += ("dntk_p", "dntk_q")
+    if ddntk:
+        names += ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
     for name in names:
         a, b = getattr(fine, name), getattr(coarse, name)
         # the corrections relative to the kernels they correct (they vanish for relu)
@@ -1078,6 +1090,14 @@ def _run_residual_single(
             return arr(np.broadcast_to(a[:, None], (a.size, 16)), (-1, 1, 1, 2, 2, 2, 2))
 
         result = dataclasses.replace(result, dntk_p=four(fine.dntk_p), dntk_q=four(fine.dntk_q))
+        if ddntk:
+            result = dataclasses.replace(
+                result,
+                ddntk_r=four(fine.ddntk_r),
+                ddntk_s=four(fine.ddntk_s),
+                ddntk_t=four(fine.ddntk_t),
+                ddntk_u=four(fine.ddntk_u),
+            )
 
     if warn:
         _warn_depth_over_width(arch, result, stacklevel=4)

@@ -191,17 +191,17 @@ def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
     with pytest.raises(ValueError, match=r"dntk: the dNTK correlators of a residual MLP with"):
         rgnn.perturbative(arch, _inputs(2), ntk=False, dntk=True)
-    with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are established for"):
-        rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
-    # one input: the whole NTK side and the dNTK (no warning: warnings are errors here)
-    p = rgnn.perturbative(arch, _inputs(1), dntk=True, warn=False)
+    with pytest.raises(ValueError, match=r"ddntk: the ddNTK means of a residual MLP with the"):
+        rgnn.perturbative(arch, _inputs(2), ntk=False, ddntk=True, kinks="pointwise")
+    # one input: the whole NTK side, the dNTK and the ddNTK (no warning: warnings are errors)
+    p = rgnn.perturbative(arch, _inputs(1), ddntk=True, kinks="pointwise", warn=False)
     for name in ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
         assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
-    for name in ("dntk_p", "dntk_q"):
+    for name in ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"):
         assert getattr(p, name).shape == (4, 1, 1, 2, 2, 2, 2), name
         assert np.all(np.isfinite(np.asarray(getattr(p, name)))), name
     # the dNTK alone: the NTK side is computed for it but not returned
-    q = rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True, warn=False)
+    q = rgnn.perturbative(arch, _inputs(1), ntk=False, dntk=True, kinks="pointwise", warn=False)
     assert q.ntk is None
     np.testing.assert_array_equal(np.asarray(q.dntk_p), np.asarray(p.dntk_p))
     # several inputs with ntk=False: the kernel side only (rgnn._residual_multi; the NTK side,
@@ -220,19 +220,22 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
     three inputs (to roundoff: the residual program is compiled separately, so XLA may order
     its sums differently; shortcut=None runs the very same program as before), the nonlinear
     activations through the single-input flow of rgnn._residual_single (to the two
-    computations' estimated quadrature errors), the dNTK P, Q included."""
+    computations' estimated quadrature errors), the dNTK P, Q included, and the ddNTK R, S, T,
+    U for linear and tanh (relu and gelu: the slow tier's
+    test_single_input_ddntk_of_a_trivial_shortcut_is_the_plain_engine)."""
     linear = activation == "linear"
     x = _inputs(3 if linear else 1)
-    # the NTK side and the dNTK; linear: the ddNTK too (relu: automatic differentiation's
-    # kink convention, which the single-input flow follows as the flow engine)
-    kw = dict(ntk=True, dntk=True, ddntk=linear, kinks="pointwise")
+    # the NTK side and the dNTK; linear and tanh: the ddNTK too (relu: automatic
+    # differentiation's kink convention, which the single-input flow follows as the engine)
+    dd = activation in ("linear", "tanh")
+    kw = dict(ntk=True, dntk=True, ddntk=dd, kinks="pointwise")
     plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, bias_var=0.1), x, **kw)
     trivial = rgnn.MLP(4, 64, activation, bias_var=0.1, shortcut=0.0, branch=1.0)
     res = rgnn.perturbative(trivial, x, **kw)
     rtol = plain.quadrature_error + res.quadrature_error + tol(EXACT, jnp.float64)["rtol"]
     names = ["vertex", "nngp_variance", "kurtosis", "coupling"]
     names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "dntk_p", "dntk_q"]
-    if linear:
+    if dd:
         names += ["ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u"]
     for name in names:
         a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
@@ -243,16 +246,16 @@ def test_trivial_shortcut_is_the_plain_perturbative_flow(x64, activation):
         np.testing.assert_allclose(getattr(res, name), getattr(plain, name), atol=rtol * scale)
 
 
-# slow tier: rgnn.perturbative does not return these (the default run checks the grid's ddNTK
-# against the linear residual rules, test_single_input_flow_of_a_linear_residual_mlp_...)
+# slow tier: the default run checks tanh through rgnn.perturbative
+# (test_trivial_shortcut_is_the_plain_perturbative_flow) and the grid's ddNTK against the
+# linear residual rules (test_single_input_flow_of_a_linear_residual_mlp_...)
 @pytest.mark.slow
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
 def test_single_input_ddntk_of_a_trivial_shortcut_is_the_plain_engine(x64, activation):
-    """The ddNTK recursions of the single-input flow (rgnn._residual_single; not returned by
-    rgnn.perturbative for a nonlinear residual MLP: U disagrees with Monte Carlo there, see the
-    module docstring) at gamma = 0, xi = 1 equal the flow engine's R, S, T, U of the plain MLP
-    (relu: the pointwise kink convention), to the grid's estimated error (1201 vs 801 nodes)
-    plus the engine's."""
+    """The ddNTK recursions of the single-input flow (rgnn._residual_single) at gamma = 0,
+    xi = 1 equal the flow engine's R, S, T, U of the plain MLP (relu: the pointwise kink
+    convention), to the grid's estimated error (1201 vs 801 nodes) plus the engine's: the
+    residual-only form J stays zero there."""
     from rgnn._residual_single import single_input_flow
 
     x = _inputs(1)
@@ -713,27 +716,37 @@ def test_monte_carlo_linear_residual_dntk_ddntk_across_widths(x64):
 @pytest.mark.slow
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
 def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activation):
-    """The dNTK correlators P, Q and the ddNTK means R, S, T of a nonlinear residual MLP on one
-    input (the single-input flow, rgnn._residual_single; the ddNTK for gelu, from the flow
-    directly: rgnn.perturbative does not return it, U disagreeing with Monte Carlo):
-    rgnn.measure at widths 16/32/64 (512 networks each), weighted fit a + b/n, intercepts
-    within MC_SIGMAS fit standard errors of rgnn.perturbative on layers 2..L+1 (relu in the
-    pointwise kink convention: what automatic differentiation of the networks gives; entries
-    that vanish in every network must be predicted zero). Larger runs (widths up to 128, up to
-    4096 networks, two residual settings): tools/residual_monte_carlo.py --dntk --ddntk."""
+    """The dNTK correlators P, Q and (gelu, tanh) the ddNTK means R, S, T, U of a nonlinear
+    residual MLP on one input (the single-input flow, rgnn._residual_single, U with its
+    residual-only form J): rgnn.measure at widths 16/32/64 (512 networks each), weighted fit
+    a + b/n, intercepts within MC_SIGMAS fit standard errors of rgnn.perturbative on layers
+    2..L+1 (relu in the pointwise kink convention: what automatic differentiation of the
+    networks gives; entries that vanish in every network must be predicted zero). tanh at
+    depth 4, where U without J is rejected (measured with these networks, layers 3, 4: that
+    prediction 3.0 and 5.0 SE below the fit; with J 1.6 and 1.1 SE above); gelu at depth 3,
+    where these networks do not separate the two (layer 3: 1.6 SE below, with J 0.8 above).
+    Larger runs (widths up to 128, 2048 networks, three residual settings):
+    tools/residual_monte_carlo.py --dntk --ddntk."""
     from tests.tolerances import MC_SIGMAS
 
     widths = (16, 32, 64)
     x = _inputs(1, 4)
     cw = {"relu": 2.0, "gelu": 1.98, "tanh": 1.0}[activation]
-    # the ddNTK on gelu only (every one of R, S, T, U nonzero there; relu's R, U vanish): its
+    # the ddNTK on gelu and tanh (relu's R, U vanish in the pointwise convention): its
     # estimators compile for tens of seconds per width
-    dd = activation == "gelu"
-    names = ("dntk_p", "dntk_q") + (("ddntk_r", "ddntk_s", "ddntk_t") if dd else ())
+    dd = activation != "relu"
+    names = ("dntk_p", "dntk_q") + (("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u") if dd else ())
     ys, ses = {k: [] for k in names}, {k: [] for k in names}
     for width in widths:
         arch = rgnn.MLP(
-            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
+            4 if activation == "tanh" else 3,
+            width,
+            activation,
+            weight_var=cw,
+            bias_var=0.1,
+            shortcut=0.8,
+            branch=0.6,
+            out_dim=2,
         )
         m = rgnn.measure(
             arch, x, n_networks=512, key=jax.random.key(width), ntk=False, dntk=True, ddntk=dd
@@ -741,23 +754,10 @@ def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activa
         for name in names:
             ys[name].append(np.asarray(getattr(m, name))[:, 0, 0, 0, 0, 0, 0])
             ses[name].append(np.asarray(getattr(m, name + "_se"))[:, 0, 0, 0, 0, 0, 0])
-    p = rgnn.perturbative(arch, x, ntk=False, dntk=True, kinks="pointwise", warn=False)
-    preds = {name: np.asarray(getattr(p, name))[1:, 0, 0, 0, 0, 0, 0] for name in names[:2]}
-    if dd:  # the grid flow's ddNTK (rgnn.perturbative does not return it for these)
-        from rgnn._residual_single import single_input_flow
-
-        rec = arch.recursion(x.shape[1])
-        flow = single_input_flow(
-            arch,
-            float(p.nngp[0, 0, 0]),
-            ntk=(float(rgnn.fixed_point(arch, x).ntk[0, 0, 0]), rec.lambda_b, rec.lambda_w),
-            dntk="pointwise",
-            ddntk=True,
-        )
-        preds.update({name: getattr(flow, name)[1:] for name in names[2:]})
+    p = rgnn.perturbative(arch, x, ntk=False, dntk=True, ddntk=dd, kinks="pointwise", warn=False)
     for name in names:
         y, se = np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:]
-        pred = preds[name]
+        pred = np.asarray(getattr(p, name))[1:, 0, 0, 0, 0, 0, 0]
         still = np.all(se == 0, axis=0)  # no spread to fit: the prediction must be zero
         np.testing.assert_array_equal(y[:, still], 0.0)
         np.testing.assert_allclose(pred[still], 0.0, atol=tol(EXACT, jnp.float64)["atol"])

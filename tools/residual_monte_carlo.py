@@ -10,9 +10,9 @@ P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as
 outputs, so that these are defined on the output layer; entries that vanish in every network,
 such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` inputs (default
 one, where the dNTK is derived too: with ``--dntk`` the dNTK ``P, Q`` (``--ddntk``: and the
-ddNTK ``R, S, T, U`` of :mod:`rgnn._residual_single`, whose ``U`` fails) in the pointwise kink
-convention of automatic differentiation; two or three: the kernel and NTK sides on every pair
-component, :mod:`rgnn._residual_multi`; two outputs, for B on the output layer). Prints one line
+ddNTK ``R, S, T, U``) in the pointwise kink convention of automatic differentiation; two or
+three: the kernel and NTK sides on every pair component, :mod:`rgnn._residual_multi`; two
+outputs, for B on the output layer). Prints one line
 per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
 median SE relative to the largest predicted entry, and whether every entry is within
 ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
@@ -202,7 +202,7 @@ def main() -> None:
                             x,
                             ntk=ntk,
                             dntk=dntk,
-                            ddntk=linear and ntk,
+                            ddntk=(linear and ntk) or ddntk,
                             kinks="pointwise",
                             warn=False,
                         )
@@ -237,23 +237,6 @@ def main() -> None:
                 }
                 for name in ntk_names if ntk else ():
                     s = nn0[:, None, None] if NTK_FIELDS[name] else 1.0
-                    if ddntk and name in DNTK[2:]:
-                        # a nonlinear activation's ddNTK: from the single-input flow itself
-                        # (rgnn.perturbative does not return it: U disagrees with Monte Carlo)
-                        from rgnn._residual_single import single_input_flow
-
-                        rec = arch.recursion(x.shape[1])
-                        flow = single_input_flow(
-                            arch,
-                            float(np.asarray(pred.nngp)[0, 0, 0]),
-                            ntk=(float(np.asarray(pred.ntk)[0, 0, 0]), rec.lambda_b, rec.lambda_w),
-                            dntk="pointwise",
-                            ddntk=True,
-                        )
-                        shape = (-1,) + (1,) * (np.ndim(rows[name][0]) - 1)
-                        full = np.reshape(getattr(flow, name), shape)
-                        preds[name] = np.broadcast_to(full, np.shape(rows[name][0])).copy()
-                        continue
                     preds[name] = np.asarray(getattr(pred, name)) * s
                 for field in rows:
                     y, se = np.stack(rows[field])[:, 1:], np.stack(ses[field])[:, 1:]
