@@ -1244,3 +1244,300 @@ def ntk_sets_flow(act, cw, gamma, xi, lam_w, ks, thetas, rules, cross):
 
     out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
     return tuple(jnp.moveaxis(v, 0, 1) for v in out)
+
+
+# ----------------------------------------------------------------------------- the dNTK
+_DNTK_KINDS = {"e": (0, 1), "t": (2, 1), "p": (1, 1), "u": (0, 2)}
+"""The two-factor members of the dNTK side, ``s^(i)_x s^(j)_y`` on an ordered pair ``(x, y)``:
+``e = s s'``, ``t = s'' s'``, ``p = s' s'``, ``u = s s''`` (derivative orders ``(i, j)``)."""
+
+
+def _dntk_members(m: int):
+    """The static family of the dNTK side on a set of ``m`` inputs (module docstring, "The
+    dNTK"): ``one``, then ``z_c`` (``m``), then ``e_xy, t_xy, p_xy, u_xy`` (``m^2`` each,
+    ordered pairs, row-major). Returns ``(size, mz [m], {kind: [m, m]})`` (member indices)."""
+    mz = 1 + np.arange(m, dtype=np.int32)
+    kinds = {}
+    start = 1 + m
+    for kind in _DNTK_KINDS:
+        kinds[kind] = (start + np.arange(m * m, dtype=np.int32)).reshape(m, m)
+        start += m * m
+    return start, mz, kinds
+
+
+def _dntk_kinds(act, pointwise: bool):
+    """The two-factor kinds that are not identically zero: ``t`` and ``u`` carry ``sigma''``,
+    which the pointwise convention drops for a kinked activation."""
+    if act.scale_invariant and pointwise:
+        return ("e", "p")
+    return tuple(_DNTK_KINDS)
+
+
+def _dntk_same(act, k, rules, pointwise: bool):
+    """Same-layer moments of the dNTK family at one layer (kernel ``k [m, m]``), from
+    :class:`rgnn.flow.moments.Moments` (the plain engine's rules: exact polar integrals for the
+    scale-invariant class): ``same [U, U]`` (``<f g>``), ``av0 [U]`` (``<f>``) and ``av1 [U, m]``
+    (``<d_c f>``, the distributional derivative: Stein's lemma; relu's by integration by
+    parts). ``<z_c F> = sum_d K_cd <d_d F>`` (Stein), ``<z_c z_d> = K_cd``."""
+    m = k.shape[0]
+    n_u, _, _ = _dntk_members(m)
+    live = _dntk_kinds(act, pointwise)
+    smooth = not act.scale_invariant
+    mom = flow_moments.Moments(act, k, rules, pointwise=pointwise, kmax=3 if smooth else 2)
+    zero2 = jnp.zeros((m, m), k.dtype)
+    zero4 = jnp.zeros((m,) * 4, k.dtype)
+    two = {u: mom.e(_DNTK_KINDS[u], "xy").x if u in live else zero2 for u in _DNTK_KINDS}
+    dd = {
+        u: mom.d(_DNTK_KINDS[u], "cxy").x if u in live else jnp.zeros((m,) * 3, k.dtype)
+        for u in _DNTK_KINDS
+    }
+    kinds = list(_DNTK_KINDS)
+    rows = []
+    one = jnp.ones((1, 1), k.dtype)
+    rows.append(
+        jnp.concatenate(
+            [one, jnp.zeros((1, m), k.dtype)] + [two[u].reshape(1, -1) for u in kinds], axis=1
+        )
+    )
+    zk = {u: jnp.einsum("cd,dxy->cxy", k, dd[u]).reshape(m, -1) for u in kinds}
+    rows.append(jnp.concatenate([jnp.zeros((m, 1), k.dtype), k] + [zk[u] for u in kinds], 1))
+    for u in kinds:
+        blocks = [two[u].reshape(-1, 1), zk[u].T]
+        for v in kinds:
+            if u in live and v in live:
+                f4 = mom.e(_DNTK_KINDS[u] + _DNTK_KINDS[v], "xyab").x
+            else:
+                f4 = zero4
+            blocks.append(f4.reshape(m * m, m * m))
+        rows.append(jnp.concatenate(blocks, axis=1))
+    same = jnp.concatenate(rows, axis=0)
+    av0 = same[0]
+    av1 = jnp.concatenate(
+        [jnp.zeros((1, m), k.dtype), jnp.eye(m, dtype=k.dtype)]
+        + [jnp.transpose(dd[u], (1, 2, 0)).reshape(m * m, m) for u in kinds],
+        axis=0,
+    )
+    assert same.shape == (n_u, n_u)
+    return same, av0, av1
+
+
+def _dntk_values(der, z, kinds):
+    """``[..., U]``: the dNTK family at the points ``z [..., m]`` from the derivatives
+    ``der`` (``[s, s', s'', s''']``, each ``[..., m]``); kinds not in ``kinds`` are zero."""
+    m = z.shape[-1]
+    cols = [jnp.ones_like(z[..., :1]), z]
+    for kind, (i, j) in _DNTK_KINDS.items():
+        if kind in kinds:
+            v = der[i][..., :, None] * der[j][..., None, :]
+        else:
+            v = jnp.zeros(z.shape + (m,), z.dtype)
+        cols.append(v.reshape(z.shape[:-1] + (m * m,)))
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool):
+    """Raw cross-layer moments ``E[f(X) h(Y)]`` (``[U, U]``) of the dNTK family, ``Y =
+    z^(i)``, ``X = z^(r) = g Y + e`` (as :func:`_cross_layer`). A smooth activation: the
+    tensor rule with the derivatives themselves; the scale-invariant class (pointwise
+    ``sigma''``): the members ``one, e, p`` and anchors ``one, e, p`` are those of
+    :func:`_ntk_cross` (Hermite weights, no step function integrated), ``t = u = 0``. The rows
+    ``z_c`` are exact in both: ``E[X_c h(Y)] = g E[Y_c h(Y)]`` (``same_i``: the same-layer
+    moments at layer ``i``)."""
+    m = ki.shape[0]
+    n_u, mz, kinds = _dntk_members(m)
+    if act.scale_invariant:
+        members, *_ = _ntk_tables(m)
+        anchors, *_ = _anchors(m)
+        midx = {mem: i for i, mem in enumerate(members)}
+        aidx = {a: i for i, a in enumerate(anchors)}
+        raw = _ntk_cross(act, ki, kr, g, x, w)  # [M, A]
+        raw = jnp.pad(raw, ((0, 1), (0, 1)))  # a zero row and column
+        rsel = np.full(n_u, len(members), np.int32)
+        csel = np.full(n_u, len(anchors), np.int32)
+        rsel[0], csel[0] = midx[("one", (), ())], aidx[("one", ())]
+        for a in range(m):
+            for b in range(m):
+                rsel[kinds["e"][a, b]] = midx[("e", (a, b), ())]
+                csel[kinds["e"][a, b]] = aidx[("e", (a, b))]
+                w_ = (min(a, b), max(a, b))
+                rsel[kinds["p"][a, b]] = midx[("p", w_, ())]
+                csel[kinds["p"][a, b]] = aidx[("p", w_)]
+        out = raw[rsel][:, csel]
+    else:
+        live = _dntk_kinds(act, pointwise)
+        grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
+        wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
+        s = kr - g * g * ki
+        y = grid @ jnp.linalg.cholesky(ki).T
+        e = grid @ jnp.linalg.cholesky(s).T
+        xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
+        vx = _dntk_values(_derivatives3(act, xx), xx, live)  # [Q, Q, U]
+        inner = jnp.einsum("ytf,t->yf", vx, wq)
+        vy = _dntk_values(_derivatives3(act, y), y, live)  # [Q, U]
+        out = jnp.einsum("yf,ya,y->fa", inner, vy, wq)
+    return out.at[jnp.asarray(mz)].set(g * same_i[jnp.asarray(mz)])
+
+
+def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
+    """The dNTK correlators of one set of ``m`` inputs (module docstring, "The dNTK"):
+    ``(P, Q)``, each ``[R, m, m, m, m]`` (PDLT's ``P_{a0 a1 a2 a3}``, ``Q_{a0 a1 a2 a3}``, not
+    divided by the width), for the leading-order kernels ``k [R, m, m]``, NTKs
+    ``theta [R, m, m]``, the factors ``gamma, xi [R]`` and the weights' learning-rate
+    scalings ``lam_w [R]``. ``pointwise``: the kink convention of a scale-invariant activation
+    (only ``True`` is implemented there)."""
+    n_layers, m = k.shape[0], k.shape[1]
+    dtype = k.dtype
+    n_u, mz, kinds = _dntk_members(m)
+    me, mt, mp, mu = (kinds[u] for u in ("e", "t", "p", "u"))
+    gp = _shortcut_products(gamma)
+    same, av0, av1 = jax.vmap(lambda kk: _dntk_same(act, kk, rules, pointwise))(k)
+    pairs = np.array([(i, r) for i in range(n_layers - 1) for r in range(i + 1, n_layers)])
+    xq, wq = cross
+    crossed = jax.lax.map(
+        lambda a: _dntk_cross(act, a[0], a[1], a[2], xq, wq, a[3], pointwise),
+        (k[pairs[:, 0]], k[pairs[:, 1]], gp[pairs[:, 0], pairs[:, 1]], same[pairs[:, 0]]),
+    )  # [P, U, U]
+    raw = jnp.zeros((n_layers - 1, n_layers, n_u, n_u), dtype)
+    steps = np.arange(n_layers - 1)
+    raw = raw.at[steps, steps].set(same[:-1])
+    raw = raw.at[pairs[:, 0], pairs[:, 1]].set(crossed)
+    ar = np.arange(m)
+    a3, b3, c3 = np.meshgrid(ar, ar, ar, indexing="ij")  # [m, m, m] slot indices
+    a4, b4, c4, d4 = np.meshgrid(ar, ar, ar, ar, indexing="ij")
+
+    def step(carry, inp):
+        ft, bo, qh, ph = carry
+        i, rawi = inp  # rawi [R, U, U]: E[f(z^(r)) h(z^(i))]
+        x2 = xi[i + 1] ** 2
+        g = gamma[i + 1]
+        lw = lam_w[i + 1]
+        th = theta[i]
+        t1 = gp[i + 1][:, None, None] * av1  # [R, U, m]: <T_c P f>
+        a0 = av0  # [R, U]: <T P f>
+        raw_s = jnp.take(rawi, i, axis=0)  # [U, U] same-layer
+        # ---- F_ab(f, g) on the whole family (the NTK side's recursion)
+        f_i = jnp.take(ft, i, axis=0)  # [U, R, U, m, m]: F(i h, s g)
+        f_ri = jnp.take(ft, i, axis=2)  # [R, U, U, m, m]: F(r f, i h)
+        # Theta_ab <e_ca P g> + F_ab(e_ca, P g) at [s, G, c, a, b] = (a3, b3, c3), and
+        # Theta_ab <e_cb P f> + F_ab(P f, e_cb) at [r, F, c, a, b]
+        u_g = th[b3, c3] * rawi[:, :, me[a3, b3]] + jnp.moveaxis(
+            f_i[me[a3, b3], :, :, b3, c3], (3, 4), (0, 1)
+        )
+        v_f = th[b3, c3] * rawi[:, :, me[a3, c3]] + f_ri[:, :, me[a3, c3], b3, c3]
+        # [c, d, a, b] = (a4, b4, c4, d4): Theta_ab <e_ca e_db> + F_ab(e_ca, e_db)
+        ce = (
+            th[c4, d4] * raw_s[me[a4, c4], me[b4, d4]]
+            + jnp.take(f_i, i, axis=1)[me[a4, c4], me[b4, d4], c4, d4]
+        )
+        fn = (
+            g * g * ft
+            + cw
+            * x2
+            * g
+            * (jnp.einsum("rFc,sGcab->rFsGab", t1, u_g) + jnp.einsum("sGc,rFcab->rFsGab", t1, v_f))
+            + cw * cw * x2 * x2 * jnp.einsum("cdab,rFc,sGd->rFsGab", ce, t1, t1)
+        )
+        # ---- Bo_(ab)(cd)(f, g) on the whole family (the NTK side's recursion)
+        bo_i = jnp.take(bo, i, axis=0)  # [U, R, U, m, m, m, m]: Bo(i h, s g)
+        bo_ri = jnp.take(bo, i, axis=2)  # [R, U, U, m, m, m, m]: Bo(r f, i h)
+        tt = th[a4, b4] * th[c4, d4]  # [a, b, c, d]
+        b_c = (
+            tt * raw_s[mp[a4, c4], mp[b4, d4]]
+            + jnp.take(bo_i, i, axis=1)[mp[a4, c4], mp[b4, d4], a4, b4, c4, d4]
+        )
+        u_b = tt * rawi[:, :, mp[b4, d4]] + bo_ri[:, :, mp[b4, d4], a4, b4, c4, d4]
+        w_b = tt * rawi[:, :, mp[a4, c4]] + jnp.moveaxis(
+            bo_i[mp[a4, c4], :, :, a4, b4, c4, d4], (4, 5), (0, 1)
+        )
+        g2 = g * g
+        bn = (
+            g2 * g2 * bo
+            + cw * cw * x2 * x2 * jnp.einsum("rF,sG,abcd->rFsGabcd", a0, a0, b_c)
+            + cw
+            * x2
+            * g2
+            * (
+                jnp.einsum("rFabcd,sG->rFsGabcd", u_b, a0)
+                + jnp.einsum("rF,sGabcd->rFsGabcd", a0, w_b)
+            )
+        )
+        # ---- Qh_abc(f, g): X_abc(s g) at [s, G, a, b, c]
+        qh_i = jnp.take(qh, i, axis=0)  # [U, R, U, m, m, m]: Qh(i h, s g)
+        xs = (
+            lw
+            * (
+                th[a3, c3] * rawi[:, :, me[b3, a3]]
+                + jnp.moveaxis(f_i[me[b3, a3], :, :, a3, c3], (3, 4), (0, 1))
+            )
+            + cw
+            * th[a3, b3]
+            * (
+                th[a3, c3] * rawi[:, :, mt[a3, b3]]
+                + jnp.moveaxis(f_i[mt[a3, b3], :, :, a3, c3], (3, 4), (0, 1))
+            )
+            + cw * jnp.moveaxis(qh_i[mp[a3, b3], :, :, a3, b3, c3], (3, 4), (0, 1))
+        )
+        # X_abc(i e_dc) at [d, a, b, c]
+        # [d, a, b, c] = (a4, b4, c4, d4): X_abc(i e_dc), Qh_abc(r f, i e_dc)
+        xe = jnp.take(xs, i, axis=0)[me[a4, d4], b4, c4, d4]
+        qh_re = jnp.take(qh, i, axis=2)[:, :, me[a4, d4], b4, c4, d4]
+        qn = (
+            g * g2 * qh
+            + g2 * x2 * cw * jnp.einsum("rFdabc,sGd->rFsGabc", qh_re, t1)
+            + jnp.einsum(
+                "rF,sGabc->rFsGabc",
+                a0,
+                x2 * g * xs + x2 * x2 * cw * jnp.einsum("dabc,sGd->sGabc", xe, t1),
+            )
+        )
+        # ---- Ph_abc(f, g): Y_abc;d(s g) at [s, G, d, a, b, c]
+        ph_i = jnp.take(ph, i, axis=0)  # [U, R, U, m, m, m]: Ph(i h, s g)
+        # [d, a, b, c] = (a4, b4, c4, d4); u_da = s_d s''_a, e_da = s_d s'_a
+        ua, ea = mu[a4, b4], me[a4, b4]
+        yy = (
+            jnp.moveaxis(ph_i[ea, :, :, b4, c4, d4], (4, 5), (0, 1))
+            + (th[b4, c4] * th[b4, d4]) * rawi[:, :, ua]
+            + jnp.moveaxis(bo_i[ua, :, :, b4, c4, b4, d4], (4, 5), (0, 1))
+        )  # [R, U, d, a, b, c]
+        y_p = jnp.take(yy, i, axis=0)[mp[c4, d4], a4, b4, c4, d4]
+        ph_rp = jnp.take(ph, i, axis=2)[:, :, mp[b3, c3], a3, b3, c3]  # [R, U, a, b, c]
+        pn = (
+            g * g2 * ph
+            + g * x2 * cw * jnp.einsum("rFabc,sG->rFsGabc", ph_rp, a0)
+            + jnp.einsum(
+                "rFd,sGdabc->rFsGabc",
+                t1,
+                x2 * g2 * cw * yy + x2 * x2 * cw * cw * jnp.einsum("dabc,sG->sGdabc", y_p, a0),
+            )
+        )
+        j = i + 1
+        q_out = jnp.moveaxis(jnp.take(jnp.take(qn, j, axis=0)[0], j, axis=0)[mz], 0, -1)
+        p_out = jnp.moveaxis(jnp.take(jnp.take(pn, j, axis=0)[mz], j, axis=1)[:, 0], 0, -1)
+        return (fn, bn, qn, pn), (q_out, p_out)
+
+    z = jnp.zeros
+    init = (
+        z((n_layers, n_u, n_layers, n_u, m, m), dtype),
+        z((n_layers, n_u, n_layers, n_u) + (m,) * 4, dtype),
+        z((n_layers, n_u, n_layers, n_u) + (m,) * 3, dtype),
+        z((n_layers, n_u, n_layers, n_u) + (m,) * 3, dtype),
+    )
+    _, (qh_out, ph_out) = jax.lax.scan(step, init, (jnp.asarray(steps), raw))
+    qh_out = jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), qh_out])
+    ph_out = jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), ph_out])
+    # P_0123 = Qh_1203 + Qh_2103, Q_0123 = Qh_1023 + Ph_2013 (Hessian form, rgnn.flow.rules)
+    p = jnp.einsum("lbcad->labcd", qh_out) + jnp.einsum("lcbad->labcd", qh_out)
+    q = jnp.einsum("lbacd->labcd", qh_out) + jnp.einsum("lcabd->labcd", ph_out)
+    return p, q
+
+
+@partial(jax.jit, static_argnames=("act", "pointwise"))
+def dntk_sets_flow(act, pointwise, cw, gamma, xi, lam_w, ks, thetas, rules, cross):
+    """:func:`dntk_set_flow` on every set's kernels and NTKs ``ks, thetas [S, R, m, m]``
+    (one compilation per number of sets): ``(P, Q)``, each ``[R, S, m, m, m, m]``."""
+
+    def one(a):
+        return dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, a[0], a[1], rules, cross)
+
+    out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
+    return tuple(jnp.moveaxis(v, 0, 1) for v in out)

@@ -923,14 +923,21 @@ def perturbative(
             "agree yet, so none is returned; pass ddntk=False (the dNTK P, Q exists on one input)"
         )
     x = check_inputs(x, "x")
-    if arch.is_residual and dntk and arch.act.name != "linear" and x.shape[0] != 1:
+    if (
+        arch.is_residual
+        and dntk
+        and kinked
+        and kinks == "distributional"
+        and arch.act.name != "linear"
+        and x.shape[0] != 1
+    ):
         raise ValueError(
-            "dntk: the dNTK correlators of a residual MLP with the nonlinear activation "
-            f"{arch.act.name!r} (dntk_p/dntk_q (P, Q)) are derived on one input only (x of "
-            f"shape [1, n_0], got {x.shape[0]} inputs): a residual layer breaks the rotation "
-            "symmetry among units, so the two-unit correlations are carried as bilinear forms "
-            "of one input's preactivation (rgnn._residual_single); activation='linear' has them "
-            "on any inputs; pass dntk=False"
+            "kinks: the dNTK correlators of a residual MLP with the kinked activation "
+            f"{arch.act.name!r} on several inputs (dntk_p/dntk_q (P, Q), rgnn._residual_multi) "
+            'exist in the pointwise convention only (kinks="pointwise", what automatic '
+            "differentiation of the network gives); the distributional one needs the delta "
+            "function of sigma'' inside the two-unit correlations of every pair, not derived "
+            "there (it exists on one input, x of shape [1, n_0])"
         )
     _check_memory(
         x.shape[0],
@@ -946,7 +953,7 @@ def perturbative(
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
             return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode)
-        return _run_residual_multi(arch, x, quadrature_order, warn, ntk)
+        return _run_residual_multi(arch, x, quadrature_order, warn, ntk, mode)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
     )
@@ -1118,7 +1125,9 @@ _RESIDUAL_CHUNK = 16
 compilation)."""
 
 
-def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
+def _run_residual_multi(
+    arch: MLP, x, order: int, warn: bool, ntk: bool = False, dntk: str | None = None
+) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
     two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
     kernel correction, their views, the excess kurtosis) and, with ``ntk``, the NTK side (the
@@ -1149,11 +1158,11 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
         cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
     else:
         cross, other = tuned[0], hermite
-    if ntk:
+    if ntk or dntk is not None:
         rec = arch.recursion(x.shape[1])
         lam_w = jnp.asarray(rec.lambda_w, dtype)
     sets = _sets(n, False)
-    outs, ntk_outs = [], []
+    outs, ntk_outs, dntk_outs = [], [], []
     err = 0.0
 
     def change(new, old, scale):
@@ -1172,6 +1181,11 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
                 arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
             )
             ntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in nout])
+        if dntk is not None:
+            ts = rm.set_kernels(fp.ntk, chunk)
+            dargs = (arch.act, dntk == "pointwise", arch.weight_var, gamma, xi, lam_w, ks, ts)
+            dout = rm.dntk_sets_flow(*dargs, rules, cross)
+            dntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in dout])
         if start == 0:
             lo = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, other)
             err = max(
@@ -1184,6 +1198,10 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
                 )
                 err = max(err, change(nout[0], nlo[0], jnp.max(jnp.abs(fp.ntk))))
                 for a, b in zip(nout[1:], nlo[1:], strict=True):
+                    err = max(err, change(a, b, jnp.max(jnp.abs(a))))
+            if dntk is not None:
+                dlo = rm.dntk_sets_flow(*dargs, rules, other)
+                for a, b in zip(dout, dlo, strict=True):
                     err = max(err, change(a, b, jnp.max(jnp.abs(a))))
     v, dg, d4 = (jnp.concatenate(p, axis=1) for p in zip(*outs, strict=True))
     prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
@@ -1198,6 +1216,9 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
             A=aa,
             B=jnp.swapaxes(bo, 3, 4),
         )
+    if dntk is not None:
+        p, q = (jnp.concatenate(c, axis=1) for c in zip(*dntk_outs, strict=True))
+        stats.update(P=p, Q=q)
     fields = _pair_layout(stats, n, sets)
     if ntk:
         # a residual layer's NTK variance is nu_(ab)(ab)(1), not A + B + B (module docstring)
