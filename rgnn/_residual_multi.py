@@ -1,5 +1,5 @@
-"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side and the NTK
-side (derived here).
+"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side, the NTK side
+and the dNTK (derived here).
 
 Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
 breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
@@ -236,7 +236,87 @@ three inputs equals the plain engine on every NTK field (``1e-11``); a linear ac
 equals the exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
 (:mod:`tools.residual_monte_carlo`).
 
-Not derived here: the dNTK and ddNTK on several inputs, the full four-index layout.
+**The dNTK** (derived here; PDLT ch. 11 has the plain recursions for ``P, Q``, written in
+:mod:`rgnn.flow.rules` through the Hessian-form dNTK ``dH^_{j0;j1j2} = Hess(z_{j0})[g_{j1},
+g_{j2}]``, with ``P_{0123} = Q^_{1203} + Q^_{2103}`` and ``Q_{0123} = Q^_{1023} + P^_{2013}``;
+:mod:`rgnn._residual_single` has the residual recursion on one input, whose two bilinear forms
+are carried here with input indices). On the inputs ``(a0, a1, a2)`` of the three slots, two
+different units ``i != k`` and functions ``f, g`` of one unit's preactivations:
+
+* ``Qh_{a0a1a2}(f, g) = n E[dH^_{i;ik;a0a1a2} f(z_i) g(z_k)]`` (so ``Q^_{a0a1a2a3} =
+  Qh_{a0a1a2}(1, z_{a3})``; a plain layer has ``Qh = <f> sum_e Q^_{a0a1a2e} <d_e g>``);
+* ``Ph_{a0a1a2}(f, g) = n E[dH^_{i;kk;a0a1a2} f(z_i) g(z_k)]`` (``P^_{a0a1a2a3} =
+  Ph_{a0a1a2}(z_{a3}, 1)``; plain: ``sum_e P^_{a0a1a2e} <d_e f> <g>``).
+
+The new layer's Hessian (:mod:`rgnn._residual_single`, "dNTK", with ``M_{ij;a} = xi W_ij
+s'_{j;a} + gamma delta_ij``) is, on the inputs,
+``Hess(z'_{i0;a0})[g'_{i1;a1}, g'_{i2;a2}] = (xi^2 lambda_W / n) [delta_{i0i1} sum_j
+s'_{j;a0} s_{j;a1} sum_m M_{i2m;a2} H_{jm;a0a2} + (1 <-> 2)] + xi sum_j W_{i0j} s''_{j;a0}
+(sum_m M_{i1m;a1} H_{mj;a1a0}) (sum_m M_{i2m;a2} H_{mj;a2a0}) + sum_j M_{i0j;a0} sum_{mm'}
+M_{i1m;a1} M_{i2m';a2} dH^_{j;mm'}``. Multiply by ``f(z'_i) g(z'_k)`` and average over the
+new weights (entries of one row paired, ``E[W_ij W_im] = C_W delta_jm / n``, or moved onto
+``f`` by Stein's lemma, ``E[W_ij f(z'_i) | l] = (C_W / n) xi sum_c s_{j;c} (T_c f)(z_i)``,
+``T_c f = T d_c f``), then over layer ``l`` as on one input: a sum over one unit is a
+Gaussian average, over two the layer's ``F``, ``Bo``, ``Qh``, ``Ph`` (the NTK side's
+``F_ab(f, g)`` and ``Bo_(ab)(cd)(f, g)`` above); three-unit correlations, ``dH^_{i;mk}`` on
+three different units, and every product with a further ``O(1/sqrt n)`` factor are
+``O(1/n^2)``. With ``e_xy = s_x s'_y``, ``t_xy = s''_x s'_y``, ``u_xy = s_x s''_y``,
+``p_xy = s'_x s'_y``, ``Hf_ab(f, g) = Theta_ab <f g> + F_ab(f, g)`` and
+``Bf_(ab)(cd)(f, g) = Theta_ab Theta_cd <f g> + Bo_(ab)(cd)(f, g)`` (the means of
+``(1/n) sum_{jk} f_j g_k H_jk`` and of ``(1/n) sum_{jk} f_j g_k H_jk H_jk``), inputs
+``0, 1, 2`` standing for ``a0, a1, a2``:
+
+.. math::
+
+    X_{012}(h) &= \\lambda_W Hf_{02}(e_{10}, h) + C_W \\Theta_{01} Hf_{02}(t_{01}, h)
+      + C_W Qh_{012}(p_{01}, h), \\\\
+    Y_{012;c}(h) &= Ph_{012}(e_{c0}, h) + Bf_{(01)(02)}(u_{c0}, h), \\\\
+    Qh'_{012}(f, g) &= \\gamma^3 Qh_{012}(Tf, Tg) + \\gamma^2 \\xi^2 C_W \\textstyle\\sum_d
+      Qh_{012}(Tf, e_{d2}) \\langle T_d g\\rangle
+      + \\langle Tf\\rangle \\big[\\xi^2 \\gamma X_{012}(Tg) + \\xi^4 C_W \\textstyle\\sum_d
+      X_{012}(e_{d2}) \\langle T_d g\\rangle\\big], \\\\
+    Ph'_{012}(f, g) &= \\gamma^3 Ph_{012}(Tf, Tg) + \\gamma \\xi^2 C_W Ph_{012}(Tf, p_{12})
+      \\langle Tg\\rangle + \\textstyle\\sum_c \\langle T_c f\\rangle \\big[\\xi^2 \\gamma^2 C_W
+      Y_{012;c}(Tg) + \\xi^4 C_W^2 Y_{012;c}(p_{12}) \\langle Tg\\rangle\\big],
+
+both zero on layer 1. The terms: ``lambda_W Hf(e_10, .)`` is the layer's weight gradient of
+one unit against the other's backward path (the ``gamma`` branch of ``M``, or its ``W``
+branch paired by Stein with ``g``: the ``xi^4`` terms), ``Theta_01 Hf(t_01, .)`` and
+``Bf(u_c0, .)`` the branch's second derivative (``W_{i0j} s''_j`` paired with a ``W`` of
+``M_{i1m}``, or moved onto ``f``), ``Qh(p_01, .)`` and ``Ph(e_c0, .)`` the lower layers'
+dNTK through the branch, and the ``gamma^3``, ``gamma^2``, ``gamma`` terms the shortcut's
+part of ``M`` (the unit's own lower Hessian). ``m = 1`` is :mod:`rgnn._residual_single`'s
+recursion term by term (``T_1`` there is ``T_c`` here); ``gamma = 0, xi = 1`` gives PDLT's
+``Q^' = C_W X_{012}(e_{32})`` and ``P^' = C_W^2 Y_{012;3}(p_{12})``, the plain rules.
+
+*Unrolled* as the NTK side: every argument is ``P_{l->r} phi`` with ``phi`` in the family
+``one``, ``z_c``, ``e_xy``, ``t_xy``, ``p_xy``, ``u_xy`` (ordered pairs; ``1 + m + 4 m^2``
+members, 19 on a pair), closed under the recursions of ``F`` (which reads ``<d_c phi>``
+and ``<e . P phi>``), ``Bo`` (``<phi>``, ``<p . P phi>``), ``Qh`` and ``Ph`` (``<t . P phi>``,
+``<u . P phi>``). The tables ``F [L+1, U, L+1, U, m, m]``, ``Bo [..., m, m, m, m]``,
+``Qh``, ``Ph [..., m, m, m]`` start at zero and are updated by one ``lax.scan``; the outputs
+of layer ``l`` are ``Q^ = Qh^{(l)}[l one, l z_{a3}]`` and ``P^ = Ph^{(l)}[l z_{a3}, l one]``.
+Sources: the raw moments ``E[phi(X) psi(Y)]`` of one unit's chain as for the NTK side (at
+``r = l`` from :class:`rgnn.flow.moments.Moments`, the plain engine's rules, with ``<z_c
+F> = sum_d K_cd <d_d F>``; at ``r > l`` the tensor rule, ``E[X_c psi(Y)] = Gamma E[Y_c
+psi(Y)]`` exactly), ``<phi>`` and ``<d_c phi>`` (the distributional derivative: it comes
+from Stein's lemma, an identity of integrals) from ``Moments``. Kinks: only the pointwise
+convention (``s'' = 0`` in the Hessian: ``t = u = 0``, what automatic differentiation
+gives); then the members and anchors are those of the NTK side's kinked cross-layer rule
+(Hermite weights, no step integrated). The distributional one would need ``s''``'s delta
+function inside ``Hf(t, .)`` and ``Bf(u, .)`` of every pair (``u_xy`` does not vanish for
+``x != y``) and is refused by :func:`rgnn.perturbative`.
+
+**Checks of the dNTK** (``tests/test_residual.py``): ``gamma = 0, xi = 1`` equals the plain
+engine on three inputs (relu to roundoff; tanh at ``quadrature_order=96`` to roundoff, at 48
+both carry their two-input rule's error, about ``1e-6`` of ``P``); one input equals
+:mod:`rgnn._residual_single`'s grid flow (tanh at 64 nodes and gelu to ``1e-7``, relu
+``6e-5`` at 20 nodes: the kinks); a linear activation equals the exact residual rules of
+:mod:`rgnn.flow.rules`; Monte Carlo across widths (:mod:`tools.residual_monte_carlo`,
+``--dntk --inputs 2``).
+
+Not derived here: the ddNTK on several inputs, the distributional dNTK of kinked activations
+on several inputs, the full four-index layout.
 """
 
 from __future__ import annotations
@@ -1420,10 +1500,10 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
         f_ri = jnp.take(ft, i, axis=2)  # [R, U, U, m, m]: F(r f, i h)
         # Theta_ab <e_ca P g> + F_ab(e_ca, P g) at [s, G, c, a, b] = (a3, b3, c3), and
         # Theta_ab <e_cb P f> + F_ab(P f, e_cb) at [r, F, c, a, b]
-        u_g = th[b3, c3] * rawi[:, :, me[a3, b3]] + jnp.moveaxis(
+        u_g = th[b3, c3][None, None] * rawi[:, :, me[a3, b3]] + jnp.moveaxis(
             f_i[me[a3, b3], :, :, b3, c3], (3, 4), (0, 1)
         )
-        v_f = th[b3, c3] * rawi[:, :, me[a3, c3]] + f_ri[:, :, me[a3, c3], b3, c3]
+        v_f = th[b3, c3][None, None] * rawi[:, :, me[a3, c3]] + f_ri[:, :, me[a3, c3], b3, c3]
         # [c, d, a, b] = (a4, b4, c4, d4): Theta_ab <e_ca e_db> + F_ab(e_ca, e_db)
         ce = (
             th[c4, d4] * raw_s[me[a4, c4], me[b4, d4]]
@@ -1445,8 +1525,8 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
             tt * raw_s[mp[a4, c4], mp[b4, d4]]
             + jnp.take(bo_i, i, axis=1)[mp[a4, c4], mp[b4, d4], a4, b4, c4, d4]
         )
-        u_b = tt * rawi[:, :, mp[b4, d4]] + bo_ri[:, :, mp[b4, d4], a4, b4, c4, d4]
-        w_b = tt * rawi[:, :, mp[a4, c4]] + jnp.moveaxis(
+        u_b = tt[None, None] * rawi[:, :, mp[b4, d4]] + bo_ri[:, :, mp[b4, d4], a4, b4, c4, d4]
+        w_b = tt[None, None] * rawi[:, :, mp[a4, c4]] + jnp.moveaxis(
             bo_i[mp[a4, c4], :, :, a4, b4, c4, d4], (4, 5), (0, 1)
         )
         g2 = g * g
@@ -1466,13 +1546,13 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
         xs = (
             lw
             * (
-                th[a3, c3] * rawi[:, :, me[b3, a3]]
+                th[a3, c3][None, None] * rawi[:, :, me[b3, a3]]
                 + jnp.moveaxis(f_i[me[b3, a3], :, :, a3, c3], (3, 4), (0, 1))
             )
             + cw
-            * th[a3, b3]
+            * th[a3, b3][None, None]
             * (
-                th[a3, c3] * rawi[:, :, mt[a3, b3]]
+                th[a3, c3][None, None] * rawi[:, :, mt[a3, b3]]
                 + jnp.moveaxis(f_i[mt[a3, b3], :, :, a3, c3], (3, 4), (0, 1))
             )
             + cw * jnp.moveaxis(qh_i[mp[a3, b3], :, :, a3, b3, c3], (3, 4), (0, 1))
@@ -1496,7 +1576,7 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
         ua, ea = mu[a4, b4], me[a4, b4]
         yy = (
             jnp.moveaxis(ph_i[ea, :, :, b4, c4, d4], (4, 5), (0, 1))
-            + (th[b4, c4] * th[b4, d4]) * rawi[:, :, ua]
+            + (th[b4, c4] * th[b4, d4])[None, None] * rawi[:, :, ua]
             + jnp.moveaxis(bo_i[ua, :, :, b4, c4, b4, d4], (4, 5), (0, 1))
         )  # [R, U, d, a, b, c]
         y_p = jnp.take(yy, i, axis=0)[mp[c4, d4], a4, b4, c4, d4]
