@@ -212,7 +212,8 @@ class Perturbative:
         + d_{i0 i1} d_{i2 i3} Q_{s0 s1 s2 s3} + d_{i0 i2} d_{i1 i3} Q_{s0 s2 s1 s3}) / n_{l-1}``
         (not divided by the width). For ``a == b`` every component is the single-input value.
         Derivation, recursions and the treatment of kinks: :mod:`rgnn.flow.rules` (a
-        nonlinear residual MLP, one input: :mod:`rgnn._residual_single`).
+        nonlinear residual MLP: :mod:`rgnn._residual_single` on one input,
+        :mod:`rgnn._residual_multi` on several).
       ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` the means of PDLT's two
         ddNTKs (``None`` unless ``perturbative(..., ddntk=True)``), in the layout of
         ``dntk_p``: with ``ddI_{i0 i1 i2 i3} = D^3 z_{i0}[g_{i1}, g_{i2}, g_{i3}]`` and
@@ -831,9 +832,12 @@ def perturbative(
         of one unit, ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) and, with
         ``ntk=True``, the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``
         (``n Var(H_{ii;ab})`` of one unit, not ``A + 2 B``), ``ntk_vertex``, ``mixed_vertex``,
-        ``ntk_b``, with the residual meanings above on every pair) in the pair layout, its
-        cross-layer moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error
-        in ``quadrature_error``); ``full=True``, the dNTK and the ddNTK raise a ``ValueError``.
+        ``ntk_b``, with the residual meanings above on every pair) and, with ``dntk=True``, the
+        dNTK ``dntk_p``, ``dntk_q`` (the one-input recursion's two Hessian forms carried with
+        input indices; a kinked activation in the pointwise convention only,
+        ``kinks="pointwise"``) in the pair layout, its cross-layer moments by a tensor rule of
+        :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); ``full=True``
+        and the ddNTK raise a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -920,7 +924,7 @@ def perturbative(
             f"established for activation='linear' only, not for {arch.act.name!r}: a residual "
             "layer breaks the rotation symmetry among units; the one-input recursions of "
             "rgnn._residual_single give R, S, T in agreement with Monte Carlo but U does not "
-            "agree yet, so none is returned; pass ddntk=False (the dNTK P, Q exists on one input)"
+            "agree yet, so none is returned; pass ddntk=False (the dNTK P, Q exists)"
         )
     x = check_inputs(x, "x")
     if (
@@ -1130,11 +1134,12 @@ def _run_residual_multi(
 ) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
     two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
-    kernel correction, their views, the excess kurtosis) and, with ``ntk``, the NTK side (the
-    NTK mean shift, its variance, ``A``, ``B``, ``D``). ``quadrature_error``: the largest
-    change of any statistic (the vertex, ``D``, ``A``, ``B`` and ``n`` times the NTK variance
-    relative to their largest entries, the kernel and NTK corrections relative to the largest
-    kernel and NTK) on the first chunk of pairs when the cross-layer rule
+    kernel correction, their views, the excess kurtosis), with ``ntk`` the NTK side (the
+    NTK mean shift, its variance, ``A``, ``B``, ``D``) and with ``dntk`` (the kink mode; only
+    ``"pointwise"`` for a kinked activation) the dNTK ``P, Q``. ``quadrature_error``: the
+    largest change of any statistic (the vertex, ``D``, ``A``, ``B``, ``P``, ``Q`` and ``n``
+    times the NTK variance relative to their largest entries, the kernel and NTK corrections
+    relative to the largest kernel and NTK) on the first chunk of pairs when the cross-layer rule
     (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced by the trapezoid rule of as many
     nodes (about the error of the coarser of the two; same shapes, one compilation), plus the
     leading-order kernels' own."""
