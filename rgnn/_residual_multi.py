@@ -300,23 +300,27 @@ Sources: the raw moments ``E[phi(X) psi(Y)]`` of one unit's chain as for the NTK
 ``r = l`` from :class:`rgnn.flow.moments.Moments`, the plain engine's rules, with ``<z_c
 F> = sum_d K_cd <d_d F>``; at ``r > l`` the tensor rule, ``E[X_c psi(Y)] = Gamma E[Y_c
 psi(Y)]`` exactly), ``<phi>`` and ``<d_c phi>`` (the distributional derivative: it comes
-from Stein's lemma, an identity of integrals) from ``Moments``. Kinks: only the pointwise
-convention (``s'' = 0`` in the Hessian: ``t = u = 0``, what automatic differentiation
-gives); then the members and anchors are those of the NTK side's kinked cross-layer rule
-(Hermite weights, no step integrated). The distributional one would need ``s''``'s delta
-function inside ``Hf(t, .)`` and ``Bf(u, .)`` of every pair (``u_xy`` does not vanish for
-``x != y``) and is refused by :func:`rgnn.perturbative`.
+from Stein's lemma, an identity of integrals) from ``Moments``. Kinks (``kinks`` of
+:func:`rgnn.perturbative`): ``"pointwise"`` drops ``s''`` in the Hessian (``t = u = 0``, what
+automatic differentiation gives); ``"distributional"`` keeps its delta function, ``s'' s' =
+(1 - a^2) / 2 delta`` as the flow engine (``u_xy = s_x s''_y`` does not vanish for ``x !=
+y``). For the scale-invariant class every member is then a derivative of the continuous
+``q_w = s_c s_d`` (``t_ab = d_a d_a d_b q_ab``, ``t_aa = d^3 q_aa / 4``, ``u_ab = d_b d_b
+q_ab``, as ``p`` and ``e`` on the NTK side), taken by Hermite weights on the noise, and an
+anchor's derivatives (up to three) are moved onto the smooth conditional mean by Gaussian
+integration by parts; the same-layer moments with one delta are the flow engine's (exact),
+those with two (``t`` or ``u`` against ``t`` or ``u``) are never read.
 
 **Checks of the dNTK** (``tests/test_residual.py``): ``gamma = 0, xi = 1`` equals the plain
 engine on three inputs (relu to roundoff; tanh at ``quadrature_order=96`` to roundoff, at 48
-both carry their two-input rule's error, about ``1e-6`` of ``P``); one input equals
-:mod:`rgnn._residual_single`'s grid flow (tanh at 64 nodes and gelu to ``1e-7``, relu
-``6e-5`` at 20 nodes: the kinks); a linear activation equals the exact residual rules of
-:mod:`rgnn.flow.rules`; Monte Carlo across widths (:mod:`tools.residual_monte_carlo`,
-``--dntk --inputs 2``).
+both carry their two-input rule's error, about ``1e-6`` of ``P``; relu in both kink
+conventions to roundoff); one input equals :mod:`rgnn._residual_single`'s grid flow (tanh at
+64 nodes and gelu to ``1e-7``, relu ``6e-5`` at 20 nodes and ``5e-5`` at 40 in both kink
+conventions: the kinks converge algebraically); a linear activation equals the exact
+residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
+(:mod:`tools.residual_monte_carlo`, ``--dntk --inputs 2``).
 
-Not derived here: the ddNTK on several inputs, the distributional dNTK of kinked activations
-on several inputs, the full four-index layout.
+Not derived here: the ddNTK on several inputs, the full four-index layout.
 """
 
 from __future__ import annotations
@@ -1384,7 +1388,10 @@ def _dntk_same(act, k, rules, pointwise: bool):
     for u in kinds:
         blocks = [two[u].reshape(-1, 1), zk[u].T]
         for v in kinds:
-            if u in live and v in live:
+            # a kinked activation's products of two delta functions (t, u with t, u) are not
+            # read by the recursions: left zero
+            deltas = act.scale_invariant and u in "tu" and v in "tu"
+            if u in live and v in live and not deltas:
                 f4 = mom.e(_DNTK_KINDS[u] + _DNTK_KINDS[v], "xyab").x
             else:
                 f4 = zero4
@@ -1415,36 +1422,128 @@ def _dntk_values(der, z, kinds):
     return jnp.concatenate(cols, axis=-1)
 
 
+def _dntk_specs(kind, a: int, b: int):
+    """A member ``kind_ab`` of the scale-invariant class (``s s'' = 0``) as ``coef *
+    d_D q_w``: ``(coef, w, D)`` (``w`` the unordered pair of the base ``q_w = s_c s_d``,
+    ``None`` for the constant), or ``None`` (zero). ``e_ab = d_b q_ab``, ``p_ab = d_a d_b
+    q_ab``, ``t_ab = s''_a s'_b = d_a d_a d_b q_ab``, ``u_ab = s_a s''_b = d_b d_b q_ab``
+    (``a != b``); on the diagonal ``e, p`` are halved, ``t_aa = d^3 q_aa / 4`` (the
+    distributional ``s s''' = -s' s''``, so ``d^3 q = 4 s' s''``) and ``u_aa = 0``: the
+    distributional derivatives of the flow engine, ``s'' s' = (1 - a^2) / 2 delta``."""
+    w = (min(a, b), max(a, b))
+    if kind == "one":
+        return 1.0, None, ()
+    if a == b:
+        return {"e": (0.5, w, (a,)), "p": (0.5, w, (a, a)), "t": (0.25, w, (a, a, a))}.get(kind)
+    table = {"e": (b,), "p": (a, b), "t": (a, a, b), "u": (b, b)}
+    return 1.0, w, table[kind]
+
+
+def _dntk_cross_kinked(act, ki, kr, g, x, w, live):
+    """:func:`_dntk_cross` for the scale-invariant class: every member is ``coef * d_D q_w``
+    (:func:`_dntk_specs`), taken by the Hermite weights of Price's theorem on ``e`` (as
+    :func:`_ntk_cross_kinked`: no step or delta function is integrated by the rule), and every
+    anchor ``coef * d_D q_w(Y)`` is moved onto the smooth conditional mean ``G(Y) =
+    E[member(X) | Y]`` by Gaussian integration by parts, ``E[d_c Q(Y) G(Y)] = E[Q(Y) (A_c
+    G)(Y)]``, ``A_c G = (K^-1 Y)_c G - g G_{+c}`` (``G_{+c}``: the member with one more
+    derivative), applied ``|D|`` times (up to three). ``live``: the kinds not identically
+    zero. The combinations the recursions read fit the Hermite order 4 (a member of order 3
+    meets anchors of order at most 1, and so on); the others are left zero."""
+    m = ki.shape[0]
+    n_u, _, kinds = _dntk_members(m)
+    units = _units(m)
+    uid = {u: i for i, u in enumerate(units)}
+    grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
+    wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
+    s = kr - g * g * ki
+    lk = jnp.linalg.cholesky(ki)
+    ls = jnp.linalg.cholesky(s)
+    y = grid @ lk.T
+    xx = g * y[:, None, :] + (grid @ ls.T)[None, :, :]
+    sets = _multisets(m, _HERMITE_ORDER)
+    sid = {t: i for i, t in enumerate(sets)}
+    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]: S^-1 e
+    sinv = jnp.linalg.inv(s)
+    herm = {(): jnp.ones_like(t[0])}
+    for d in sets[1:]:
+        c, rest = d[-1], d[:-1]
+        h = t[c] * herm[rest]
+        for j in range(len(rest)):
+            h = h - sinv[c, rest[j]] * herm[rest[:j] + rest[j + 1 :]]
+        herm[d] = h
+    hw = jnp.stack([herm[d] for d in sets])  # [H, Q (t)]
+    sx = act.fn(xx)
+    base = jnp.stack([jnp.ones_like(xx[..., 0])] + [sx[..., a] * sx[..., b] for a, b in units], -1)
+    inner = jnp.einsum("ytb,ht,t->ybh", base, hw, wq)  # [Q (y), 1 + nu, H]
+    # the family as (coef, base, D); z and the dead kinds are zero rows
+    specs = [None] * n_u
+    specs[0] = (1.0, None, ())
+    for kind in live:
+        for a in range(m):
+            for b in range(m):
+                specs[kinds[kind][a, b]] = _dntk_specs(kind, a, b)
+    extras = _multisets(m, 3)
+    xid = {e: i for i, e in enumerate(extras)}
+    coef = np.zeros((n_u, len(extras)))
+    bidx = np.zeros((n_u, len(extras)), np.int32)
+    hidx = np.zeros((n_u, len(extras)), np.int32)
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        c, wb, d = spec
+        for j, extra in enumerate(extras):
+            full = tuple(sorted(d + extra))
+            if (wb is None and extra) or len(full) > _HERMITE_ORDER:
+                continue  # the constant's derivatives vanish; beyond the order: unread
+            coef[i, j] = c
+            bidx[i, j] = 0 if wb is None else 1 + uid[wb]
+            hidx[i, j] = sid[full]
+    powers = jnp.stack([g ** len(e) for e in extras])
+    gm = inner[:, bidx, hidx] * (jnp.asarray(coef, inner.dtype) * powers[None, :])[None]
+    # the anchors as weights on (y, extra), by parts: terms (coef, h-monomial, extra)
+    sy = act.fn(y)
+    hy = jax.scipy.linalg.solve_triangular(lk.T, grid.T, lower=False).T  # [Q, m]: K^-1 Y
+    kinv = jnp.linalg.inv(ki)
+    cols = []
+    for spec in specs:
+        col = [jnp.zeros_like(wq)] * len(extras)
+        if spec is not None:
+            c, wb, d = spec
+            qa = c * (jnp.ones_like(wq) if wb is None else sy[:, wb[0]] * sy[:, wb[1]])
+            terms = [(1.0, (), ())]
+            for cc in d:  # A_cc on every term
+                nxt = []
+                for k_, mono, ext in terms:
+                    nxt.append((k_, mono + (cc,), ext))
+                    for pos, dd in enumerate(mono):
+                        nxt.append((-k_ * kinv[dd, cc], mono[:pos] + mono[pos + 1 :], ext))
+                    nxt.append((-k_, mono, ext + (cc,)))
+                terms = nxt
+            for k_, mono, ext in terms:
+                val = k_ * qa
+                for dd in mono:
+                    val = val * hy[:, dd]
+                j = xid[tuple(sorted(ext))]
+                col[j] = col[j] + val
+        cols.append(jnp.stack(col, -1))
+    wy = jnp.stack(cols, 1)  # [Q, U, X]
+    return jnp.einsum("yax,ymx,y->ma", wy, gm, wq)
+
+
 def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool):
     """Raw cross-layer moments ``E[f(X) h(Y)]`` (``[U, U]``) of the dNTK family, ``Y =
     z^(i)``, ``X = z^(r) = g Y + e`` (as :func:`_cross_layer`). A smooth activation: the
-    tensor rule with the derivatives themselves; the scale-invariant class (pointwise
-    ``sigma''``): the members ``one, e, p`` and anchors ``one, e, p`` are those of
-    :func:`_ntk_cross` (Hermite weights, no step function integrated), ``t = u = 0``. The rows
+    tensor rule with the derivatives themselves; the scale-invariant class:
+    :func:`_dntk_cross_kinked` (Hermite weights and integration by parts, no step or delta
+    function integrated; pointwise: ``t = u = 0``). The rows
     ``z_c`` are exact in both: ``E[X_c h(Y)] = g E[Y_c h(Y)]`` (``same_i``: the same-layer
     moments at layer ``i``)."""
     m = ki.shape[0]
     n_u, mz, kinds = _dntk_members(m)
+    live = _dntk_kinds(act, pointwise)
     if act.scale_invariant:
-        members, *_ = _ntk_tables(m)
-        anchors, *_ = _anchors(m)
-        midx = {mem: i for i, mem in enumerate(members)}
-        aidx = {a: i for i, a in enumerate(anchors)}
-        raw = _ntk_cross(act, ki, kr, g, x, w)  # [M, A]
-        raw = jnp.pad(raw, ((0, 1), (0, 1)))  # a zero row and column
-        rsel = np.full(n_u, len(members), np.int32)
-        csel = np.full(n_u, len(anchors), np.int32)
-        rsel[0], csel[0] = midx[("one", (), ())], aidx[("one", ())]
-        for a in range(m):
-            for b in range(m):
-                rsel[kinds["e"][a, b]] = midx[("e", (a, b), ())]
-                csel[kinds["e"][a, b]] = aidx[("e", (a, b))]
-                w_ = (min(a, b), max(a, b))
-                rsel[kinds["p"][a, b]] = midx[("p", w_, ())]
-                csel[kinds["p"][a, b]] = aidx[("p", w_)]
-        out = raw[rsel][:, csel]
+        out = _dntk_cross_kinked(act, ki, kr, g, x, w, live)
     else:
-        live = _dntk_kinds(act, pointwise)
         grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
         wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
         s = kr - g * g * ki
@@ -1464,7 +1563,7 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
     divided by the width), for the leading-order kernels ``k [R, m, m]``, NTKs
     ``theta [R, m, m]``, the factors ``gamma, xi [R]`` and the weights' learning-rate
     scalings ``lam_w [R]``. ``pointwise``: the kink convention of a scale-invariant activation
-    (only ``True`` is implemented there)."""
+    (``kinks="pointwise"``; ``False``: the distributional one)."""
     n_layers, m = k.shape[0], k.shape[1]
     dtype = k.dtype
     n_u, mz, kinds = _dntk_members(m)

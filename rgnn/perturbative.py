@@ -834,8 +834,8 @@ def perturbative(
         (``n Var(H_{ii;ab})`` of one unit, not ``A + 2 B``), ``ntk_vertex``, ``mixed_vertex``,
         ``ntk_b``, with the residual meanings above on every pair) and, with ``dntk=True``, the
         dNTK ``dntk_p``, ``dntk_q`` (the one-input recursion's two Hessian forms carried with
-        input indices; a kinked activation in the pointwise convention only,
-        ``kinks="pointwise"``) in the pair layout, its cross-layer moments by a tensor rule of
+        input indices; ``kinks`` as for a plain MLP) in the pair layout, its cross-layer
+        moments by a tensor rule of
         :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); ``full=True``
         and the ddNTK raise a ``ValueError``.
         There ``nngp_variance`` is
@@ -927,22 +927,6 @@ def perturbative(
             "agree yet, so none is returned; pass ddntk=False (the dNTK P, Q exists)"
         )
     x = check_inputs(x, "x")
-    if (
-        arch.is_residual
-        and dntk
-        and kinked
-        and kinks == "distributional"
-        and arch.act.name != "linear"
-        and x.shape[0] != 1
-    ):
-        raise ValueError(
-            "kinks: the dNTK correlators of a residual MLP with the kinked activation "
-            f"{arch.act.name!r} on several inputs (dntk_p/dntk_q (P, Q), rgnn._residual_multi) "
-            'exist in the pointwise convention only (kinks="pointwise", what automatic '
-            "differentiation of the network gives); the distributional one needs the delta "
-            "function of sigma'' inside the two-unit correlations of every pair, not derived "
-            "there (it exists on one input, x of shape [1, n_0])"
-        )
     _check_memory(
         x.shape[0],
         arch.n_layers,
@@ -1135,8 +1119,8 @@ def _run_residual_multi(
     """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
     two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
     kernel correction, their views, the excess kurtosis), with ``ntk`` the NTK side (the
-    NTK mean shift, its variance, ``A``, ``B``, ``D``) and with ``dntk`` (the kink mode; only
-    ``"pointwise"`` for a kinked activation) the dNTK ``P, Q``. ``quadrature_error``: the
+    NTK mean shift, its variance, ``A``, ``B``, ``D``) and with ``dntk`` (the kink mode) the
+    dNTK ``P, Q``. ``quadrature_error``: the
     largest change of any statistic (the vertex, ``D``, ``A``, ``B``, ``P``, ``Q`` and ``n``
     times the NTK variance relative to their largest entries, the kernel and NTK corrections
     relative to the largest kernel and NTK) on the first chunk of pairs when the cross-layer rule

@@ -189,8 +189,8 @@ def test_linear_residual_fixed_point_closed_form(x64):
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
-    with pytest.raises(ValueError, match=r"kinks: the dNTK correlators of a residual MLP with"):
-        rgnn.perturbative(arch, _inputs(2), ntk=False, dntk=True)
+    with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are established for"):
+        rgnn.perturbative(arch, _inputs(2), ntk=False, ddntk=True, kinks="pointwise")
     with pytest.raises(ValueError, match=r"ddntk_r/s/t/u \(R, S, T, U\)\) are established for"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, ddntk=True, kinks="pointwise")
     # one input: the whole NTK side and the dNTK (no warning: warnings are errors here)
@@ -1194,9 +1194,9 @@ def test_several_input_path_keeps_the_dtype_and_one_compilation():
 
 
 # ----------------------------------------------------------------------------- the dNTK, pairs
-def _dntk_set_flow(arch, x, cross):
-    """The dNTK of rgnn._residual_multi on every set of the pair layout (pointwise kinks):
-    ``(P, Q)``, each ``[L+1, S, m, m, m, m]``."""
+def _dntk_set_flow(arch, x, cross, pointwise=True):
+    """The dNTK of rgnn._residual_multi on every set of the pair layout (``pointwise``: the
+    kink convention): ``(P, Q)``, each ``[L+1, S, m, m, m, m]``."""
     from rgnn import _residual_multi as rm
     from rgnn.flow import moments as flow_moments
     from rgnn.perturbative import _sets
@@ -1207,26 +1207,37 @@ def _dntk_set_flow(arch, x, cross):
     rules = flow_moments.rules(48, 192, 2, fp.nngp.dtype)
     sets = jnp.asarray(_sets(x.shape[0], False))
     ks, ts = rm.set_kernels(fp.nngp, sets), rm.set_kernels(fp.ntk, sets)
-    out = rm.dntk_sets_flow(arch.act, True, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross)
+    out = rm.dntk_sets_flow(
+        arch.act, pointwise, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
+    )
     return tuple(np.asarray(v) for v in out), fp
 
 
-# tanh and gelu in the slow tier (a compilation of the dNTK flow each, and the plain engine's
-# dNTK at 96 nodes)
-@pytest.mark.parametrize("activation", tiered(["relu", "tanh", "gelu"], ("tanh", "gelu")))
-def test_several_input_dntk_of_a_trivial_shortcut_is_the_plain_engine(x64, activation):
+# relu's default kink convention in the default run; the rest in the slow tier (a compilation
+# of the dNTK flow each, and the plain engine's dNTK at 96 nodes)
+@pytest.mark.parametrize(
+    ("activation", "kinks"),
+    [
+        ("relu", "distributional"),
+        pytest.param("relu", "pointwise", marks=pytest.mark.slow),
+        pytest.param("tanh", "pointwise", marks=pytest.mark.slow),
+        pytest.param("gelu", "pointwise", marks=pytest.mark.slow),
+    ],
+)
+def test_several_input_dntk_of_a_trivial_shortcut_is_the_plain_engine(x64, activation, kinks):
     """gamma = 0, xi = 1 on three inputs: the dNTK P, Q of rgnn._residual_multi (the shortcut
     products vanish, so the recursion is PDLT ch. 11's, rgnn.flow.rules) equal the plain
-    engine's in every pair component, through the public API (pointwise kinks): relu to
-    roundoff (exact polar integrals on both sides); tanh and gelu with both at 96 nodes of the
-    two-input rule, to the QUADRATURE tolerance (measured 4e-16 for tanh; at the default 48
-    nodes the two differ by 6e-8, within the rule's own error, 1.5e-6)."""
+    engine's in every pair component, through the public API: relu in both kink conventions
+    to roundoff (exact polar integrals on both sides; the distributional one through the
+    delta terms of sigma''); tanh and gelu with both at 96 nodes of the two-input rule, to the
+    QUADRATURE tolerance (measured 4e-16 for tanh; at the default 48 nodes the two differ by
+    6e-8, within the rule's own error, 1.5e-6)."""
     from tests.tolerances import QUADRATURE
 
     x = _inputs(3)
     cw = 2.0 if activation == "relu" else 1.0
     kw = dict(weight_var=cw, bias_var=0.1)
-    run = dict(ntk=False, dntk=True, kinks="pointwise", warn=False)
+    run = dict(ntk=False, dntk=True, kinks=kinks, warn=False)
     if activation != "relu":
         run["quadrature_order"] = 96
     plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, **kw), x, **run)
@@ -1239,13 +1250,21 @@ def test_several_input_dntk_of_a_trivial_shortcut_is_the_plain_engine(x64, activ
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
-def test_several_input_dntk_on_one_input_is_the_grid_flow(x64, activation):
+@pytest.mark.parametrize(
+    ("activation", "kinks"),
+    [
+        ("tanh", "pointwise"),
+        ("gelu", "pointwise"),
+        ("relu", "pointwise"),
+        ("relu", "distributional"),
+    ],
+)
+def test_several_input_dntk_on_one_input_is_the_grid_flow(x64, activation, kinks):
     """The dNTK of rgnn._residual_multi on one input (m = 1 sets) equals the grid flow of
-    rgnn._residual_single (pointwise kinks), P and Q on every layer, to 4 times the change
-    between 32 and 64 Gauss-Hermite nodes of the cross-layer rule (which bounds the 64-node
-    rule's error; measured against the grid: tanh and gelu 1e-7 or better, relu 6e-5 at 20
-    nodes: the kinks)."""
+    rgnn._residual_single in the same kink convention, P and Q on every layer, to 4 times the
+    change between 32 and 64 Gauss-Hermite nodes of the cross-layer rule (which bounds the
+    64-node rule's error; measured against the grid: tanh and gelu 1e-7 or better, relu 6e-5
+    at 20 nodes and 5e-5 at 40 in both conventions: the kinks)."""
     from rgnn import gaussian
     from rgnn._residual_single import single_input_flow
 
@@ -1254,13 +1273,12 @@ def test_several_input_dntk_on_one_input_is_the_grid_flow(x64, activation):
     x = _inputs(1)
     runs = {}
     for nodes in (32, 64):
-        (p, q), fp = _dntk_set_flow(
-            arch, x, gaussian.hermite_rule(nodes, jnp.float64, rule="hermite")
-        )
+        rule = gaussian.hermite_rule(nodes, jnp.float64, rule="hermite")
+        (p, q), fp = _dntk_set_flow(arch, x, rule, pointwise=kinks == "pointwise")
         runs[nodes] = dict(dntk_p=p[:, 0, 0, 0, 0, 0], dntk_q=q[:, 0, 0, 0, 0, 0])
     rec = arch.recursion(x.shape[1])
     theta1, k1 = float(np.asarray(fp.ntk)[0, 0, 0]), float(np.asarray(fp.nngp)[0, 0, 0])
-    ref = single_input_flow(arch, k1, ntk=(theta1, rec.lambda_b, rec.lambda_w), dntk="pointwise")
+    ref = single_input_flow(arch, k1, ntk=(theta1, rec.lambda_b, rec.lambda_w), dntk=kinks)
     for name, got in runs[64].items():
         want = getattr(ref, name)
         atol = 4 * np.max(np.abs(got - runs[32][name])) + tol(EXACT, jnp.float64)["rtol"] * np.max(
