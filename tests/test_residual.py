@@ -1346,3 +1346,20 @@ def test_monte_carlo_several_inputs_dntk_across_widths(x64, activation):
         a, sa = _intercept(widths, y[:, live], se[:, live])
         z = np.abs(a - pred[live]) / sa
         assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
+# the slow tier: a float32 compilation of its own
+@pytest.mark.slow
+def test_several_input_dntk_keeps_the_dtype_and_one_compilation():
+    """float32 inputs give float32 dNTK fields, and another number of inputs reuses the
+    compiled dNTK flow (its sets come in the fixed chunks of the pair flow)."""
+    from rgnn import _residual_multi as rm
+
+    arch = rgnn.MLP(2, 16, "relu", weight_var=2.0, bias_var=0.1, shortcut=0.8, branch=0.6)
+    p = rgnn.perturbative(arch, _inputs(2).astype(np.float32), ntk=False, dntk=True, warn=False)
+    assert p.dntk_p.dtype == jnp.float32 and p.dntk_q.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(p.dntk_p))) and np.all(np.isfinite(np.asarray(p.dntk_q)))
+    size = rm.dntk_sets_flow._cache_size()
+    q = rgnn.perturbative(arch, _inputs(4).astype(np.float32), ntk=False, dntk=True, warn=False)
+    assert rm.dntk_sets_flow._cache_size() == size
+    assert q.dntk_p.shape == (3, 4, 4, 2, 2, 2, 2)
