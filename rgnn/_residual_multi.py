@@ -1,5 +1,5 @@
-"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side and the NTK
-side (derived here).
+"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side, the NTK side
+and the dNTK (derived here).
 
 Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
 breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
@@ -236,7 +236,92 @@ three inputs equals the plain engine on every NTK field (``1e-11``); a linear ac
 equals the exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
 (:mod:`tools.residual_monte_carlo`).
 
-Not derived here: the dNTK and ddNTK on several inputs, the full four-index layout.
+**The dNTK** (derived here; PDLT ch. 11 has the plain recursions for ``P, Q``, written in
+:mod:`rgnn.flow.rules` through the Hessian-form dNTK ``dH^_{j0;j1j2} = Hess(z_{j0})[g_{j1},
+g_{j2}]``, with ``P_{0123} = Q^_{1203} + Q^_{2103}`` and ``Q_{0123} = Q^_{1023} + P^_{2013}``;
+:mod:`rgnn._residual_single` has the residual recursion on one input, whose two bilinear forms
+are carried here with input indices). On the inputs ``(a0, a1, a2)`` of the three slots, two
+different units ``i != k`` and functions ``f, g`` of one unit's preactivations:
+
+* ``Qh_{a0a1a2}(f, g) = n E[dH^_{i;ik;a0a1a2} f(z_i) g(z_k)]`` (so ``Q^_{a0a1a2a3} =
+  Qh_{a0a1a2}(1, z_{a3})``; a plain layer has ``Qh = <f> sum_e Q^_{a0a1a2e} <d_e g>``);
+* ``Ph_{a0a1a2}(f, g) = n E[dH^_{i;kk;a0a1a2} f(z_i) g(z_k)]`` (``P^_{a0a1a2a3} =
+  Ph_{a0a1a2}(z_{a3}, 1)``; plain: ``sum_e P^_{a0a1a2e} <d_e f> <g>``).
+
+The new layer's Hessian (:mod:`rgnn._residual_single`, "dNTK", with ``M_{ij;a} = xi W_ij
+s'_{j;a} + gamma delta_ij``) is, on the inputs,
+``Hess(z'_{i0;a0})[g'_{i1;a1}, g'_{i2;a2}] = (xi^2 lambda_W / n) [delta_{i0i1} sum_j
+s'_{j;a0} s_{j;a1} sum_m M_{i2m;a2} H_{jm;a0a2} + (1 <-> 2)] + xi sum_j W_{i0j} s''_{j;a0}
+(sum_m M_{i1m;a1} H_{mj;a1a0}) (sum_m M_{i2m;a2} H_{mj;a2a0}) + sum_j M_{i0j;a0} sum_{mm'}
+M_{i1m;a1} M_{i2m';a2} dH^_{j;mm'}``. Multiply by ``f(z'_i) g(z'_k)`` and average over the
+new weights (entries of one row paired, ``E[W_ij W_im] = C_W delta_jm / n``, or moved onto
+``f`` by Stein's lemma, ``E[W_ij f(z'_i) | l] = (C_W / n) xi sum_c s_{j;c} (T_c f)(z_i)``,
+``T_c f = T d_c f``), then over layer ``l`` as on one input: a sum over one unit is a
+Gaussian average, over two the layer's ``F``, ``Bo``, ``Qh``, ``Ph`` (the NTK side's
+``F_ab(f, g)`` and ``Bo_(ab)(cd)(f, g)`` above); three-unit correlations, ``dH^_{i;mk}`` on
+three different units, and every product with a further ``O(1/sqrt n)`` factor are
+``O(1/n^2)``. With ``e_xy = s_x s'_y``, ``t_xy = s''_x s'_y``, ``u_xy = s_x s''_y``,
+``p_xy = s'_x s'_y``, ``Hf_ab(f, g) = Theta_ab <f g> + F_ab(f, g)`` and
+``Bf_(ab)(cd)(f, g) = Theta_ab Theta_cd <f g> + Bo_(ab)(cd)(f, g)`` (the means of
+``(1/n) sum_{jk} f_j g_k H_jk`` and of ``(1/n) sum_{jk} f_j g_k H_jk H_jk``), inputs
+``0, 1, 2`` standing for ``a0, a1, a2``:
+
+.. math::
+
+    X_{012}(h) &= \\lambda_W Hf_{02}(e_{10}, h) + C_W \\Theta_{01} Hf_{02}(t_{01}, h)
+      + C_W Qh_{012}(p_{01}, h), \\\\
+    Y_{012;c}(h) &= Ph_{012}(e_{c0}, h) + Bf_{(01)(02)}(u_{c0}, h), \\\\
+    Qh'_{012}(f, g) &= \\gamma^3 Qh_{012}(Tf, Tg) + \\gamma^2 \\xi^2 C_W \\textstyle\\sum_d
+      Qh_{012}(Tf, e_{d2}) \\langle T_d g\\rangle
+      + \\langle Tf\\rangle \\big[\\xi^2 \\gamma X_{012}(Tg) + \\xi^4 C_W \\textstyle\\sum_d
+      X_{012}(e_{d2}) \\langle T_d g\\rangle\\big], \\\\
+    Ph'_{012}(f, g) &= \\gamma^3 Ph_{012}(Tf, Tg) + \\gamma \\xi^2 C_W Ph_{012}(Tf, p_{12})
+      \\langle Tg\\rangle + \\textstyle\\sum_c \\langle T_c f\\rangle \\big[\\xi^2 \\gamma^2 C_W
+      Y_{012;c}(Tg) + \\xi^4 C_W^2 Y_{012;c}(p_{12}) \\langle Tg\\rangle\\big],
+
+both zero on layer 1. The terms: ``lambda_W Hf(e_10, .)`` is the layer's weight gradient of
+one unit against the other's backward path (the ``gamma`` branch of ``M``, or its ``W``
+branch paired by Stein with ``g``: the ``xi^4`` terms), ``Theta_01 Hf(t_01, .)`` and
+``Bf(u_c0, .)`` the branch's second derivative (``W_{i0j} s''_j`` paired with a ``W`` of
+``M_{i1m}``, or moved onto ``f``), ``Qh(p_01, .)`` and ``Ph(e_c0, .)`` the lower layers'
+dNTK through the branch, and the ``gamma^3``, ``gamma^2``, ``gamma`` terms the shortcut's
+part of ``M`` (the unit's own lower Hessian). ``m = 1`` is :mod:`rgnn._residual_single`'s
+recursion term by term (``T_1`` there is ``T_c`` here); ``gamma = 0, xi = 1`` gives PDLT's
+``Q^' = C_W X_{012}(e_{32})`` and ``P^' = C_W^2 Y_{012;3}(p_{12})``, the plain rules.
+
+*Unrolled* as the NTK side: every argument is ``P_{l->r} phi`` with ``phi`` in the family
+``one``, ``z_c``, ``e_xy``, ``t_xy``, ``p_xy``, ``u_xy`` (ordered pairs; ``1 + m + 4 m^2``
+members, 19 on a pair), closed under the recursions of ``F`` (which reads ``<d_c phi>``
+and ``<e . P phi>``), ``Bo`` (``<phi>``, ``<p . P phi>``), ``Qh`` and ``Ph`` (``<t . P phi>``,
+``<u . P phi>``). The tables ``F [L+1, U, L+1, U, m, m]``, ``Bo [..., m, m, m, m]``,
+``Qh``, ``Ph [..., m, m, m]`` start at zero and are updated by one ``lax.scan``; the outputs
+of layer ``l`` are ``Q^ = Qh^{(l)}[l one, l z_{a3}]`` and ``P^ = Ph^{(l)}[l z_{a3}, l one]``.
+Sources: the raw moments ``E[phi(X) psi(Y)]`` of one unit's chain as for the NTK side (at
+``r = l`` from :class:`rgnn.flow.moments.Moments`, the plain engine's rules, with ``<z_c
+F> = sum_d K_cd <d_d F>``; at ``r > l`` the tensor rule, ``E[X_c psi(Y)] = Gamma E[Y_c
+psi(Y)]`` exactly), ``<phi>`` and ``<d_c phi>`` (the distributional derivative: it comes
+from Stein's lemma, an identity of integrals) from ``Moments``. Kinks (``kinks`` of
+:func:`rgnn.perturbative`): ``"pointwise"`` drops ``s''`` in the Hessian (``t = u = 0``, what
+automatic differentiation gives); ``"distributional"`` keeps its delta function, ``s'' s' =
+(1 - a^2) / 2 delta`` as the flow engine (``u_xy = s_x s''_y`` does not vanish for ``x !=
+y``). For the scale-invariant class every member is then a derivative of the continuous
+``q_w = s_c s_d`` (``t_ab = d_a d_a d_b q_ab``, ``t_aa = d^3 q_aa / 4``, ``u_ab = d_b d_b
+q_ab``, as ``p`` and ``e`` on the NTK side), taken by Hermite weights on the noise, and an
+anchor's derivatives (up to three) are moved onto the smooth conditional mean by Gaussian
+integration by parts; the same-layer moments with one delta are the flow engine's (exact),
+those with two (``t`` or ``u`` against ``t`` or ``u``) are never read.
+
+**Checks of the dNTK** (``tests/test_residual.py``): ``gamma = 0, xi = 1`` equals the plain
+engine on three inputs (relu to roundoff; tanh at ``quadrature_order=96`` to roundoff, at 48
+both carry their two-input rule's error, about ``1e-6`` of ``P``; relu in both kink
+conventions to roundoff); one input equals :mod:`rgnn._residual_single`'s grid flow (tanh at
+64 nodes and gelu to ``1e-7``; relu pointwise ``6e-5`` at 20 nodes, distributional ``5e-4``
+at 20 and ``3e-5`` at 40: the kinks converge algebraically); a linear activation equals the
+exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
+(:mod:`tools.residual_monte_carlo`, ``--dntk --inputs 2``: relu, tanh, gelu within 3 standard
+errors on every pair component, where the rotation-symmetric rules are 50 off for relu).
+
+Not derived here: the ddNTK on several inputs, the full four-index layout.
 """
 
 from __future__ import annotations
@@ -1241,6 +1326,398 @@ def ntk_sets_flow(act, cw, gamma, xi, lam_w, ks, thetas, rules, cross):
     def one(a):
         dh, dd, _, _, nu, aa, bo = ntk_set_flow(act, cw, gamma, xi, lam_w, a[0], a[1], rules, cross)
         return dh, dd, nu, aa, bo
+
+    out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
+    return tuple(jnp.moveaxis(v, 0, 1) for v in out)
+
+
+# ----------------------------------------------------------------------------- the dNTK
+_DNTK_KINDS = {"e": (0, 1), "t": (2, 1), "p": (1, 1), "u": (0, 2)}
+"""The two-factor members of the dNTK side, ``s^(i)_x s^(j)_y`` on an ordered pair ``(x, y)``:
+``e = s s'``, ``t = s'' s'``, ``p = s' s'``, ``u = s s''`` (derivative orders ``(i, j)``)."""
+
+
+def _dntk_members(m: int):
+    """The static family of the dNTK side on a set of ``m`` inputs (module docstring, "The
+    dNTK"): ``one``, then ``z_c`` (``m``), then ``e_xy, t_xy, p_xy, u_xy`` (``m^2`` each,
+    ordered pairs, row-major). Returns ``(size, mz [m], {kind: [m, m]})`` (member indices)."""
+    mz = 1 + np.arange(m, dtype=np.int32)
+    kinds = {}
+    start = 1 + m
+    for kind in _DNTK_KINDS:
+        kinds[kind] = (start + np.arange(m * m, dtype=np.int32)).reshape(m, m)
+        start += m * m
+    return start, mz, kinds
+
+
+def _dntk_kinds(act, pointwise: bool):
+    """The two-factor kinds that are not identically zero: ``t`` and ``u`` carry ``sigma''``,
+    which the pointwise convention drops for a kinked activation."""
+    if act.scale_invariant and pointwise:
+        return ("e", "p")
+    return tuple(_DNTK_KINDS)
+
+
+def _dntk_same(act, k, rules, pointwise: bool):
+    """Same-layer moments of the dNTK family at one layer (kernel ``k [m, m]``), from
+    :class:`rgnn.flow.moments.Moments` (the plain engine's rules: exact polar integrals for the
+    scale-invariant class): ``same [U, U]`` (``<f g>``), ``av0 [U]`` (``<f>``) and ``av1 [U, m]``
+    (``<d_c f>``, the distributional derivative: Stein's lemma; relu's by integration by
+    parts). ``<z_c F> = sum_d K_cd <d_d F>`` (Stein), ``<z_c z_d> = K_cd``."""
+    m = k.shape[0]
+    n_u, _, _ = _dntk_members(m)
+    live = _dntk_kinds(act, pointwise)
+    smooth = not act.scale_invariant
+    mom = flow_moments.Moments(act, k, rules, pointwise=pointwise, kmax=3 if smooth else 2)
+    zero2 = jnp.zeros((m, m), k.dtype)
+    zero4 = jnp.zeros((m,) * 4, k.dtype)
+    two = {u: mom.e(_DNTK_KINDS[u], "xy").x if u in live else zero2 for u in _DNTK_KINDS}
+    dd = {
+        u: mom.d(_DNTK_KINDS[u], "cxy").x if u in live else jnp.zeros((m,) * 3, k.dtype)
+        for u in _DNTK_KINDS
+    }
+    kinds = list(_DNTK_KINDS)
+    rows = []
+    one = jnp.ones((1, 1), k.dtype)
+    rows.append(
+        jnp.concatenate(
+            [one, jnp.zeros((1, m), k.dtype)] + [two[u].reshape(1, -1) for u in kinds], axis=1
+        )
+    )
+    zk = {u: jnp.einsum("cd,dxy->cxy", k, dd[u]).reshape(m, -1) for u in kinds}
+    rows.append(jnp.concatenate([jnp.zeros((m, 1), k.dtype), k] + [zk[u] for u in kinds], 1))
+    for u in kinds:
+        blocks = [two[u].reshape(-1, 1), zk[u].T]
+        for v in kinds:
+            # a kinked activation's products of two delta functions (t, u with t, u) are not
+            # read by the recursions: left zero
+            deltas = act.scale_invariant and u in "tu" and v in "tu"
+            if u in live and v in live and not deltas:
+                f4 = mom.e(_DNTK_KINDS[u] + _DNTK_KINDS[v], "xyab").x
+            else:
+                f4 = zero4
+            blocks.append(f4.reshape(m * m, m * m))
+        rows.append(jnp.concatenate(blocks, axis=1))
+    same = jnp.concatenate(rows, axis=0)
+    av0 = same[0]
+    av1 = jnp.concatenate(
+        [jnp.zeros((1, m), k.dtype), jnp.eye(m, dtype=k.dtype)]
+        + [jnp.transpose(dd[u], (1, 2, 0)).reshape(m * m, m) for u in kinds],
+        axis=0,
+    )
+    assert same.shape == (n_u, n_u)
+    return same, av0, av1
+
+
+def _dntk_values(der, z, kinds):
+    """``[..., U]``: the dNTK family at the points ``z [..., m]`` from the derivatives
+    ``der`` (``[s, s', s'', s''']``, each ``[..., m]``); kinds not in ``kinds`` are zero."""
+    m = z.shape[-1]
+    cols = [jnp.ones_like(z[..., :1]), z]
+    for kind, (i, j) in _DNTK_KINDS.items():
+        if kind in kinds:
+            v = der[i][..., :, None] * der[j][..., None, :]
+        else:
+            v = jnp.zeros(z.shape + (m,), z.dtype)
+        cols.append(v.reshape(z.shape[:-1] + (m * m,)))
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _dntk_specs(kind, a: int, b: int):
+    """A member ``kind_ab`` of the scale-invariant class (``s s'' = 0``) as ``coef *
+    d_D q_w``: ``(coef, w, D)`` (``w`` the unordered pair of the base ``q_w = s_c s_d``,
+    ``None`` for the constant), or ``None`` (zero). ``e_ab = d_b q_ab``, ``p_ab = d_a d_b
+    q_ab``, ``t_ab = s''_a s'_b = d_a d_a d_b q_ab``, ``u_ab = s_a s''_b = d_b d_b q_ab``
+    (``a != b``); on the diagonal ``e, p`` are halved, ``t_aa = d^3 q_aa / 4`` (the
+    distributional ``s s''' = -s' s''``, so ``d^3 q = 4 s' s''``) and ``u_aa = 0``: the
+    distributional derivatives of the flow engine, ``s'' s' = (1 - a^2) / 2 delta``."""
+    w = (min(a, b), max(a, b))
+    if kind == "one":
+        return 1.0, None, ()
+    if a == b:
+        return {"e": (0.5, w, (a,)), "p": (0.5, w, (a, a)), "t": (0.25, w, (a, a, a))}.get(kind)
+    table = {"e": (b,), "p": (a, b), "t": (a, a, b), "u": (b, b)}
+    return 1.0, w, table[kind]
+
+
+def _dntk_cross_kinked(act, ki, kr, g, x, w, live):
+    """:func:`_dntk_cross` for the scale-invariant class: every member is ``coef * d_D q_w``
+    (:func:`_dntk_specs`), taken by the Hermite weights of Price's theorem on ``e`` (as
+    :func:`_ntk_cross_kinked`: no step or delta function is integrated by the rule), and every
+    anchor ``coef * d_D q_w(Y)`` is moved onto the smooth conditional mean ``G(Y) =
+    E[member(X) | Y]`` by Gaussian integration by parts, ``E[d_c Q(Y) G(Y)] = E[Q(Y) (A_c
+    G)(Y)]``, ``A_c G = (K^-1 Y)_c G - g G_{+c}`` (``G_{+c}``: the member with one more
+    derivative), applied ``|D|`` times (up to three). ``live``: the kinds not identically
+    zero. The combinations the recursions read fit the Hermite order 4 (a member of order 3
+    meets anchors of order at most 1, and so on); the others are left zero."""
+    m = ki.shape[0]
+    n_u, _, kinds = _dntk_members(m)
+    units = _units(m)
+    uid = {u: i for i, u in enumerate(units)}
+    grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
+    wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
+    s = kr - g * g * ki
+    lk = jnp.linalg.cholesky(ki)
+    ls = jnp.linalg.cholesky(s)
+    y = grid @ lk.T
+    xx = g * y[:, None, :] + (grid @ ls.T)[None, :, :]
+    sets = _multisets(m, _HERMITE_ORDER)
+    sid = {t: i for i, t in enumerate(sets)}
+    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]: S^-1 e
+    sinv = jnp.linalg.inv(s)
+    herm = {(): jnp.ones_like(t[0])}
+    for d in sets[1:]:
+        c, rest = d[-1], d[:-1]
+        h = t[c] * herm[rest]
+        for j in range(len(rest)):
+            h = h - sinv[c, rest[j]] * herm[rest[:j] + rest[j + 1 :]]
+        herm[d] = h
+    hw = jnp.stack([herm[d] for d in sets])  # [H, Q (t)]
+    sx = act.fn(xx)
+    base = jnp.stack([jnp.ones_like(xx[..., 0])] + [sx[..., a] * sx[..., b] for a, b in units], -1)
+    inner = jnp.einsum("ytb,ht,t->ybh", base, hw, wq)  # [Q (y), 1 + nu, H]
+    # the family as (coef, base, D); z and the dead kinds are zero rows
+    specs = [None] * n_u
+    specs[0] = (1.0, None, ())
+    for kind in live:
+        for a in range(m):
+            for b in range(m):
+                specs[kinds[kind][a, b]] = _dntk_specs(kind, a, b)
+    extras = _multisets(m, 3)
+    xid = {e: i for i, e in enumerate(extras)}
+    coef = np.zeros((n_u, len(extras)))
+    bidx = np.zeros((n_u, len(extras)), np.int32)
+    hidx = np.zeros((n_u, len(extras)), np.int32)
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        c, wb, d = spec
+        for j, extra in enumerate(extras):
+            full = tuple(sorted(d + extra))
+            if (wb is None and extra) or len(full) > _HERMITE_ORDER:
+                continue  # the constant's derivatives vanish; beyond the order: unread
+            coef[i, j] = c
+            bidx[i, j] = 0 if wb is None else 1 + uid[wb]
+            hidx[i, j] = sid[full]
+    powers = jnp.stack([g ** len(e) for e in extras])
+    gm = inner[:, bidx, hidx] * (jnp.asarray(coef, inner.dtype) * powers[None, :])[None]
+    # the anchors as weights on (y, extra), by parts: terms (coef, h-monomial, extra)
+    sy = act.fn(y)
+    hy = jax.scipy.linalg.solve_triangular(lk.T, grid.T, lower=False).T  # [Q, m]: K^-1 Y
+    kinv = jnp.linalg.inv(ki)
+    cols = []
+    for spec in specs:
+        col = [jnp.zeros_like(wq)] * len(extras)
+        if spec is not None:
+            c, wb, d = spec
+            qa = c * (jnp.ones_like(wq) if wb is None else sy[:, wb[0]] * sy[:, wb[1]])
+            terms = [(1.0, (), ())]
+            for cc in d:  # A_cc on every term
+                nxt = []
+                for k_, mono, ext in terms:
+                    nxt.append((k_, mono + (cc,), ext))
+                    for pos, dd in enumerate(mono):
+                        nxt.append((-k_ * kinv[dd, cc], mono[:pos] + mono[pos + 1 :], ext))
+                    nxt.append((-k_, mono, ext + (cc,)))
+                terms = nxt
+            for k_, mono, ext in terms:
+                val = k_ * qa
+                for dd in mono:
+                    val = val * hy[:, dd]
+                j = xid[tuple(sorted(ext))]
+                col[j] = col[j] + val
+        cols.append(jnp.stack(col, -1))
+    wy = jnp.stack(cols, 1)  # [Q, U, X]
+    return jnp.einsum("yax,ymx,y->ma", wy, gm, wq)
+
+
+def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool):
+    """Raw cross-layer moments ``E[f(X) h(Y)]`` (``[U, U]``) of the dNTK family, ``Y =
+    z^(i)``, ``X = z^(r) = g Y + e`` (as :func:`_cross_layer`). A smooth activation: the
+    tensor rule with the derivatives themselves; the scale-invariant class:
+    :func:`_dntk_cross_kinked` (Hermite weights and integration by parts, no step or delta
+    function integrated; pointwise: ``t = u = 0``). The rows
+    ``z_c`` are exact in both: ``E[X_c h(Y)] = g E[Y_c h(Y)]`` (``same_i``: the same-layer
+    moments at layer ``i``)."""
+    m = ki.shape[0]
+    n_u, mz, kinds = _dntk_members(m)
+    live = _dntk_kinds(act, pointwise)
+    if act.scale_invariant:
+        out = _dntk_cross_kinked(act, ki, kr, g, x, w, live)
+    else:
+        grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
+        wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
+        s = kr - g * g * ki
+        y = grid @ jnp.linalg.cholesky(ki).T
+        e = grid @ jnp.linalg.cholesky(s).T
+        xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
+        vx = _dntk_values(_derivatives3(act, xx), xx, live)  # [Q, Q, U]
+        inner = jnp.einsum("ytf,t->yf", vx, wq)
+        vy = _dntk_values(_derivatives3(act, y), y, live)  # [Q, U]
+        out = jnp.einsum("yf,ya,y->fa", inner, vy, wq)
+    return out.at[jnp.asarray(mz)].set(g * same_i[jnp.asarray(mz)])
+
+
+def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
+    """The dNTK correlators of one set of ``m`` inputs (module docstring, "The dNTK"):
+    ``(P, Q)``, each ``[R, m, m, m, m]`` (PDLT's ``P_{a0 a1 a2 a3}``, ``Q_{a0 a1 a2 a3}``, not
+    divided by the width), for the leading-order kernels ``k [R, m, m]``, NTKs
+    ``theta [R, m, m]``, the factors ``gamma, xi [R]`` and the weights' learning-rate
+    scalings ``lam_w [R]``. ``pointwise``: the kink convention of a scale-invariant activation
+    (``kinks="pointwise"``; ``False``: the distributional one)."""
+    n_layers, m = k.shape[0], k.shape[1]
+    dtype = k.dtype
+    n_u, mz, kinds = _dntk_members(m)
+    me, mt, mp, mu = (kinds[u] for u in ("e", "t", "p", "u"))
+    gp = _shortcut_products(gamma)
+    same, av0, av1 = jax.vmap(lambda kk: _dntk_same(act, kk, rules, pointwise))(k)
+    pairs = np.array([(i, r) for i in range(n_layers - 1) for r in range(i + 1, n_layers)])
+    xq, wq = cross
+    crossed = jax.lax.map(
+        lambda a: _dntk_cross(act, a[0], a[1], a[2], xq, wq, a[3], pointwise),
+        (k[pairs[:, 0]], k[pairs[:, 1]], gp[pairs[:, 0], pairs[:, 1]], same[pairs[:, 0]]),
+    )  # [P, U, U]
+    raw = jnp.zeros((n_layers - 1, n_layers, n_u, n_u), dtype)
+    steps = np.arange(n_layers - 1)
+    raw = raw.at[steps, steps].set(same[:-1])
+    raw = raw.at[pairs[:, 0], pairs[:, 1]].set(crossed)
+    ar = np.arange(m)
+    a3, b3, c3 = np.meshgrid(ar, ar, ar, indexing="ij")  # [m, m, m] slot indices
+    a4, b4, c4, d4 = np.meshgrid(ar, ar, ar, ar, indexing="ij")
+
+    def step(carry, inp):
+        ft, bo, qh, ph = carry
+        i, rawi = inp  # rawi [R, U, U]: E[f(z^(r)) h(z^(i))]
+        x2 = xi[i + 1] ** 2
+        g = gamma[i + 1]
+        lw = lam_w[i + 1]
+        th = theta[i]
+        t1 = gp[i + 1][:, None, None] * av1  # [R, U, m]: <T_c P f>
+        a0 = av0  # [R, U]: <T P f>
+        raw_s = jnp.take(rawi, i, axis=0)  # [U, U] same-layer
+        # ---- F_ab(f, g) on the whole family (the NTK side's recursion)
+        f_i = jnp.take(ft, i, axis=0)  # [U, R, U, m, m]: F(i h, s g)
+        f_ri = jnp.take(ft, i, axis=2)  # [R, U, U, m, m]: F(r f, i h)
+        # Theta_ab <e_ca P g> + F_ab(e_ca, P g) at [s, G, c, a, b] = (a3, b3, c3), and
+        # Theta_ab <e_cb P f> + F_ab(P f, e_cb) at [r, F, c, a, b]
+        u_g = th[b3, c3][None, None] * rawi[:, :, me[a3, b3]] + jnp.moveaxis(
+            f_i[me[a3, b3], :, :, b3, c3], (3, 4), (0, 1)
+        )
+        v_f = th[b3, c3][None, None] * rawi[:, :, me[a3, c3]] + f_ri[:, :, me[a3, c3], b3, c3]
+        # [c, d, a, b] = (a4, b4, c4, d4): Theta_ab <e_ca e_db> + F_ab(e_ca, e_db)
+        ce = (
+            th[c4, d4] * raw_s[me[a4, c4], me[b4, d4]]
+            + jnp.take(f_i, i, axis=1)[me[a4, c4], me[b4, d4], c4, d4]
+        )
+        fn = (
+            g * g * ft
+            + cw
+            * x2
+            * g
+            * (jnp.einsum("rFc,sGcab->rFsGab", t1, u_g) + jnp.einsum("sGc,rFcab->rFsGab", t1, v_f))
+            + cw * cw * x2 * x2 * jnp.einsum("cdab,rFc,sGd->rFsGab", ce, t1, t1)
+        )
+        # ---- Bo_(ab)(cd)(f, g) on the whole family (the NTK side's recursion)
+        bo_i = jnp.take(bo, i, axis=0)  # [U, R, U, m, m, m, m]: Bo(i h, s g)
+        bo_ri = jnp.take(bo, i, axis=2)  # [R, U, U, m, m, m, m]: Bo(r f, i h)
+        tt = th[a4, b4] * th[c4, d4]  # [a, b, c, d]
+        b_c = (
+            tt * raw_s[mp[a4, c4], mp[b4, d4]]
+            + jnp.take(bo_i, i, axis=1)[mp[a4, c4], mp[b4, d4], a4, b4, c4, d4]
+        )
+        u_b = tt[None, None] * rawi[:, :, mp[b4, d4]] + bo_ri[:, :, mp[b4, d4], a4, b4, c4, d4]
+        w_b = tt[None, None] * rawi[:, :, mp[a4, c4]] + jnp.moveaxis(
+            bo_i[mp[a4, c4], :, :, a4, b4, c4, d4], (4, 5), (0, 1)
+        )
+        g2 = g * g
+        bn = (
+            g2 * g2 * bo
+            + cw * cw * x2 * x2 * jnp.einsum("rF,sG,abcd->rFsGabcd", a0, a0, b_c)
+            + cw
+            * x2
+            * g2
+            * (
+                jnp.einsum("rFabcd,sG->rFsGabcd", u_b, a0)
+                + jnp.einsum("rF,sGabcd->rFsGabcd", a0, w_b)
+            )
+        )
+        # ---- Qh_abc(f, g): X_abc(s g) at [s, G, a, b, c]
+        qh_i = jnp.take(qh, i, axis=0)  # [U, R, U, m, m, m]: Qh(i h, s g)
+        xs = (
+            lw
+            * (
+                th[a3, c3][None, None] * rawi[:, :, me[b3, a3]]
+                + jnp.moveaxis(f_i[me[b3, a3], :, :, a3, c3], (3, 4), (0, 1))
+            )
+            + cw
+            * th[a3, b3][None, None]
+            * (
+                th[a3, c3][None, None] * rawi[:, :, mt[a3, b3]]
+                + jnp.moveaxis(f_i[mt[a3, b3], :, :, a3, c3], (3, 4), (0, 1))
+            )
+            + cw * jnp.moveaxis(qh_i[mp[a3, b3], :, :, a3, b3, c3], (3, 4), (0, 1))
+        )
+        # X_abc(i e_dc) at [d, a, b, c]
+        # [d, a, b, c] = (a4, b4, c4, d4): X_abc(i e_dc), Qh_abc(r f, i e_dc)
+        xe = jnp.take(xs, i, axis=0)[me[a4, d4], b4, c4, d4]
+        qh_re = jnp.take(qh, i, axis=2)[:, :, me[a4, d4], b4, c4, d4]
+        qn = (
+            g * g2 * qh
+            + g2 * x2 * cw * jnp.einsum("rFdabc,sGd->rFsGabc", qh_re, t1)
+            + jnp.einsum(
+                "rF,sGabc->rFsGabc",
+                a0,
+                x2 * g * xs + x2 * x2 * cw * jnp.einsum("dabc,sGd->sGabc", xe, t1),
+            )
+        )
+        # ---- Ph_abc(f, g): Y_abc;d(s g) at [s, G, d, a, b, c]
+        ph_i = jnp.take(ph, i, axis=0)  # [U, R, U, m, m, m]: Ph(i h, s g)
+        # [d, a, b, c] = (a4, b4, c4, d4); u_da = s_d s''_a, e_da = s_d s'_a
+        ua, ea = mu[a4, b4], me[a4, b4]
+        yy = (
+            jnp.moveaxis(ph_i[ea, :, :, b4, c4, d4], (4, 5), (0, 1))
+            + (th[b4, c4] * th[b4, d4])[None, None] * rawi[:, :, ua]
+            + jnp.moveaxis(bo_i[ua, :, :, b4, c4, b4, d4], (4, 5), (0, 1))
+        )  # [R, U, d, a, b, c]
+        y_p = jnp.take(yy, i, axis=0)[mp[c4, d4], a4, b4, c4, d4]
+        ph_rp = jnp.take(ph, i, axis=2)[:, :, mp[b3, c3], a3, b3, c3]  # [R, U, a, b, c]
+        pn = (
+            g * g2 * ph
+            + g * x2 * cw * jnp.einsum("rFabc,sG->rFsGabc", ph_rp, a0)
+            + jnp.einsum(
+                "rFd,sGdabc->rFsGabc",
+                t1,
+                x2 * g2 * cw * yy + x2 * x2 * cw * cw * jnp.einsum("dabc,sG->sGdabc", y_p, a0),
+            )
+        )
+        j = i + 1
+        q_out = jnp.moveaxis(jnp.take(jnp.take(qn, j, axis=0)[0], j, axis=0)[mz], 0, -1)
+        p_out = jnp.moveaxis(jnp.take(jnp.take(pn, j, axis=0)[mz], j, axis=1)[:, 0], 0, -1)
+        return (fn, bn, qn, pn), (q_out, p_out)
+
+    z = jnp.zeros
+    init = (
+        z((n_layers, n_u, n_layers, n_u, m, m), dtype),
+        z((n_layers, n_u, n_layers, n_u) + (m,) * 4, dtype),
+        z((n_layers, n_u, n_layers, n_u) + (m,) * 3, dtype),
+        z((n_layers, n_u, n_layers, n_u) + (m,) * 3, dtype),
+    )
+    _, (qh_out, ph_out) = jax.lax.scan(step, init, (jnp.asarray(steps), raw))
+    qh_out = jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), qh_out])
+    ph_out = jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), ph_out])
+    # P_0123 = Qh_1203 + Qh_2103, Q_0123 = Qh_1023 + Ph_2013 (Hessian form, rgnn.flow.rules)
+    p = jnp.einsum("lbcad->labcd", qh_out) + jnp.einsum("lcbad->labcd", qh_out)
+    q = jnp.einsum("lbacd->labcd", qh_out) + jnp.einsum("lcabd->labcd", ph_out)
+    return p, q
+
+
+@partial(jax.jit, static_argnames=("act", "pointwise"))
+def dntk_sets_flow(act, pointwise, cw, gamma, xi, lam_w, ks, thetas, rules, cross):
+    """:func:`dntk_set_flow` on every set's kernels and NTKs ``ks, thetas [S, R, m, m]``
+    (one compilation per number of sets): ``(P, Q)``, each ``[R, S, m, m, m, m]``."""
+
+    def one(a):
+        return dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, a[0], a[1], rules, cross)
 
     out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
     return tuple(jnp.moveaxis(v, 0, 1) for v in out)

@@ -212,7 +212,8 @@ class Perturbative:
         + d_{i0 i1} d_{i2 i3} Q_{s0 s1 s2 s3} + d_{i0 i2} d_{i1 i3} Q_{s0 s2 s1 s3}) / n_{l-1}``
         (not divided by the width). For ``a == b`` every component is the single-input value.
         Derivation, recursions and the treatment of kinks: :mod:`rgnn.flow.rules` (a
-        nonlinear residual MLP, one input: :mod:`rgnn._residual_single`).
+        nonlinear residual MLP: :mod:`rgnn._residual_single` on one input,
+        :mod:`rgnn._residual_multi` on several).
       ddntk_r, ddntk_s, ddntk_t, ddntk_u: ``[L+1, N, N, 2, 2, 2, 2]`` the means of PDLT's two
         ddNTKs (``None`` unless ``perturbative(..., ddntk=True)``), in the layout of
         ``dntk_p``: with ``ddI_{i0 i1 i2 i3} = D^3 z_{i0}[g_{i1}, g_{i2}, g_{i3}]`` and
@@ -832,9 +833,12 @@ def perturbative(
         of one unit, ``(d(z^4) - 6 K d(z^2)) / (n K^2)``), ``coupling``) and, with
         ``ntk=True``, the NTK side (``ntk``, ``ntk_correction``, ``ntk_variance``
         (``n Var(H_{ii;ab})`` of one unit, not ``A + 2 B``), ``ntk_vertex``, ``mixed_vertex``,
-        ``ntk_b``, with the residual meanings above on every pair) in the pair layout, its
-        cross-layer moments by a tensor rule of :data:`RESIDUAL_NODES` nodes (estimated error
-        in ``quadrature_error``); ``full=True``, the dNTK and the ddNTK raise a ``ValueError``.
+        ``ntk_b``, with the residual meanings above on every pair) and, with ``dntk=True``, the
+        dNTK ``dntk_p``, ``dntk_q`` (the one-input recursion's two Hessian forms carried with
+        input indices; ``kinks`` as for a plain MLP) in the pair layout, its cross-layer
+        moments by a tensor rule of
+        :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); ``full=True``
+        and the ddNTK raise a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -923,16 +927,7 @@ def perturbative(
             f"of shape [1, n_0], got {x.shape[0]} inputs): a residual layer breaks the rotation "
             "symmetry among units, so the two-unit correlations are carried as bilinear forms of "
             "one input's preactivation (rgnn._residual_single); activation='linear' has them on "
-            "any inputs; pass ddntk=False"
-        )
-    if arch.is_residual and dntk and arch.act.name != "linear" and x.shape[0] != 1:
-        raise ValueError(
-            "dntk: the dNTK correlators of a residual MLP with the nonlinear activation "
-            f"{arch.act.name!r} (dntk_p/dntk_q (P, Q)) are derived on one input only (x of "
-            f"shape [1, n_0], got {x.shape[0]} inputs): a residual layer breaks the rotation "
-            "symmetry among units, so the two-unit correlations are carried as bilinear forms "
-            "of one input's preactivation (rgnn._residual_single); activation='linear' has them "
-            "on any inputs; pass dntk=False"
+            "any inputs; pass ddntk=False (the dNTK P, Q exists on any inputs)"
         )
     _check_memory(
         x.shape[0],
@@ -948,7 +943,7 @@ def perturbative(
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
             return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode, ddntk)
-        return _run_residual_multi(arch, x, quadrature_order, warn, ntk)
+        return _run_residual_multi(arch, x, quadrature_order, warn, ntk, mode)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
     )
@@ -1131,21 +1126,27 @@ algebraic convergence), tanh 1.1e-5 / 3.4e-6 on three (Gauss-Hermite: 6e-5 / 4e-
 Gauss-Hermite at 20 nodes: 1e-2 on ``D``, so the estimate in ``quadrature_error``, the change
 between the two rules, is pessimistic there by about 25); on one input against the grid flow
 of :mod:`rgnn._residual_single`: relu 1e-4 (mean shift) to 3e-4 (``D``), tanh 1e-8, gelu
-1e-10. The work grows like its fourth power."""
+1e-10. The dNTK (depth 5, three inputs, against 64 Gauss-Hermite nodes, relative to the
+largest entry): relu 1e-3 (``P``) / 2e-3 (``Q``; the kinks, with up to four derivatives of the
+steps; 2e-4 / 5e-4 at 40 nodes), tanh 1e-5 (trapezoid; Gauss-Hermite 3e-3), gelu 2e-4 / 3e-4.
+The work grows like its fourth power."""
 
 _RESIDUAL_CHUNK = 16
 """Pairs per call of the compiled nonlinear residual flow (every input count shares one
 compilation)."""
 
 
-def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False) -> Perturbative:
+def _run_residual_multi(
+    arch: MLP, x, order: int, warn: bool, ntk: bool = False, dntk: str | None = None
+) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
     two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
-    kernel correction, their views, the excess kurtosis) and, with ``ntk``, the NTK side (the
-    NTK mean shift, its variance, ``A``, ``B``, ``D``). ``quadrature_error``: the largest
-    change of any statistic (the vertex, ``D``, ``A``, ``B`` and ``n`` times the NTK variance
-    relative to their largest entries, the kernel and NTK corrections relative to the largest
-    kernel and NTK) on the first chunk of pairs when the cross-layer rule
+    kernel correction, their views, the excess kurtosis), with ``ntk`` the NTK side (the
+    NTK mean shift, its variance, ``A``, ``B``, ``D``) and with ``dntk`` (the kink mode) the
+    dNTK ``P, Q``. ``quadrature_error``: the
+    largest change of any statistic (the vertex, ``D``, ``A``, ``B``, ``P``, ``Q`` and ``n``
+    times the NTK variance relative to their largest entries, the kernel and NTK corrections
+    relative to the largest kernel and NTK) on the first chunk of pairs when the cross-layer rule
     (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced by the trapezoid rule of as many
     nodes (about the error of the coarser of the two; same shapes, one compilation), plus the
     leading-order kernels' own."""
@@ -1169,11 +1170,11 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
         cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
     else:
         cross, other = tuned[0], hermite
-    if ntk:
+    if ntk or dntk is not None:
         rec = arch.recursion(x.shape[1])
         lam_w = jnp.asarray(rec.lambda_w, dtype)
     sets = _sets(n, False)
-    outs, ntk_outs = [], []
+    outs, ntk_outs, dntk_outs = [], [], []
     err = 0.0
 
     def change(new, old, scale):
@@ -1192,6 +1193,11 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
                 arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
             )
             ntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in nout])
+        if dntk is not None:
+            ts = rm.set_kernels(fp.ntk, chunk)
+            dargs = (arch.act, dntk == "pointwise", arch.weight_var, gamma, xi, lam_w, ks, ts)
+            dout = rm.dntk_sets_flow(*dargs, rules, cross)
+            dntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in dout])
         if start == 0:
             lo = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, other)
             err = max(
@@ -1204,6 +1210,10 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
                 )
                 err = max(err, change(nout[0], nlo[0], jnp.max(jnp.abs(fp.ntk))))
                 for a, b in zip(nout[1:], nlo[1:], strict=True):
+                    err = max(err, change(a, b, jnp.max(jnp.abs(a))))
+            if dntk is not None:
+                dlo = rm.dntk_sets_flow(*dargs, rules, other)
+                for a, b in zip(dout, dlo, strict=True):
                     err = max(err, change(a, b, jnp.max(jnp.abs(a))))
     v, dg, d4 = (jnp.concatenate(p, axis=1) for p in zip(*outs, strict=True))
     prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
@@ -1218,6 +1228,9 @@ def _run_residual_multi(arch: MLP, x, order: int, warn: bool, ntk: bool = False)
             A=aa,
             B=jnp.swapaxes(bo, 3, 4),
         )
+    if dntk is not None:
+        p, q = (jnp.concatenate(c, axis=1) for c in zip(*dntk_outs, strict=True))
+        stats.update(P=p, Q=q)
     fields = _pair_layout(stats, n, sets)
     if ntk:
         # a residual layer's NTK variance is nu_(ab)(ab)(1), not A + B + B (module docstring)

@@ -189,8 +189,6 @@ def test_linear_residual_fixed_point_closed_form(x64):
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
-    with pytest.raises(ValueError, match=r"dntk: the dNTK correlators of a residual MLP with"):
-        rgnn.perturbative(arch, _inputs(2), ntk=False, dntk=True)
     with pytest.raises(ValueError, match=r"ddntk: the ddNTK means of a residual MLP with the"):
         rgnn.perturbative(arch, _inputs(2), ntk=False, ddntk=True, kinks="pointwise")
     # one input: the whole NTK side, the dNTK and the ddNTK (no warning: warnings are errors)
@@ -1201,3 +1199,175 @@ def test_several_input_path_keeps_the_dtype_and_one_compilation():
     size = rm.sets_flow._cache_size()
     rgnn.perturbative(arch, _inputs(4).astype(np.float32), ntk=False, warn=False)
     assert rm.sets_flow._cache_size() == size
+
+
+# ----------------------------------------------------------------------------- the dNTK, pairs
+def _dntk_set_flow(arch, x, cross, pointwise=True):
+    """The dNTK of rgnn._residual_multi on every set of the pair layout (``pointwise``: the
+    kink convention): ``(P, Q)``, each ``[L+1, S, m, m, m, m]``."""
+    from rgnn import _residual_multi as rm
+    from rgnn.flow import moments as flow_moments
+    from rgnn.perturbative import _sets
+
+    fp = rgnn.fixed_point(arch, x)
+    gamma, xi = (jnp.asarray(v) for v in arch.residual())
+    lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w)
+    rules = flow_moments.rules(48, 192, 2, fp.nngp.dtype)
+    sets = jnp.asarray(_sets(x.shape[0], False))
+    ks, ts = rm.set_kernels(fp.nngp, sets), rm.set_kernels(fp.ntk, sets)
+    out = rm.dntk_sets_flow(
+        arch.act, pointwise, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
+    )
+    return tuple(np.asarray(v) for v in out), fp
+
+
+# relu's default kink convention in the default run; the rest in the slow tier (a compilation
+# of the dNTK flow each, and the plain engine's dNTK at 96 nodes)
+@pytest.mark.parametrize(
+    ("activation", "kinks"),
+    [
+        ("relu", "distributional"),
+        pytest.param("relu", "pointwise", marks=pytest.mark.slow),
+        pytest.param("tanh", "pointwise", marks=pytest.mark.slow),
+        pytest.param("gelu", "pointwise", marks=pytest.mark.slow),
+    ],
+)
+def test_several_input_dntk_of_a_trivial_shortcut_is_the_plain_engine(x64, activation, kinks):
+    """gamma = 0, xi = 1 on three inputs: the dNTK P, Q of rgnn._residual_multi (the shortcut
+    products vanish, so the recursion is PDLT ch. 11's, rgnn.flow.rules) equal the plain
+    engine's in every pair component, through the public API: relu in both kink conventions
+    to roundoff (exact polar integrals on both sides; the distributional one through the
+    delta terms of sigma''); tanh and gelu with both at 96 nodes of the two-input rule, to the
+    QUADRATURE tolerance (measured 4e-16 for tanh; at the default 48 nodes the two differ by
+    6e-8, within the rule's own error, 1.5e-6)."""
+    from tests.tolerances import QUADRATURE
+
+    x = _inputs(3)
+    cw = 2.0 if activation == "relu" else 1.0
+    kw = dict(weight_var=cw, bias_var=0.1)
+    run = dict(ntk=False, dntk=True, kinks=kinks, warn=False)
+    if activation != "relu":
+        run["quadrature_order"] = 96
+    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, **kw), x, **run)
+    res = rgnn.perturbative(rgnn.MLP(4, 64, activation, shortcut=0.0, branch=1.0, **kw), x, **run)
+    rtol = tol(EXACT if activation == "relu" else QUADRATURE, jnp.float64)["rtol"]
+    for name in ("dntk_p", "dntk_q"):
+        a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
+        assert a.shape == (5, 3, 3, 2, 2, 2, 2), name
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("activation", "kinks"),
+    [
+        ("tanh", "pointwise"),
+        ("gelu", "pointwise"),
+        ("relu", "pointwise"),
+        ("relu", "distributional"),
+    ],
+)
+def test_several_input_dntk_on_one_input_is_the_grid_flow(x64, activation, kinks):
+    """The dNTK of rgnn._residual_multi on one input (m = 1 sets) equals the grid flow of
+    rgnn._residual_single in the same kink convention, P and Q on every layer, to 4 times the
+    change between 32 and 64 Gauss-Hermite nodes of the cross-layer rule (which bounds the
+    64-node rule's error; measured against the grid: tanh and gelu 1e-7 or better; relu
+    pointwise 6e-5 at 20 nodes, distributional 5e-4 at 20 and 3e-5 at 40: the kinks)."""
+    from rgnn import gaussian
+    from rgnn._residual_single import single_input_flow
+
+    cw = 2.0 if activation == "relu" else 1.0
+    arch = rgnn.MLP(4, 64, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
+    x = _inputs(1)
+    runs = {}
+    for nodes in (32, 64):
+        rule = gaussian.hermite_rule(nodes, jnp.float64, rule="hermite")
+        (p, q), fp = _dntk_set_flow(arch, x, rule, pointwise=kinks == "pointwise")
+        runs[nodes] = dict(dntk_p=p[:, 0, 0, 0, 0, 0], dntk_q=q[:, 0, 0, 0, 0, 0])
+    rec = arch.recursion(x.shape[1])
+    theta1, k1 = float(np.asarray(fp.ntk)[0, 0, 0]), float(np.asarray(fp.nngp)[0, 0, 0])
+    ref = single_input_flow(arch, k1, ntk=(theta1, rec.lambda_b, rec.lambda_w), dntk=kinks)
+    for name, got in runs[64].items():
+        want = getattr(ref, name)
+        atol = 4 * np.max(np.abs(got - runs[32][name])) + tol(EXACT, jnp.float64)["rtol"] * np.max(
+            np.abs(want)
+        )
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize(("shortcut", "branch"), [(0.8, 0.6), ((0.9, -0.5), (0.5, 1.1))])
+def test_several_input_dntk_of_a_linear_activation_is_the_residual_rules(x64, shortcut, branch):
+    """The dNTK flow of rgnn._residual_multi run on a linear activation (three inputs, every
+    pair) equals the exact linear residual rules of rgnn.flow.rules (what rgnn.perturbative
+    returns there) on every pair component of P and Q: EXACT (no quadrature error enters:
+    the linear activation's moments are polynomial and its cross-layer rule is exact)."""
+    from rgnn import gaussian
+    from rgnn.perturbative import _sets
+
+    arch = rgnn.MLP(3, 64, "linear", weight_var=1.0, bias_var=0.1, shortcut=shortcut, branch=branch)
+    x = _inputs(3)
+    (p, q), _ = _dntk_set_flow(arch, x, gaussian.hermite_rule(20, jnp.float64, rule="hermite"))
+    ref = rgnn.perturbative(arch, x, dntk=True, warn=False)
+    rtol = tol(EXACT, jnp.float64)["rtol"]
+    for name, got in (("dntk_p", p), ("dntk_q", q)):
+        want = np.asarray(getattr(ref, name))
+        for s, (a, b) in enumerate(_sets(3, False)):
+            np.testing.assert_allclose(
+                got[:, s],
+                want[:, a, b],
+                rtol=rtol,
+                atol=rtol * np.abs(want).max(),
+                err_msg=f"{name} pair {(a, b)}",
+            )
+
+
+# the slow tier: the exact reductions are in the default run;
+# tools/residual_monte_carlo.py --dntk --inputs 2 runs the full check
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_monte_carlo_several_inputs_dntk_across_widths(x64, activation):
+    """rgnn.measure (automatic differentiation: the pointwise kink convention) on nonlinear
+    residual networks on two inputs, widths 16/32/64: the weighted fit a + b/n of every pair
+    component of P and Q has intercepts within MC_SIGMAS fit standard errors of the
+    several-input flow's dNTK (layers 2..L+1)."""
+    from tests.tolerances import MC_SIGMAS
+
+    widths = (16, 32, 64)
+    x = _inputs(2, 4)
+    cw = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98}[activation]
+    names = ("dntk_p", "dntk_q")
+    ys = {k: [] for k in names}
+    ses = {k: [] for k in names}
+    for width in widths:
+        arch = rgnn.MLP(
+            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
+        )
+        m = rgnn.measure(arch, x, n_networks=512, key=jax.random.key(width), ntk=True, dntk=True)
+        for name in names:
+            ys[name].append(np.asarray(getattr(m, name)))
+            ses[name].append(np.asarray(getattr(m, name + "_se")))
+    p = rgnn.perturbative(arch, x, ntk=False, dntk=True, kinks="pointwise", warn=False)
+    for name in names:
+        pred = np.asarray(getattr(p, name))[1:]
+        y, se = np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:]
+        live = np.all(se > 0, axis=0)  # entries that vary over networks
+        a, sa = _intercept(widths, y[:, live], se[:, live])
+        z = np.abs(a - pred[live]) / sa
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
+# the slow tier: a float32 compilation of its own
+@pytest.mark.slow
+def test_several_input_dntk_keeps_the_dtype_and_one_compilation():
+    """float32 inputs give float32 dNTK fields, and another number of inputs reuses the
+    compiled dNTK flow (its sets come in the fixed chunks of the pair flow)."""
+    from rgnn import _residual_multi as rm
+
+    arch = rgnn.MLP(2, 16, "relu", weight_var=2.0, bias_var=0.1, shortcut=0.8, branch=0.6)
+    p = rgnn.perturbative(arch, _inputs(2).astype(np.float32), ntk=False, dntk=True, warn=False)
+    assert p.dntk_p.dtype == jnp.float32 and p.dntk_q.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(p.dntk_p))) and np.all(np.isfinite(np.asarray(p.dntk_q)))
+    size = rm.dntk_sets_flow._cache_size()
+    q = rgnn.perturbative(arch, _inputs(4).astype(np.float32), ntk=False, dntk=True, warn=False)
+    assert rm.dntk_sets_flow._cache_size() == size
+    assert q.dntk_p.shape == (3, 4, 4, 2, 2, 2, 2)

@@ -9,11 +9,11 @@ recursions, checked again), and the notebooks' execution (a documentation check)
 ``pytest -m ""`` runs both.
 
 One exception to the rule, for the suite's time: the nonlinear residual MLP's own Monte Carlo
-checks across widths (its dNTK on one input, its NTK side on several inputs, tanh and gelu for
-its kernel side) run in the slow tier only; the default run holds their exact reductions (a
-trivial shortcut is the plain engine, a linear activation the exact residual rules, one input
-the single-input grid flow) and the Monte Carlo checks of the vertex and of the several-input
-kernel side for relu.
+checks across widths (its dNTK on one and on several inputs, its NTK side on several inputs,
+tanh and gelu for its kernel side) run in the slow tier only; the default run holds their
+exact reductions (a trivial shortcut is the plain engine, a linear activation the exact
+residual rules, one input the single-input grid flow) and the Monte Carlo checks of the vertex
+and of the several-input kernel side for relu.
 """
 
 import pytest

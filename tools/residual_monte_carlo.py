@@ -9,10 +9,11 @@ leaves it out): on three inputs for the linear activation, with the dNTK correla
 P and ``dntk_q`` Q and the ddNTK means ``ddntk_r, ddntk_s, ddntk_t, ddntk_u`` as well (three
 outputs, so that these are defined on the output layer; entries that vanish in every network,
 such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` inputs (default
-one, where the dNTK is derived too: with ``--dntk`` the dNTK ``P, Q`` (``--ddntk``: and the
-ddNTK ``R, S, T, U``) in the pointwise kink convention of automatic differentiation; two or
-three: the kernel and NTK sides on every pair component, :mod:`rgnn._residual_multi`; two
-outputs, for B on the output layer). Prints one line
+one: the single-input flow of :mod:`rgnn._residual_single`; two or three: the unrolled pair
+flow of :mod:`rgnn._residual_multi`, every pair component; two outputs, for B on the output
+layer); with ``--dntk`` the dNTK ``P, Q`` too, on any of these input counts, in the pointwise
+kink convention of automatic differentiation (``--ddntk``, one input only: and the ddNTK
+``R, S, T, U`` of :mod:`rgnn._residual_single`). Prints one line
 per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
 median SE relative to the largest predicted entry, and whether every entry is within
 ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
@@ -27,6 +28,7 @@ answer of the rotation-symmetric rules for relu).
     PYTHONPATH=. python tools/residual_monte_carlo.py --networks 1024
     PYTHONPATH=. python tools/residual_monte_carlo.py --inputs 3 --activations relu tanh gelu
     PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --activations relu tanh gelu
+    PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --inputs 2 --mean-networks 0 --depth 3
 
 Uses only the public API.
 """
@@ -149,13 +151,13 @@ def main() -> None:
     ap.add_argument(
         "--dntk",
         action="store_true",
-        help="nonlinear activations on one input: the dNTK correlators P, Q as well (the "
-        "pointwise kink convention: what automatic differentiation of the networks gives)",
+        help="nonlinear activations: the dNTK correlators P, Q as well (the pointwise kink "
+        "convention: what automatic differentiation of the networks gives)",
     )
     ap.add_argument(
         "--ddntk",
         action="store_true",
-        help="with --dntk: the ddNTK means R, S, T, U as well (pointwise kinks)",
+        help="with --dntk, one input: the ddNTK means R, S, T, U as well (pointwise kinks)",
     )
     ap.add_argument(
         "--inputs",
@@ -182,8 +184,8 @@ def main() -> None:
                 t0 = time.time()
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
-                dntk = ntk and not linear and args.dntk and x.shape[0] == 1
-                ddntk = dntk and args.ddntk
+                dntk = ntk and not linear and args.dntk
+                ddntk = dntk and args.ddntk and x.shape[0] == 1
                 ntk_names = [
                     k
                     for k in NTK_FIELDS
@@ -249,6 +251,7 @@ def main() -> None:
                     scale = np.max(np.abs(ref)) or 1.0
                     print(
                         f"{act:6s} {label:17s} {field:14s} max|z| {np.nanmax(z):5.2f}  "
+                        f"sum z^2 {np.nansum(z * z):7.1f} / {np.sum(np.isfinite(z))}  "
                         f"median SE/max {np.nanmedian(sa) / scale:.3f}  "
                         f"{'ok' if np.nanmax(z) <= args.sigmas else 'FAIL'}  "
                         f"({time.time() - t0:.0f} s)",

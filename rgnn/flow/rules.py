@@ -358,8 +358,10 @@ with the Hessian of the lower layers, whose weight ``M`` averages to ``chi``). C
 Monte Carlo (``rgnn.measure`` differentiates the residual network), and ``gamma = 0, xi = 1``
 against the plain rules. For a nonlinear activation these rules would miss the ``sigma''``
 terms and the broken rotation symmetry: there :func:`rgnn.perturbative` takes the dNTK on one
-input from the single-input flow of :mod:`rgnn._residual_single` (which reduces to these rules
-for a linear activation: tests) and refuses it on several inputs, and refuses the ddNTK.
+input from the single-input flow of :mod:`rgnn._residual_single` and on several from the pair
+flow of :mod:`rgnn._residual_multi` (both reduce to these rules for a linear activation:
+tests), and the ddNTK on one input from :mod:`rgnn._residual_single` (on several inputs it
+refuses it).
 """
 
 from __future__ import annotations
