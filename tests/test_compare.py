@@ -3,6 +3,7 @@ its own iteration, CKA, the reference kernels, the empirical NTK against neural-
 width scaling of each measure (its derived slope, fitted over 4 widths), muP's feature
 learning, and the initialization statistics against the perturbative prediction."""
 
+import dataclasses
 import functools
 
 import jax
@@ -346,8 +347,9 @@ def test_compare_rejects_mismatches(x64):
     # a perturbative result of other inputs or another architecture (checked before it is used)
     with pytest.raises(ValueError, match="perturbative: expected True, False or an rgnn.Pert"):
         rgnn.compare(arch, x, run, perturbative="yes")
-    relu = rgnn.MLP(1, 16, "relu", weight_var=2.0)
-    with pytest.raises(ValueError, match="perturbative: expected a result on these inputs"):
-        rgnn.compare(arch, x, run, perturbative=rgnn.perturbative(relu, x[:2], warn=False))
+    other = rgnn.perturbative(rgnn.MLP(1, 16, "relu", weight_var=2.0), x, ntk=False, warn=False)
     with pytest.raises(ValueError, match="perturbative: expected the result of rgnn.perturb"):
-        rgnn.compare(arch, x, run, perturbative=rgnn.perturbative(relu, x, warn=False))
+        rgnn.compare(arch, x, run, perturbative=other)
+    fewer = dataclasses.replace(other, nngp=other.nngp[:, :2, :2])  # as if of two inputs
+    with pytest.raises(ValueError, match="perturbative: expected a result on these inputs"):
+        rgnn.compare(arch, x, run, perturbative=fewer)
