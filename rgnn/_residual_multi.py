@@ -1,5 +1,5 @@
-"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side, the NTK side
-and the dNTK (derived here).
+"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side, the NTK side,
+the dNTK and the ddNTK recursions (derived here).
 
 Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
 breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
@@ -321,7 +321,107 @@ exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
 (:mod:`tools.residual_monte_carlo`, ``--dntk --inputs 2``: relu, tanh, gelu within 3 standard
 errors on every pair component, where the rotation-symmetric rules are 50 off for relu).
 
-Not derived here: the ddNTK on several inputs, the full four-index layout.
+**The ddNTK** (derived here; PDLT ch. infinity has the plain recursions for ``R, S, T, U``,
+written in :mod:`rgnn.flow.rules` through ``ddI_{i0i1i2i3} = D^3 z_{i0}[g_{i1}, g_{i2},
+g_{i3}]`` and ``ddII_{i1i2i3i4} = g_{i3}^T Hess(z_{i1}) Lambda Hess(z_{i2}) g_{i4}``;
+:mod:`rgnn._residual_single` ("ddNTK") has the residual recursion on one input, including the
+residual-only form ``J``; here its five bilinear forms carry input indices, as ``Qh, Ph``
+above). With ``w_{i;k}^{(x,y)} = Hess(z_{i;x}) g_{k;y}`` (so ``ddII_{i1i2i3i4;1234} =
+w_{i1;i3}^{(1,3)} . Lambda w_{i2;i4}^{(2,4)}``), two different units ``a != b`` and the slot
+inputs written ``0..4``:
+
+* ``R_{0123}(f, g) = n E[ddI_{aabb;0123} f(z_a) g(z_b)]`` (plain ``R_{0123} = R_{0123}(1, 1)``);
+* ``S_{1234}(f, g) = n E[ddII_{aabb;1234} f(z_a) g(z_b)]`` (``S_{1234}(1, 1)``);
+* ``T_{1234}(f, g) = n E[ddII_{abab;1234} f(z_a) g(z_b)]`` (the rules' ``T_{1342}``);
+* ``U_{1234}(f, g) = n E[ddII_{abba;1234} f(z_a) g(z_b)]`` (the rules' ``U_{1423}``);
+* ``J_{xy;012}(v, u) = n E[H_{ab;xy} dH^_{a;bb;012} v(z_a) u(z_b)]`` (five inputs; zero on
+  every plain layer and for ``s'' = 0``).
+
+What carries over (PDLT ch. infinity, and the one-input recursion term by term): the new
+layer's Hessian-vector product, on the inputs (``M_{bm;y} = xi W_bm s'_{m;y} + gamma
+delta_bm``, ``(MH)_{bk;yx} = sum_m M_{bm;y} H_{mk;yx}``),
+``w'^{(x,y)}_{a;b}`` = (A) ``xi s'_{k;x} (MH)_{bk;yx}`` on the weights ``W_ak`` (learning rate
+``lambda_W / n``); (B) ``delta_ab (xi^2 lambda_W / n) sum_k e_{yx;k} grad z_{k;x}``;
+(C) ``xi sum_k W_ak s''_{k;x} (MH)_{bk;yx} grad z_{k;x}``; (D) ``xi sum_k W_ak s'_{k;x}
+sum_m M_{bm;y} w^{(x,y)}_{k;m}``; (E) ``gamma sum_m M_{bm;y} w^{(x,y)}_{a;m}``; and
+``D^3 z'`` likewise. What is derived here: which products of two of these survive at
+O(1/n) and with which inputs; every factor takes the inputs of the gradient or Hessian it
+comes from, so each term of the one-input recursion acquires its indices as follows
+(``e_xy = s_x s'_y``, ``t_xy = s''_x s'_y``, ``u_xy = s_x s''_y``, ``p_xy = s'_x s'_y``,
+``r_xy = s'''_x s'_y``, ``c_xy = s''_x s''_y``; ``Hf``, ``Bf`` as for the dNTK, first
+function on the first input of each ``H``):
+
+* ``J`` (pairing ``W_ai`` of ``H'_{ab;xy}``'s term ``xi gamma W_ai s'_{i;x} H_{ib;xy}``
+  with ``W_ai`` of the branch's part of ``dH'^_{a;bb;012}``, whose lower factors are
+  ``gamma^2 H_{bi;10} H_{bi;20}`` and ``gamma^2 dH^_{i;bb;012}``;
+  ``i = b`` gives the ``Theta`` term):
+
+  .. math::
+
+      J'_{xy;012}(v, u) = \\gamma^5 J_{xy;012}(Tv, Tu) + \\xi^2 \\gamma^3 C_W \\langle Tv\\rangle
+        \\big[\\Theta_{xy}\\Theta_{10}\\Theta_{20} \\langle t_{0x}\\, Tu\\rangle
+        + J_{xy;012}(p_{x0}, Tu)\\big];
+
+* ``U`` ((D)(D) both ``W``'s paired across the two factors; (D)(E), (E)(D) one pairing;
+  (C)(D) and (C)(E): the ``J`` terms, (i) and (ii) of the one-input derivation; (C)(C) the
+  ``Theta`` source; (A)(A) vanishes, the two weight parts sit on different rows):
+
+  .. math::
+
+      U'_{1234}(f, g) &= \\gamma^4 U(Tf, Tg) + \\xi^2\\gamma^2 C_W \\big[(U(p_{14}, Tg)
+        + J_{31;214}(Tg, t_{14})) \\langle Tf\\rangle + (U(Tf, p_{23})
+        + J_{42;132}(Tf, t_{23})) \\langle Tg\\rangle\\big] \\\\
+      &+ \\xi^4 C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24} \\langle t_{14} t_{23}\\rangle
+        + U(p_{14}, p_{23}) + J_{31;214}(p_{23}, t_{14}) + J_{42;132}(p_{14}, t_{23})\\big]
+        \\langle Tf\\rangle \\langle Tg\\rangle
+
+  (``U`` without indices is ``U_{1234}``);
+* ``S``, with ``sigma_{1234}(h) = lambda_W Bf_{(31)(42)}(h, p_{12}) + C_W Theta_{12}
+  Bf_{(31)(42)}(h, c_{12}) + C_W S_{1234}(p_{12}, h)`` (``h`` on unit ``b``):
+
+  .. math::
+
+      S'_{1234}(f, g) = \\gamma^4 S(Tf, Tg) + \\gamma^2 \\xi^2 C_W S(Tf, p_{34}) \\langle Tg\\rangle
+        + \\langle Tf\\rangle \\big[\\xi^2 \\gamma^2 \\sigma_{1234}(Tg)
+        + \\xi^4 C_W \\sigma_{1234}(p_{34}) \\langle Tg\\rangle\\big];
+
+* ``T``, with ``v_13 = lambda_W e_31 + C_W Theta_13 t_13``, ``v_24 = lambda_W e_42 + C_W
+  Theta_24 t_24`` ((B) plus the part of (C) whose ``(MH)`` pairs its own ``W``),
+  ``Z(h) = Qh_{132}(h, v_24) + C_W T_{1234}(h, p_24)``, ``Z~(h) = Qh_{241}(h, v_13) + C_W
+  T_{1234}(p_13, h)``:
+
+  .. math::
+
+      T'_{1234}(f, g) &= \\gamma^4 T(Tf, Tg) + \\xi^2\\gamma^2 \\big[Z(Tf) \\langle Tg\\rangle
+        + \\langle Tf\\rangle \\tilde Z(Tg)\\big] \\\\
+      &+ \\xi^4 \\big[Hf_{12}(v_{13}, v_{24}) + C_W Qh_{241}(p_{24}, v_{13})
+        + C_W Qh_{132}(p_{13}, v_{24}) + C_W^2 T(p_{13}, p_{24})\\big]
+        \\langle Tf\\rangle \\langle Tg\\rangle;
+
+* ``R``, with ``rho_{0123}(h) = lambda_W [Bf_{(02)(03)}(u_{10}, h) + Ph_{023}(e_{10}, h)]
+  + C_W Theta_{01} [Bf_{(02)(03)}(r_{01}, h) + Ph_{023}(t_{01}, h)] + C_W R_{0123}(p_{01}, h)``:
+
+  .. math::
+
+      R'_{0123}(f, g) = \\gamma^4 R(Tf, Tg) + \\gamma^2 \\xi^2 C_W R(Tf, p_{23}) \\langle Tg\\rangle
+        + \\langle Tf\\rangle \\big[\\xi^2 \\gamma^2 \\rho_{0123}(Tg)
+        + \\xi^4 C_W \\rho_{0123}(p_{23}) \\langle Tg\\rangle\\big],
+
+all zero on layer 1. No Stein move of a new weight onto ``f`` or ``g`` survives (every
+``W`` is paired inside the product), so only ``T`` (never ``T_c``) acts on the insertions,
+unlike the dNTK. Checks of the bookkeeping by hand: one input (every index equal) is
+:mod:`rgnn._residual_single`'s recursion term by term; ``gamma = 0, xi = 1`` is the plain
+rules of :mod:`rgnn.flow.rules` term by term (``Bf -> Theta Theta <..> + B <..><..>``,
+``Ph_{023}(e_10, p_23) -> sum_e P^_{023e} D_e(s'_0 s_1) <s'_2 s'_3>``, ``Hf_{12}(v_13, v_24)
+-> lambda_W^2 [Theta_12 <s'_1 s_3 s'_2 s_4> + F(s'_1 s_3, s'_2 s_4)] + ...``,
+``J = 0``); a linear activation (``s'' = s''' = 0``: ``R = U = J = 0``) gives the residual
+rules' ``S', T'`` of :mod:`rgnn.flow.rules` (``Bf_{(31)(42)}(h, p_12) -> Theta_13 Theta_24
+<h> + B_1234 <h>`` with ``p = 1``). *Unrolled*, the family grows by ``r_xy``, ``c_xy`` and the
+one-unit four-factor averages ``<t_14 t_23>``; ``J`` is a table over five inputs
+(``2^5 = 32`` components on a pair).
+
+Not implemented here yet: the pair flow of these recursions (``rgnn.perturbative`` refuses the
+ddNTK of a nonlinear residual MLP on several inputs); the full four-index layout.
 """
 
 from __future__ import annotations
