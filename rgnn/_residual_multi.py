@@ -420,6 +420,12 @@ rules' ``S', T'`` of :mod:`rgnn.flow.rules` (``Bf_{(31)(42)}(h, p_12) -> Theta_1
 one-unit four-factor averages ``<t_14 t_23>``; ``J`` is a table over five inputs
 (``2^5 = 32`` components on a pair).
 
+Outputs in the plain engine's layout (its ``T_{abcd} = T_{1342}``, ``U_{abcd} = U_{1423}``):
+``ddntk_r[abcd] = R_{abcd}(1, 1)``, ``ddntk_s[abcd] = S_{abcd}(1, 1)``, ``ddntk_t[abcd] =
+T_{adbc}(1, 1)``, ``ddntk_u[abcd] = U_{acdb}(1, 1)`` (the rules' ``U`` source ``Theta_ac
+Theta_ad Theta_cb <s''_a s'_b s''_c s'_d>`` is the ``Theta_12 Theta_13 Theta_24 <t_14 t_23>``
+above).
+
 Not implemented here yet: the pair flow of these recursions (``rgnn.perturbative`` refuses the
 ddNTK of a nonlinear residual MLP on several inputs); the full four-index layout.
 """
