@@ -1,5 +1,5 @@
-"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side, the NTK side
-and the dNTK (derived here).
+"""The O(1/n) flow of a nonlinear residual MLP on several inputs: the kernel side, the NTK side,
+the dNTK and the ddNTK recursions (derived here).
 
 Why not the pair rules of :mod:`rgnn.flow.rules`. A residual layer ``z' = gamma z + xi h``
 breaks the rotation symmetry among units that lets the vertex carry every two-unit correlation
@@ -321,7 +321,129 @@ exact residual rules of :mod:`rgnn.flow.rules`; Monte Carlo across widths
 (:mod:`tools.residual_monte_carlo`, ``--dntk --inputs 2``: relu, tanh, gelu within 3 standard
 errors on every pair component, where the rotation-symmetric rules are 50 off for relu).
 
-Not derived here: the ddNTK on several inputs, the full four-index layout.
+**The ddNTK** (derived here; PDLT ch. infinity has the plain recursions for ``R, S, T, U``,
+written in :mod:`rgnn.flow.rules` through ``ddI_{i0i1i2i3} = D^3 z_{i0}[g_{i1}, g_{i2},
+g_{i3}]`` and ``ddII_{i1i2i3i4} = g_{i3}^T Hess(z_{i1}) Lambda Hess(z_{i2}) g_{i4}``;
+:mod:`rgnn._residual_single` ("ddNTK") has the residual recursion on one input, including the
+residual-only form ``J``; here its five bilinear forms carry input indices, as ``Qh, Ph``
+above). With ``w_{i;k}^{(x,y)} = Hess(z_{i;x}) g_{k;y}`` (so ``ddII_{i1i2i3i4;1234} =
+w_{i1;i3}^{(1,3)} . Lambda w_{i2;i4}^{(2,4)}``), two different units ``a != b`` and the slot
+inputs written ``0..4``:
+
+* ``R_{0123}(f, g) = n E[ddI_{aabb;0123} f(z_a) g(z_b)]`` (plain ``R_{0123} = R_{0123}(1, 1)``);
+* ``S_{1234}(f, g) = n E[ddII_{aabb;1234} f(z_a) g(z_b)]`` (``S_{1234}(1, 1)``);
+* ``T_{1234}(f, g) = n E[ddII_{abab;1234} f(z_a) g(z_b)]`` (the rules' ``T_{1342}``);
+* ``U_{1234}(f, g) = n E[ddII_{abba;1234} f(z_a) g(z_b)]`` (the rules' ``U_{1423}``);
+* ``J_{xy;012}(v, u) = n E[H_{ab;xy} dH^_{a;bb;012} v(z_a) u(z_b)]`` (five inputs; zero on
+  every plain layer and for ``s'' = 0``).
+
+What carries over (PDLT ch. infinity, and the one-input recursion term by term): the new
+layer's Hessian-vector product, on the inputs (``M_{bm;y} = xi W_bm s'_{m;y} + gamma
+delta_bm``, ``(MH)_{bk;yx} = sum_m M_{bm;y} H_{mk;yx}``),
+``w'^{(x,y)}_{a;b}`` = (A) ``xi s'_{k;x} (MH)_{bk;yx}`` on the weights ``W_ak`` (learning rate
+``lambda_W / n``); (B) ``delta_ab (xi^2 lambda_W / n) sum_k e_{yx;k} grad z_{k;x}``;
+(C) ``xi sum_k W_ak s''_{k;x} (MH)_{bk;yx} grad z_{k;x}``; (D) ``xi sum_k W_ak s'_{k;x}
+sum_m M_{bm;y} w^{(x,y)}_{k;m}``; (E) ``gamma sum_m M_{bm;y} w^{(x,y)}_{a;m}``; and
+``D^3 z'`` likewise. What is derived here: which products of two of these survive at
+O(1/n) and with which inputs; every factor takes the inputs of the gradient or Hessian it
+comes from, so each term of the one-input recursion acquires its indices as follows
+(``e_xy = s_x s'_y``, ``t_xy = s''_x s'_y``, ``u_xy = s_x s''_y``, ``p_xy = s'_x s'_y``,
+``r_xy = s'''_x s'_y``, ``c_xy = s''_x s''_y``; ``Hf``, ``Bf`` as for the dNTK, first
+function on the first input of each ``H``):
+
+* ``J`` (pairing ``W_ai`` of ``H'_{ab;xy}``'s term ``xi gamma W_ai s'_{i;x} H_{ib;xy}``
+  with ``W_ai`` of the branch's part of ``dH'^_{a;bb;012}``, whose lower factors are
+  ``gamma^2 H_{bi;10} H_{bi;20}`` and ``gamma^2 dH^_{i;bb;012}``;
+  ``i = b`` gives the ``Theta`` term):
+
+  .. math::
+
+      J'_{xy;012}(v, u) = \\gamma^5 J_{xy;012}(Tv, Tu) + \\xi^2 \\gamma^3 C_W \\langle Tv\\rangle
+        \\big[\\Theta_{xy}\\Theta_{10}\\Theta_{20} \\langle t_{0x}\\, Tu\\rangle
+        + J_{xy;012}(p_{x0}, Tu)\\big];
+
+* ``U`` ((D)(D) both ``W``'s paired across the two factors; (D)(E), (E)(D) one pairing;
+  (C)(D) and (C)(E): the ``J`` terms, (i) and (ii) of the one-input derivation; (C)(C) the
+  ``Theta`` source; (A)(A) vanishes, the two weight parts sit on different rows):
+
+  .. math::
+
+      U'_{1234}(f, g) &= \\gamma^4 U(Tf, Tg) + \\xi^2\\gamma^2 C_W \\big[(U(p_{14}, Tg)
+        + J_{31;214}(Tg, t_{14})) \\langle Tf\\rangle + (U(Tf, p_{23})
+        + J_{42;132}(Tf, t_{23})) \\langle Tg\\rangle\\big] \\\\
+      &+ \\xi^4 C_W^2 \\big[\\Theta_{12}\\Theta_{13}\\Theta_{24} \\langle t_{14} t_{23}\\rangle
+        + U(p_{14}, p_{23}) + J_{31;214}(p_{23}, t_{14}) + J_{42;132}(p_{14}, t_{23})\\big]
+        \\langle Tf\\rangle \\langle Tg\\rangle
+
+  (``U`` without indices is ``U_{1234}``);
+* ``S``, with ``sigma_{1234}(h) = lambda_W Bf_{(31)(42)}(h, p_{12}) + C_W Theta_{12}
+  Bf_{(31)(42)}(h, c_{12}) + C_W S_{1234}(p_{12}, h)`` (``h`` on unit ``b``):
+
+  .. math::
+
+      S'_{1234}(f, g) = \\gamma^4 S(Tf, Tg) + \\gamma^2 \\xi^2 C_W S(Tf, p_{34}) \\langle Tg\\rangle
+        + \\langle Tf\\rangle \\big[\\xi^2 \\gamma^2 \\sigma_{1234}(Tg)
+        + \\xi^4 C_W \\sigma_{1234}(p_{34}) \\langle Tg\\rangle\\big];
+
+* ``T``, with ``v_13 = lambda_W e_31 + C_W Theta_13 t_13``, ``v_24 = lambda_W e_42 + C_W
+  Theta_24 t_24`` ((B) plus the part of (C) whose ``(MH)`` pairs its own ``W``),
+  ``Z(h) = Qh_{132}(h, v_24) + C_W T_{1234}(h, p_24)``, ``Z~(h) = Qh_{241}(h, v_13) + C_W
+  T_{1234}(p_13, h)``:
+
+  .. math::
+
+      T'_{1234}(f, g) &= \\gamma^4 T(Tf, Tg) + \\xi^2\\gamma^2 \\big[Z(Tf) \\langle Tg\\rangle
+        + \\langle Tf\\rangle \\tilde Z(Tg)\\big] \\\\
+      &+ \\xi^4 \\big[Hf_{12}(v_{13}, v_{24}) + C_W Qh_{241}(p_{24}, v_{13})
+        + C_W Qh_{132}(p_{13}, v_{24}) + C_W^2 T(p_{13}, p_{24})\\big]
+        \\langle Tf\\rangle \\langle Tg\\rangle;
+
+* ``R``, with ``rho_{0123}(h) = lambda_W [Bf_{(02)(03)}(u_{10}, h) + Ph_{023}(e_{10}, h)]
+  + C_W Theta_{01} [Bf_{(02)(03)}(r_{01}, h) + Ph_{023}(t_{01}, h)] + C_W R_{0123}(p_{01}, h)``:
+
+  .. math::
+
+      R'_{0123}(f, g) = \\gamma^4 R(Tf, Tg) + \\gamma^2 \\xi^2 C_W R(Tf, p_{23}) \\langle Tg\\rangle
+        + \\langle Tf\\rangle \\big[\\xi^2 \\gamma^2 \\rho_{0123}(Tg)
+        + \\xi^4 C_W \\rho_{0123}(p_{23}) \\langle Tg\\rangle\\big],
+
+all zero on layer 1. No Stein move of a new weight onto ``f`` or ``g`` survives (every
+``W`` is paired inside the product), so only ``T`` (never ``T_c``) acts on the insertions,
+unlike the dNTK. Checks of the bookkeeping by hand: one input (every index equal) is
+:mod:`rgnn._residual_single`'s recursion term by term; ``gamma = 0, xi = 1`` is the plain
+rules of :mod:`rgnn.flow.rules` term by term (``Bf -> Theta Theta <..> + B <..><..>``,
+``Ph_{023}(e_10, p_23) -> sum_e P^_{023e} D_e(s'_0 s_1) <s'_2 s'_3>``, ``Hf_{12}(v_13, v_24)
+-> lambda_W^2 [Theta_12 <s'_1 s_3 s'_2 s_4> + F(s'_1 s_3, s'_2 s_4)] + ...``,
+``J = 0``); a linear activation (``s'' = s''' = 0``: ``R = U = J = 0``) gives the residual
+rules' ``S', T'`` of :mod:`rgnn.flow.rules` (``Bf_{(31)(42)}(h, p_12) -> Theta_13 Theta_24
+<h> + B_1234 <h>`` with ``p = 1``). *Unrolled*, the family grows by ``r_xy``, ``c_xy`` and the
+one-unit four-factor averages ``<t_14 t_23>``; ``J`` is a table over five inputs
+(``2^5 = 32`` components on a pair).
+
+Outputs in the plain engine's layout (its ``T_{abcd} = T_{1342}``, ``U_{abcd} = U_{1423}``):
+``ddntk_r[abcd] = R_{abcd}(1, 1)``, ``ddntk_s[abcd] = S_{abcd}(1, 1)``, ``ddntk_t[abcd] =
+T_{adbc}(1, 1)``, ``ddntk_u[abcd] = U_{acdb}(1, 1)`` (the rules' ``U`` source ``Theta_ac
+Theta_ad Theta_cb <s''_a s'_b s''_c s'_d>`` is the ``Theta_12 Theta_13 Theta_24 <t_14 t_23>``
+above).
+
+*Unrolled* in the dNTK's scan (:func:`dntk_set_flow` with ``ddntk=True``): the family grows
+by ``r_xy`` and ``c_xy`` (``1 + m + 6 m^2`` members, 27 on a pair; ``F``, ``Bo``, ``Qh``,
+``Ph`` are carried on all of them), ``R, S, T, U`` are tables ``[L+1, U, L+1, U, m, m, m, m]``
+and ``J`` ``[..., m^5]``, all updated by :func:`_ddntk_update` in the same ``lax.scan``; the
+same-layer moments come from :class:`rgnn.flow.moments.Moments` (``<t_14 t_23>`` among them),
+the cross-layer ones from the tensor rule as for the dNTK. Kinked activations: pointwise only
+(``t = u = r = c = 0``; the distributional ddNTK does not exist, as for a plain MLP).
+
+**Checks of the ddNTK** (``tests/test_residual.py``): one input equals
+:mod:`rgnn._residual_single`'s grid flow (``J`` included; depth 3, gamma 0.8, xi 0.6: gelu at
+20 nodes and tanh at 64 to all 8 printed digits, relu pointwise at 40 nodes ``3e-4`` of ``S``
+on the last layer, the kinks); ``gamma = 0, xi = 1`` on three inputs equals the plain engine
+(gelu ``3e-16``, relu ``1e-14`` absolute at scale 200); a linear activation equals the exact
+residual rules (``1e-14``); Monte Carlo on two inputs (:mod:`tools.residual_monte_carlo`,
+``--dntk --ddntk --inputs 2``, depth 3, widths 16/32/64, 1024 networks, weighted fit ``a +
+b/n``): every pair component of ``R, S, T, U`` within 2.5 standard errors for gelu (gamma 0.8,
+xi 0.6) and tanh (gamma 0.8, xi 0.6 and per-layer gamma 0.9, -0.5, xi 0.5, 1.1). Not
+implemented: the full four-index layout.
 """
 
 from __future__ import annotations
@@ -1336,47 +1458,49 @@ _DNTK_KINDS = {"e": (0, 1), "t": (2, 1), "p": (1, 1), "u": (0, 2)}
 """The two-factor members of the dNTK side, ``s^(i)_x s^(j)_y`` on an ordered pair ``(x, y)``:
 ``e = s s'``, ``t = s'' s'``, ``p = s' s'``, ``u = s s''`` (derivative orders ``(i, j)``)."""
 
+_DDNTK_KINDS = {**_DNTK_KINDS, "r": (3, 1), "c": (2, 2)}
+"""The ddNTK side's family: the dNTK side's, then ``r = s''' s'`` and ``c = s'' s''`` (module
+docstring, "The ddNTK"); the dNTK side's members keep their indices."""
 
-def _dntk_members(m: int):
+
+def _dntk_members(m: int, table=_DNTK_KINDS):
     """The static family of the dNTK side on a set of ``m`` inputs (module docstring, "The
     dNTK"): ``one``, then ``z_c`` (``m``), then ``e_xy, t_xy, p_xy, u_xy`` (``m^2`` each,
     ordered pairs, row-major). Returns ``(size, mz [m], {kind: [m, m]})`` (member indices)."""
     mz = 1 + np.arange(m, dtype=np.int32)
     kinds = {}
     start = 1 + m
-    for kind in _DNTK_KINDS:
+    for kind in table:
         kinds[kind] = (start + np.arange(m * m, dtype=np.int32)).reshape(m, m)
         start += m * m
     return start, mz, kinds
 
 
-def _dntk_kinds(act, pointwise: bool):
+def _dntk_kinds(act, pointwise: bool, table=_DNTK_KINDS):
     """The two-factor kinds that are not identically zero: ``t`` and ``u`` carry ``sigma''``,
     which the pointwise convention drops for a kinked activation."""
     if act.scale_invariant and pointwise:
         return ("e", "p")
-    return tuple(_DNTK_KINDS)
+    return tuple(table)
 
 
-def _dntk_same(act, k, rules, pointwise: bool):
+def _dntk_same(act, k, rules, pointwise: bool, table=_DNTK_KINDS):
     """Same-layer moments of the dNTK family at one layer (kernel ``k [m, m]``), from
     :class:`rgnn.flow.moments.Moments` (the plain engine's rules: exact polar integrals for the
     scale-invariant class): ``same [U, U]`` (``<f g>``), ``av0 [U]`` (``<f>``) and ``av1 [U, m]``
     (``<d_c f>``, the distributional derivative: Stein's lemma; relu's by integration by
     parts). ``<z_c F> = sum_d K_cd <d_d F>`` (Stein), ``<z_c z_d> = K_cd``."""
     m = k.shape[0]
-    n_u, _, _ = _dntk_members(m)
-    live = _dntk_kinds(act, pointwise)
+    n_u, _, _ = _dntk_members(m, table)
+    live = _dntk_kinds(act, pointwise, table)
     smooth = not act.scale_invariant
-    mom = flow_moments.Moments(act, k, rules, pointwise=pointwise, kmax=3 if smooth else 2)
+    kmax = (4 if table is _DDNTK_KINDS else 3) if smooth else 2
+    mom = flow_moments.Moments(act, k, rules, pointwise=pointwise, kmax=kmax)
     zero2 = jnp.zeros((m, m), k.dtype)
     zero4 = jnp.zeros((m,) * 4, k.dtype)
-    two = {u: mom.e(_DNTK_KINDS[u], "xy").x if u in live else zero2 for u in _DNTK_KINDS}
-    dd = {
-        u: mom.d(_DNTK_KINDS[u], "cxy").x if u in live else jnp.zeros((m,) * 3, k.dtype)
-        for u in _DNTK_KINDS
-    }
-    kinds = list(_DNTK_KINDS)
+    two = {u: mom.e(table[u], "xy").x if u in live else zero2 for u in table}
+    dd = {u: mom.d(table[u], "cxy").x if u in live else jnp.zeros((m,) * 3, k.dtype) for u in table}
+    kinds = list(table)
     rows = []
     one = jnp.ones((1, 1), k.dtype)
     rows.append(
@@ -1393,7 +1517,7 @@ def _dntk_same(act, k, rules, pointwise: bool):
             # read by the recursions: left zero
             deltas = act.scale_invariant and u in "tu" and v in "tu"
             if u in live and v in live and not deltas:
-                f4 = mom.e(_DNTK_KINDS[u] + _DNTK_KINDS[v], "xyab").x
+                f4 = mom.e(table[u] + table[v], "xyab").x
             else:
                 f4 = zero4
             blocks.append(f4.reshape(m * m, m * m))
@@ -1409,12 +1533,12 @@ def _dntk_same(act, k, rules, pointwise: bool):
     return same, av0, av1
 
 
-def _dntk_values(der, z, kinds):
+def _dntk_values(der, z, kinds, table=_DNTK_KINDS):
     """``[..., U]``: the dNTK family at the points ``z [..., m]`` from the derivatives
     ``der`` (``[s, s', s'', s''']``, each ``[..., m]``); kinds not in ``kinds`` are zero."""
     m = z.shape[-1]
     cols = [jnp.ones_like(z[..., :1]), z]
-    for kind, (i, j) in _DNTK_KINDS.items():
+    for kind, (i, j) in table.items():
         if kind in kinds:
             v = der[i][..., :, None] * der[j][..., None, :]
         else:
@@ -1531,7 +1655,7 @@ def _dntk_cross_kinked(act, ki, kr, g, x, w, live):
     return jnp.einsum("yax,ymx,y->ma", wy, gm, wq)
 
 
-def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool):
+def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool, table=_DNTK_KINDS):
     """Raw cross-layer moments ``E[f(X) h(Y)]`` (``[U, U]``) of the dNTK family, ``Y =
     z^(i)``, ``X = z^(r) = g Y + e`` (as :func:`_cross_layer`). A smooth activation: the
     tensor rule with the derivatives themselves; the scale-invariant class:
@@ -1540,10 +1664,13 @@ def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool):
     ``z_c`` are exact in both: ``E[X_c h(Y)] = g E[Y_c h(Y)]`` (``same_i``: the same-layer
     moments at layer ``i``)."""
     m = ki.shape[0]
-    n_u, mz, kinds = _dntk_members(m)
-    live = _dntk_kinds(act, pointwise)
+    n_u, mz, kinds = _dntk_members(m, table)
+    live = _dntk_kinds(act, pointwise, table)
     if act.scale_invariant:
         out = _dntk_cross_kinked(act, ki, kr, g, x, w, live)
+        if out.shape[0] < n_u:  # the ddNTK family: r, c vanish pointwise (no kink is read)
+            pad = n_u - out.shape[0]
+            out = jnp.pad(out, ((0, pad), (0, pad)))
     else:
         grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
         wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
@@ -1551,30 +1678,34 @@ def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool):
         y = grid @ jnp.linalg.cholesky(ki).T
         e = grid @ jnp.linalg.cholesky(s).T
         xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
-        vx = _dntk_values(_derivatives3(act, xx), xx, live)  # [Q, Q, U]
+        vx = _dntk_values(_derivatives3(act, xx), xx, live, table)  # [Q, Q, U]
         inner = jnp.einsum("ytf,t->yf", vx, wq)
-        vy = _dntk_values(_derivatives3(act, y), y, live)  # [Q, U]
+        vy = _dntk_values(_derivatives3(act, y), y, live, table)  # [Q, U]
         out = jnp.einsum("yf,ya,y->fa", inner, vy, wq)
     return out.at[jnp.asarray(mz)].set(g * same_i[jnp.asarray(mz)])
 
 
-def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
+def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross, ddntk=False):
     """The dNTK correlators of one set of ``m`` inputs (module docstring, "The dNTK"):
     ``(P, Q)``, each ``[R, m, m, m, m]`` (PDLT's ``P_{a0 a1 a2 a3}``, ``Q_{a0 a1 a2 a3}``, not
     divided by the width), for the leading-order kernels ``k [R, m, m]``, NTKs
     ``theta [R, m, m]``, the factors ``gamma, xi [R]`` and the weights' learning-rate
     scalings ``lam_w [R]``. ``pointwise``: the kink convention of a scale-invariant activation
-    (``kinks="pointwise"``; ``False``: the distributional one)."""
+    (``kinks="pointwise"``; ``False``: the distributional one). ``ddntk`` (static): also the
+    ddNTK (module docstring, "The ddNTK"): returns ``(P, Q, R, S, T, U)``, the last four in
+    the plain engine's naming (``ddntk_t[abcd] = T_{adbc}(1, 1)``, ``ddntk_u[abcd] =
+    U_{acdb}(1, 1)``), each ``[R, m, m, m, m]``."""
     n_layers, m = k.shape[0], k.shape[1]
     dtype = k.dtype
-    n_u, mz, kinds = _dntk_members(m)
+    table = _DDNTK_KINDS if ddntk else _DNTK_KINDS
+    n_u, mz, kinds = _dntk_members(m, table)
     me, mt, mp, mu = (kinds[u] for u in ("e", "t", "p", "u"))
     gp = _shortcut_products(gamma)
-    same, av0, av1 = jax.vmap(lambda kk: _dntk_same(act, kk, rules, pointwise))(k)
+    same, av0, av1 = jax.vmap(lambda kk: _dntk_same(act, kk, rules, pointwise, table))(k)
     pairs = np.array([(i, r) for i in range(n_layers - 1) for r in range(i + 1, n_layers)])
     xq, wq = cross
     crossed = jax.lax.map(
-        lambda a: _dntk_cross(act, a[0], a[1], a[2], xq, wq, a[3], pointwise),
+        lambda a: _dntk_cross(act, a[0], a[1], a[2], xq, wq, a[3], pointwise, table),
         (k[pairs[:, 0]], k[pairs[:, 1]], gp[pairs[:, 0], pairs[:, 1]], same[pairs[:, 0]]),
     )  # [P, U, U]
     raw = jnp.zeros((n_layers - 1, n_layers, n_u, n_u), dtype)
@@ -1586,7 +1717,7 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
     a4, b4, c4, d4 = np.meshgrid(ar, ar, ar, ar, indexing="ij")
 
     def step(carry, inp):
-        ft, bo, qh, ph = carry
+        ft, bo, qh, ph = carry[:4]
         i, rawi = inp  # rawi [R, U, U]: E[f(z^(r)) h(z^(i))]
         x2 = xi[i + 1] ** 2
         g = gamma[i + 1]
@@ -1693,7 +1824,13 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
         j = i + 1
         q_out = jnp.moveaxis(jnp.take(jnp.take(qn, j, axis=0)[0], j, axis=0)[mz], 0, -1)
         p_out = jnp.moveaxis(jnp.take(jnp.take(pn, j, axis=0)[mz], j, axis=1)[:, 0], 0, -1)
-        return (fn, bn, qn, pn), (q_out, p_out)
+        if not ddntk:
+            return (fn, bn, qn, pn), (q_out, p_out)
+        dd_new = _ddntk_update(
+            carry, i, rawi, cw, x2, g, lw, th, av0, kinds, (a4, b4, c4, d4), raw_s
+        )
+        dd_out = tuple(jnp.take(jnp.take(t_, j, axis=0)[0], j, axis=0)[0] for t_ in dd_new)
+        return (fn, bn, qn, pn) + dd_new, (q_out, p_out) + dd_out[:4]
 
     z = jnp.zeros
     init = (
@@ -1702,22 +1839,180 @@ def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross):
         z((n_layers, n_u, n_layers, n_u) + (m,) * 3, dtype),
         z((n_layers, n_u, n_layers, n_u) + (m,) * 3, dtype),
     )
-    _, (qh_out, ph_out) = jax.lax.scan(step, init, (jnp.asarray(steps), raw))
-    qh_out = jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), qh_out])
-    ph_out = jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), ph_out])
+    if ddntk:  # R, S, T, U [.., m^4] and J [.., m^5]
+        init = init + tuple(z((n_layers, n_u, n_layers, n_u) + (m,) * 4, dtype) for _ in "RSTU")
+        init = init + (z((n_layers, n_u, n_layers, n_u) + (m,) * 5, dtype),)
+    _, outs = jax.lax.scan(step, init, (jnp.asarray(steps), raw))
+    outs = [jnp.concatenate([jnp.zeros((1,) + (m,) * 4, dtype), o]) for o in outs]
+    qh_out, ph_out = outs[:2]
     # P_0123 = Qh_1203 + Qh_2103, Q_0123 = Qh_1023 + Ph_2013 (Hessian form, rgnn.flow.rules)
     p = jnp.einsum("lbcad->labcd", qh_out) + jnp.einsum("lcbad->labcd", qh_out)
     q = jnp.einsum("lbacd->labcd", qh_out) + jnp.einsum("lcabd->labcd", ph_out)
-    return p, q
+    if not ddntk:
+        return p, q
+    r, s_, t_, u_ = outs[2:]
+    # the plain engine's T_{abcd} = T_{1342}, U_{abcd} = U_{1423} (module docstring)
+    return p, q, r, s_, jnp.einsum("ladbc->labcd", t_), jnp.einsum("lacdb->labcd", u_)
 
 
-@partial(jax.jit, static_argnames=("act", "pointwise"))
-def dntk_sets_flow(act, pointwise, cw, gamma, xi, lam_w, ks, thetas, rules, cross):
+def _ddntk_update(carry, i, rawi, cw, x2, g, lw, th, av0, kinds, idx, raw_s):
+    """One layer of the ddNTK recursions (module docstring, "The ddNTK"): the new ``R, S, T,
+    U`` (``[R, U, R, U, m, m, m, m]``, inputs in the slots ``0123`` / ``1234`` of the
+    docstring) and ``J`` (``[R, U, R, U, m^5]``, inputs ``x, y, 0, 1, 2``) from the layer-``i``
+    tables in ``carry`` (``F, Bo, Qh, Ph, R, S, T, U, J``), the raw moments ``rawi [R, U, U]``
+    (``E[f(z^(r)) h(z^(i))]``), ``raw_s`` (``rawi`` at ``r = i``), ``av0 [R, U]`` and the
+    layer's scalars."""
+    ft, bo, qh, ph, rt, st, tt, ut, jt = carry
+    me, mt, mp, mu, mr, mc = (kinds[u] for u in ("e", "t", "p", "u", "r", "c"))
+    a, b, c, d = idx
+    m = a.shape[0]
+    g2 = g * g
+    x4 = x2 * x2
+    a0 = av0  # [R, U]: <T f>
+
+    def at_i(tab):  # tab(i h, s g): [U, R, U, ...]
+        return jnp.take(tab, i, axis=0)
+
+    def ri(tab):  # tab(r f, i h): [R, U, U, ...]
+        return jnp.take(tab, i, axis=2)
+
+    def ii(tab):  # tab(i h, i h'): [U, U, ...]
+        return jnp.take(jnp.take(tab, i, axis=0), i, axis=1)
+
+    def left(tab, mem, *ix):  # tab(i mem, s g) as [R, U, ...ix]
+        out = at_i(tab)[(mem, slice(None), slice(None)) + ix]
+        nd = out.ndim
+        return jnp.moveaxis(out, (nd - 2, nd - 1), (0, 1))
+
+    def right(tab, mem, *ix):  # tab(r f, i mem) as [R, U, ...ix]
+        return ri(tab)[(slice(None), slice(None), mem) + ix]
+
+    def outer(u_, v_):  # u_(r F) v_(s G) -> [R, U, R, U, ...]
+        return jnp.einsum("rF...,sG->rFsG...", u_, v_)
+
+    def outer2(u_, v_):
+        return jnp.einsum("rF,sG...->rFsG...", u_, v_)
+
+    bo_ii, f_ii = ii(bo), ii(ft)
+    # ---- J_{xy;012}(v, u) (x, y, 0, 1, 2 on the five index arrays)
+    ar = np.arange(m)
+    a5, b5, c5, d5, e5 = np.meshgrid(ar, ar, ar, ar, ar, indexing="ij")
+    j_src = (th[a5, b5] * th[d5, c5] * th[e5, c5])[None, None] * rawi[:, :, mt[c5, a5]] + left(
+        jt, mp[a5, c5], a5, b5, c5, d5, e5
+    )
+    jn = g2 * g2 * g * jt + x2 * g2 * g * cw * outer2(a0, j_src)
+    # ---- U_{1234}(f, g) (1, 2, 3, 4 = a, b, c, d)
+    u_g = left(ut, mp[a, d], a, b, c, d) + right(jt, mt[a, d], c, a, b, a, d)
+    u_f = right(ut, mp[b, c], a, b, c, d) + right(jt, mt[b, c], d, b, a, c, b)
+    c_u = (
+        th[a, b] * th[a, c] * th[b, d] * raw_s[mt[a, d], mt[b, c]]
+        + ii(ut)[mp[a, d], mp[b, c], a, b, c, d]
+        + ii(jt)[mp[b, c], mt[a, d], c, a, b, a, d]
+        + ii(jt)[mp[a, d], mt[b, c], d, b, a, c, b]
+    )
+    un = (
+        g2 * g2 * ut
+        + x2 * g2 * cw * (outer2(a0, u_g) + outer(u_f, a0))
+        + x4 * cw * cw * jnp.einsum("rF,sG,abcd->rFsGabcd", a0, a0, c_u)
+    )
+
+    # ---- S_{1234}(f, g): sigma(h) with h on unit b
+    def sigma_h():  # [R, U, m^4]: sigma_1234(s G)
+        return (
+            lw
+            * (
+                (th[c, a] * th[d, b])[None, None] * rawi[:, :, mp[a, b]]
+                + right(bo, mp[a, b], c, a, d, b)
+            )
+            + cw
+            * th[a, b][None, None]
+            * (
+                (th[c, a] * th[d, b])[None, None] * rawi[:, :, mc[a, b]]
+                + right(bo, mc[a, b], c, a, d, b)
+            )
+            + cw * left(st, mp[a, b], a, b, c, d)
+        )
+
+    sig = sigma_h()
+    sig_p = (
+        lw
+        * (th[c, a] * th[d, b] * raw_s[mp[c, d], mp[a, b]] + bo_ii[mp[c, d], mp[a, b], c, a, d, b])
+        + cw
+        * th[a, b]
+        * (th[c, a] * th[d, b] * raw_s[mp[c, d], mc[a, b]] + bo_ii[mp[c, d], mc[a, b], c, a, d, b])
+        + cw * ii(st)[mp[a, b], mp[c, d], a, b, c, d]
+    )
+    sn = (
+        g2 * g2 * st
+        + g2 * x2 * cw * outer(right(st, mp[c, d], a, b, c, d), a0)
+        + outer2(a0, x2 * g2 * sig + x4 * cw * jnp.einsum("abcd,sG->sGabcd", sig_p, a0))
+    )
+
+    # ---- T_{1234}(f, g): v_13 = lw e_31 + cw Theta_13 t_13, v_24 likewise
+    def v_right(tab, x_, y_, *ix):  # tab(r f, i v_xy)
+        return lw * right(tab, me[y_, x_], *ix) + cw * th[x_, y_][None, None] * right(
+            tab, mt[x_, y_], *ix
+        )
+
+    z_f = v_right(qh, b, d, a, c, b) + cw * right(tt, mp[b, d], a, b, c, d)
+    z_g = v_right(qh, a, c, b, d, a) + cw * left(tt, mp[a, c], a, b, c, d)
+
+    def v_pair(fn_, x1, y1, x2_, y2_):  # fn_(M1, M2) bilinear on v_{x1 y1}, v_{x2 y2}
+        terms = ((lw, me[y1, x1]), (cw * th[x1, y1], mt[x1, y1]))
+        terms2 = ((lw, me[y2_, x2_]), (cw * th[x2_, y2_], mt[x2_, y2_]))
+        return sum(c1 * c2 * fn_(m1, m2) for c1, m1 in terms for c2, m2 in terms2)
+
+    def v_one(fn_, x_, y_):
+        return lw * fn_(me[y_, x_]) + cw * th[x_, y_] * fn_(mt[x_, y_])
+
+    c_t = (
+        v_pair(lambda m1, m2: th[a, b] * raw_s[m1, m2] + f_ii[m1, m2, a, b], a, c, b, d)
+        + cw * v_one(lambda mm: ii(qh)[mp[b, d], mm, b, d, a], a, c)
+        + cw * v_one(lambda mm: ii(qh)[mp[a, c], mm, a, c, b], b, d)
+        + cw * cw * ii(tt)[mp[a, c], mp[b, d], a, b, c, d]
+    )
+    tn = (
+        g2 * g2 * tt
+        + x2 * g2 * (outer(z_f, a0) + outer2(a0, z_g))
+        + x4 * jnp.einsum("rF,sG,abcd->rFsGabcd", a0, a0, c_t)
+    )
+
+    # ---- R_{0123}(f, g) (0, 1, 2, 3 = a, b, c, d): rho(h) with h on unit b
+    def bf02(mem):  # Bf_(02)(03)(i mem, s G) as [R, U, m^4]
+        return (th[a, c] * th[a, d])[None, None] * rawi[:, :, mem] + left(bo, mem, a, c, a, d)
+
+    rho = (
+        lw * (bf02(mu[b, a]) + left(ph, me[b, a], a, c, d))
+        + cw * th[a, b][None, None] * (bf02(mr[a, b]) + left(ph, mt[a, b], a, c, d))
+        + cw * left(rt, mp[a, b], a, b, c, d)
+    )
+
+    def bf02_p(mem):
+        return th[a, c] * th[a, d] * raw_s[mem, mp[c, d]] + bo_ii[mem, mp[c, d], a, c, a, d]
+
+    rho_p = (
+        lw * (bf02_p(mu[b, a]) + ii(ph)[me[b, a], mp[c, d], a, c, d])
+        + cw * th[a, b] * (bf02_p(mr[a, b]) + ii(ph)[mt[a, b], mp[c, d], a, c, d])
+        + cw * ii(rt)[mp[a, b], mp[c, d], a, b, c, d]
+    )
+    rn = (
+        g2 * g2 * rt
+        + g2 * x2 * cw * outer(right(rt, mp[c, d], a, b, c, d), a0)
+        + outer2(a0, x2 * g2 * rho + x4 * cw * jnp.einsum("abcd,sG->sGabcd", rho_p, a0))
+    )
+    return rn, sn, tn, un, jn
+
+
+@partial(jax.jit, static_argnames=("act", "pointwise", "ddntk"))
+def dntk_sets_flow(act, pointwise, cw, gamma, xi, lam_w, ks, thetas, rules, cross, ddntk=False):
     """:func:`dntk_set_flow` on every set's kernels and NTKs ``ks, thetas [S, R, m, m]``
-    (one compilation per number of sets): ``(P, Q)``, each ``[R, S, m, m, m, m]``."""
+    (one compilation per number of sets): ``(P, Q)``, each ``[R, S, m, m, m, m]`` (with
+    ``ddntk``: ``(P, Q, R, S, T, U)``)."""
 
     def one(a):
-        return dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, a[0], a[1], rules, cross)
+        return dntk_set_flow(
+            act, pointwise, cw, gamma, xi, lam_w, a[0], a[1], rules, cross, ddntk=ddntk
+        )
 
     out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
     return tuple(jnp.moveaxis(v, 0, 1) for v in out)

@@ -835,10 +835,12 @@ def perturbative(
         (``n Var(H_{ii;ab})`` of one unit, not ``A + 2 B``), ``ntk_vertex``, ``mixed_vertex``,
         ``ntk_b``, with the residual meanings above on every pair) and, with ``dntk=True``, the
         dNTK ``dntk_p``, ``dntk_q`` (the one-input recursion's two Hessian forms carried with
-        input indices; ``kinks`` as for a plain MLP) in the pair layout, its cross-layer
-        moments by a tensor rule of
+        input indices; ``kinks`` as for a plain MLP) and, with ``ddntk=True``, the ddNTK
+        ``ddntk_r`` ... ``ddntk_u`` (the one-input recursion's five forms, ``J`` included,
+        carried with input indices; kinked activations with ``kinks="pointwise"`` only, as for
+        a plain MLP) in the pair layout, its cross-layer moments by a tensor rule of
         :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); ``full=True``
-        and the ddNTK raise a ``ValueError``.
+        raises a ``ValueError``.
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -920,15 +922,6 @@ def perturbative(
             "tensors (exact in full for activation='linear')"
         )
     x = check_inputs(x, "x")
-    if arch.is_residual and ddntk and arch.act.name != "linear" and x.shape[0] != 1:
-        raise ValueError(
-            "ddntk: the ddNTK means of a residual MLP with the nonlinear activation "
-            f"{arch.act.name!r} (ddntk_r/s/t/u (R, S, T, U)) are derived on one input only (x "
-            f"of shape [1, n_0], got {x.shape[0]} inputs): a residual layer breaks the rotation "
-            "symmetry among units, so the two-unit correlations are carried as bilinear forms of "
-            "one input's preactivation (rgnn._residual_single); activation='linear' has them on "
-            "any inputs; pass ddntk=False (the dNTK P, Q exists on any inputs)"
-        )
     _check_memory(
         x.shape[0],
         arch.n_layers,
@@ -943,7 +936,7 @@ def perturbative(
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
             return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode, ddntk)
-        return _run_residual_multi(arch, x, quadrature_order, warn, ntk, mode)
+        return _run_residual_multi(arch, x, quadrature_order, warn, ntk, mode, ddntk)
     result, multi_err = _run(
         arch, x, quadrature_order, ntk, mode, ddntk, full, quadrature_order_multi
     )
@@ -1137,14 +1130,21 @@ compilation)."""
 
 
 def _run_residual_multi(
-    arch: MLP, x, order: int, warn: bool, ntk: bool = False, dntk: str | None = None
+    arch: MLP,
+    x,
+    order: int,
+    warn: bool,
+    ntk: bool = False,
+    dntk: str | None = None,
+    ddntk: bool = False,
 ) -> Perturbative:
     """:class:`Perturbative` of a nonlinear residual MLP on ``N >= 2`` inputs from the unrolled
     two-unit flow of :mod:`rgnn._residual_multi` on every pair: the kernel side (vertex,
     kernel correction, their views, the excess kurtosis), with ``ntk`` the NTK side (the
     NTK mean shift, its variance, ``A``, ``B``, ``D``) and with ``dntk`` (the kink mode) the
-    dNTK ``P, Q``. ``quadrature_error``: the
-    largest change of any statistic (the vertex, ``D``, ``A``, ``B``, ``P``, ``Q`` and ``n``
+    dNTK ``P, Q`` (with ``ddntk`` the ddNTK ``R, S, T, U`` as well, module docstring of
+    :mod:`rgnn._residual_multi`, "The ddNTK"). ``quadrature_error``: the
+    largest change of any statistic (the vertex, ``D``, ``A``, ``B``, ``P`` to ``U`` and ``n``
     times the NTK variance relative to their largest entries, the kernel and NTK corrections
     relative to the largest kernel and NTK) on the first chunk of pairs when the cross-layer rule
     (:data:`RESIDUAL_NODES` Gauss-Hermite nodes) is replaced by the trapezoid rule of as many
@@ -1196,7 +1196,7 @@ def _run_residual_multi(
         if dntk is not None:
             ts = rm.set_kernels(fp.ntk, chunk)
             dargs = (arch.act, dntk == "pointwise", arch.weight_var, gamma, xi, lam_w, ks, ts)
-            dout = rm.dntk_sets_flow(*dargs, rules, cross)
+            dout = rm.dntk_sets_flow(*dargs, rules, cross, ddntk=ddntk)
             dntk_outs.append([v[:, : _RESIDUAL_CHUNK - pad] for v in dout])
         if start == 0:
             lo = rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules, other)
@@ -1212,7 +1212,7 @@ def _run_residual_multi(
                 for a, b in zip(nout[1:], nlo[1:], strict=True):
                     err = max(err, change(a, b, jnp.max(jnp.abs(a))))
             if dntk is not None:
-                dlo = rm.dntk_sets_flow(*dargs, rules, other)
+                dlo = rm.dntk_sets_flow(*dargs, rules, other, ddntk=ddntk)
                 for a, b in zip(dout, dlo, strict=True):
                     err = max(err, change(a, b, jnp.max(jnp.abs(a))))
     v, dg, d4 = (jnp.concatenate(p, axis=1) for p in zip(*outs, strict=True))
@@ -1229,8 +1229,8 @@ def _run_residual_multi(
             B=jnp.swapaxes(bo, 3, 4),
         )
     if dntk is not None:
-        p, q = (jnp.concatenate(c, axis=1) for c in zip(*dntk_outs, strict=True))
-        stats.update(P=p, Q=q)
+        dstats = [jnp.concatenate(c, axis=1) for c in zip(*dntk_outs, strict=True)]
+        stats.update(zip("PQRSTU", dstats, strict=False))
     fields = _pair_layout(stats, n, sets)
     if ntk:
         # a residual layer's NTK variance is nu_(ab)(ab)(1), not A + B + B (module docstring)

@@ -642,10 +642,10 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
     why = []  # every cheap reason, so that the printout names them all
     if arch.is_residual and arch.act.name != "linear":
         why.append(
-            f"residual MLP with activation {arch.act.name!r}: its ddNTK on several inputs and "
-            "the four-index layout of its statistics are derived for a linear activation only "
-            "(the NTK mean and variance and the dNTK exist in the pair layout, the ddNTK on one "
-            "input), so there is no end-of-training prediction"
+            f"residual MLP with activation {arch.act.name!r}: the four-index layout of its "
+            "statistics is derived for a linear activation only (the NTK mean and variance, the "
+            "dNTK and the ddNTK exist in the pair layout), so there is no end-of-training "
+            "prediction"
         )
     if not settings.get("predict", True):
         why.append("predictions are off (predict=False)")

@@ -189,8 +189,9 @@ def test_linear_residual_fixed_point_closed_form(x64):
 # ----------------------------------------------------------------------------- perturbative
 def test_perturbative_refuses_the_underived_statistics():
     arch = rgnn.MLP(3, 8, shortcut=0.5)
-    with pytest.raises(ValueError, match=r"ddntk: the ddNTK means of a residual MLP with the"):
-        rgnn.perturbative(arch, _inputs(2), ntk=False, ddntk=True, kinks="pointwise")
+    # the ddNTK of relu exists on several inputs too, in the pointwise kink convention only
+    with pytest.raises(ValueError, match=r"kinks: the ddNTK means of relu hold products"):
+        rgnn.perturbative(arch, _inputs(2), ntk=False, ddntk=True)
     # one input: the whole NTK side, the dNTK and the ddNTK (no warning: warnings are errors)
     p = rgnn.perturbative(arch, _inputs(1), ddntk=True, kinks="pointwise", warn=False)
     for name in ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
@@ -1202,9 +1203,10 @@ def test_several_input_path_keeps_the_dtype_and_one_compilation():
 
 
 # ----------------------------------------------------------------------------- the dNTK, pairs
-def _dntk_set_flow(arch, x, cross, pointwise=True):
+def _dntk_set_flow(arch, x, cross, pointwise=True, ddntk=False):
     """The dNTK of rgnn._residual_multi on every set of the pair layout (``pointwise``: the
-    kink convention): ``(P, Q)``, each ``[L+1, S, m, m, m, m]``."""
+    kink convention): ``(P, Q)``, each ``[L+1, S, m, m, m, m]`` (``ddntk``: ``(P, Q, R, S, T,
+    U)``)."""
     from rgnn import _residual_multi as rm
     from rgnn.flow import moments as flow_moments
     from rgnn.perturbative import _sets
@@ -1216,7 +1218,7 @@ def _dntk_set_flow(arch, x, cross, pointwise=True):
     sets = jnp.asarray(_sets(x.shape[0], False))
     ks, ts = rm.set_kernels(fp.nngp, sets), rm.set_kernels(fp.ntk, sets)
     out = rm.dntk_sets_flow(
-        arch.act, pointwise, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross
+        arch.act, pointwise, arch.weight_var, gamma, xi, lam_w, ks, ts, rules, cross, ddntk=ddntk
     )
     return tuple(np.asarray(v) for v in out), fp
 
@@ -1318,6 +1320,103 @@ def test_several_input_dntk_of_a_linear_activation_is_the_residual_rules(x64, sh
                 rtol=rtol,
                 atol=rtol * np.abs(want).max(),
                 err_msg=f"{name} pair {(a, b)}",
+            )
+
+
+_DDNTK = ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
+
+
+# relu in the default run (about 10 s CPU: the plain engine's ddNTK and the pair flow's); tanh
+# and gelu in the slow tier (both at 96 nodes of the two-input rule)
+@pytest.mark.parametrize(
+    "activation",
+    [
+        "relu",
+        pytest.param("tanh", marks=pytest.mark.slow),
+        pytest.param("gelu", marks=pytest.mark.slow),
+    ],
+)
+def test_several_input_ddntk_of_a_trivial_shortcut_is_the_plain_engine(x64, activation):
+    """gamma = 0, xi = 1 on three inputs: the ddNTK R, S, T, U of rgnn._residual_multi (the
+    shortcut terms and J vanish: PDLT ch. infinity's recursions, rgnn.flow.rules) equal the
+    plain engine's in every pair component, through the public API, in the pointwise kink
+    convention: relu to roundoff (EXACT; R = U = 0 there), tanh and gelu with both at 96
+    nodes of the two-input rule, to QUADRATURE (gelu measured 3e-16 at 48 nodes)."""
+    from tests.tolerances import QUADRATURE
+
+    x = _inputs(3)
+    cw = 2.0 if activation == "relu" else 1.0
+    kw = dict(weight_var=cw, bias_var=0.1)
+    run = dict(ntk=False, ddntk=True, kinks="pointwise", warn=False)
+    if activation != "relu":
+        run["quadrature_order"] = 96
+    plain = rgnn.perturbative(rgnn.MLP(3, 64, activation, **kw), x, **run)
+    res = rgnn.perturbative(rgnn.MLP(3, 64, activation, shortcut=0.0, branch=1.0, **kw), x, **run)
+    rtol = tol(EXACT if activation == "relu" else QUADRATURE, jnp.float64)["rtol"]
+    scale = max(np.abs(np.asarray(getattr(plain, n))).max() for n in _DDNTK)
+    assert scale > 0
+    for name in ("dntk_p", "dntk_q") + _DDNTK:
+        a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
+        assert a.shape == (4, 3, 3, 2, 2, 2, 2), name
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
+def test_several_input_ddntk_on_one_input_is_the_grid_flow(x64, activation):
+    """The ddNTK R, S, T, U of rgnn._residual_multi on one input (m = 1 sets; relu pointwise)
+    equal the grid flow of rgnn._residual_single (J included) on every layer, to 4 times the
+    change between 32 and 64 Gauss-Hermite nodes of the cross-layer rule (measured at depth
+    3, gamma 0.8, xi 0.6: tanh at 64 and gelu at 20 nodes equal to 8 printed digits; relu at
+    40 nodes 3e-4 relative on S at the last layer, the kinks' algebraic convergence)."""
+    from rgnn import gaussian
+    from rgnn._residual_single import single_input_flow
+
+    cw = 2.0 if activation == "relu" else 1.0
+    arch = rgnn.MLP(4, 64, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
+    x = _inputs(1)
+    runs = {}
+    for nodes in (32, 64):
+        rule = gaussian.hermite_rule(nodes, jnp.float64, rule="hermite")
+        out, fp = _dntk_set_flow(arch, x, rule, ddntk=True)
+        runs[nodes] = {n: v[:, 0, 0, 0, 0, 0] for n, v in zip(_DDNTK, out[2:], strict=True)}
+    rec = arch.recursion(x.shape[1])
+    theta1, k1 = float(np.asarray(fp.ntk)[0, 0, 0]), float(np.asarray(fp.nngp)[0, 0, 0])
+    ref = single_input_flow(
+        arch, k1, ntk=(theta1, rec.lambda_b, rec.lambda_w), dntk="pointwise", ddntk=True
+    )
+    for name, got in runs[64].items():
+        want = getattr(ref, name)
+        atol = 4 * np.max(np.abs(got - runs[32][name])) + tol(EXACT, jnp.float64)["rtol"] * np.max(
+            np.abs(want)
+        )
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+    if activation != "relu":  # U (and J) are live for a smooth activation; relu pointwise: 0
+        assert np.abs(ref.ddntk_u).max() > 0
+
+
+@pytest.mark.slow
+def test_several_input_ddntk_of_a_linear_activation_is_the_residual_rules(x64):
+    """The ddNTK flow of rgnn._residual_multi run on a linear activation (three inputs, every
+    pair, per-layer gamma and xi) equals the exact linear residual rules of rgnn.flow.rules on
+    every pair component of R, S, T, U: EXACT (R = U = 0; S, T carry the shortcut)."""
+    from rgnn import gaussian
+    from rgnn.perturbative import _sets
+
+    arch = rgnn.MLP(
+        3, 64, "linear", weight_var=1.0, bias_var=0.1, shortcut=(0.9, -0.5), branch=(0.5, 1.1)
+    )
+    x = _inputs(3)
+    rule = gaussian.hermite_rule(20, jnp.float64, rule="hermite")
+    out, _ = _dntk_set_flow(arch, x, rule, ddntk=True)
+    ref = rgnn.perturbative(arch, x, ddntk=True, warn=False)
+    rtol = tol(EXACT, jnp.float64)["rtol"]
+    scale = max(np.abs(np.asarray(getattr(ref, n))).max() for n in _DDNTK)
+    for name, got in zip(_DDNTK, out[2:], strict=True):
+        want = np.asarray(getattr(ref, name))
+        for s, (a, b) in enumerate(_sets(3, False)):
+            np.testing.assert_allclose(
+                got[:, s], want[:, a, b], rtol=rtol, atol=rtol * scale, err_msg=f"{name} {(a, b)}"
             )
 
 

@@ -12,8 +12,9 @@ such as R on layer 2, are skipped); for the nonlinear ones on ``--inputs`` input
 one: the single-input flow of :mod:`rgnn._residual_single`; two or three: the unrolled pair
 flow of :mod:`rgnn._residual_multi`, every pair component; two outputs, for B on the output
 layer); with ``--dntk`` the dNTK ``P, Q`` too, on any of these input counts, in the pointwise
-kink convention of automatic differentiation (``--ddntk``, one input only: and the ddNTK
-``R, S, T, U`` of :mod:`rgnn._residual_single`). Prints one line
+kink convention of automatic differentiation (``--ddntk``: and the ddNTK ``R, S, T, U``, of
+:mod:`rgnn._residual_single` on one input, of :mod:`rgnn._residual_multi` on more). Prints one
+line
 per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
 median SE relative to the largest predicted entry, and whether every entry is within
 ``--sigmas``; for one input also the per-layer predictions, intercepts, SE and z.
@@ -157,7 +158,7 @@ def main() -> None:
     ap.add_argument(
         "--ddntk",
         action="store_true",
-        help="with --dntk, one input: the ddNTK means R, S, T, U as well (pointwise kinks)",
+        help="with --dntk: the ddNTK means R, S, T, U as well (pointwise kinks)",
     )
     ap.add_argument(
         "--inputs",
@@ -185,7 +186,7 @@ def main() -> None:
                 linear = act == "linear"
                 names = ["vertex", "correction", "kurtosis"]
                 dntk = ntk and not linear and args.dntk
-                ddntk = dntk and args.ddntk and x.shape[0] == 1
+                ddntk = dntk and args.ddntk
                 ntk_names = [
                     k
                     for k in NTK_FIELDS

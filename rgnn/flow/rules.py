@@ -360,8 +360,8 @@ against the plain rules. For a nonlinear activation these rules would miss the `
 terms and the broken rotation symmetry: there :func:`rgnn.perturbative` takes the dNTK on one
 input from the single-input flow of :mod:`rgnn._residual_single` and on several from the pair
 flow of :mod:`rgnn._residual_multi` (both reduce to these rules for a linear activation:
-tests), and the ddNTK on one input from :mod:`rgnn._residual_single` (on several inputs it
-refuses it).
+tests), and the ddNTK on one input from :mod:`rgnn._residual_single` and on several from the
+pair flow of :mod:`rgnn._residual_multi`.
 """
 
 from __future__ import annotations
