@@ -960,6 +960,25 @@ def _multisets(m: int, order: int):
     return out
 
 
+def _hermite_weights(m: int, s, ls, grid):
+    """The multi-index Hermite weights of Price's theorem on the noise ``e = L_S grid`` of
+    covariance ``S`` (``ls`` its Cholesky factor): ``He_{D+c} = (S^-1 e)_c He_D - sum_{j in D}
+    S^-1_cj He_{D-j}`` for every sorted index tuple ``D`` up to :data:`_HERMITE_ORDER`.
+    Returns ``(sets, hw [H, Q])``, ``hw[i]`` the weight of ``sets[i]`` at each node (built at
+    trace time: the recursion over tuples is a fixed, small unrolled set of products)."""
+    sets = _multisets(m, _HERMITE_ORDER)
+    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]: S^-1 e
+    sinv = jnp.linalg.inv(s)
+    herm = {(): jnp.ones_like(t[0])}
+    for d in sets[1:]:
+        c, rest = d[-1], d[:-1]
+        h = t[c] * herm[rest]
+        for j in range(len(rest)):
+            h = h - sinv[c, rest[j]] * herm[rest[:j] + rest[j + 1 :]]
+        herm[d] = h
+    return sets, jnp.stack([herm[d] for d in sets])
+
+
 def _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls):
     """:func:`_ntk_cross` for the scale-invariant class, with no discontinuous integrand:
     there ``s s'' = 0``, so ``p_cd = d_c d_d q_cd / (1 + delta_cd)`` and ``e_xy = d_y q_xy /
@@ -975,18 +994,8 @@ def _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls):
     anchors, *_ = _anchors(m)
     units = _units(m)
     uid = {w: i for i, w in enumerate(units)}
-    sets = _multisets(m, _HERMITE_ORDER)
+    sets, hw = _hermite_weights(m, s, ls, grid)
     sid = {t: i for i, t in enumerate(sets)}
-    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]: S^-1 e
-    sinv = jnp.linalg.inv(s)
-    herm = {(): jnp.ones_like(t[0])}
-    for d in sets[1:]:
-        c, rest = d[-1], d[:-1]
-        h = t[c] * herm[rest]
-        for j in range(len(rest)):
-            h = h - sinv[c, rest[j]] * herm[rest[:j] + rest[j + 1 :]]
-        herm[d] = h
-    hw = jnp.stack([herm[d] for d in sets])  # [H, Q (t)]
     sx = act.fn(xx)
     base = [jnp.ones_like(xx[..., 0])]
     base += [sx[..., a] * sx[..., b] for a, b in units]
@@ -1585,18 +1594,8 @@ def _dntk_cross_kinked(act, ki, kr, g, x, w, live):
     ls = jnp.linalg.cholesky(s)
     y = grid @ lk.T
     xx = g * y[:, None, :] + (grid @ ls.T)[None, :, :]
-    sets = _multisets(m, _HERMITE_ORDER)
+    sets, hw = _hermite_weights(m, s, ls, grid)
     sid = {t: i for i, t in enumerate(sets)}
-    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]: S^-1 e
-    sinv = jnp.linalg.inv(s)
-    herm = {(): jnp.ones_like(t[0])}
-    for d in sets[1:]:
-        c, rest = d[-1], d[:-1]
-        h = t[c] * herm[rest]
-        for j in range(len(rest)):
-            h = h - sinv[c, rest[j]] * herm[rest[:j] + rest[j + 1 :]]
-        herm[d] = h
-    hw = jnp.stack([herm[d] for d in sets])  # [H, Q (t)]
     sx = act.fn(xx)
     base = jnp.stack([jnp.ones_like(xx[..., 0])] + [sx[..., a] * sx[..., b] for a, b in units], -1)
     inner = jnp.einsum("ytb,ht,t->ybh", base, hw, wq)  # [Q (y), 1 + nu, H]
