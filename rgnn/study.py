@@ -639,14 +639,12 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
             f"{type(arch).__name__}: the end-of-training prediction covers rgnn.MLP "
             "architectures only"
         )
+    from rgnn.training_theory import _full_statistics_missing, end_of_training
+
     why = []  # every cheap reason, so that the printout names them all
-    if arch.is_residual and arch.act.name != "linear":
-        why.append(
-            f"residual MLP with activation {arch.act.name!r}: the four-index layout of its "
-            "statistics is derived for a linear activation only (the NTK mean and variance, the "
-            "dNTK and the ddNTK exist in the pair layout), so there is no end-of-training "
-            "prediction"
-        )
+    missing = _full_statistics_missing(arch)
+    if missing is not None:
+        why.append(missing)
     if not settings.get("predict", True):
         why.append("predictions are off (predict=False)")
     if settings["optimizer"] != "gd" or settings["loss"] != "mse":
@@ -684,8 +682,6 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
         int(settings["steps"]),
     )
     if key not in _EOT_CACHE:
-        from rgnn.training_theory import end_of_training
-
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "end_of_training:", UserWarning)

@@ -262,6 +262,25 @@ def _two_eps(stats, pieces, m2, ntr):
 
 
 # ----------------------------------------------------------------------------- the prediction
+def _full_statistics_missing(arch: MLP) -> str | None:
+    """Why :func:`rgnn.perturbative` cannot give ``arch``'s statistics in the full four-index
+    layout with the ddNTK (``full=True, ddntk=True``, what :func:`end_of_training` contracts on
+    every tuple of the training and test inputs), or ``None`` where it can.
+
+    The one place where :func:`end_of_training` and the sweep's prediction
+    (``rgnn.study._end_of_training``) learn that capability, before any costly work. It follows
+    :func:`rgnn.perturbative`'s own refusal of ``full=True``: a residual MLP with a nonlinear
+    activation, whose statistics exist in the pair layout only (a linear one is exact in
+    full, :mod:`rgnn.flow.rules`). ``tests/test_end_of_training.py`` checks the two agree.
+    """
+    if arch.is_residual and arch.act.name != "linear":
+        return (
+            f"a residual MLP with activation {arch.act.name!r}: rgnn.perturbative gives its "
+            "statistics in the pair layout only (full=True is derived for a linear activation), "
+            "and the end-of-training prediction contracts them on every tuple of the training "
+            "and test inputs"
+        )
+    return None
 
 
 def end_of_training(
@@ -324,12 +343,9 @@ def end_of_training(
             "arch: expected parameterization='ntk' (the only one here whose NTK and learning "
             f"rate are width independent), got {arch.parameterization!r}"
         )
-    if arch.is_residual and arch.act.name != "linear":
-        raise ValueError(
-            f"arch: a residual MLP with activation {arch.act.name!r}: the end-of-training "
-            "prediction needs the dNTK and ddNTK on every tuple of the training and test inputs, "
-            "derived for residual MLPs with a linear activation only (rgnn.perturbative)"
-        )
+    missing = _full_statistics_missing(arch)
+    if missing is not None:
+        raise ValueError(f"arch: {missing}")
     eta = check_learning_rate(learning_rate)
     _check_multi_order(quadrature_order_multi)
     if steps is not None and (

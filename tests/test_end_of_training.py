@@ -33,8 +33,8 @@ def _problem():
     return jnp.asarray(x[:N_TRAIN]), jnp.asarray(y), jnp.asarray(x[N_TRAIN:])
 
 
-def _arch(width=64, activation="tanh", depth=1):
-    return rgnn.MLP(depth, width, activation=activation, bias_var=0.1)
+def _arch(width=64, activation="tanh", depth=1, **residual):
+    return rgnn.MLP(depth, width, activation=activation, bias_var=0.1, **residual)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -67,6 +67,25 @@ def test_bad_input(x64, change, match):
         rgnn.end_of_training(
             kw.pop("arch"), kw.pop("x_train"), kw.pop("y_train"), kw.pop("x_test"), **kw
         )
+
+
+@pytest.mark.parametrize("activation", ["linear", "tanh", "relu"])
+def test_full_statistics_gate_agrees_with_perturbative(x64, activation):
+    """``_full_statistics_missing`` (end_of_training's and the sweep's one gate on residual
+    MLPs) says None exactly where ``rgnn.perturbative(..., full=True, ddntk=True)`` gives the
+    four-index fields of a residual MLP, and otherwise names what perturbative refuses."""
+    arch = rgnn.MLP(2, 4, activation, shortcut=0.5, branch=0.8)
+    x_tr, _, _ = _problem()
+    missing = training_theory._full_statistics_missing(arch)
+    kw = dict(full=True, ddntk=True, warn=False)
+    kw["kinks"] = "pointwise" if activation == "relu" else "distributional"
+    if missing is None:
+        p = rgnn.perturbative(arch, x_tr, **kw)
+        assert p.ddntk_u.shape == (arch.n_layers,) + (N_TRAIN,) * 4
+    else:
+        assert f"activation {activation!r}" in missing and "\n" not in missing
+        with pytest.raises(ValueError, match="^full:"):
+            rgnn.perturbative(arch, x_tr, **kw)
 
 
 # ----------------------------------------------------------------------------- time kernels
@@ -234,22 +253,21 @@ def _fit(widths, values, ses):
     return coef[0], math.sqrt(np.linalg.inv(a.T @ a)[0, 0])
 
 
-@pytest.mark.slow
-def test_two_steps_against_trained_networks(x64):
-    """Two steps at a large learning rate (e lambda_max = 1.5), tanh, depth 1, widths 32-256,
-    1024 antithetic pairs each: fitted ``c`` of ``n * departure = c + d / n`` within MC_SIGMAS
-    of ``n * correction`` for the test output and every entry of the NTK change (with 2048
-    pairs: |z| <= 1.72 over the 10 entries, fit standard errors 1-12% of the predictions)."""
+def _check_two_steps(arch_of, n_pairs):
+    """Two steps at a large learning rate (``e lambda_max = 1.5``), widths 32-256 (``arch_of``
+    gives the architecture of a width), ``n_pairs`` antithetic pairs each: fitted ``c`` of
+    ``n * departure = c + d / n`` within MC_SIGMAS of ``n * correction`` for the test output
+    and every entry of the NTK change, most of the predictions resolved from zero."""
     x_tr, y, x_te = _problem()
     widths = (32, 64, 128, 256)
     steps = 2
-    arch0 = _arch(widths[0])
+    arch0 = arch_of(widths[0])
     theta = rgnn.fixed_point(arch0, jnp.concatenate([x_tr, x_te])).ntk[-1]
     eta = 1.5 * N_TRAIN / float(np.linalg.eigvalsh(np.asarray(theta[:2, :2]))[-1])
     pred = rgnn.end_of_training(arch0, x_tr, y, x_te, learning_rate=eta, steps=steps)
     means, ses, kmeans, kses = [], [], [], []
     for w in widths:
-        r, k = _pairs(_arch(w), x_tr, y, x_te, eta, steps, 1024, seed=w)
+        r, k = _pairs(arch_of(w), x_tr, y, x_te, eta, steps, n_pairs, seed=w)
         means.append(r.mean(0))
         ses.append(r.std(0, ddof=1) / math.sqrt(len(r)))
         kmeans.append(k.mean(0))
@@ -268,3 +286,25 @@ def test_two_steps_against_trained_networks(x64):
         resolved += abs(predicted[j]) > MC_SIGMAS * se
     # not vacuous: most predicted coefficients are themselves resolved from zero
     assert resolved >= measured.shape[1] // 2
+
+
+@pytest.mark.slow
+def test_two_steps_against_trained_networks(x64):
+    """tanh, depth 1, 1024 antithetic pairs per width (``_check_two_steps``; with 2048 pairs:
+    |z| <= 1.72 over the 10 entries, fit standard errors 1-12% of the predictions)."""
+    _check_two_steps(lambda w: _arch(w), 1024)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "depth, residual",
+    [(2, dict(shortcut=0.8, branch=0.6)), (3, dict(shortcut=(0.5, 1.0), branch=(1.0, 0.5)))],
+    ids=["constant", "per-layer"],
+)
+def test_linear_residual_two_steps_against_trained_networks(x64, depth, residual):
+    """A linear residual MLP (PDLT appendix B; its full statistics are exact,
+    rgnn.flow.rules), one shortcut for every residual layer and one per layer, 512 antithetic
+    pairs per width (``_check_two_steps``). The predicted test-output correction comes from
+    the NTK fluctuations, the dNTK and the second ddNTK (the NTK mean shift and the first
+    ddNTK vanish for a linear activation)."""
+    _check_two_steps(lambda w: _arch(w, "linear", depth, **residual), 512)

@@ -10,10 +10,19 @@ whose ensemble mean is ``mean`` exactly) is subtracted as a control variate. The
 widths as ``c + d / n`` (weighted by their standard errors) and ``c`` is compared with the
 predicted ``n * correction`` and ``n * ntk_change``.
 
+Residual MLPs (PDLT appendix B): ``--shortcut`` and ``--branch`` take one number (every
+residual layer) or ``depth - 1`` comma-separated numbers (layers ``2..L``), as
+:class:`rgnn.MLP`'s ``shortcut=`` and ``branch=``. ``--in-dim`` sets the input dimension
+``n_0``: for a linear activation the network is an affine map, whose trained test outputs are
+fixed by the targets when ``N >= n_0 + 1`` (then every width predicts the same and the check
+is empty): take ``n_0 > N``.
+
 Usage::
 
     python tools/end_of_training_mc.py --activation tanh --depth 2 --widths 32,64,128,256 \
         --networks 4096 --steps 100 --out result.json
+    python tools/end_of_training_mc.py --activation linear --depth 3 --shortcut 0.8 \
+        --branch 0.6 --in-dim 6 --widths 16,32,64 --networks 2048
 """
 
 from __future__ import annotations
@@ -202,7 +211,18 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--n-train", type=int, default=4)
     ap.add_argument("--n-test", type=int, default=2)
+    ap.add_argument("--in-dim", type=int, default=3, help="input dimension n_0")
     ap.add_argument("--bias-var", type=float, default=0.1)
+    ap.add_argument(
+        "--shortcut",
+        default=None,
+        help="residual shortcut gamma: one number or depth-1 comma-separated (default: plain)",
+    )
+    ap.add_argument(
+        "--branch",
+        default=None,
+        help="residual branch xi: one number or depth-1 comma-separated (default 1)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--self-check", action="store_true")
     ap.add_argument("--out", default=None)
@@ -212,12 +232,36 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"--widths: expected comma-separated integers, got {args.widths!r}", file=sys.stderr)
         return 2
+    residual = {}
+    for name in ("shortcut", "branch"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            vals = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            print(
+                f"--{name}: expected a number or comma-separated numbers, got {text!r}",
+                file=sys.stderr,
+            )
+            return 2
+        residual[name] = vals[0] if len(vals) == 1 else vals
+    if args.in_dim < 1:
+        print(f"--in-dim: expected an integer >= 1, got {args.in_dim}", file=sys.stderr)
+        return 2
+    try:
+        rgnn.MLP(args.depth, widths[0], activation=args.activation, **residual)
+    except ValueError as err:
+        print(f"{err}", file=sys.stderr)
+        return 2
     jax.config.update("jax_enable_x64", True)
-    x_tr, y, x_te = problem(args.n_train, args.n_test, 3, args.seed)
+    x_tr, y, x_te = problem(args.n_train, args.n_test, args.in_dim, args.seed)
     x_tr, y, x_te = (jnp.asarray(a) for a in (x_tr, y, x_te))
 
     def arch_of(w):
-        return rgnn.MLP(args.depth, w, activation=args.activation, bias_var=args.bias_var)
+        return rgnn.MLP(
+            args.depth, w, activation=args.activation, bias_var=args.bias_var, **residual
+        )
 
     t0 = time.time()
     theory0 = rgnn.end_of_training(
@@ -311,7 +355,8 @@ def main(argv=None) -> int:
         )
     zs = np.array([r["z"] for r in rows])
     print(
-        f"{args.activation} depth {args.depth} widths {widths} networks/width {args.networks} "
+        f"{args.activation} depth {args.depth} {residual or 'plain'} n_0 {args.in_dim} "
+        f"widths {widths} networks/width {args.networks} "
         f"steps {args.steps} eta {eta:.4g} (stability {theory.stability:.3f}): "
         f"max |z| {np.max(np.abs(zs)):.2f} over {len(zs)}; theory {t_theory:.1f} s, "
         f"MC {t_mc:.1f} s"
