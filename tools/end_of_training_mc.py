@@ -264,10 +264,9 @@ def main(argv=None) -> int:
         )
 
     t0 = time.time()
-    theory0 = rgnn.end_of_training(
-        arch_of(widths[0]), x_tr, y, x_te, learning_rate=1.0, steps=args.steps
-    )
-    lam_max = float(np.linalg.eigvalsh(np.asarray(theory0.ntk[: args.n_train, : args.n_train]))[-1])
+    x_all = jnp.concatenate([x_tr, x_te])
+    theta0 = np.asarray(rgnn.fixed_point(arch_of(widths[0]), x_all).ntk[-1])
+    lam_max = float(np.linalg.eigvalsh(theta0[: args.n_train, : args.n_train])[-1])
     eta = args.stability * args.n_train / lam_max
     theory = rgnn.end_of_training(
         arch_of(widths[0]), x_tr, y, x_te, learning_rate=eta, steps=args.steps
