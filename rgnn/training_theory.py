@@ -86,6 +86,15 @@ change within 2.8 SE (the largest diagonal entries measured 5-10% below the pred
 magnitude, as for tanh depth 2: an O(1/n^2) remainder or a small missing term, unresolved);
 gelu depth 1 within 1.8 SE;
 two steps, two output units (tests and a script): within 1.7 SE.
+Linear residual MLPs (PDLT appendix B; their full statistics are exact, the NTK mean shift and
+the first ddNTK vanish), depth 3, 20 steps at ``e lambda_max = 0.5``, 4 training inputs of
+dimension 6 and 2 test inputs (``n_0 > N``: with ``N >= n_0 + 1`` the trained affine map, hence
+the test output, is fixed by the targets at every width), widths 32-128, 2048 networks per
+width: ``gamma = 0.8, xi = 0.6``: test outputs ``+0.07 +- 0.17`` vs ``+0.01`` and
+``-1.73 +- 0.14`` vs ``-1.56``, the 21 NTK-change entries within 1.4 SE (largest
+``-5.86 +- 0.28`` vs ``-5.82``); per layer ``gamma = (0.5, 1), xi = (1, 0.5)``: ``-0.03 +- 0.17``
+vs ``+0.03``, ``-1.79 +- 0.14`` vs ``-1.66``, NTK change within 1.4 SE (``-11.98 +- 0.45`` vs
+``-11.89``).
 
 Scale-invariant activations (relu, leaky relu). Their ddNTK exists only pointwise
 (:func:`rgnn.perturbative`'s ``kinks``); a finite step moves a unit across the kink with
@@ -303,7 +312,9 @@ def end_of_training(
     sources and the orders kept: the module docstring.
 
     Args:
-      arch: the :class:`~rgnn.MLP` (``parameterization="ntk"``).
+      arch: the :class:`~rgnn.MLP` (``parameterization="ntk"``); a residual one where
+        :func:`rgnn.perturbative` gives its statistics with ``full=True`` (a linear
+        activation; a ``ValueError`` otherwise, naming what is missing).
       x_train: ``[N, n_0]`` training inputs (distinct: the NTK on them must be invertible).
       y_train: ``[N, out_dim]`` (or ``[N]`` when ``out_dim == 1``) targets.
       x_test: ``[N*, n_0]`` test inputs.

@@ -195,6 +195,33 @@ def test_parts_sum_to_correction(x64, gelu_runs):
     np.testing.assert_allclose(conv.ntk_change, conv.ntk_change.T, **tol(EXACT, jnp.float64))
 
 
+@pytest.mark.parametrize("activation", ["linear"])
+def test_sweep_rescales_a_residual_prediction_by_width(x64, monkeypatch, activation):
+    """The sweep computes the prediction once per group and rescales its O(1/n) fields by
+    width (``study._EOT_CACHE``): for a residual MLP of equal hidden widths the statistics
+    are ``c / n`` with ``c`` width independent, so the rescaled prediction at width 32 is the
+    one computed at width 32."""
+    study = importlib.import_module("rgnn.study")
+    monkeypatch.setattr(study, "_EOT_CACHE", {})
+    x_tr, y, _ = _problem()
+    settings = dict(learning_rate=0.5, steps=3, optimizer="gd", loss="mse")
+
+    def arch(w):
+        return _arch(w, activation, 2, shortcut=0.8, branch=0.6)
+
+    first = study._end_of_training(arch(8), x_tr, y, settings)
+    assert isinstance(first, rgnn.EndOfTraining), first
+    rescaled = study._end_of_training(arch(32), x_tr, y, settings)
+    assert len(study._EOT_CACHE) == 1 and rescaled.width == 32
+    direct = rgnn.end_of_training(arch(32), x_tr, y, x_tr[:1], learning_rate=0.5, steps=3)
+    for field in dataclasses.fields(direct):
+        a, b = getattr(rescaled, field.name), getattr(direct, field.name)
+        if isinstance(b, jax.Array):
+            np.testing.assert_allclose(a, b, **tol(EXACT, jnp.float64), err_msg=field.name)
+        else:
+            assert a == b, field.name
+
+
 @pytest.mark.slow
 def test_relu_says_not_one_over_n(x64):
     x_tr, y, x_te = _problem()
