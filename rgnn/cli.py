@@ -26,14 +26,20 @@ def _dumps(obj) -> str:
     return strict_json(obj, indent=2)
 
 
-def _positive_int(text):
+def _parsed(text, convert, ok, what: str, need: str):
+    """``convert(text)`` if it parses (else ``expected {what}``) and passes ``ok`` (else
+    ``expected {need}``): argparse's one-line error for a bad number."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {need}, got {text.strip()}")
     return value
+
+
+def _positive_int(text):
+    return _parsed(text, int, lambda v: v >= 1, "an integer", "an integer >= 1")
 
 
 BUILT_IN_DATA = ("digits", "teacher-student")
@@ -234,29 +240,18 @@ def _int_list(text):
 
 
 def _seed_list(text):
-    def seed(t):
-        try:
-            v = int(t)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected integers, got {t!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"expected non-negative seeds, got {v}")
-        return v
-
-    return _typed_list(text, seed)
+    return _typed_list(
+        text, lambda t: _parsed(t, int, lambda v: v >= 0, "integers", "non-negative seeds")
+    )
 
 
 def _float_list(text):
-    def num(t):
-        try:
-            v = float(t)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers, got {t!r}") from None
-        if not v > 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected positive numbers, got {t!r}")
-        return v
-
-    return _typed_list(text, num)
+    return _typed_list(
+        text,
+        lambda t: _parsed(
+            t, float, lambda v: 0 < v < float("inf"), "numbers", "positive finite numbers"
+        ),
+    )
 
 
 def _str_list(text):

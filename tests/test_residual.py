@@ -615,6 +615,60 @@ def _intercept(widths, y, se):
     return (s2 * t0 - s1 * t1) / det, np.sqrt(s2 / det)
 
 
+#: The fields that are a 1/n correction to a kernel (or the variance of one), as the number of
+#: their input axes: ``n E`` of them tends to the O(1/n) coefficient; the others (vertices,
+#: dNTK, ddNTK) are already ``n`` times a covariance.
+_TIMES_WIDTH = {"kurtosis": 1, "nngp_correction": 2, "ntk_variance": 2, "ntk_correction": 2}
+
+
+def _times_width(name, field, n):
+    """``field [L+1, ...]`` times the layer widths ``n [L+1]`` where ``name`` is in
+    ``_TIMES_WIDTH``, unchanged otherwise."""
+    axes = _TIMES_WIDTH.get(name)
+    return field if axes is None else field * np.reshape(n, (-1,) + (1,) * axes)
+
+
+def _measure_across_widths(make, x, widths, names, n_networks, **statistics):
+    """``rgnn.measure`` of the networks ``make(width)`` on ``x`` at each width (key
+    ``width``; ``statistics`` its keywords): ``{name: (y, se)}``, each ``[W, L, ...]`` on
+    layers 2..L+1, times the width where the field is a 1/n correction."""
+    out = {name: ([], []) for name in names}
+    for width in widths:
+        arch = make(width)
+        m = rgnn.measure(arch, x, n_networks=n_networks, key=jax.random.key(width), **statistics)
+        n = np.asarray(arch.layer_dims(x.shape[1]), float)[:-1]
+        for name in names:
+            out[name][0].append(_times_width(name, np.asarray(getattr(m, name)), n))
+            out[name][1].append(_times_width(name, np.asarray(getattr(m, name + "_se")), n))
+    return {k: (np.stack(y)[:, 1:], np.stack(se)[:, 1:]) for k, (y, se) in out.items()}
+
+
+def _z_scores(widths, y, se, p, name):
+    """``(a - prediction) / se_a`` of the weighted fit ``a + b / n`` (:func:`_intercept`) of
+    the measured ``y, se [W, L, ...]`` against ``name`` of the :class:`rgnn.Perturbative`
+    ``p`` (layers 2..L+1, times the width like the measurement), on the entries that vary
+    over networks; an entry that does not vary at any width (for example R on layer 2,
+    bilinear in the parameters) has no spread to fit: it must be zero in every network and
+    in the prediction (and gets ``z = 0``). Returns ``z [L, ...]``."""
+    pred = _times_width(name, np.asarray(getattr(p, name)), np.asarray(p.widths, float))[1:]
+    still = np.all(se == 0, axis=0)
+    np.testing.assert_array_equal(y[:, still], 0.0)
+    np.testing.assert_allclose(pred[still], 0.0, atol=tol(EXACT, jnp.float64)["atol"])
+    a, sa = _intercept(widths, y[:, ~still], se[:, ~still])
+    z = np.zeros(y.shape[1:])
+    z[~still] = (a - pred[~still]) / sa
+    return z
+
+
+def _assert_intercepts(widths, measured, p):
+    """Every measured field's intercept within ``MC_SIGMAS`` fit standard errors of ``p``."""
+    from tests.tolerances import MC_SIGMAS
+
+    for name, (y, se) in measured.items():
+        z = np.abs(_z_scores(widths, y, se, p, name))
+        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+
+
 # tanh in the slow tier: relu and linear stay in the default run
 @pytest.mark.parametrize("activation", tiered(["relu", "tanh", "linear"], ("tanh",)))
 def test_monte_carlo_vertex_across_widths(x64, activation):
@@ -624,8 +678,6 @@ def test_monte_carlo_vertex_across_widths(x64, activation):
     nonlinear activations, every pair component of two inputs for linear, where the NTK side
     is checked too: A, D, B, n x NTK variance, n x NTK mean shift). The full check at widths
     32/64/128 with 1024 networks and gelu is tools/residual_monte_carlo.py."""
-    from tests.tolerances import MC_SIGMAS
-
     widths = (16, 32, 64)
     linear = activation == "linear"
     x = _inputs(2 if linear else 1, 4)
@@ -633,47 +685,21 @@ def test_monte_carlo_vertex_across_widths(x64, activation):
     names = ["vertex", "kurtosis", "nngp_correction"]
     if linear:
         names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "ntk_correction"]
-    ys = {k: [] for k in names}
-    ses = {k: [] for k in names}
-    for width in widths:
-        # two outputs: A and B need two different units on every layer
-        arch = rgnn.MLP(
-            3,
-            width,
-            activation,
-            weight_var=cw,
-            bias_var=0.1,
-            shortcut=0.8,
-            branch=0.6,
-            out_dim=2 if linear else 1,
-        )
-        m = rgnn.measure(
-            arch, x, n_networks=256, key=jax.random.key(width), ntk=linear, vertex=True
-        )
-        n = np.asarray(arch.layer_dims(4), float)[:-1]
-        for name in ys:
-            scale = n[:, None, None]  # n x a per-layer [N, N] field
-            if name in ("vertex", "ntk_vertex", "mixed_vertex", "ntk_b"):
-                scale = 1.0  # already n x a covariance
-            elif name == "kurtosis":
-                scale = n[:, None]
-            ys[name].append(np.asarray(getattr(m, name)) * scale)
-            ses[name].append(np.asarray(getattr(m, name + "_se")) * scale)
-    p = rgnn.perturbative(arch, x, ntk=linear, warn=False)
-    n = np.asarray(p.widths)
-    pred = {
-        name: np.asarray(getattr(p, name))
-        for name in ("vertex", "ntk_vertex", "mixed_vertex", "ntk_b")
-        if getattr(p, name) is not None
-    }
-    pred["kurtosis"] = np.asarray(p.kurtosis) * n[:, None]
-    for name in ("nngp_correction", "ntk_variance", "ntk_correction"):
-        if getattr(p, name) is not None:
-            pred[name] = np.asarray(getattr(p, name)) * n[:, None, None]
-    for name in ys:
-        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
-        z = np.abs(a - pred[name][1:]) / sa
-        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+    # two outputs: A and B need two different units on every layer
+    make = partial(
+        rgnn.MLP,
+        3,
+        activation=activation,
+        weight_var=cw,
+        bias_var=0.1,
+        shortcut=0.8,
+        branch=0.6,
+        out_dim=2 if linear else 1,
+    )
+    measured = _measure_across_widths(make, x, widths, names, 256, ntk=linear, vertex=True)
+    _assert_intercepts(
+        widths, measured, rgnn.perturbative(make(widths[-1]), x, ntk=linear, warn=False)
+    )
 
 
 def test_monte_carlo_linear_residual_dntk_ddntk_across_widths(x64):
@@ -683,33 +709,17 @@ def test_monte_carlo_linear_residual_dntk_ddntk_across_widths(x64):
     (layers 2..L+1; R and U vanish for a linear network). Measured fit SE: about 2.5% (P, Q)
     and 1-2% (S, T) of the largest entry. Widths 32/64/128 with 1024 networks:
     tools/residual_monte_carlo.py."""
-    from tests.tolerances import MC_SIGMAS
-
     widths = (8, 16, 32)
-    x = _inputs(2, 4)
     names = ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
-    ys, ses = {k: [] for k in names}, {k: [] for k in names}
-    for width in widths:
-        # three outputs: the statistics need two different units on the output layer too
-        arch = rgnn.MLP(2, width, "linear", bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=3)
-        m = rgnn.measure(
-            arch, x, n_networks=128, key=jax.random.key(width), ntk=False, dntk=True, ddntk=True
-        )
-        for name in ys:
-            ys[name].append(np.asarray(getattr(m, name)))
-            ses[name].append(np.asarray(getattr(m, name + "_se")))
-    p = rgnn.perturbative(arch, x, ntk=False, ddntk=True, warn=False)
-    for name in ys:
-        y, se = np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:]
-        pred = np.asarray(getattr(p, name))[1:]
-        # entries that vanish in every network (R on layer 2, bilinear in the parameters):
-        # no spread to fit, the prediction must be zero there
-        still = np.all(se == 0, axis=0)
-        np.testing.assert_array_equal(y[:, still], 0.0)
-        np.testing.assert_allclose(pred[still], 0.0, atol=tol(EXACT, jnp.float64)["atol"])
-        a, sa = _intercept(widths, y[:, ~still], se[:, ~still])
-        z = np.abs(a - pred[~still]) / sa
-        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+    # three outputs: the statistics need two different units on the output layer too
+    make = partial(
+        rgnn.MLP, 2, activation="linear", bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=3
+    )
+    x = _inputs(2, 4)
+    measured = _measure_across_widths(make, x, widths, names, 128, ntk=False, dntk=True, ddntk=True)
+    _assert_intercepts(
+        widths, measured, rgnn.perturbative(make(widths[-1]), x, ntk=False, ddntk=True, warn=False)
+    )
 
 
 @pytest.mark.slow
@@ -726,8 +736,6 @@ def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activa
     where these networks do not separate the two (layer 3: 1.6 SE below, with J 0.8 above).
     Larger runs (widths up to 128, 2048 networks, three residual settings):
     tools/residual_monte_carlo.py --dntk --ddntk."""
-    from tests.tolerances import MC_SIGMAS
-
     widths = (16, 32, 64)
     x = _inputs(1, 4)
     cw = {"relu": 2.0, "gelu": 1.98, "tanh": 1.0}[activation]
@@ -735,34 +743,21 @@ def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activa
     # estimators compile for tens of seconds per width
     dd = activation != "relu"
     names = ("dntk_p", "dntk_q") + (("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u") if dd else ())
-    ys, ses = {k: [] for k in names}, {k: [] for k in names}
-    for width in widths:
-        arch = rgnn.MLP(
-            4 if activation == "tanh" else 3,
-            width,
-            activation,
-            weight_var=cw,
-            bias_var=0.1,
-            shortcut=0.8,
-            branch=0.6,
-            out_dim=2,
-        )
-        m = rgnn.measure(
-            arch, x, n_networks=512, key=jax.random.key(width), ntk=False, dntk=True, ddntk=dd
-        )
-        for name in names:
-            ys[name].append(np.asarray(getattr(m, name))[:, 0, 0, 0, 0, 0, 0])
-            ses[name].append(np.asarray(getattr(m, name + "_se"))[:, 0, 0, 0, 0, 0, 0])
-    p = rgnn.perturbative(arch, x, ntk=False, dntk=True, ddntk=dd, kinks="pointwise", warn=False)
-    for name in names:
-        y, se = np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:]
-        pred = np.asarray(getattr(p, name))[1:, 0, 0, 0, 0, 0, 0]
-        still = np.all(se == 0, axis=0)  # no spread to fit: the prediction must be zero
-        np.testing.assert_array_equal(y[:, still], 0.0)
-        np.testing.assert_allclose(pred[still], 0.0, atol=tol(EXACT, jnp.float64)["atol"])
-        a, sa = _intercept(widths, y[:, ~still], se[:, ~still])
-        z = np.abs(a - pred[~still]) / sa
-        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+    make = partial(
+        rgnn.MLP,
+        4 if activation == "tanh" else 3,
+        activation=activation,
+        weight_var=cw,
+        bias_var=0.1,
+        shortcut=0.8,
+        branch=0.6,
+        out_dim=2,
+    )
+    measured = _measure_across_widths(make, x, widths, names, 512, ntk=False, dntk=True, ddntk=dd)
+    p = rgnn.perturbative(
+        make(widths[-1]), x, ntk=False, dntk=True, ddntk=dd, kinks="pointwise", warn=False
+    )
+    _assert_intercepts(widths, measured, p)
 
 
 # ----------------------------------------------------------------------------- criticality
@@ -1113,30 +1108,18 @@ def test_monte_carlo_several_inputs_across_widths(x64, activation):
     x = _inputs(2, 4)
     cw = 2.0 if activation == "relu" else 1.0
     names = ("vertex", "kurtosis", "nngp_correction")
-    ys = {k: [] for k in names}
-    ses = {k: [] for k in names}
-    for width in widths:
-        arch = rgnn.MLP(3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6)
-        m = rgnn.measure(arch, x, n_networks=768, key=jax.random.key(width), ntk=False, vertex=True)
-        n = np.asarray(arch.layer_dims(4), float)[:-1]
-        scale = {"vertex": 1.0, "kurtosis": n[:, None], "nngp_correction": n[:, None, None]}
-        for name in names:
-            ys[name].append(np.asarray(getattr(m, name)) * scale[name])
-            ses[name].append(np.asarray(getattr(m, name + "_se")) * scale[name])
+    make = partial(
+        rgnn.MLP, 3, activation=activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6
+    )
+    measured = _measure_across_widths(make, x, widths, names, 768, ntk=False, vertex=True)
+    arch = make(widths[-1])
     p = rgnn.perturbative(arch, x, ntk=False, warn=False)  # the kernel side (its own check)
     rot, _ = _run(arch, x, 48, ntk=False)
-    n = np.asarray(p.widths)
-    scale = {
-        "vertex": np.ones_like(n)[:, None, None, None, None],
-        "kurtosis": n[:, None],
-        "nngp_correction": n[:, None, None],
-    }
     upper = np.triu_indices(3)
     chi2 = {"flow": 0.0, "rotation": 0.0}
-    for name in names:
-        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
+    for name, (y, se) in measured.items():
         for label, pred in (("flow", p), ("rotation", rot)):
-            z = (a - np.asarray(getattr(pred, name))[1:] * scale[name][1:]) / sa
+            z = _z_scores(widths, y, se, pred, name)
             if label == "flow":
                 assert np.all(np.abs(z) <= MC_SIGMAS), f"{name}: max |z| = {np.max(np.abs(z)):.2f}"
             if name == "vertex":
@@ -1157,33 +1140,22 @@ def test_monte_carlo_several_inputs_ntk_side_across_widths(x64, activation):
     fit n E = a + b/n of every pair component of A, D, B, n x NTK variance and n x NTK mean
     shift has intercepts within MC_SIGMAS fit standard errors of the several-input flow's NTK
     side (layers 2..L+1)."""
-    from tests.tolerances import MC_SIGMAS
-
     widths = (16, 32, 64)
     x = _inputs(2, 4)
     cw = 2.0 if activation == "relu" else 1.0
     names = ("ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "ntk_correction")
-    ys = {k: [] for k in names}
-    ses = {k: [] for k in names}
-    for width in widths:
-        arch = rgnn.MLP(
-            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
-        )
-        m = rgnn.measure(arch, x, n_networks=768, key=jax.random.key(width), ntk=True, vertex=True)
-        n = np.asarray(arch.layer_dims(4), float)[:-1]
-        for name in names:
-            scale = n[:, None, None] if name in ("ntk_variance", "ntk_correction") else 1.0
-            ys[name].append(np.asarray(getattr(m, name)) * scale)
-            ses[name].append(np.asarray(getattr(m, name + "_se")) * scale)
-    p = rgnn.perturbative(arch, x, warn=False)
-    n = np.asarray(p.widths)
-    for name in names:
-        pred = np.asarray(getattr(p, name))
-        if name in ("ntk_variance", "ntk_correction"):
-            pred = pred * n[:, None, None]
-        a, sa = _intercept(widths, np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:])
-        z = np.abs(a - pred[1:]) / sa
-        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+    make = partial(
+        rgnn.MLP,
+        3,
+        activation=activation,
+        weight_var=cw,
+        bias_var=0.1,
+        shortcut=0.8,
+        branch=0.6,
+        out_dim=2,
+    )
+    measured = _measure_across_widths(make, x, widths, names, 768, ntk=True, vertex=True)
+    _assert_intercepts(widths, measured, rgnn.perturbative(make(widths[-1]), x, warn=False))
 
 
 def test_several_input_path_keeps_the_dtype_and_one_compilation():
@@ -1429,30 +1401,24 @@ def test_monte_carlo_several_inputs_dntk_across_widths(x64, activation):
     residual networks on two inputs, widths 16/32/64: the weighted fit a + b/n of every pair
     component of P and Q has intercepts within MC_SIGMAS fit standard errors of the
     several-input flow's dNTK (layers 2..L+1)."""
-    from tests.tolerances import MC_SIGMAS
-
     widths = (16, 32, 64)
     x = _inputs(2, 4)
     cw = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98}[activation]
-    names = ("dntk_p", "dntk_q")
-    ys = {k: [] for k in names}
-    ses = {k: [] for k in names}
-    for width in widths:
-        arch = rgnn.MLP(
-            3, width, activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=2
-        )
-        m = rgnn.measure(arch, x, n_networks=512, key=jax.random.key(width), ntk=True, dntk=True)
-        for name in names:
-            ys[name].append(np.asarray(getattr(m, name)))
-            ses[name].append(np.asarray(getattr(m, name + "_se")))
-    p = rgnn.perturbative(arch, x, ntk=False, dntk=True, kinks="pointwise", warn=False)
-    for name in names:
-        pred = np.asarray(getattr(p, name))[1:]
-        y, se = np.stack(ys[name])[:, 1:], np.stack(ses[name])[:, 1:]
-        live = np.all(se > 0, axis=0)  # entries that vary over networks
-        a, sa = _intercept(widths, y[:, live], se[:, live])
-        z = np.abs(a - pred[live]) / sa
-        assert np.all(z <= MC_SIGMAS), f"{name}: max |z| = {np.max(z):.2f}"
+    make = partial(
+        rgnn.MLP,
+        3,
+        activation=activation,
+        weight_var=cw,
+        bias_var=0.1,
+        shortcut=0.8,
+        branch=0.6,
+        out_dim=2,
+    )
+    measured = _measure_across_widths(
+        make, x, widths, ("dntk_p", "dntk_q"), 512, ntk=True, dntk=True
+    )
+    p = rgnn.perturbative(make(widths[-1]), x, ntk=False, dntk=True, kinks="pointwise", warn=False)
+    _assert_intercepts(widths, measured, p)
 
 
 # the slow tier: a float32 compilation of its own
