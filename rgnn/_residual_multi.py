@@ -2086,79 +2086,70 @@ def _set_pairs(m: int):
     return list(itertools.combinations(range(m), 2))
 
 
-def _home(support, m: int):
-    """The first pair of :func:`_set_pairs` holding the inputs ``support`` (at most two) and
-    the local index of each input of that pair: ``(pair index, {input: 0 or 1})``."""
-    for i, p in enumerate(_set_pairs(m)):
-        if set(support) <= set(p):
-            return i, {p[0]: 0, p[1]: 1}
-    raise ValueError(f"internal: no pair of {m} inputs holds {support}")
+def _placements(support, m: int):
+    """``{pair index: {input: 0 or 1}}``: every pair of :func:`_set_pairs` holding the inputs
+    ``support`` (at most two), with the local index of each of its inputs."""
+    return {i: {p[0]: 0, p[1]: 1} for i, p in enumerate(_set_pairs(m)) if set(support) <= set(p)}
 
 
 def _family_maps(family: str, m: int):
-    """Static maps of a cross-layer table ``[rows, cols]`` of a set of ``m >= 3`` inputs onto
-    the tables of its pairs (:func:`_restricted`): ``(row_pair, row_local, col_pair,
-    col_local)``, the pair holding each row's (member's) and column's (anchor's) inputs and
-    its index in the pair's own table (``-1``: identically zero). Every member and anchor of
-    the three families is supported on at most two inputs: ``q_w``, ``P_u q_w`` (zero unless
-    ``u`` lies in ``w``), ``d_D phi_w`` (zero unless ``D`` lies in ``w``), ``e_xy``, the
-    two-factor kinds ``s^(i)_x s^(j)_y`` of the dNTK and ``z_c``. ``family``: ``"kernel"``
-    (:func:`_cross_layer`), ``"ntk"`` (:func:`_ntk_cross`), ``"dntk"``, ``"ddntk"``
-    (:func:`_dntk_cross`)."""
+    """The rows (members) and columns (anchors) of a cross-layer table of a set of ``m >= 3``
+    inputs as entries of its pairs' tables (:func:`_restricted`): for each, ``None``
+    (identically zero) or ``(support, {pair index: index in that pair's table})`` over every
+    pair holding its inputs. Every member and anchor of the three families is supported on at
+    most two inputs: ``q_w``, ``P_u q_w`` (zero unless ``u`` lies in ``w``), ``d_D phi_w``
+    (zero unless ``D`` lies in ``w``), ``e_xy``, the two-factor kinds ``s^(i)_x s^(j)_y`` of
+    the dNTK and ``z_c``. ``family``: ``"kernel"`` (:func:`_cross_layer`), ``"ntk"``
+    (:func:`_ntk_cross`), ``"dntk"``, ``"ddntk"`` (:func:`_dntk_cross`)."""
 
     def local(t, loc):
         return tuple(loc[c] for c in t)
 
+    def place(support, index):  # index(loc) -> the entry in a pair's table
+        return (
+            tuple(sorted(set(support))),
+            {i: index(loc) for i, loc in _placements(support, m).items()},
+        )
+
     rows, cols = [], []
     if family == "kernel":
-        units, nu = _units(m), len(_units(m))
+        units = _units(m)
         u2 = {w: i for i, w in enumerate(_units(2))}
-        for w in units:
-            i, loc = _home(w, m)
-            rows.append((i, u2[local(w, loc)]))
+        rows = [place(w, lambda loc, w=w: u2[local(w, loc)]) for w in units]
         for u in units:
             for w in units:
-                if not set(u) <= set(w):
-                    rows.append((0, -1))
-                    continue
-                i, loc = _home(w, m)
-                rows.append((i, 3 + 3 * u2[local(u, loc)] + u2[local(w, loc)]))
-        for v in units:
-            i, loc = _home(v, m)
-            cols.append((i, u2[local(v, loc)]))
-        assert len(rows) == nu + nu * nu
+                rows.append(
+                    place(w, lambda loc, u=u, w=w: 3 + 3 * u2[local(u, loc)] + u2[local(w, loc)])
+                    if set(u) <= set(w)
+                    else None
+                )
+        cols = [place(v, lambda loc, v=v: u2[local(v, loc)]) for v in units]
     elif family == "ntk":
         members, _ = _ntk_members(m)
         _, index2 = _ntk_members(2)
         for kind, w, d in members:
-            if not set(d) <= set(w):
-                rows.append((0, -1))
-                continue
-            i, loc = _home(w, m)
-            rows.append((i, index2[(kind, local(w, loc), local(d, loc))]))
+            key = lambda loc, kind=kind, w=w, d=d: index2[(kind, local(w, loc), local(d, loc))]  # noqa: E731
+            rows.append(place(w, key) if set(d) <= set(w) else None)
         anchors, *_ = _anchors(m)
         anchors2, *_ = _anchors(2)
         aidx2 = {a: j for j, a in enumerate(anchors2)}
-        for kind, w in anchors:
-            i, loc = _home(w, m)
-            cols.append((i, aidx2[(kind, local(w, loc))]))
+        cols = [place(w, lambda loc, k=k, w=w: aidx2[(k, local(w, loc))]) for k, w in anchors]
     else:
         table = _DDNTK_KINDS if family == "ddntk" else _DNTK_KINDS
         n_u, mz, kinds = _dntk_members(m, table)
         _, mz2, kinds2 = _dntk_members(2, table)
-        rows = [(0, 0)] + [None] * (n_u - 1)
+        rows = [place((), lambda loc: 0)] + [None] * (n_u - 1)
         for c in range(m):
-            i, loc = _home((c,), m)
-            rows[mz[c]] = (i, int(mz2[loc[c]]))
+            rows[mz[c]] = place((c,), lambda loc, c=c: int(mz2[loc[c]]))
         for kind in table:
             for x_ in range(m):
                 for y_ in range(m):
-                    i, loc = _home((x_, y_), m)
-                    rows[kinds[kind][x_, y_]] = (i, int(kinds2[kind][loc[x_], loc[y_]]))
+                    rows[kinds[kind][x_, y_]] = place(
+                        (x_, y_),
+                        lambda loc, k=kind, x_=x_, y_=y_: int(kinds2[k][loc[x_], loc[y_]]),
+                    )
         cols = rows
-    rp, rl = (np.array(v, np.int32) for v in zip(*rows, strict=True))
-    cp, cl = (np.array(v, np.int32) for v in zip(*cols, strict=True))
-    return rp, rl, cp, cl
+    return rows, cols
 
 
 def _restricted(core, family: str, ki, kr, g):
@@ -2176,7 +2167,7 @@ def _restricted(core, family: str, ki, kr, g):
     m = ki.shape[0]
     pairs = np.array(_set_pairs(m), np.int32)
     n_p = len(pairs)
-    rp, rl, cp, cl = _family_maps(family, m)
+    rows, cols = _family_maps(family, m)
 
     def same(p):
         kyy = ki[p[:, None], p[None, :]]
@@ -2196,11 +2187,35 @@ def _restricted(core, family: str, ki, kr, g):
     where = np.zeros((n_p, n_p), np.int32)
     where[np.arange(n_p), np.arange(n_p)] = np.arange(n_p)
     where[combos[:, 0], combos[:, 1]] = n_p + np.arange(len(combos))
-    flat = jnp.concatenate([diag, off]).reshape(n_p * n_p, -1)
-    n_a2 = diag.shape[2]
-    idx = where[rp[:, None], cp[None, :]] * diag.shape[1] * n_a2 + (
-        np.maximum(rl, 0)[:, None] * n_a2 + cl[None, :]
-    )
-    zero = np.broadcast_to((rl < 0)[:, None], idx.shape)
-    out = flat.reshape(-1)[jnp.asarray(idx)]
+    n_f2, n_a2 = diag.shape[1], diag.shape[2]
+    # each entry from one pair when its member and anchor fit in one (the pair layout's own
+    # computation), else from the first pairs holding each
+    idx = np.zeros((len(rows), len(cols)), np.int64)
+    zero = np.zeros((len(rows), len(cols)), bool)
+    for f, row in enumerate(rows):
+        for a, col in enumerate(cols):
+            if row is None or col is None:
+                zero[f, a] = True
+                continue
+            both = set(row[1]) & set(col[1])
+            px = py = min(both) if both else None
+            if px is None:
+                px, py = min(row[1]), min(col[1])
+            idx[f, a] = (where[px, py] * n_f2 + row[1][px]) * n_a2 + col[1][py]
+    tab = jnp.concatenate([diag, off])  # [P^2, F2, A2]
+    if family != "kernel":
+        # raw moments: each entry as its combination's covariance plus the product of the
+        # means, each mean from the pair holding its own function, so that the flow's C_0
+        # (raw less the product of the means) is the combination's own: exactly zero for
+        # independent X and Y (gamma = 0), as on one pair
+        cov = tab - tab[:, :, :1] * tab[:, :1, :]
+        r_mean = np.array([0 if r is None else r[1][min(r[1])] for r in rows], np.int32)
+        r_home = np.array([0 if r is None else min(r[1]) for r in rows], np.int32)
+        c_mean = np.array([0 if c is None else c[1][min(c[1])] for c in cols], np.int32)
+        c_home = np.array([0 if c is None else min(c[1]) for c in cols], np.int32)
+        ef = tab[jnp.asarray(r_home), jnp.asarray(r_mean), 0]  # [F]: E f(X), diagonal combos
+        eh = tab[jnp.asarray(c_home), 0, jnp.asarray(c_mean)]  # [A]: E h(Y)
+        out = cov.reshape(-1)[jnp.asarray(idx)] + ef[:, None] * eh[None, :]
+    else:  # the kernel side's table is already the covariance C_0 of each combination
+        out = tab.reshape(-1)[jnp.asarray(idx)]
     return jnp.where(jnp.asarray(zero), 0.0, out)
