@@ -578,7 +578,7 @@ def _same_layer(act, k, rules):
     return jnp.concatenate([cq, cp.reshape(nu * nu, nu)], axis=0)
 
 
-def _cross_layer(act, ki, kr, g, x, w):
+def _cross_layer(act, ki, kr, g, x, w, restrict=None):
     """``C_0`` of ``q_w`` and ``P_u q_w`` at layer ``r`` (smoothed down to layer ``i``) with
     ``q_v`` at layer ``i < r``: ``[nu + nu * nu, nu]``.
 
@@ -588,7 +588,15 @@ def _cross_layer(act, ki, kr, g, x, w):
     normal variables of ``Y = chol(K^(i)) y`` and ``e = chol(S) t``. ``P_u`` on ``X`` is the
     Hermite weight of Price's theorem, ``E[d_e d_f F(X) | Y] = E[F(X) ((S^-1 e)_e (S^-1 e)_f
     - S^-1_ef) | Y]`` with ``S^-1 e = chol(S)^-T t`` (no derivative of ``sigma``: a kinked
-    activation needs no delta function)."""
+    activation needs no delta function); a smooth activation: :func:`_cross_layer_smooth`,
+    on a set of three or more inputs from the pairs' 4-variable integrals (:func:`_restricted`;
+    ``restrict=False``: the ``2 m``-variable rule, a check)."""
+    if not act.scale_invariant:
+        if _restricts(ki, restrict):
+            return _restricted(
+                lambda kyy, mm, sx: _cross_layer_smooth(act, kyy, mm, sx, x, w), "kernel", ki, kr, g
+            )
+        return _cross_layer_smooth(act, ki, g, kr - g * g * ki, x, w)
     m = ki.shape[0]
     units, nu, _, half, *_ = _tables(m)
     grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)  # [Q, m]
@@ -602,27 +610,59 @@ def _cross_layer(act, ki, kr, g, x, w):
     sy = act.fn(y)
     iu = np.array(units, np.int32)
     qy = jnp.concatenate([jnp.ones_like(y[:, :1]), sy[:, iu[:, 0]] * sy[:, iu[:, 1]]], -1)
-    if act.scale_invariant:
-        sx = act.fn(xx)
-        qx = sx[..., iu[:, 0]] * sx[..., iu[:, 1]]  # [Q, Q, nu]
-        t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]
-        sinv = jnp.linalg.inv(s)
-        herm = (t[iu[:, 0]] * t[iu[:, 1]] - sinv[iu[:, 0], iu[:, 1]][:, None]) * jnp.asarray(half)[
-            :, None
-        ]
-        hp = jnp.concatenate([jnp.ones_like(herm[:1]), herm], 0)  # [1 + nu, Q]
-        inner = jnp.einsum("ytw,ht,t->yhw", qx, hp, wq)  # [Q (y), 1 + nu, nu]
-        inner = inner.reshape(inner.shape[0], -1)  # [Q, (1 + nu) nu]: q_w, then P_u q_w
-    else:
-        # a smooth activation: the derivatives themselves (no Hermite weight, whose
-        # cancellations grow with the condition number of S)
-        d0, d1, d2 = _derivatives(act, xx)  # [Q, Q, m] each
-        cols = [d0[..., c] * d0[..., d] for c, d in units]
-        for e, f in units:  # P_(ef) (s_c s_d) (static cases, no array of all index tuples)
-            for c, d in units:
-                cols.append(_second(d0, d1, d2, e, f, c, d) * (0.5 if e == f else 1.0))
-        # each column integrated over t as it is formed (fused; no [Q, Q, F] array)
-        inner = jnp.stack([flow_moments._weighted_sum(col, wq) for col in cols], -1)
+    sx = act.fn(xx)
+    qx = sx[..., iu[:, 0]] * sx[..., iu[:, 1]]  # [Q, Q, nu]
+    t = jax.scipy.linalg.solve_triangular(ls.T, grid.T, lower=False)  # [m, Q]
+    sinv = jnp.linalg.inv(s)
+    herm = (t[iu[:, 0]] * t[iu[:, 1]] - sinv[iu[:, 0], iu[:, 1]][:, None]) * jnp.asarray(half)[
+        :, None
+    ]
+    hp = jnp.concatenate([jnp.ones_like(herm[:1]), herm], 0)  # [1 + nu, Q]
+    inner = jnp.einsum("ytw,ht,t->yhw", qx, hp, wq)  # [Q (y), 1 + nu, nu]
+    inner = inner.reshape(inner.shape[0], -1)  # [Q, (1 + nu) nu]: q_w, then P_u q_w
+    mom = jnp.einsum("yf,yv,y->fv", inner, qy, wq)  # [nu + nu nu, 1 + nu]
+    ey = qy.T @ wq  # [1 + nu]
+    return mom[:, 1:] - mom[:, :1] * ey[None, 1:]
+
+
+def _restricts(ki, restrict) -> bool:
+    """Whether a smooth cross-layer table of the set with kernel ``ki [m, m]`` comes from its
+    pairs (:func:`_restricted`): ``restrict``, or by default on three or more inputs."""
+    return ki.shape[0] >= 3 if restrict is None else bool(restrict)
+
+
+def _chain(kyy, mm, sx, x, w):
+    """The tensor-product rule of one cross-layer moment: ``Y = chol(kyy) y`` on ``p``
+    inputs and ``X = mm Y + chol(sx) t`` (``mm`` a matrix, or a scalar ``g`` for ``g Y``),
+    nodes ``x`` and weights ``w`` per dimension: ``(wq [Q], y [Q, p], xx [Q (y), Q (t), p])``."""
+    p = kyy.shape[0]
+    grid = jnp.stack(jnp.meshgrid(*([x] * p), indexing="ij"), -1).reshape(-1, p)  # [Q, p]
+    wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * p), indexing="ij"), -1), -1).reshape(-1)
+    y = grid @ jnp.linalg.cholesky(kyy).T
+    e = grid @ jnp.linalg.cholesky(sx).T
+    my = mm * y if jnp.ndim(mm) == 0 else y @ mm.T
+    return wq, y, my[:, None, :] + e[None, :, :]
+
+
+def _cross_layer_smooth(act, kyy, mm, sx, x, w):
+    """:func:`_cross_layer` for a smooth activation, on the chain ``X = mm Y + e``, ``e ~ N(0,
+    sx)``, ``Y ~ N(0, kyy)`` (:func:`_chain`; ``mm = g``, ``sx = S`` is one unit's chain on
+    one set of inputs, a matrix ``mm`` the restriction of a larger set, :func:`_restricted`):
+    the derivatives themselves (no Hermite weight, whose cancellations grow with the
+    condition number of ``S``)."""
+    m = kyy.shape[0]
+    units, nu, *_ = _tables(m)
+    wq, y, xx = _chain(kyy, mm, sx, x, w)
+    sy = act.fn(y)
+    iu = np.array(units, np.int32)
+    qy = jnp.concatenate([jnp.ones_like(y[:, :1]), sy[:, iu[:, 0]] * sy[:, iu[:, 1]]], -1)
+    d0, d1, d2 = _derivatives(act, xx)  # [Q, Q, m] each
+    cols = [d0[..., c] * d0[..., d] for c, d in units]
+    for e, f in units:  # P_(ef) (s_c s_d) (static cases, no array of all index tuples)
+        for c, d in units:
+            cols.append(_second(d0, d1, d2, e, f, c, d) * (0.5 if e == f else 1.0))
+    # each column integrated over t as it is formed (fused; no [Q, Q, F] array)
+    inner = jnp.stack([flow_moments._weighted_sum(col, wq) for col in cols], -1)
     mom = jnp.einsum("yf,yv,y->fv", inner, qy, wq)  # [nu + nu nu, 1 + nu]
     ey = qy.T @ wq  # [1 + nu]
     return mom[:, 1:] - mom[:, :1] * ey[None, 1:]
@@ -915,15 +955,20 @@ def _anchor_values(act, y, anchors):
     return jnp.stack(cols, -1)
 
 
-def _ntk_cross(act, ki, kr, g, x, w):
+def _ntk_cross(act, ki, kr, g, x, w, restrict=None):
     """Raw cross-layer moments ``E[(d_D phi)(X) psi(Y)]`` of every member (``[M, A]``) with
     every anchor, ``Y = z^(i)``, ``X = z^(r) = g Y + e``, ``e ~ N(0, S)`` (as
     :func:`_cross_layer`: a tensor rule on ``Y = chol(K^(i)) y`` and ``e = chol(S) t``; the
-    derivatives of a smooth activation directly, the Hermite weights of Price's theorem on
-    ``e`` for the scale-invariant class)."""
+    derivatives of a smooth activation directly, :func:`_ntk_cross_smooth`, the Hermite
+    weights of Price's theorem on ``e`` for the scale-invariant class; ``restrict`` as for
+    :func:`_cross_layer`)."""
+    if not act.scale_invariant:
+        if _restricts(ki, restrict):
+            return _restricted(
+                lambda kyy, mm, sx: _ntk_cross_smooth(act, kyy, mm, sx, x, w), "ntk", ki, kr, g
+            )
+        return _ntk_cross_smooth(act, ki, g, kr - g * g * ki, x, w)
     m = ki.shape[0]
-    members, *_ = _ntk_tables(m)
-    anchors, *_ = _anchors(m)
     grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
     wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
     s = kr - g * g * ki
@@ -932,11 +977,17 @@ def _ntk_cross(act, ki, kr, g, x, w):
     y = grid @ lk.T
     e = grid @ ls.T
     xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
-    if act.scale_invariant:
-        return _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls)
-    # a smooth activation: the derivatives themselves. Every member is a sum of products
-    # f_k(X_c) f_l(X_d) of the basis (s, s', s'', s^(3), z, 1): one contraction over the
-    # noise for all of them, then a static combination
+    return _ntk_cross_kinked(act, ki, g, grid, wq, y, xx, s, lk, ls)
+
+
+def _ntk_cross_smooth(act, kyy, mm, sx, x, w):
+    """:func:`_ntk_cross` for a smooth activation on the chain ``X = mm Y + e`` (as
+    :func:`_cross_layer_smooth`): every member is a sum of products ``f_k(X_c) f_l(X_d)`` of
+    the basis ``(s, s', s'', s^(3), z, 1)``: one contraction over the noise for all of them,
+    then a static combination."""
+    m = kyy.shape[0]
+    anchors, *_ = _anchors(m)
+    wq, y, xx = _chain(kyy, mm, sx, x, w)
     der = _derivatives3(act, xx)
     basis = jnp.stack(der + [xx, jnp.ones_like(xx)], -2)  # [Q, Q, 6, m]
     mb = _member_basis(m)
@@ -1654,14 +1705,14 @@ def _dntk_cross_kinked(act, ki, kr, g, x, w, live):
     return jnp.einsum("yax,ymx,y->ma", wy, gm, wq)
 
 
-def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool, table=_DNTK_KINDS):
+def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool, table=_DNTK_KINDS, restrict=None):
     """Raw cross-layer moments ``E[f(X) h(Y)]`` (``[U, U]``) of the dNTK family, ``Y =
     z^(i)``, ``X = z^(r) = g Y + e`` (as :func:`_cross_layer`). A smooth activation: the
     tensor rule with the derivatives themselves; the scale-invariant class:
     :func:`_dntk_cross_kinked` (Hermite weights and integration by parts, no step or delta
     function integrated; pointwise: ``t = u = 0``). The rows
     ``z_c`` are exact in both: ``E[X_c h(Y)] = g E[Y_c h(Y)]`` (``same_i``: the same-layer
-    moments at layer ``i``)."""
+    moments at layer ``i``). ``restrict``: as for :func:`_cross_layer`."""
     m = ki.shape[0]
     n_u, mz, kinds = _dntk_members(m, table)
     live = _dntk_kinds(act, pointwise, table)
@@ -1670,18 +1721,30 @@ def _dntk_cross(act, ki, kr, g, x, w, same_i, pointwise: bool, table=_DNTK_KINDS
         if out.shape[0] < n_u:  # the ddNTK family: r, c vanish pointwise (no kink is read)
             pad = n_u - out.shape[0]
             out = jnp.pad(out, ((0, pad), (0, pad)))
+    elif _restricts(ki, restrict):
+        family = "ddntk" if table is _DDNTK_KINDS else "dntk"
+        out = _restricted(
+            lambda kyy, mm, sx: _dntk_cross_smooth(act, kyy, mm, sx, x, w, live, table),
+            family,
+            ki,
+            kr,
+            g,
+        )
     else:
-        grid = jnp.stack(jnp.meshgrid(*([x] * m), indexing="ij"), -1).reshape(-1, m)
-        wq = jnp.prod(jnp.stack(jnp.meshgrid(*([w] * m), indexing="ij"), -1), -1).reshape(-1)
-        s = kr - g * g * ki
-        y = grid @ jnp.linalg.cholesky(ki).T
-        e = grid @ jnp.linalg.cholesky(s).T
-        xx = g * y[:, None, :] + e[None, :, :]  # [Q (y), Q (t), m]
-        vx = _dntk_values(_derivatives3(act, xx), xx, live, table)  # [Q, Q, U]
-        inner = jnp.einsum("ytf,t->yf", vx, wq)
-        vy = _dntk_values(_derivatives3(act, y), y, live, table)  # [Q, U]
-        out = jnp.einsum("yf,ya,y->fa", inner, vy, wq)
+        out = _dntk_cross_smooth(act, ki, g, kr - g * g * ki, x, w, live, table)
     return out.at[jnp.asarray(mz)].set(g * same_i[jnp.asarray(mz)])
+
+
+def _dntk_cross_smooth(act, kyy, mm, sx, x, w, live, table=_DNTK_KINDS):
+    """:func:`_dntk_cross` for a smooth activation on the chain ``X = mm Y + e`` (as
+    :func:`_cross_layer_smooth`): the tensor rule with the derivatives themselves, ``[U, U]``
+    (the rows ``z_c`` by the rule as well; :func:`_dntk_cross` replaces them by their exact
+    values)."""
+    wq, y, xx = _chain(kyy, mm, sx, x, w)
+    vx = _dntk_values(_derivatives3(act, xx), xx, live, table)  # [Q, Q, U]
+    inner = jnp.einsum("ytf,t->yf", vx, wq)
+    vy = _dntk_values(_derivatives3(act, y), y, live, table)  # [Q, U]
+    return jnp.einsum("yf,ya,y->fa", inner, vy, wq)
 
 
 def dntk_set_flow(act, pointwise, cw, gamma, xi, lam_w, k, theta, rules, cross, ddntk=False):
@@ -2015,3 +2078,144 @@ def dntk_sets_flow(act, pointwise, cw, gamma, xi, lam_w, ks, thetas, rules, cros
 
     out = jax.lax.map(one, (ks, thetas), batch_size=min(8, ks.shape[0]))
     return tuple(jnp.moveaxis(v, 0, 1) for v in out)
+
+
+# ----------------------------------------------------------------------------- sets of 3, 4
+def _set_pairs(m: int):
+    """The pairs ``(a, b)``, ``a < b``, of a set of ``m >= 2`` inputs."""
+    return list(itertools.combinations(range(m), 2))
+
+
+def _placements(support, m: int):
+    """``{pair index: {input: 0 or 1}}``: every pair of :func:`_set_pairs` holding the inputs
+    ``support`` (at most two), with the local index of each of its inputs."""
+    return {i: {p[0]: 0, p[1]: 1} for i, p in enumerate(_set_pairs(m)) if set(support) <= set(p)}
+
+
+def _family_maps(family: str, m: int):
+    """The rows (members) and columns (anchors) of a cross-layer table of a set of ``m >= 3``
+    inputs as entries of its pairs' tables (:func:`_restricted`): for each, ``None``
+    (identically zero) or ``(support, {pair index: index in that pair's table})`` over every
+    pair holding its inputs. Every member and anchor of the three families is supported on at
+    most two inputs: ``q_w``, ``P_u q_w`` (zero unless ``u`` lies in ``w``), ``d_D phi_w``
+    (zero unless ``D`` lies in ``w``), ``e_xy``, the two-factor kinds ``s^(i)_x s^(j)_y`` of
+    the dNTK and ``z_c``. ``family``: ``"kernel"`` (:func:`_cross_layer`), ``"ntk"``
+    (:func:`_ntk_cross`), ``"dntk"``, ``"ddntk"`` (:func:`_dntk_cross`)."""
+
+    def local(t, loc):
+        return tuple(loc[c] for c in t)
+
+    def place(support, index):  # index(loc) -> the entry in a pair's table
+        return (
+            tuple(sorted(set(support))),
+            {i: index(loc) for i, loc in _placements(support, m).items()},
+        )
+
+    rows, cols = [], []
+    if family == "kernel":
+        units = _units(m)
+        u2 = {w: i for i, w in enumerate(_units(2))}
+        rows = [place(w, lambda loc, w=w: u2[local(w, loc)]) for w in units]
+        for u in units:
+            for w in units:
+                rows.append(
+                    place(w, lambda loc, u=u, w=w: 3 + 3 * u2[local(u, loc)] + u2[local(w, loc)])
+                    if set(u) <= set(w)
+                    else None
+                )
+        cols = [place(v, lambda loc, v=v: u2[local(v, loc)]) for v in units]
+    elif family == "ntk":
+        members, _ = _ntk_members(m)
+        _, index2 = _ntk_members(2)
+        for kind, w, d in members:
+            key = lambda loc, kind=kind, w=w, d=d: index2[(kind, local(w, loc), local(d, loc))]  # noqa: E731
+            rows.append(place(w, key) if set(d) <= set(w) else None)
+        anchors, *_ = _anchors(m)
+        anchors2, *_ = _anchors(2)
+        aidx2 = {a: j for j, a in enumerate(anchors2)}
+        cols = [place(w, lambda loc, k=k, w=w: aidx2[(k, local(w, loc))]) for k, w in anchors]
+    else:
+        table = _DDNTK_KINDS if family == "ddntk" else _DNTK_KINDS
+        n_u, mz, kinds = _dntk_members(m, table)
+        _, mz2, kinds2 = _dntk_members(2, table)
+        rows = [place((), lambda loc: 0)] + [None] * (n_u - 1)
+        for c in range(m):
+            rows[mz[c]] = place((c,), lambda loc, c=c: int(mz2[loc[c]]))
+        for kind in table:
+            for x_ in range(m):
+                for y_ in range(m):
+                    rows[kinds[kind][x_, y_]] = place(
+                        (x_, y_),
+                        lambda loc, k=kind, x_=x_, y_=y_: int(kinds2[k][loc[x_], loc[y_]]),
+                    )
+        cols = rows
+    return rows, cols
+
+
+def _restricted(core, family: str, ki, kr, g):
+    """A cross-layer table of a set of ``m >= 3`` inputs from 4-variable integrals only
+    (module docstring, "Sets of three and four inputs"): every entry is ``E[f(X_w) h(Y_v)]``
+    with the member ``f`` on a pair ``w`` and the anchor ``h`` on a pair ``v`` of the set
+    (:func:`_family_maps`), and ``(X_w, Y_v)`` is Gaussian: ``Y_v ~ N(0, K^(i)_vv)``,
+    ``X_w = M Y_v + e``, ``M = g K^(i)_wv (K^(i)_vv)^-1``, ``e ~ N(0, S')`` independent of
+    ``Y_v``, ``S' = K^(r)_ww - g^2 K^(i)_wv (K^(i)_vv)^-1 K^(i)_vw`` (the regression of
+    ``X_w = g Y_w + e_w`` on ``Y_v``). ``core(kyy, mm, sx)``: the pair routine on that chain
+    (``[F2, A2]``, the pair's own table); ``w = v`` gives ``M = g``, ``S' = S``: one unit's
+    chain on the pair, the computation of the pair layout (the scalar path, to the bit). Each
+    ordered combination of pairs is one 4-variable rule (36 on four inputs), evaluated one at a
+    time (``lax.map``); the ``[F, A]`` table is gathered by the static maps."""
+    m = ki.shape[0]
+    pairs = np.array(_set_pairs(m), np.int32)
+    n_p = len(pairs)
+    rows, cols = _family_maps(family, m)
+
+    def same(p):
+        kyy = ki[p[:, None], p[None, :]]
+        return core(kyy, g, kr[p[:, None], p[None, :]] - g * g * kyy)
+
+    def other(pq):
+        px, py = pq[0], pq[1]
+        kyy = ki[py[:, None], py[None, :]]
+        kxy = g * ki[px[:, None], py[None, :]]
+        mm = jnp.linalg.solve(kyy, kxy.T).T  # kyy symmetric: kxy kyy^-1
+        sx = kr[px[:, None], px[None, :]] - mm @ kxy.T
+        return core(kyy, mm, 0.5 * (sx + sx.T))
+
+    combos = np.array([(a, b) for a in range(n_p) for b in range(n_p) if a != b], np.int32)
+    diag = jax.lax.map(same, jnp.asarray(pairs))  # [P, F2, A2]
+    off = jax.lax.map(other, jnp.asarray(pairs[combos]))  # [P (P - 1), F2, A2]
+    where = np.zeros((n_p, n_p), np.int32)
+    where[np.arange(n_p), np.arange(n_p)] = np.arange(n_p)
+    where[combos[:, 0], combos[:, 1]] = n_p + np.arange(len(combos))
+    n_f2, n_a2 = diag.shape[1], diag.shape[2]
+    # each entry from one pair when its member and anchor fit in one (the pair layout's own
+    # computation), else from the first pairs holding each
+    idx = np.zeros((len(rows), len(cols)), np.int64)
+    zero = np.zeros((len(rows), len(cols)), bool)
+    for f, row in enumerate(rows):
+        for a, col in enumerate(cols):
+            if row is None or col is None:
+                zero[f, a] = True
+                continue
+            both = set(row[1]) & set(col[1])
+            px = py = min(both) if both else None
+            if px is None:
+                px, py = min(row[1]), min(col[1])
+            idx[f, a] = (where[px, py] * n_f2 + row[1][px]) * n_a2 + col[1][py]
+    tab = jnp.concatenate([diag, off])  # [P^2, F2, A2]
+    if family != "kernel":
+        # raw moments: each entry as its combination's covariance plus the product of the
+        # means, each mean from the pair holding its own function, so that the flow's C_0
+        # (raw less the product of the means) is the combination's own: exactly zero for
+        # independent X and Y (gamma = 0), as on one pair
+        cov = tab - tab[:, :, :1] * tab[:, :1, :]
+        r_mean = np.array([0 if r is None else r[1][min(r[1])] for r in rows], np.int32)
+        r_home = np.array([0 if r is None else min(r[1]) for r in rows], np.int32)
+        c_mean = np.array([0 if c is None else c[1][min(c[1])] for c in cols], np.int32)
+        c_home = np.array([0 if c is None else min(c[1]) for c in cols], np.int32)
+        ef = tab[jnp.asarray(r_home), jnp.asarray(r_mean), 0]  # [F]: E f(X), diagonal combos
+        eh = tab[jnp.asarray(c_home), 0, jnp.asarray(c_mean)]  # [A]: E h(Y)
+        out = cov.reshape(-1)[jnp.asarray(idx)] + ef[:, None] * eh[None, :]
+    else:  # the kernel side's table is already the covariance C_0 of each combination
+        out = tab.reshape(-1)[jnp.asarray(idx)]
+    return jnp.where(jnp.asarray(zero), 0.0, out)

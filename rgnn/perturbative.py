@@ -115,6 +115,7 @@ and ddNTK sides' derivations there too).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 from functools import partial
@@ -769,7 +770,36 @@ def _check_memory(
     full: bool = False,
     limit: float = _MEMORY_LIMIT_BYTES,
     nodes: int = 0,
+    residual: bool = False,
+    ntk: bool = True,
 ) -> None:
+    if residual:
+        # the full layout of a nonlinear residual MLP runs one set of (at most) four inputs at
+        # a time: its peak is the scan's tables of one set (rgnn._residual_multi), carried and
+        # updated (about three copies): the NTK side's E, F on its members, the dNTK's F, Bo,
+        # Qh, Ph and the ddNTK's R, S, T, U, J on the dNTK family; plus the outputs
+        m = min(n, 4)
+        r = n_layers
+        nu = m * (m + 1) // 2
+        n_ntk = 1 + 5 * nu + 2 * nu * nu + m * m + nu * m
+        per = (r * (2 * nu + nu * nu)) ** 2
+        if ntk:
+            per += 2 * (r * n_ntk) ** 2 * m * m
+        if dntk:
+            u = 1 + m + (6 if ddntk else 4) * m * m
+            slots = m * m + m**4 + 2 * m**3 + ddntk * (4 * m**4 + m**5)
+            per += (r * u) ** 2 * slots
+        n_stats = 3 + 6 * ntk + 2 * dntk + 4 * ddntk
+        need = itemsize * (3 * per + n_layers * n**4 * n_stats * 2)
+        what = "the full four-index fields of a nonlinear residual MLP (one set of four inputs)"
+        if need > limit:
+            raise ValueError(
+                f"x: {n} inputs over {n_layers} layers need about {need / 2**30:.3g} GiB for "
+                f"{what} (memory_limit {limit / 2**30:.3g} GiB); the ddNTK tables of one set "
+                "grow like (depth x 101)^2 x 4^5: pass fewer layers, ddntk=False, or raise "
+                "memory_limit"
+            )
+        return
     if full:
         # every statistic [L+1, N^4] (up to 15 of them), about 40 moment tensors and the
         # einsum intermediates of one layer (N^4 each), the pair grids, and the
@@ -912,14 +942,14 @@ def perturbative(
     ):
         raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
     dntk = dntk or ddntk
-    if arch.is_residual and arch.act.name != "linear" and full:
+    residual_full = arch.is_residual and arch.act.name != "linear" and full
+    if residual_full and arch.act.scale_invariant:
         raise ValueError(
-            f"full: the O(1/n) flow of a residual MLP with the nonlinear activation "
-            f"{arch.act.name!r} is implemented in the pair layout only (full=False): a residual "
-            "layer breaks the rotation symmetry among units that lets the vertex V carry every "
-            "cross-unit correlation, so its statistics come from the unrolled two-unit "
-            "correlation of each pair of inputs (rgnn._residual_multi), not from four-index "
-            "tensors (exact in full for activation='linear')"
+            f"full: the full four-index layout of a residual MLP with a nonlinear activation is "
+            f"implemented for smooth activations (tanh, gelu, ...); the kinked {arch.act.name!r} "
+            "has the pair layout (full=False), whose every pair component is exact up to the "
+            "cross-layer rule (rgnn._residual_multi); the end-of-training prediction does not "
+            "apply to kinked activations"
         )
     x = check_inputs(x, "x")
     _check_memory(
@@ -931,8 +961,14 @@ def perturbative(
         full=full,
         limit=memory_limit,
         nodes=_multi_order(x.shape[0], quadrature_order, quadrature_order_multi) if full else 0,
+        residual=residual_full,
+        ntk=ntk,
     )
     mode = kinks if dntk else None
+    if residual_full:
+        return _run_residual_full(
+            arch, x, quadrature_order, warn, ntk, mode, ddntk, quadrature_order_multi
+        )
     if arch.is_residual and arch.act.name != "linear":
         if x.shape[0] == 1:
             return _run_residual_single(arch, x, quadrature_order, warn, ntk, mode, ddntk)
@@ -1262,6 +1298,193 @@ def _run_residual_multi(
             f"{int(np.triu(bad, 1).sum())} pair(s) of inputs are exactly parallel on some layer "
             "(a singular pair kernel): their cross-layer moments and pair components are NaN; "
             "remove duplicate inputs",
+            stacklevel=3,
+        )
+    if warn:
+        _warn_depth_over_width(arch, result, stacklevel=4)
+    return result
+
+
+def _residual_full_sets(n: int) -> np.ndarray:
+    """The input sets of the full layout of a nonlinear residual MLP: every four-subset of the
+    ``N >= 4`` inputs (every index tuple of four inputs lies in one), or the one set of all
+    ``N <= 4``."""
+    if n <= 4:
+        return np.arange(n, dtype=np.int32)[None, :]
+    return np.array(list(itertools.combinations(range(n), 4)), np.int32)
+
+
+def _full_gather(n: int, sets: np.ndarray, rank: int):
+    """Static gather of ``[N] * rank`` index tuples from per-set tensors ``[S, m, ..., m]``: for
+    each tuple, the first set holding its inputs and their positions in it: ``(set [T],
+    positions [T, rank])``, ``T = N^rank``, row-major."""
+    home = {}
+    for i, st in enumerate(sets):
+        for size in range(1, len(st) + 1):
+            for sub in itertools.combinations(st.tolist(), size):
+                home.setdefault(sub, (i, {a: j for j, a in enumerate(st.tolist())}))
+    tuples = np.array(list(np.ndindex((n,) * rank)), np.int32).reshape(-1, rank)
+    sel = np.zeros(len(tuples), np.int32)
+    pos = np.zeros((len(tuples), rank), np.int32)
+    for t, tup in enumerate(tuples):
+        i, where = home[tuple(sorted(set(tup.tolist())))]
+        sel[t] = i
+        pos[t] = [where[a] for a in tup]
+    return sel, pos
+
+
+def _full_scatter(x, n: int, sets: np.ndarray):
+    """``[L+1, N, ..., N]`` from the per-set tensors ``x [L+1, S, m, ..., m]`` (every index
+    tuple from a set that holds its inputs; the sets agree on shared tuples up to the rule's
+    error)."""
+    rank = x.ndim - 2
+    sel, pos = _full_gather(n, sets, rank)
+    ix = (slice(None), jnp.asarray(sel)) + tuple(jnp.asarray(pos[:, j]) for j in range(rank))
+    return x[ix].reshape((x.shape[0],) + (n,) * rank)
+
+
+def _run_residual_full(
+    arch: MLP,
+    x,
+    order: int,
+    warn: bool,
+    ntk: bool = False,
+    dntk: str | None = None,
+    ddntk: bool = False,
+    multi: int | None = None,
+) -> Perturbative:
+    """The full four-index layout (``full=True``) of a nonlinear residual MLP with a smooth
+    activation: the set flows of :mod:`rgnn._residual_multi` on every four-subset of the inputs
+    (the one set of all ``N <= 4``), each set's ``[m, m, m, m]`` statistics scattered into
+    ``[L+1, N, N, N, N]`` (module docstring of :mod:`rgnn._residual_multi`, "Sets of three and
+    four inputs"). The same fields, names and index conventions as the plain engine's full
+    layout, with the residual meanings of :func:`_run_residual_multi` (``ntk_variance`` is
+    ``n Var(H_{ii;ab})``, the kurtosis ``(d(z^4) - 6 K d(z^2)) / (n K^2)``). The sets run one
+    at a time through one compilation (the ddNTK tables of one set of four at depth 3 are a
+    few GiB). The same-layer moments on three and four inputs use the plain engine's rule
+    (:func:`_rules`, ``quadrature_order_multi`` as there: the budget counts the ``C(N, 4)``
+    sets); the cross-layer ones the tensor rule of :data:`RESIDUAL_NODES` nodes on the pairs.
+    ``quadrature_error``: the largest change of any statistic on the first set when both rules
+    are replaced at once (the cross-layer rule by the other of Gauss-Hermite and the trapezoid
+    rule, the three/four-input rule by its coarser ``"4lo"``), plus the leading-order
+    kernels' own."""
+    from rgnn import _residual_multi as rm
+    from rgnn import gaussian
+
+    n = x.shape[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fixed_point:", category=UserWarning)
+        fp = fixed_point(arch, x, quadrature_order=order)
+    fp_err = float(getattr(fp, "quadrature_error", 0.0) or 0.0)
+    dtype = fp.nngp.dtype
+    gamma, xi = (jnp.asarray(v, dtype) for v in arch.residual())
+    sets = _residual_full_sets(n)
+    m = sets.shape[1]
+    rules = _rules(arch, fp, order, max(n, m), multi, dtype)
+    # the coarser three/four-input rule padded to the same shape (zero weights at 0): the
+    # estimate reuses the compilation
+    lo_x, lo_w = rules["4lo"]
+    pad = rules["4"][0].shape[0] - lo_x.shape[0]
+    rules_lo = dict(
+        rules,
+        **{"4": (jnp.pad(lo_x, (0, pad)), jnp.pad(lo_w, (0, pad)))},
+    )
+    kmax = float(np.max(np.asarray(fp.nngp_diag1)))
+    tuned = _multi_rules(arch.act, RESIDUAL_NODES, kmax, dtype)
+    hermite = gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="hermite")
+    if tuned is None:
+        cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
+    else:
+        cross, other = tuned[0], hermite
+    if ntk or dntk is not None:
+        lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w, dtype)
+
+    def run(one, rules_, cross_):
+        ks = rm.set_kernels(fp.nngp, one)
+        out = list(rm.sets_flow(arch.act, arch.weight_var, gamma, xi, ks, rules_, cross_))
+        if ntk:
+            ts = rm.set_kernels(fp.ntk, one)
+            out += rm.ntk_sets_flow(
+                arch.act, arch.weight_var, gamma, xi, lam_w, ks, ts, rules_, cross_
+            )
+        if dntk is not None:
+            ts = rm.set_kernels(fp.ntk, one)
+            out += rm.dntk_sets_flow(
+                arch.act,
+                dntk == "pointwise",
+                arch.weight_var,
+                gamma,
+                xi,
+                lam_w,
+                ks,
+                ts,
+                rules_,
+                cross_,
+                ddntk=ddntk,
+            )
+        return out
+
+    outs = [run(jnp.asarray(sets[s : s + 1]), rules, cross) for s in range(len(sets))]
+    lo = run(jnp.asarray(sets[:1]), rules_lo, other)
+    per = [jnp.concatenate(p, axis=1) for p in zip(*outs, strict=True)]  # [R, S, ...] each
+    # the estimate: kernel and NTK corrections relative to the largest kernel / NTK, the rest to
+    # their own largest entry
+    scales = [None, jnp.max(jnp.abs(fp.nngp)), None]
+    if ntk:
+        scales += [jnp.max(jnp.abs(fp.ntk))] + [None] * 4
+    if dntk is not None:
+        scales += [None] * (6 if ddntk else 2)
+    err = 0.0
+    for a, b, sc in zip(outs[0], lo, scales, strict=True):
+        sc = jnp.max(jnp.abs(a)) if sc is None else sc
+        if float(sc) > 0:
+            err = max(err, float(jnp.max(jnp.abs(a - b)) / sc))
+    prev = np.asarray(arch.layer_dims(x.shape[1]), float)[: arch.n_layers]
+    inv_n = jnp.asarray(1 / prev, dtype)
+    v, dg, d4 = per[:3]
+    fields = {
+        "vertex": _full_scatter(v, n, sets),
+        "nngp_correction": _full_scatter(dg, n, sets) * inv_n[:, None, None],
+    }
+    if ntk:
+        dh, dd, nu, aa, bo = per[3:8]
+        fields.update(
+            ntk_correction=_full_scatter(dh, n, sets) * inv_n[:, None, None],
+            mixed_vertex=_full_scatter(dd, n, sets),
+            ntk_vertex=_full_scatter(aa, n, sets),
+            # PDLT's B_{a1 a3 a2 a4} = n E[H_12;a1a2 H_12;a3a4] = Bo_(a1 a2)(a3 a4)
+            ntk_b=_full_scatter(jnp.swapaxes(bo, 3, 4), n, sets),
+        )
+        nu_ab = jnp.einsum("lsabab->lsab", nu)
+    if dntk is not None:
+        names = ("dntk_p", "dntk_q") + (
+            ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u") if ddntk else ()
+        )
+        start = 8 if ntk else 3
+        for name, val in zip(names, per[start:], strict=True):
+            fields[name] = _full_scatter(val, n, sets)
+    result = _assemble(
+        arch,
+        x,
+        fp,
+        fields,
+        full=True,
+        quadrature_order=RESIDUAL_NODES,
+        quadrature_error=err + fp_err,
+    )
+    kd = jnp.diagonal(fp.nngp, axis1=1, axis2=2)  # [L+1, N]
+    d4_a = _full_scatter(d4, n, sets)
+    d2_a = jnp.diagonal(fields["nngp_correction"], axis1=1, axis2=2) / inv_n[:, None]
+    kurt = (d4_a - 6 * kd * d2_a) / kd**2 * inv_n[:, None]
+    replace = dict(kurtosis=kurt.astype(dtype))
+    if ntk:
+        # a residual layer's NTK variance is nu_(ab)(ab)(1), not A + B + B (module docstring)
+        replace["ntk_variance"] = _full_scatter(nu_ab, n, sets) * inv_n[:, None, None]
+    result = dataclasses.replace(result, **replace)
+    if np.isnan(np.asarray(result.vertex)).any():
+        warnings.warn(
+            "some inputs are exactly parallel on some layer (a singular set kernel): their "
+            "cross-layer moments and components are NaN; remove duplicate inputs",
             stacklevel=3,
         )
     if warn:

@@ -209,7 +209,7 @@ def test_perturbative_refuses_the_underived_statistics():
     assert np.all(np.isfinite(np.asarray(p.vertex)))
     for name in ("ntk", "ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b"):
         assert getattr(p, name) is None, name
-    with pytest.raises(ValueError, match=r"full: the O\(1/n\) flow of a residual MLP with the"):
+    with pytest.raises(ValueError, match=r"full: the full four-index layout of a residual MLP"):
         rgnn.perturbative(arch, _inputs(1), ntk=False, full=True)
 
 
