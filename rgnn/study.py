@@ -617,10 +617,21 @@ def _kinked(arch: MLP) -> bool:
     return bool(act.scale_invariant and act.negative_slope not in (None, 1.0))
 
 
+def _probe_input(x: np.ndarray) -> np.ndarray:
+    """The one test input of the sweep's prediction, whose outputs are not used (only the
+    training block of ``ntk_change`` is): a fixed random direction at the training inputs' rms
+    norm, ``[1, n_0]``. Generic on purpose: a copy of a training input makes the set kernels
+    of a nonlinear residual MLP's full layout singular (its fields NaN, rgnn.perturbative)."""
+    d = np.random.default_rng(0).standard_normal(x.shape[1])
+    norm = math.sqrt(float(np.mean(np.sum(np.square(x, dtype=float), axis=1))))
+    return (d / np.linalg.norm(d) * norm)[None].astype(x.dtype)
+
+
 def _end_of_training(arch: MLP, x, y, settings: dict):
     """The O(1/n) end-of-training prediction for the networks of this point
-    (:func:`rgnn.end_of_training` with ``steps=settings["steps"]``, one test input: only the
-    training block of ``ntk_change`` is used), or a sentence saying why none applies.
+    (:func:`rgnn.end_of_training` with ``steps=settings["steps"]``, one test input
+    (:func:`_probe_input`): only the training block of ``ntk_change`` is used), or a sentence
+    saying why none applies.
 
     A prediction applies to an :class:`~rgnn.MLP` in the NTK parameterization trained with
     ``optimizer="gd"``, ``loss="mse"``, whose trained departure scales like ``1/n``
@@ -691,7 +702,7 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
                     arch,
                     x,
                     y,
-                    x[:1],
+                    _probe_input(xa),
                     learning_rate=settings["learning_rate"],
                     steps=int(settings["steps"]),
                 )
@@ -699,6 +710,13 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
             eot = f"not computed: {err}"
         if not isinstance(eot, str) and not eot.valid:
             eot = f"{arch.act.name}: {eot.scaling}"
+        if not isinstance(eot, str):
+            block = np.asarray(eot.ntk_change)[:n_train, :n_train]
+            if not np.all(np.isfinite(block)):
+                eot = (
+                    "not computed: the statistics on the training inputs are not finite "
+                    "(duplicate or parallel training inputs?)"
+                )
         if len(_EOT_CACHE) >= _EOT_CACHE_SIZE:
             _EOT_CACHE.pop(next(iter(_EOT_CACHE)))
         _EOT_CACHE[key] = (widths[-1], eot)

@@ -278,16 +278,18 @@ def _full_statistics_missing(arch: MLP) -> str | None:
 
     The one place where :func:`end_of_training` and the sweep's prediction
     (``rgnn.study._end_of_training``) learn that capability, before any costly work. It follows
-    :func:`rgnn.perturbative`'s own refusal of ``full=True``: a residual MLP with a nonlinear
-    activation, whose statistics exist in the pair layout only (a linear one is exact in
-    full, :mod:`rgnn.flow.rules`). ``tests/test_end_of_training.py`` checks the two agree.
+    :func:`rgnn.perturbative`'s own refusal of ``full=True``: a residual MLP with a kinked
+    activation (relu, leaky relu), whose statistics exist in the pair layout only (linear
+    residual MLPs are exact in full, :mod:`rgnn.flow.rules`; smooth ones have the set flows of
+    :mod:`rgnn._residual_multi`). ``tests/test_end_of_training.py`` checks the two agree.
     """
-    if arch.is_residual and arch.act.name != "linear":
+    act = arch.act
+    if arch.is_residual and act.scale_invariant and act.negative_slope not in (None, 1.0):
         return (
-            f"a residual MLP with activation {arch.act.name!r}: rgnn.perturbative gives its "
-            "statistics in the pair layout only (full=True is derived for a linear activation), "
-            "and the end-of-training prediction contracts them on every tuple of the training "
-            "and test inputs"
+            f"a residual MLP with the kinked activation {act.name!r}: rgnn.perturbative gives "
+            "its statistics in the pair layout only (full=True is implemented for smooth and "
+            "linear activations), and the end-of-training prediction contracts them on every "
+            "tuple of the training and test inputs"
         )
     return None
 
@@ -313,8 +315,8 @@ def end_of_training(
 
     Args:
       arch: the :class:`~rgnn.MLP` (``parameterization="ntk"``); a residual one where
-        :func:`rgnn.perturbative` gives its statistics with ``full=True`` (a linear
-        activation; a ``ValueError`` otherwise, naming what is missing).
+        :func:`rgnn.perturbative` gives its statistics with ``full=True`` (a smooth or linear
+        activation; a ``ValueError`` for relu and leaky relu, naming what is missing).
       x_train: ``[N, n_0]`` training inputs (distinct: the NTK on them must be invertible).
       y_train: ``[N, out_dim]`` (or ``[N]`` when ``out_dim == 1``) targets.
       x_test: ``[N*, n_0]`` test inputs.
