@@ -123,21 +123,35 @@ def test_cnn_sweep_table_verdict_and_resume(tmp_path):
 def test_residual_point_with_predictions_on_asks_only_for_derived_statistics(x64):
     """Trained residual MLPs judged with predictions on (4 networks): a linear one has the
     kurtosis, the NTK fluctuation and the end-of-training prediction (its flow is exact on any
-    inputs, dNTK and ddNTK included); a tanh one on several inputs has the kurtosis and the NTK
+    inputs, dNTK and ddNTK included); a relu one on several inputs has the kurtosis and the NTK
     fluctuation (the pair flow of rgnn._residual_multi) but not the end-of-training prediction
-    (its dNTK and ddNTK are not derived there), the sweep says why, and no ValueError from
-    rgnn.perturbative stops it."""
+    (no full layout for a kinked residual MLP, and a kinked trained departure is not 1/n), the
+    sweep says why, and no ValueError from rgnn.perturbative stops it. A smooth one gets the
+    prediction: test_smooth_residual_point_gets_the_end_of_training_prediction (slow)."""
     x, y = _digits(4)
     arch = rgnn.MLP(2, 4, "linear", shortcut=0.5, branch=0.8)
     regime = rgnn.classify(arch, x, y, steps=2, n_networks=4, learning_rate=0.1)
     predicted = {e.measure: e.predicted for e in regime.evidence}
     assert math.isfinite(predicted["kurtosis"]) and math.isfinite(predicted["ntk_fluctuation"])
     assert regime.trained_prediction.startswith("applies")
-    arch = rgnn.MLP(2, 4, "tanh", shortcut=0.5, branch=0.8)
+    arch = rgnn.MLP(2, 4, "relu", shortcut=0.5, branch=0.8)
     regime = rgnn.classify(arch, x, y, steps=2, n_networks=4, learning_rate=0.1)
     predicted = {e.measure: e.predicted for e in regime.evidence}
     assert math.isfinite(predicted["kurtosis"]) and math.isfinite(predicted["ntk_fluctuation"])
-    assert "residual MLP with activation 'tanh'" in regime.trained_prediction
+    assert "residual MLP with the kinked activation 'relu'" in regime.trained_prediction
+
+
+@pytest.mark.slow
+def test_smooth_residual_point_gets_the_end_of_training_prediction(x64):
+    """A tanh residual MLP judged with predictions on: the sweep computes its end-of-training
+    prediction (rgnn.perturbative's full layout of a smooth residual MLP) and holds the
+    measured NTK movement against it (a finite prediction)."""
+    x, y = _digits(4)
+    arch = rgnn.MLP(2, 4, "tanh", shortcut=0.5, branch=0.8)
+    regime = rgnn.classify(arch, x, y, steps=2, n_networks=4, learning_rate=0.1)
+    assert regime.trained_prediction.startswith("applies"), regime.trained_prediction
+    predicted = {e.measure: e.predicted for e in regime.evidence}
+    assert math.isfinite(predicted["mean_ntk_movement"])
 
 
 def test_sweep_of_a_function_from_width_to_triple():
