@@ -592,6 +592,14 @@ def _ntk_fluctuation(arch: MLP, x, ntk0, *, predict: bool, shared=None) -> dict:
 #: correction at 12 nodes, 1.3% at 16).
 END_OF_TRAINING_MAX_INPUTS = 24
 
+#: The same limit for a nonlinear (smooth) residual MLP, whose full statistics run the set flows
+#: of ``rgnn._residual_multi`` one four-subset of the inputs at a time (``C(N + 1, 4)`` sets,
+#: rgnn.perturbative): far costlier per input. Measured on a loaded 2-core machine (load 8 to
+#: 10), tanh depth 2, compilation included: 2 + 1 inputs (one set) 56 s; 4 + 2 inputs (15 sets)
+#: 471 s; a sweep point with 4 training inputs (5 sets, training included) 484 s wall, 146 s CPU.
+#: 5 training inputs (15 sets) keep a sweep group's prediction within minutes.
+END_OF_TRAINING_MAX_INPUTS_RESIDUAL = 5
+
 # The computed predictions, keyed by everything but the width (the prediction's O(1/n) part is
 # ``c / n`` with ``c`` width independent for equal hidden widths): a sweep group computes the
 # costly statistics once and divides by each width. Small: a sweep visits one group at a time.
@@ -636,7 +644,8 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
     A prediction applies to an :class:`~rgnn.MLP` in the NTK parameterization trained with
     ``optimizer="gd"``, ``loss="mse"``, whose trained departure scales like ``1/n``
     (``EndOfTraining.scaling``; not relu and leaky relu, measured ~``n^-0.5``), on at most
-    :data:`END_OF_TRAINING_MAX_INPUTS` training inputs (the statistics cost ``~N^5``), with
+    :data:`END_OF_TRAINING_MAX_INPUTS` training inputs (the statistics cost ``~N^5``;
+    :data:`END_OF_TRAINING_MAX_INPUTS_RESIDUAL` for a nonlinear residual MLP), with
     ``predict`` on. The statistics are computed once per sweep group: for equal hidden widths
     the prediction's O(1/n) fields are ``c / n`` with ``c`` width independent, so the result
     at one width is rescaled to the others (``_EOT_CACHE``).
@@ -674,7 +683,15 @@ def _end_of_training(arch: MLP, x, y, settings: dict):
             "kink; measured ~n^-0.5 by Monte Carlo), so no O(1/n) prediction describes it"
         )
     n_train = int(x.shape[0])
-    if n_train > END_OF_TRAINING_MAX_INPUTS:
+    if arch.is_residual and arch.act.name != "linear":  # rgnn.perturbative's set flows
+        if n_train > END_OF_TRAINING_MAX_INPUTS_RESIDUAL:
+            why.append(
+                f"{n_train} training inputs: above the end-of-training limit of "
+                f"{END_OF_TRAINING_MAX_INPUTS_RESIDUAL} for a nonlinear residual MLP (its "
+                "statistics run one set flow per four-subset of the inputs: C(N + 1, 4) of "
+                "them)"
+            )
+    elif n_train > END_OF_TRAINING_MAX_INPUTS:
         why.append(
             f"{n_train} training inputs: above the end-of-training limit of "
             f"{END_OF_TRAINING_MAX_INPUTS} (its statistics cost ~N^5 time and ~N^4 memory per "

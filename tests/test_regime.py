@@ -379,6 +379,10 @@ def test_no_end_of_training_prediction_says_why(wide_ntk):
         f"{len(x)} training inputs: above the end-of-training limit of {limit} (its "
         "statistics cost ~N^5 time and ~N^4 memory per layer)"
     )
+    n_res = study.END_OF_TRAINING_MAX_INPUTS_RESIDUAL + 1  # a smooth residual MLP's limit
+    why = study._end_of_training(rgnn.MLP(2, 16, "tanh", shortcut=0.5), x[:n_res], y[:n_res], st)
+    assert why.startswith(f"{n_res} training inputs: above the end-of-training limit of ")
+    assert "nonlinear residual MLP" in why
     why = study._end_of_training(
         rgnn.MLP(1, 16, "tanh", parameterization="mup"), x[:2], y[:2], dict(st, optimizer="adam")
     )
