@@ -98,7 +98,9 @@ vs ``+0.03``, ``-1.79 +- 0.14`` vs ``-1.66``, NTK change within 1.4 SE (``-11.98
 :func:`rgnn.perturbative`'s full layout): tanh depth 2, ``gamma = 0.8, xi = 0.6``, 4 + 2
 inputs, 50 steps at ``e lambda_max = 1``, widths 32-256, 2048 networks per width: test outputs
 ``-1.00 +- 0.10`` vs ``-0.96`` and ``-0.55 +- 0.08`` vs ``-0.51``, the 21 NTK-change entries
-within 2.3 SE (largest ``-3.64 +- 0.07`` vs ``-3.71``).
+within 2.3 SE (largest ``-3.64 +- 0.07`` vs ``-3.71``); ``gamma = 0.5, xi = 1`` (other inputs):
+``+0.07 +- 0.11`` vs ``-0.09``, ``+1.16 +- 0.14`` vs ``+1.35``, NTK change within 1.9 SE
+(``-3.48 +- 0.09`` vs ``-3.59``).
 
 Scale-invariant activations (relu, leaky relu). Their ddNTK exists only pointwise
 (:func:`rgnn.perturbative`'s ``kinks``); a finite step moves a unit across the kink with
