@@ -871,8 +871,15 @@ def perturbative(
         ``ddntk_r`` ... ``ddntk_u`` (the one-input recursion's five forms, ``J`` included,
         carried with input indices; kinked activations with ``kinks="pointwise"`` only, as for
         a plain MLP) in the pair layout, its cross-layer moments by a tensor rule of
-        :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); ``full=True``
-        raises a ``ValueError``.
+        :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); with
+        ``full=True`` and a smooth activation (tanh, gelu, ...: not the scale-invariant
+        class) every one of these in the full layout ``[L+1, N, N, N, N]``, the same fields
+        and index conventions as a plain MLP's, from the same flows on every four-subset of
+        the inputs, one set at a time, their cross-layer moments from the 4-variable rules of
+        the pairs (:mod:`rgnn._residual_multi`, "Sets of three and four inputs"; its ddNTK
+        tables of one set of four take about 6.5 GB at depth 3, more than the default
+        ``memory_limit`` from depth 4 on); kinked activations (relu, leaky relu) have the pair
+        layout only (``full=True`` raises a ``ValueError``).
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -898,7 +905,10 @@ def perturbative(
         ddNTK fields), instead of the pair layout. Expectations on three and four distinct
         inputs use a tensor-product Gauss-Hermite rule (its estimated error is part of
         ``quadrature_error``); the work grows like ``N^5`` per layer, so this is for tens of
-        inputs. On two inputs both layouts hold the same numbers.
+        inputs. On two inputs both layouts hold the same numbers. A nonlinear residual MLP
+        (smooth activations; ``arch`` above) runs one set of four inputs at a time, ``C(N,
+        4)`` of them (tanh, depth 3, ``ddntk=True``: about 10 to 20 s per set, one compilation
+        for every ``N``).
       memory_limit: bytes the request may use (default 8 GiB); a larger request is refused
         with a ``ValueError`` before anything is allocated.
       warn: warn when depth / width is too large for O(1/n) to be trusted
