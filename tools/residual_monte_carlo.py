@@ -13,7 +13,10 @@ one: the single-input flow of :mod:`rgnn._residual_single`; two or three: the un
 flow of :mod:`rgnn._residual_multi`, every pair component; two outputs, for B on the output
 layer); with ``--dntk`` the dNTK ``P, Q`` too, on any of these input counts, in the pointwise
 kink convention of automatic differentiation (``--ddntk``: and the ddNTK ``R, S, T, U``, of
-:mod:`rgnn._residual_single` on one input, of :mod:`rgnn._residual_multi` on more). Prints one
+:mod:`rgnn._residual_single` on one input, of :mod:`rgnn._residual_multi` on more). ``--full``
+(smooth activations): the full four-index layout of both (``full=True``), on up to four inputs
+(``--inputs 4``: the components on four distinct inputs, off every pair, are also reported on
+their own). Prints one
 line
 per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
 median SE relative to the largest predicted entry, and whether every entry is within
@@ -30,6 +33,8 @@ answer of the rotation-symmetric rules for relu).
     PYTHONPATH=. python tools/residual_monte_carlo.py --inputs 3 --activations relu tanh gelu
     PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --activations relu tanh gelu
     PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --inputs 2 --mean-networks 0 --depth 3
+    PYTHONPATH=. python tools/residual_monte_carlo.py --activations tanh gelu --depth 3 --inputs 4 \
+        --full --dntk --ddntk --widths 16 32 64 --mean-networks 0 --settings gamma=0.8,xi=0.6
 
 Uses only the public API.
 """
