@@ -776,8 +776,10 @@ def _check_memory(
     if residual:
         # the full layout of a nonlinear residual MLP runs one set of (at most) four inputs at
         # a time: its peak is the scan's tables of one set (rgnn._residual_multi), carried and
-        # updated (about three copies): the NTK side's E, F on its members, the dNTK's F, Bo,
-        # Qh, Ph and the ddNTK's R, S, T, U, J on the dNTK family; plus the outputs
+        # updated (two copies): the NTK side's E, F on its members, the dNTK's F, Bo, Qh, Ph
+        # and the ddNTK's R, S, T, U, J on the dNTK family; plus the outputs. Measured: tanh,
+        # depth 3, four inputs, ddntk=True: 6.5 GB peak (this estimate: 6.8 GB); depth 4 and
+        # more exceed the default 8 GiB
         m = min(n, 4)
         r = n_layers
         nu = m * (m + 1) // 2
@@ -790,7 +792,7 @@ def _check_memory(
             slots = m * m + m**4 + 2 * m**3 + ddntk * (4 * m**4 + m**5)
             per += (r * u) ** 2 * slots
         n_stats = 3 + 6 * ntk + 2 * dntk + 4 * ddntk
-        need = itemsize * (3 * per + n_layers * n**4 * n_stats * 2)
+        need = itemsize * (2 * per + n_layers * n**4 * n_stats * 2)
         what = "the full four-index fields of a nonlinear residual MLP (one set of four inputs)"
         if need > limit:
             raise ValueError(
@@ -869,8 +871,15 @@ def perturbative(
         ``ddntk_r`` ... ``ddntk_u`` (the one-input recursion's five forms, ``J`` included,
         carried with input indices; kinked activations with ``kinks="pointwise"`` only, as for
         a plain MLP) in the pair layout, its cross-layer moments by a tensor rule of
-        :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); ``full=True``
-        raises a ``ValueError``.
+        :data:`RESIDUAL_NODES` nodes (estimated error in ``quadrature_error``); with
+        ``full=True`` and a smooth activation (tanh, gelu, ...: not the scale-invariant
+        class) every one of these in the full layout ``[L+1, N, N, N, N]``, the same fields
+        and index conventions as a plain MLP's, from the same flows on every four-subset of
+        the inputs, one set at a time, their cross-layer moments from the 4-variable rules of
+        the pairs (:mod:`rgnn._residual_multi`, "Sets of three and four inputs"; its ddNTK
+        tables of one set of four take about 6.5 GB at depth 3, more than the default
+        ``memory_limit`` from depth 4 on); kinked activations (relu, leaky relu) have the pair
+        layout only (``full=True`` raises a ``ValueError``).
         There ``nngp_variance`` is
         ``V_{(ab)(ab)} / n``, the covariance of the conditional second moments
         ``E[z_{ia} z_{ib} | layer below]`` of two different units (what
@@ -896,7 +905,10 @@ def perturbative(
         ddNTK fields), instead of the pair layout. Expectations on three and four distinct
         inputs use a tensor-product Gauss-Hermite rule (its estimated error is part of
         ``quadrature_error``); the work grows like ``N^5`` per layer, so this is for tens of
-        inputs. On two inputs both layouts hold the same numbers.
+        inputs. On two inputs both layouts hold the same numbers. A nonlinear residual MLP
+        (smooth activations; ``arch`` above) runs one set of four inputs at a time, ``C(N,
+        4)`` of them (tanh, depth 3, ``ddntk=True``: about 10 to 20 s per set, one compilation
+        for every ``N``).
       memory_limit: bytes the request may use (default 8 GiB); a larger request is refused
         with a ``ValueError`` before anything is allocated.
       warn: warn when depth / width is too large for O(1/n) to be trusted

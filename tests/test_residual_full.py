@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rgnn
 from rgnn import _residual_multi as rm
 from rgnn import gaussian
 from rgnn.activations import get_activation
@@ -57,3 +58,158 @@ def test_pair_restricted_cross_moments_are_the_full_rule(x64, family, m, coefs, 
     scale = np.abs(full).max()
     assert scale > 0
     np.testing.assert_allclose(pairs, full, rtol=0, atol=tol(EXACT, jnp.float64)["rtol"] * scale)
+
+
+def _inputs(n, n0=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n0))
+    return x / np.sqrt(np.mean(x**2, axis=1, keepdims=True)) * np.linspace(0.7, 1.2, n)[:, None]
+
+
+def _cubic(z):
+    return z + 0.3 * z**2 - 0.1 * z**3
+
+
+_PAIR_SLOTS = [(0, 0), (0, 1), (1, 1)]  # the pair layout's (aa, ab, bb) components
+
+
+def _pair_view(name, full, i, j):
+    """The pair layout's entry ``(i, j)`` (``i != j``) of field ``name`` from its full layout."""
+    ij = np.array([i, j])
+    if name in ("nngp_correction", "nngp_variance", "ntk_correction", "ntk_variance"):
+        return full[:, i, j]
+    if name == "kurtosis":
+        return full[:, i]
+    if name in ("vertex", "ntk_vertex", "mixed_vertex"):
+        s = _PAIR_SLOTS
+        return np.stack(
+            [
+                np.stack([full[:, *ij[list(s[u])], *ij[list(s[v])]] for v in range(3)], -1)
+                for u in range(3)
+            ],
+            -2,
+        )
+    if name == "ntk_b":
+        return np.stack([full[:, i, i, j, j], full[:, i, j, j, i]], -1)
+    out = np.zeros(full.shape[:1] + (2,) * 4)
+    for c in np.ndindex(2, 2, 2, 2):
+        out[(slice(None),) + c] = full[(slice(None),) + tuple(ij[list(c)])]
+    return out
+
+
+_KERNEL = ("vertex", "nngp_correction", "nngp_variance", "kurtosis")
+_NTK = ("ntk_correction", "ntk_variance", "ntk_vertex", "mixed_vertex", "ntk_b")
+_DNTK = ("dntk_p", "dntk_q")
+_DDNTK = ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
+
+
+# the kernel side in the default run; the NTK side, the dNTK and the ddNTK (a compilation
+# each) in the slow tier
+@pytest.mark.parametrize(
+    "stats",
+    [
+        "kernel",
+        pytest.param("ntk", marks=pytest.mark.slow),
+        pytest.param("ddntk", marks=pytest.mark.slow),
+    ],
+)
+def test_full_layout_on_one_pair_is_the_pair_layout(x64, stats):
+    """full=True on three inputs (one set of three: every cross-layer table from the pairs'
+    4-variable rules) restricted to the components of each pair equals the pair layout, for a
+    polynomial activation (every cross-layer rule exact, both layouts the same numbers): EXACT,
+    on the kernel side, the NTK side and (slow tier) the dNTK and the ddNTK. With tanh or gelu
+    the two differ by the cross-layer rule's error (20 nodes: gelu 1e-5, converging with the
+    nodes: the single-input moments of one input come from different pairs' rules)."""
+    arch = rgnn.MLP(2, 64, _cubic, weight_var=0.8, bias_var=0.1, shortcut=0.8, branch=0.6)
+    x = _inputs(3)
+    kw = dict(ntk=stats != "kernel", ddntk=stats == "ddntk", warn=False)
+    full = rgnn.perturbative(arch, x, full=True, **kw)
+    pair = rgnn.perturbative(arch, x, **kw)
+    names = (
+        _KERNEL + (_NTK if stats != "kernel" else ()) + (_DNTK + _DDNTK if stats == "ddntk" else ())
+    )
+    rtol = tol(EXACT, jnp.float64)["rtol"]
+    for name in names:
+        a, b = np.asarray(getattr(full, name)), np.asarray(getattr(pair, name))
+        assert a.shape[1:] == (3,) * (4 if b.ndim > 3 else b.ndim - 1), name
+        scale = np.abs(b).max()
+        assert scale > 0, name
+        for i, j in ((0, 1), (0, 2), (1, 2), (2, 1)):
+            np.testing.assert_allclose(
+                _pair_view(name, a, i, j),
+                b[:, i, j] if b.ndim > 2 else b[:, i],
+                rtol=0,
+                atol=rtol * scale,
+                err_msg=f"{name} {(i, j)}",
+            )
+
+
+@pytest.mark.parametrize(
+    ("activation", "stats", "n"),
+    [("gelu", "kernel", 3), pytest.param("tanh", "ddntk", 4, marks=pytest.mark.slow)],
+)
+def test_trivial_shortcut_full_layout_is_the_plain_engine(x64, activation, stats, n):
+    """gamma = 0, xi = 1 on three (default run) and four inputs: full=True of a residual MLP
+    (every shortcut product vanishes: the cross-layer moments drop out, exactly, as each pair
+    combination's covariance is taken from its own rule) equals the plain engine's full layout
+    on every field, through the public API, both with the same rules (the same-layer moments
+    on three and four inputs from rgnn.flow.moments.Moments, the plain engine's): QUADRATURE
+    (two quadratures of the kernel maps' derivatives)."""
+    from tests.tolerances import QUADRATURE
+
+    x = _inputs(n)
+    kw = dict(weight_var=1.0, bias_var=0.1)
+    run = dict(ntk=stats != "kernel", ddntk=stats == "ddntk", warn=False, full=True)
+    if stats == "ddntk":
+        # both at 96 nodes of the two-input rule (at 48 the dNTK carries the two codes' different
+        # uses of that rule, 6e-8 of P; as the pair layout's check in tests/test_residual.py)
+        run.update(kinks="pointwise", quadrature_order=96, quadrature_order_multi=48)
+    plain = rgnn.perturbative(rgnn.MLP(2, 64, activation, **kw), x, **run)
+    res = rgnn.perturbative(rgnn.MLP(2, 64, activation, shortcut=0.0, branch=1.0, **kw), x, **run)
+    names = _KERNEL + ("coupling",)
+    if stats != "kernel":
+        names += ("ntk",) + _NTK + _DNTK + _DDNTK
+    rtol = tol(QUADRATURE, jnp.float64)["rtol"]
+    for name in names:
+        a, b = np.asarray(getattr(res, name)), np.asarray(getattr(plain, name))
+        assert a.shape == b.shape, name
+        scale = np.abs(b).max()
+        if name in ("nngp_correction", "ntk_correction"):
+            kernel = plain.nngp if name == "nngp_correction" else plain.ntk
+            scale = max(scale, np.abs(np.asarray(kernel)).max() / 64)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize(("stats"), ["kernel", pytest.param("ddntk", marks=pytest.mark.slow)])
+def test_full_layout_of_a_linear_activation_is_the_residual_rules(x64, stats):
+    """The full layout of the set flows (every cross-layer table of a set of four from its
+    pairs) run on the identity as a custom smooth activation (the built-in "linear" takes the
+    exact rules) equals the exact full layout of the residual rules of rgnn.flow.rules on every
+    field (every moment a polynomial times a Gaussian, integrated exactly): EXACT."""
+    kw = dict(weight_var=0.9, bias_var=0.2, shortcut=0.9, branch=0.5)
+    x = _inputs(4)
+    ntk, ddntk = stats != "kernel", stats == "ddntk"
+    run = dict(ntk=ntk, ddntk=ddntk, full=True, warn=False)
+    ref = rgnn.perturbative(rgnn.MLP(2, 40, "linear", **kw), x, **run)
+    got = rgnn.perturbative(rgnn.MLP(2, 40, lambda z: 1.0 * z, **kw), x, **run)
+    names = _KERNEL + ("coupling",) + ((_NTK + _DNTK + _DDNTK) if ntk else ())
+    rtol = tol(EXACT, jnp.float64)["rtol"]
+    for name in names:
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        scale = np.abs(b).max()
+        if name in ("nngp_correction", "ntk_correction"):
+            kernel = ref.nngp if name == "nngp_correction" else ref.ntk
+            scale = max(scale, np.abs(np.asarray(kernel)).max())
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def test_full_layout_refusals_name_the_argument(x64):
+    """Kinked activations keep the pair layout (full=True refused, naming ``full``); a ddNTK
+    request whose tables of one set of four exceed memory_limit is refused before anything
+    runs, naming ``x`` (float64: depth 5 needs about 15 GiB)."""
+    x = _inputs(4)
+    with pytest.raises(ValueError, match=r"full: the full four-index layout .* smooth"):
+        rgnn.perturbative(rgnn.MLP(3, 8, "relu", shortcut=0.5), x, full=True)
+    deep = rgnn.MLP(5, 8, "tanh", shortcut=0.5)
+    with pytest.raises(ValueError, match=r"x: 4 inputs over 6 layers need about .* GiB"):
+        rgnn.perturbative(deep, x, full=True, ddntk=True)

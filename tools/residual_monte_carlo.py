@@ -13,7 +13,10 @@ one: the single-input flow of :mod:`rgnn._residual_single`; two or three: the un
 flow of :mod:`rgnn._residual_multi`, every pair component; two outputs, for B on the output
 layer); with ``--dntk`` the dNTK ``P, Q`` too, on any of these input counts, in the pointwise
 kink convention of automatic differentiation (``--ddntk``: and the ddNTK ``R, S, T, U``, of
-:mod:`rgnn._residual_single` on one input, of :mod:`rgnn._residual_multi` on more). Prints one
+:mod:`rgnn._residual_single` on one input, of :mod:`rgnn._residual_multi` on more). ``--full``
+(smooth activations): the full four-index layout of both (``full=True``), on up to four inputs
+(``--inputs 4``: the components on four distinct inputs, off every pair, are also reported on
+their own). Prints one
 line
 per (setting, field): the largest |a - prediction| / SE(a) over layers 2..L+1 and entries, the
 median SE relative to the largest predicted entry, and whether every entry is within
@@ -30,6 +33,8 @@ answer of the rotation-symmetric rules for relu).
     PYTHONPATH=. python tools/residual_monte_carlo.py --inputs 3 --activations relu tanh gelu
     PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --activations relu tanh gelu
     PYTHONPATH=. python tools/residual_monte_carlo.py --dntk --inputs 2 --mean-networks 0 --depth 3
+    PYTHONPATH=. python tools/residual_monte_carlo.py --activations tanh gelu --depth 3 --inputs 4 \
+        --full --dntk --ddntk --widths 16 32 64 --mean-networks 0 --settings gamma=0.8,xi=0.6
 
 Uses only the public API.
 """
@@ -164,17 +169,28 @@ def main() -> None:
         "--inputs",
         type=int,
         default=1,
-        choices=(1, 2, 3),
+        choices=(1, 2, 3, 4),
         help="inputs of the nonlinear activations (one: the single-input flow; more: pairs)",
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="nonlinear activations: the full four-index layout (rgnn.perturbative and "
+        "rgnn.measure with full=True; every index tuple, the ones with four distinct inputs "
+        "reported on their own)",
     )
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     x3 = rng.normal(size=(3, 6))
     x3 /= np.sqrt(np.mean(x3**2, axis=1, keepdims=True))
     x3 *= np.array([0.8, 1.0, 1.2])[:, None]
+    x4 = rng.normal(size=(1, 6))
+    x4 *= 0.9 / np.sqrt(np.mean(x4**2))
+    x3 = np.concatenate([x3, x4])  # the fourth input of --inputs 4 (the first three unchanged)
     with jax.enable_x64(True):
         for act in args.activations:
-            x = x3 if act == "linear" else (x3[1:2] if args.inputs == 1 else x3[: args.inputs])
+            x = x3[:3] if act == "linear" else (x3[1:2] if args.inputs == 1 else x3[: args.inputs])
+            full = args.full and not (act == "linear")
             ntk = args.ntk
             for label in args.settings:
                 if SETTINGS[label] is None:
@@ -208,6 +224,7 @@ def main() -> None:
                             ddntk=(linear and ntk) or ddntk,
                             kinks="pointwise",
                             warn=False,
+                            full=full,
                         )
                     m = rgnn.measure(
                         arch,
@@ -218,6 +235,7 @@ def main() -> None:
                         dntk=(linear and ntk) or dntk,
                         ddntk=(linear and ntk) or ddntk,
                         vertex=True,
+                        full=full,
                     )
                     n = np.asarray(pred.widths) * width / args.widths[0]
                     n[0] = 1.0  # layer 1: deterministic, not fitted
@@ -247,13 +265,21 @@ def main() -> None:
                     a, sa = _fit(args.widths, y[:, live], se[:, live])
                     ref = preds[field][1:][live]
                     z = np.abs(a - ref) / sa
+                    distinct = ""
+                    if full and preds[field].ndim == 5 and x.shape[0] >= 4:
+                        # the components on four distinct inputs (off every pair)
+                        idx = np.indices(preds[field].shape[1:]).reshape(4, -1)
+                        four = np.array([len(set(t)) == 4 for t in idx.T])
+                        four = np.broadcast_to(four.reshape(preds[field].shape[1:]), live.shape)
+                        zd = (np.abs(a - ref) / sa)[four[live]]
+                        distinct = f"four distinct: max|z| {np.nanmax(zd):5.2f} / {zd.size}  "
                     # relative to the largest predicted entry; absolute where the prediction
                     # vanishes (the linear network's mean shifts)
                     scale = np.max(np.abs(ref)) or 1.0
                     print(
                         f"{act:6s} {label:17s} {field:14s} max|z| {np.nanmax(z):5.2f}  "
                         f"sum z^2 {np.nansum(z * z):7.1f} / {np.sum(np.isfinite(z))}  "
-                        f"median SE/max {np.nanmedian(sa) / scale:.3f}  "
+                        f"median SE/max {np.nanmedian(sa) / scale:.3f}  {distinct}"
                         f"{'ok' if np.nanmax(z) <= args.sigmas else 'FAIL'}  "
                         f"({time.time() - t0:.0f} s)",
                         flush=True,
