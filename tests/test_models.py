@@ -146,7 +146,7 @@ def test_smooth_residual_point_gets_the_end_of_training_prediction(x64):
     """A tanh residual MLP judged with predictions on: the sweep computes its end-of-training
     prediction (rgnn.perturbative's full layout of a smooth residual MLP) and holds the
     measured NTK movement against it (a finite prediction)."""
-    x, y = _digits(4)
+    x, y = _digits(3)  # with the probe input: one four-input set
     arch = rgnn.MLP(2, 4, "tanh", shortcut=0.5, branch=0.8)
     regime = rgnn.classify(arch, x, y, steps=2, n_networks=4, learning_rate=0.1)
     assert regime.trained_prediction.startswith("applies"), regime.trained_prediction
