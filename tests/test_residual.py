@@ -1027,8 +1027,8 @@ def test_trivial_shortcut_on_several_inputs_is_the_plain_engine(x64, activation,
     x = _inputs(3)
     cw = 2.0 if activation == "relu" else 1.0
     kw = dict(weight_var=cw, bias_var=0.1)
-    plain = rgnn.perturbative(rgnn.MLP(4, 64, activation, **kw), x, ntk=ntk)
-    trivial = rgnn.MLP(4, 64, activation, shortcut=0.0, branch=1.0, **kw)
+    plain = rgnn.perturbative(rgnn.MLP(3, 64, activation, **kw), x, ntk=ntk)
+    trivial = rgnn.MLP(3, 64, activation, shortcut=0.0, branch=1.0, **kw)
     res = rgnn.perturbative(trivial, x, ntk=ntk)
     table = EXACT if activation == "relu" else QUADRATURE
     rtol = tol(table, jnp.float64)["rtol"]

@@ -30,11 +30,12 @@ def _kernels(m, g, seed=0):
 # rule and the pairs' 4-variable rules both give the exact value (to rounding). Four inputs
 # (disjoint pairs among the combinations) with a quadratic at 5 nodes; three inputs with a cubic
 # at 7 nodes (sigma''' != 0: the ddNTK's r = s''' s' and c = s'' s'' kinds are live).
-# The ddNTK family on four inputs (20 s) in the slow tier: three inputs check it, every kind live.
+# The kernel side and the ddNTK family on four inputs (12 s and 20 s) in the slow tier (the
+# suite's time): three inputs check every family with every kind live, the NTK side four.
 @pytest.mark.parametrize(
     ("family", "m", "coefs", "nodes"),
     [
-        ("kernel", 4, (1.0, 0.3, 0.0), 5),
+        pytest.param("kernel", 4, (1.0, 0.3, 0.0), 5, marks=pytest.mark.slow),
         ("ntk", 4, (1.0, 0.3, 0.0), 5),
         pytest.param("ddntk", 4, (1.0, 0.3, 0.0), 5, marks=pytest.mark.slow),
         ("kernel", 3, (1.0, 0.3, -0.1), 7),
@@ -111,16 +112,11 @@ _DNTK = ("dntk_p", "dntk_q")
 _DDNTK = ("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
 
 
-# the kernel side in the default run; the NTK side, the dNTK and the ddNTK (a compilation
-# each) in the slow tier
-@pytest.mark.parametrize(
-    "stats",
-    [
-        "kernel",
-        pytest.param("ntk", marks=pytest.mark.slow),
-        pytest.param("ddntk", marks=pytest.mark.slow),
-    ],
-)
+# the slow tier (a compilation of the full layout each, 24 s for the kernel side): the default
+# run checks the full layout against the plain engine (gamma = 0) and its cross-layer moments
+# against the whole set's rule
+@pytest.mark.slow
+@pytest.mark.parametrize("stats", ["kernel", "ntk", "ddntk"])
 def test_full_layout_on_one_pair_is_the_pair_layout(x64, stats):
     """full=True on three inputs (one set of three: every cross-layer table from the pairs'
     4-variable rules) restricted to the components of each pair equals the pair layout, for a
@@ -188,7 +184,9 @@ def test_trivial_shortcut_full_layout_is_the_plain_engine(x64, activation, stats
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
-@pytest.mark.parametrize(("stats"), ["kernel", pytest.param("ddntk", marks=pytest.mark.slow)])
+# the slow tier (the suite's time, 21 s): exact, like the plain-engine check in the default run
+@pytest.mark.slow
+@pytest.mark.parametrize(("stats"), ["kernel", "ddntk"])
 def test_full_layout_of_a_linear_activation_is_the_residual_rules(x64, stats):
     """The full layout of the set flows (every cross-layer table of a set of four from its
     pairs) run on the identity as a custom smooth activation (the built-in "linear" takes the

@@ -13,7 +13,12 @@ checks across widths (its dNTK on one and on several inputs, its NTK side on sev
 tanh and gelu for its kernel side) run in the slow tier only; the default run holds their
 exact reductions (a trivial shortcut is the plain engine, a linear activation the exact
 residual rules, one input the single-input grid flow) and the Monte Carlo checks of the vertex
-and of the several-input kernel side for relu.
+and of the several-input kernel side for relu. Likewise the full four-index layout of a
+smooth residual MLP (``tests/test_residual_full.py``): the default run checks its cross-layer
+moments against the whole set's rule (three inputs, and four for the NTK side) and the whole
+layout against the plain engine at ``gamma = 0``; the slow tier holds its other exact checks
+(one pair equals the pair layout, a linear activation the exact rules, four inputs for the
+kernel side and the ddNTK family), each a compilation of its own.
 """
 
 import pytest
