@@ -120,6 +120,9 @@ def test_cnn_sweep_table_verdict_and_resume(tmp_path):
     assert [r["seconds"] for r in again.records] == [r["seconds"] for r in s.records]
 
 
+# the slow tier (the suite's time, 32 s): tests/test_end_of_training.py keeps the gate and the
+# linear residual prediction's sweep path in the default run
+@pytest.mark.slow
 def test_residual_point_with_predictions_on_asks_only_for_derived_statistics(x64):
     """Trained residual MLPs judged with predictions on (4 networks): a linear one has the
     kurtosis, the NTK fluctuation and the end-of-training prediction (its flow is exact on any
