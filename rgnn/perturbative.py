@@ -1177,6 +1177,21 @@ _RESIDUAL_CHUNK = 16
 compilation)."""
 
 
+def _residual_cross_rules(arch: MLP, fp, dtype):
+    """The rule of a nonlinear residual MLP's cross-layer moments and the one its error is
+    estimated against, ``(cross, other)``: Gauss-Hermite of :data:`RESIDUAL_NODES` nodes, or
+    tanh's trapezoid rule (:func:`_multi_rules`), and the other of the two with as many nodes
+    (same shapes: one compilation)."""
+    from rgnn import gaussian
+
+    kmax = float(np.max(np.asarray(fp.nngp_diag1)))
+    tuned = _multi_rules(arch.act, RESIDUAL_NODES, kmax, dtype)
+    hermite = gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="hermite")
+    if tuned is None:
+        return hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
+    return tuned[0], hermite
+
+
 def _run_residual_multi(
     arch: MLP,
     x,
@@ -1199,7 +1214,6 @@ def _run_residual_multi(
     nodes (about the error of the coarser of the two; same shapes, one compilation), plus the
     leading-order kernels' own."""
     from rgnn import _residual_multi as rm
-    from rgnn import gaussian
 
     n = x.shape[0]
     with warnings.catch_warnings():
@@ -1209,15 +1223,7 @@ def _run_residual_multi(
     dtype = fp.nngp.dtype
     gamma, xi = (jnp.asarray(v, dtype) for v in arch.residual())
     rules = flow_moments.rules(order, 4 * order, 2, dtype)
-    # the cross-layer rule: Gauss-Hermite, tanh's trapezoid rule (_multi_rules); its estimate
-    # against the other of the two with as many nodes (same shapes: one compilation)
-    kmax = float(np.max(np.asarray(fp.nngp_diag1)))
-    tuned = _multi_rules(arch.act, RESIDUAL_NODES, kmax, dtype)
-    hermite = gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="hermite")
-    if tuned is None:
-        cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
-    else:
-        cross, other = tuned[0], hermite
+    cross, other = _residual_cross_rules(arch, fp, dtype)
     if ntk or dntk is not None:
         rec = arch.recursion(x.shape[1])
         lam_w = jnp.asarray(rec.lambda_w, dtype)
@@ -1381,7 +1387,6 @@ def _run_residual_full(
     rule, the three/four-input rule by its coarser ``"4lo"``), plus the leading-order
     kernels' own."""
     from rgnn import _residual_multi as rm
-    from rgnn import gaussian
 
     n = x.shape[0]
     with warnings.catch_warnings():
@@ -1401,13 +1406,7 @@ def _run_residual_full(
         rules,
         **{"4": (jnp.pad(lo_x, (0, pad)), jnp.pad(lo_w, (0, pad)))},
     )
-    kmax = float(np.max(np.asarray(fp.nngp_diag1)))
-    tuned = _multi_rules(arch.act, RESIDUAL_NODES, kmax, dtype)
-    hermite = gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="hermite")
-    if tuned is None:
-        cross, other = hermite, gaussian.hermite_rule(RESIDUAL_NODES, dtype, rule="trapezoid")
-    else:
-        cross, other = tuned[0], hermite
+    cross, other = _residual_cross_rules(arch, fp, dtype)
     if ntk or dntk is not None:
         lam_w = jnp.asarray(arch.recursion(x.shape[1]).lambda_w, dtype)
 

@@ -628,6 +628,21 @@ def _times_width(name, field, n):
     return field if axes is None else field * np.reshape(n, (-1,) + (1,) * axes)
 
 
+def _residual_family(activation, weight_var=1.0, *, depth=3, out_dim=1):
+    """``width -> rgnn.MLP`` of the Monte Carlo tests across widths: ``bias_var=0.1``,
+    ``shortcut=0.8``, ``branch=0.6``."""
+    return partial(
+        rgnn.MLP,
+        depth,
+        activation=activation,
+        weight_var=weight_var,
+        bias_var=0.1,
+        shortcut=0.8,
+        branch=0.6,
+        out_dim=out_dim,
+    )
+
+
 def _measure_across_widths(make, x, widths, names, n_networks, **statistics):
     """``rgnn.measure`` of the networks ``make(width)`` on ``x`` at each width (key
     ``width``; ``statistics`` its keywords): ``{name: (y, se)}``, each ``[W, L, ...]`` on
@@ -686,16 +701,7 @@ def test_monte_carlo_vertex_across_widths(x64, activation):
     if linear:
         names += ["ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "ntk_correction"]
     # two outputs: A and B need two different units on every layer
-    make = partial(
-        rgnn.MLP,
-        3,
-        activation=activation,
-        weight_var=cw,
-        bias_var=0.1,
-        shortcut=0.8,
-        branch=0.6,
-        out_dim=2 if linear else 1,
-    )
+    make = _residual_family(activation, cw, depth=3, out_dim=2 if linear else 1)
     measured = _measure_across_widths(make, x, widths, names, 256, ntk=linear, vertex=True)
     _assert_intercepts(
         widths, measured, rgnn.perturbative(make(widths[-1]), x, ntk=linear, warn=False)
@@ -712,9 +718,7 @@ def test_monte_carlo_linear_residual_dntk_ddntk_across_widths(x64):
     widths = (8, 16, 32)
     names = ("dntk_p", "dntk_q", "ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u")
     # three outputs: the statistics need two different units on the output layer too
-    make = partial(
-        rgnn.MLP, 2, activation="linear", bias_var=0.1, shortcut=0.8, branch=0.6, out_dim=3
-    )
+    make = _residual_family("linear", depth=2, out_dim=3)
     x = _inputs(2, 4)
     measured = _measure_across_widths(make, x, widths, names, 128, ntk=False, dntk=True, ddntk=True)
     _assert_intercepts(
@@ -743,16 +747,7 @@ def test_monte_carlo_nonlinear_residual_dntk_one_input_across_widths(x64, activa
     # estimators compile for tens of seconds per width
     dd = activation != "relu"
     names = ("dntk_p", "dntk_q") + (("ddntk_r", "ddntk_s", "ddntk_t", "ddntk_u") if dd else ())
-    make = partial(
-        rgnn.MLP,
-        4 if activation == "tanh" else 3,
-        activation=activation,
-        weight_var=cw,
-        bias_var=0.1,
-        shortcut=0.8,
-        branch=0.6,
-        out_dim=2,
-    )
+    make = _residual_family(activation, cw, depth=4 if activation == "tanh" else 3, out_dim=2)
     measured = _measure_across_widths(make, x, widths, names, 512, ntk=False, dntk=True, ddntk=dd)
     p = rgnn.perturbative(
         make(widths[-1]), x, ntk=False, dntk=True, ddntk=dd, kinks="pointwise", warn=False
@@ -1108,9 +1103,7 @@ def test_monte_carlo_several_inputs_across_widths(x64, activation):
     x = _inputs(2, 4)
     cw = 2.0 if activation == "relu" else 1.0
     names = ("vertex", "kurtosis", "nngp_correction")
-    make = partial(
-        rgnn.MLP, 3, activation=activation, weight_var=cw, bias_var=0.1, shortcut=0.8, branch=0.6
-    )
+    make = _residual_family(activation, cw)
     measured = _measure_across_widths(make, x, widths, names, 768, ntk=False, vertex=True)
     arch = make(widths[-1])
     p = rgnn.perturbative(arch, x, ntk=False, warn=False)  # the kernel side (its own check)
@@ -1144,16 +1137,7 @@ def test_monte_carlo_several_inputs_ntk_side_across_widths(x64, activation):
     x = _inputs(2, 4)
     cw = 2.0 if activation == "relu" else 1.0
     names = ("ntk_vertex", "mixed_vertex", "ntk_b", "ntk_variance", "ntk_correction")
-    make = partial(
-        rgnn.MLP,
-        3,
-        activation=activation,
-        weight_var=cw,
-        bias_var=0.1,
-        shortcut=0.8,
-        branch=0.6,
-        out_dim=2,
-    )
+    make = _residual_family(activation, cw, depth=3, out_dim=2)
     measured = _measure_across_widths(make, x, widths, names, 768, ntk=True, vertex=True)
     _assert_intercepts(widths, measured, rgnn.perturbative(make(widths[-1]), x, warn=False))
 
@@ -1404,16 +1388,7 @@ def test_monte_carlo_several_inputs_dntk_across_widths(x64, activation):
     widths = (16, 32, 64)
     x = _inputs(2, 4)
     cw = {"relu": 2.0, "tanh": 1.0, "gelu": 1.98}[activation]
-    make = partial(
-        rgnn.MLP,
-        3,
-        activation=activation,
-        weight_var=cw,
-        bias_var=0.1,
-        shortcut=0.8,
-        branch=0.6,
-        out_dim=2,
-    )
+    make = _residual_family(activation, cw, depth=3, out_dim=2)
     measured = _measure_across_widths(
         make, x, widths, ("dntk_p", "dntk_q"), 512, ntk=True, dntk=True
     )
